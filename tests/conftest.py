@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random-init models of every supported family, saved as local directories
+with a byte-level tokenizer and a chat template, so tests exercise the same loading path as users
+without touching the Hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A 259-token byte-level BPE tokenizer (256 bytes + 3 specials) built locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens(
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int = 259, **overrides):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=None, eos_token_id=256, pad_token_id=256, tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=16, **common)
+    raise ValueError(family)
+
+
+def make_tiny_model_dir(family: str, path: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random-init model of `family` plus the byte tokenizer to `path`."""
+    from transformers import AutoModelForCausalLM
+
+    tok = byte_tokenizer()
+    cfg = tiny_config(family, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # spread the logits so that greedy decoding has no near-ties
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One saved tiny model directory per supported family."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_model_dir(f, root / f) for f in FAMILIES}
