@@ -1,0 +1,50 @@
+"""The PTE wiring between the cache and the adapters: evicted K/V -> position-free keys ->
+encoder state -> the adapters' S_l. The rollout and the replay both fold through this one class,
+which is what makes their log-probs agree."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapter import LowRankLinear, set_states
+from .encoder import EncoderState, ThoughtEncoder, derotate_keys
+
+
+class StateFolder:
+    """Owns nothing trainable; it knows the model's rotary embedding, the encoder and the wrappers."""
+
+    def __init__(self, model: nn.Module, wrappers: list[LowRankLinear], encoder: ThoughtEncoder | None):
+        self.rotary = model.get_decoder().rotary_emb
+        self.wrappers = wrappers
+        self.encoder = encoder
+
+    @property
+    def active(self) -> bool:
+        return self.encoder is not None
+
+    def start(self, batch: int) -> EncoderState | None:
+        """State before the first eviction; also hands it to the adapters."""
+        if self.encoder is None:
+            return None
+        state = self.encoder.initial_state(batch)
+        self.apply(state)
+        return state
+
+    def fold(
+        self, state: EncoderState | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+    ) -> EncoderState | None:
+        """Absorb an evicted block. keys/values [L, B, kv_heads, E, head_dim] as cached (keys rotated
+        at `positions` [B, E]); returns the new state and hands it to the adapters."""
+        if self.encoder is None:
+            return state
+        probe = keys.new_empty(0, dtype=torch.float32)
+        cos, sin = self.rotary(probe, positions)
+        free = derotate_keys(keys.float(), cos, sin)  # [L, B, H, E, D]
+        flat = lambda t: t.transpose(2, 3).flatten(3)  # noqa: E731 -> [L, B, E, H*D]
+        state = self.encoder.absorb(state, flat(free), flat(values.float()))
+        self.apply(state)
+        return state
+
+    def apply(self, state: EncoderState | None) -> None:
+        set_states(self.wrappers, None if state is None else state.read())

@@ -1,0 +1,198 @@
+"""`Policy`: the public face of the engine -- a HF causal LM plus the bounded cache, the adapters
+and the thought encoder, with `generate` (constant-memory rollouts) and the replay."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapter import LowRankLinear, attach_adapters
+from .cache import EvictionEvent, EvictionPolicy
+from .config import AdapterConfig, CacheConfig
+from .encoder import ThoughtEncoder
+from .errors import ConfigError, PromptTooLongError
+from .fold import StateFolder
+from .models import encode_prompt, load_model, max_positions
+from .rollout import RawRollout, SamplingConfig, Streamer, rollout
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class GenerationResult:
+    """Per-sequence outputs (lists indexed like the prompts) and batch-level `stats`."""
+
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]]
+    texts: list[str]
+    eviction_log: list[list[EvictionEvent]]
+    evictions: list[int]
+    peak_cache_tokens: list[int]
+    truncated: list[bool]
+    prompt_ids: list[list[int]]
+    stats: dict = field(default_factory=dict)
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    return prompts
+
+
+class Policy:
+    """A causal LM decoding under a bounded KV cache, optionally with a LoRA or PTE adapter."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        cache: CacheConfig | None = None,
+        adapter: AdapterConfig | None = None,
+        eviction_policy: EvictionPolicy | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache_config = cache or CacheConfig()
+        self.adapter_config = adapter or AdapterConfig()
+        self.eviction_policy = eviction_policy
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.wrappers: list[LowRankLinear] = attach_adapters(model, self.adapter_config)
+        self.encoder: ThoughtEncoder | None = None
+        if self.adapter_config.mode == "pte":
+            cfg = model.config
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            kv_dim = cfg.num_key_value_heads * head_dim
+            self.encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config).to(self.device)
+        self.folder = StateFolder(model, self.wrappers, self.encoder)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "default",
+        cache: CacheConfig | None = None,
+        adapter: AdapterConfig | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        eviction_policy: EvictionPolicy | None = None,
+    ) -> Policy:
+        """Load `model` (hub id, local directory or 'default') and wrap it."""
+        hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
+        return cls(hf_model, tokenizer, cache=cache, adapter=adapter, eviction_policy=eviction_policy)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        """The adapter's A/B matrices and the encoder's parameters (empty in mode 'none')."""
+        params = [p for w in self.wrappers for p in (w.lora_down, w.lora_up)]
+        if self.encoder is not None:
+            params += list(self.encoder.parameters())
+        return params
+
+    def encode(self, prompts: Prompt | Sequence[Prompt], chat_template: bool = True,
+               system_prompt: str | None = None) -> list[list[int]]:
+        """Token ids of each prompt (chat template applied to strings when asked and available)."""
+        ids = [encode_prompt(self.tokenizer, p, chat_template, system_prompt) for p in _as_prompt_list(prompts)]
+        limit = max_positions(self.model)
+        for i, p in enumerate(ids):
+            if not p:
+                raise ConfigError(f"prompt {i} is empty: give at least one token")
+            if limit is not None and len(p) >= limit:
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(p)} tokens but the model handles at most {limit} positions; shorten it"
+                )
+        return ids
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chat_template: bool = True,
+        stop: Sequence[str] | None = None,
+        streamer: Streamer | None = None,
+        system_prompt: str | None = None,
+    ) -> GenerationResult:
+        """Sample completions under the bounded cache. Returns token ids, log-probs (of the sampled
+        token under softmax(logits / temperature), no top-p/top-k truncation), texts and the
+        eviction log of each prompt."""
+        sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
+        prompt_ids = self.encode(prompts, chat_template, system_prompt)
+        stop = [s for s in (stop or []) if s]
+        stop_check = None
+        if stop:
+            def stop_check(tokens: torch.Tensor) -> torch.Tensor:
+                tails = self.tokenizer.batch_decode(tokens[:, -64:].tolist(), skip_special_tokens=True)
+                return torch.tensor([any(s in t for s in stop) for t in tails], device=tokens.device)
+        raw = rollout(
+            self.model, self.folder, prompt_ids, self.cache_config, sampling,
+            eos_ids=self._eos_ids(), pad_id=self._pad_id(), streamer=streamer,
+            policy=self.eviction_policy, stop_check=stop_check,
+        )
+        return self._finish(raw, prompt_ids, stop)
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.model.generation_config, self.model.config, self.tokenizer):
+            eos = getattr(source, "eos_token_id", None)
+            ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        return ids
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else min(self._eos_ids())
+
+    def _cut_at_stop(self, ids: list[int], stop: list[str]) -> int | None:
+        """Length of the shortest prefix whose text contains a stop string (binary search: once a
+        prefix contains one, every longer prefix does)."""
+        hit = lambda n: any(s in self.tokenizer.decode(ids[:n], skip_special_tokens=True) for s in stop)  # noqa: E731
+        if not stop or not hit(len(ids)):
+            return None
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
+        return lo
+
+    def _finish(self, raw: RawRollout, prompt_ids: list[list[int]], stop: list[str]) -> GenerationResult:
+        eos = self._eos_ids()
+        window = self.cache_config.window
+        result = GenerationResult([], [], [], [], [], [], [], prompt_ids)
+        for row, lps, plen in zip(raw.tokens.tolist(), raw.logprobs.tolist(), raw.prompt_lengths, strict=True):
+            eos_at = next((i for i, t in enumerate(row) if t in eos), None)
+            n, finished = (len(row), False) if eos_at is None else (eos_at + 1, True)
+            cut = self._cut_at_stop(row[:n], stop)
+            if cut is not None:
+                n, finished = cut, True
+            ids = row[:n]
+            log = [e for e in raw.events if e.step <= n - 2]
+            held = n - 1 if window is None else min(window, n - 1)
+            result.completion_ids.append(ids)
+            result.logprobs.append(lps[:n])
+            result.texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+            result.eviction_log.append(log)
+            result.evictions.append(len(log))
+            result.peak_cache_tokens.append(plen + max(held, 0))
+            result.truncated.append(not finished)
+        generated = sum(len(c) for c in result.completion_ids)
+        result.stats = {
+            "evictions": len(raw.events),
+            "peak_cache_tokens": max(result.peak_cache_tokens),
+            "tokens_per_s": generated / raw.seconds if raw.seconds > 0 else 0.0,
+            "generated_tokens": generated,
+            "decode_steps": raw.tokens.shape[1],
+            "cache_bytes": raw.cache_bytes,
+            "seconds": raw.seconds,
+        }
+        return result

@@ -1,0 +1,188 @@
+"""Batched constant-memory generation under the bounded cache.
+
+All sequences decode in lockstep: one prefill of the left-padded prompts, then one token per step.
+Before a token would overflow the window, a block is evicted (and folded into the PTE state). The
+only host syncs are the periodic "all finished?" check and streaming.
+
+Log-probs are those of the sampled token under softmax(logits / temperature) (temperature 1 for
+greedy), before any top-p / top-k truncation -- the definition TRL uses for GRPO.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .cache import BoundedKVCache, EvictionEvent, EvictionPolicy, cache_kwarg
+from .config import CacheConfig
+from .errors import ConfigError
+from .fold import StateFolder
+
+SYNC_EVERY = 16  # steps between "all sequences finished?" checks (each is a host sync)
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+@dataclass
+class RawRollout:
+    """Untruncated lockstep output: tokens/logprobs [B, steps], per-step logits if asked."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    events: list[EvictionEvent]
+    prompt_lengths: list[int]
+    cache_bytes: int
+    seconds: float
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: ids [B, P] and validity [B, P]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        valid[i, width - len(p) :] = True
+    return ids.to(device), valid.to(device)
+
+
+def prompt_positions(valid: torch.Tensor) -> torch.Tensor:
+    """True positions of left-padded prompt tokens (padding gets 0; it is masked anyway)."""
+    return (valid.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def sample(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next token per row; returns (tokens [B], logprobs [B]) with logprobs under the
+    untruncated tempered distribution."""
+    logits = logits.float()
+    if cfg.temperature <= 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+    scaled = logits / cfg.temperature
+    logprobs = torch.log_softmax(scaled, -1)
+    filtered = scaled
+    if cfg.top_k and cfg.top_k < filtered.shape[-1]:
+        kth = filtered.topk(cfg.top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = filtered.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest prefix reaching top_p
+        filtered = filtered.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+class Streamer(Protocol):
+    """What `generate(streamer=...)` accepts: transformers' TextStreamer fits."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+    def end(self) -> None: ...
+
+
+@torch.no_grad()
+def rollout(
+    model: nn.Module,
+    folder: StateFolder,
+    prompts: list[list[int]],
+    cache_cfg: CacheConfig,
+    sampling: SamplingConfig,
+    eos_ids: set[int],
+    pad_id: int,
+    streamer: Streamer | None = None,
+    policy: EvictionPolicy | None = None,
+    keep_logits: bool = False,
+    stop_check=None,
+) -> RawRollout:
+    """Decode `prompts` (token lists) in lockstep under the bounded cache.
+
+    `stop_check(tokens [B, t]) -> bool tensor [B]` marks extra finished rows at sync points
+    (stop strings). Finished rows keep decoding padding so shapes stay static."""
+    device = next(model.parameters()).device
+    ids, valid = pad_prompts(prompts, pad_id, device)
+    batch, n_new = ids.shape[0], sampling.max_new_tokens
+    window = cache_cfg.window if cache_cfg.bounded else max(1, n_new)
+    block = cache_cfg.evict_block if cache_cfg.bounded else 1
+    cache = BoundedKVCache(model.config.num_hidden_layers, valid, window, block, policy)
+    prompt_len = valid.sum(-1)  # true prompt lengths [B]
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    kw = cache_kwarg(model)
+
+    start = time.perf_counter()
+    state = folder.start(batch)
+    out = model(
+        input_ids=ids, attention_mask=cache.begin_prefill(), position_ids=prompt_positions(valid),
+        use_cache=True, **{kw: cache},
+    )
+    logits = out.logits[:, -1]
+    tokens = torch.empty(batch, n_new, dtype=torch.long, device=device)
+    logprobs = torch.empty(batch, n_new, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    kept_logits, events = [], []
+    steps = 0
+    for t in range(n_new):
+        if keep_logits:
+            kept_logits.append(logits.float().clone())
+        token, lp = sample(logits, sampling, generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens[:, t], logprobs[:, t] = token, lp
+        steps = t + 1
+        if streamer is not None:
+            streamer.put(token.cpu())
+        done |= torch.isin(token, eos)
+        if t == n_new - 1:
+            break
+        if steps % SYNC_EVERY == 0:
+            if stop_check is not None:
+                done |= stop_check(tokens[:, :steps])
+            if bool(done.all()):
+                break
+        if cache.window.full:
+            event, slots = cache.evict(t)
+            events.append(event)
+            if folder.active:
+                keys, values = cache.gather(slots)
+                positions = prompt_len[:, None] + torch.tensor(event.tokens, device=device)[None]
+                state = folder.fold(state, keys, values, positions)
+        mask = cache.admit(t)
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=(prompt_len + t)[:, None],
+            use_cache=True, **{kw: cache},
+        )
+        logits = out.logits[:, -1]
+    if streamer is not None:
+        streamer.end()
+    folder.apply(None)
+    elapsed = time.perf_counter() - start
+    return RawRollout(
+        tokens=tokens[:, :steps].cpu(), logprobs=logprobs[:, :steps].cpu(), events=events,
+        prompt_lengths=[len(p) for p in prompts], cache_bytes=cache.nbytes(), seconds=elapsed,
+        logits=kept_logits,
+    )

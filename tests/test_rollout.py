@@ -1,0 +1,155 @@
+"""The decode engine against transformers itself: full-cache equality with `generate`, and after
+evictions, step-by-step equality with the plain HF model decoding over exactly the visible tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from conftest import FAMILIES, byte_tokenizer
+from thoughtfold import CacheConfig, ConfigError
+from thoughtfold.cache import cache_kwarg
+from thoughtfold.fold import StateFolder
+from thoughtfold.policy import Policy
+from thoughtfold.rollout import SamplingConfig, rollout, sample
+
+PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
+
+
+def load(tiny_dirs, family, cache=None):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
+    return Policy(model, byte_tokenizer(), cache=cache)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_window_matches_hf_generate(tiny_dirs, family):
+    """With W >= generated length, greedy tokens and log-probs equal HF generate (left-padded batch)."""
+    n_new = 24
+    policy = load(tiny_dirs, family, CacheConfig(window=64))
+    ours = policy.generate(PROMPTS, max_new_tokens=n_new, temperature=0)
+    assert sum(ours.evictions) == 0
+
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[256] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    hf = policy.model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=256,
+    )
+    hf_tokens = hf.sequences[:, width:]
+    hf_lp = torch.stack([torch.log_softmax(lg.float(), -1) for lg in hf.logits], 1)
+    hf_lp = hf_lp.gather(-1, hf_tokens[..., None])[..., 0]
+    for i in range(len(PROMPTS)):
+        n = len(ours.completion_ids[i])
+        assert ours.completion_ids[i] == hf_tokens[i, :n].tolist()
+        assert torch.allclose(torch.tensor(ours.logprobs[i]), hf_lp[i, :n], atol=1e-4)
+
+
+def reference_bounded_logits(model, prompts, tokens, events, window):
+    """Plain HF model + its own DynamicCache, decoding the given tokens; at each eviction event the
+    evicted entries are cut out of the HF cache. A bounded cache never recomputes K/V, so this is
+    exactly 'the model on the visible tokens (prompt + surviving window) at true positions'."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    valid = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    plen = valid.sum(-1)
+    cache = DynamicCache(config=model.config)
+    pos = (valid.cumsum(-1) - 1).clamp_min(0)
+    kw = cache_kwarg(model)
+    out = model(input_ids=ids, attention_mask=valid, position_ids=pos, use_cache=True, **{kw: cache})
+    logits = [out.logits[:, -1]]
+    visible = list(range(width))  # cache entries: padded prompt slots, then thought tokens
+    key_mask = valid.clone()
+    by_step = {e.step: e for e in events}
+    for t in range(tokens.shape[1] - 1):
+        if t in by_step:
+            gone = {width + tok for tok in by_step[t].tokens}
+            keep = [i for i, v in enumerate(visible) if v not in gone]
+            idx = torch.tensor(keep)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, idx], layer.values[:, :, idx]
+            visible = [visible[i] for i in keep]
+            key_mask = key_mask[:, idx]
+        visible.append(width + t)
+        key_mask = torch.cat([key_mask, torch.ones(len(prompts), 1, dtype=key_mask.dtype)], 1)
+        out = model(
+            input_ids=tokens[:, t : t + 1], attention_mask=key_mask, position_ids=(plen + t)[:, None],
+            use_cache=True, **{kw: cache},
+        )
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("window,ratio", [(8, 0.25), (10, 0.25), (7, 1.0), (12, 0.5), (5, 0.3)])
+def test_bounded_logits_match_visible_token_reference(tiny_dirs, family, window, ratio):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
+    cfg = CacheConfig(window=window, evict_ratio=ratio)
+    folder = StateFolder(model, [], None)
+    sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=3)
+    raw = rollout(model, folder, PROMPTS, cfg, sampling, eos_ids=set(), pad_id=0, keep_logits=True)
+    assert len(raw.events) >= 3
+    block = cfg.evict_block
+    for k, e in enumerate(raw.events):  # the schedule is a pure function of (W, rho, step)
+        assert e.step == window + k * block
+        assert e.tokens == tuple(range(k * block, (k + 1) * block))
+    with torch.no_grad():
+        ref = reference_bounded_logits(model, PROMPTS, raw.tokens, raw.events, window)
+    ours = torch.stack(raw.logits, 1)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_cache_memory_constant_in_length(tiny_dirs):
+    window = 16
+    policy = load(tiny_dirs, "llama", CacheConfig(window=window))
+    short = policy.generate([PROMPTS[0]], max_new_tokens=window, temperature=1.0, seed=0)
+    long = policy.generate([PROMPTS[0]], max_new_tokens=8 * window, temperature=1.0, seed=0)
+    assert long.stats["evictions"] > 0
+    assert long.stats["cache_bytes"] == short.stats["cache_bytes"]
+    assert long.peak_cache_tokens[0] == len(PROMPTS[0]) + window
+    full = load(tiny_dirs, "llama", CacheConfig(window=None))
+    full_long = full.generate([PROMPTS[0]], max_new_tokens=8 * window, temperature=1.0, seed=0)
+    assert full_long.stats["cache_bytes"] > 4 * long.stats["cache_bytes"]
+
+
+def test_sampling_is_seeded_and_logprobs_untruncated(tiny_dirs):
+    policy = load(tiny_dirs, "qwen2", CacheConfig(window=8))
+    a = policy.generate(PROMPTS, max_new_tokens=20, temperature=0.7, top_p=0.9, top_k=20, seed=1)
+    b = policy.generate(PROMPTS, max_new_tokens=20, temperature=0.7, top_p=0.9, top_k=20, seed=1)
+    assert a.completion_ids == b.completion_ids and a.logprobs == b.logprobs
+    logits = torch.randn(4, 50)
+    tok, lp = sample(logits, SamplingConfig(temperature=0.5, top_k=3, seed=0), None)
+    assert torch.allclose(lp, torch.log_softmax(logits / 0.5, -1).gather(-1, tok[:, None])[:, 0])
+    kept = logits.topk(3, dim=-1).indices
+    assert all(t in kept[i] for i, t in enumerate(tok.tolist()))
+
+
+def test_eos_and_stop_strings_end_each_sequence(tiny_dirs):
+    policy = load(tiny_dirs, "llama", CacheConfig(window=8))
+    free = policy.generate(PROMPTS, max_new_tokens=30, temperature=0)
+    # make a token the sequence actually produces the EOS token: it must stop right there
+    target = free.completion_ids[0][5]
+    policy.model.generation_config.eos_token_id = [256, target]
+    stopped = policy.generate(PROMPTS, max_new_tokens=30, temperature=0)
+    first = free.completion_ids[0].index(target)
+    assert stopped.completion_ids[0] == free.completion_ids[0][: first + 1]
+    assert not stopped.truncated[0]
+    assert all(e.step <= first - 1 for e in stopped.eviction_log[0])
+    policy.model.generation_config.eos_token_id = 256
+    text = free.texts[1]
+    stop = text[6:8]
+    cut = policy.generate(PROMPTS, max_new_tokens=30, temperature=0, stop=[stop])
+    ids = cut.completion_ids[1]
+    assert stop in cut.texts[1]
+    assert stop not in policy.tokenizer.decode(ids[:-1], skip_special_tokens=True)  # shortest prefix
+    assert not cut.truncated[1]
+    assert len(cut.completion_ids[1]) < len(free.completion_ids[1])
+
+
+def test_bad_sampling_settings_raise_config_errors(tiny_dirs):
+    policy = load(tiny_dirs, "llama", CacheConfig(window=8))
+    for kwargs in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0.0}, {"top_k": -2}):
+        with pytest.raises(ConfigError):
+            policy.generate(PROMPTS, **kwargs)
