@@ -1,0 +1,250 @@
+"""Model loading: local directories of every supported family, the bundled default model (GGUF ->
+cached safetensors), typed errors for bad paths / offline hub ids / unsupported architectures, and
+prompt encoding with and without the chat template."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAMILIES, byte_tokenizer
+from thoughtfold.errors import ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError
+from thoughtfold.models import (
+    SUPPORTED_MODEL_TYPES,
+    default_model_dir,
+    encode_prompt,
+    load_model,
+    max_positions,
+    resolve_dtype,
+)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_local_dir_each_family(tiny_dirs, family):
+    model, tok = load_model(str(tiny_dirs[family]))
+    assert model.config.model_type == family
+    assert model.dtype == torch.float32
+    assert model.device.type == "cpu"
+    assert not model.training
+    assert model.config._attn_implementation == "sdpa"
+    assert tok.pad_token_id is not None
+    assert max_positions(model) == 512
+    # the weights are the saved ones, not a fresh init
+    saved = load_file(str(tiny_dirs[family] / "model.safetensors"))
+    for name, tensor in saved.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_load_pathlike_and_dtype(tiny_dirs):
+    model, _ = load_model(tiny_dirs["qwen2"], dtype="bfloat16", device="cpu")
+    assert model.dtype == torch.bfloat16
+    model, _ = load_model(tiny_dirs["qwen2"], dtype=torch.float16)
+    assert model.dtype == torch.float16
+
+
+def test_bad_dtype_and_device(tiny_dirs):
+    with pytest.raises(ConfigError, match="dtype"):
+        load_model(str(tiny_dirs["llama"]), dtype="float8")
+    with pytest.raises(ConfigError, match="dtype"):
+        resolve_dtype(torch.int64, torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            load_model(str(tiny_dirs["llama"]), device="cuda")
+    with pytest.raises(ConfigError, match="device"):
+        load_model(str(tiny_dirs["llama"]), device="tpu-please")
+
+
+def test_pad_token_falls_back_to_eos(tmp_path):
+    from transformers import AutoTokenizer
+
+    from conftest import make_tiny_model_dir
+
+    d = make_tiny_model_dir("llama", tmp_path / "nopad")
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.pad_token = None
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("pad_token", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _, tok = load_model(str(d))
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
+
+
+# --------------------------------------------------------------------------- unsupported architectures
+
+
+def test_unsupported_architecture_saved_gpt2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    byte_tokenizer().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        load_model(str(tmp_path / "gpt2"))
+    msg = str(info.value)
+    assert "'gpt2'" in msg
+    for t in SUPPORTED_MODEL_TYPES:
+        assert t in msg
+    assert "\n" not in msg
+
+
+def test_unsupported_architecture_checked_before_weights(tmp_path):
+    """A config-only directory (no weights, no tokenizer): the architecture error comes first."""
+    from transformers import MistralConfig
+
+    d = tmp_path / "mistral"
+    MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(d)
+    assert not list(d.glob("*.safetensors"))
+    with pytest.raises(UnsupportedArchitectureError, match="'mistral'"):
+        load_model(str(d))
+
+
+def test_unknown_model_type_is_unsupported(tmp_path):
+    d = tmp_path / "weird"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "frobnicator", "architectures": ["X"]}))
+    with pytest.raises(UnsupportedArchitectureError, match="frobnicator"):
+        load_model(str(d))
+
+
+# --------------------------------------------------------------------------- load errors
+
+
+@pytest.mark.parametrize("bad", ["./no/such/dir", "/definitely/not/here", "~/nope-thoughtfold-x"])
+def test_missing_local_path(bad):
+    with pytest.raises(ModelLoadError) as info:
+        load_model(bad)
+    msg = str(info.value)
+    assert repr(bad) in msg and "no such local directory" in msg and "\n" not in msg
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+
+
+def test_file_instead_of_directory(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        load_model(str(f))
+
+
+def test_offline_hub_id():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    with pytest.raises(ModelLoadError) as info:
+        load_model("thoughtfold-test/definitely-not-a-model")
+    msg = str(info.value)
+    assert "'thoughtfold-test/definitely-not-a-model'" in msg
+    assert "could not be reached" in msg and "'default'" in msg and "\n" not in msg
+
+
+def test_invalid_hub_id():
+    with pytest.raises(ModelLoadError, match="not a valid hub id"):
+        load_model("not a valid id!!")
+
+
+def test_model_load_error_is_os_error():
+    """Callers that catch OSError (as with transformers) still catch ours."""
+    with pytest.raises(OSError):
+        load_model("/definitely/not/here")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    return byte_tokenizer()
+
+
+def test_encode_prompt_chat_template(byte_tok):
+    ids = encode_prompt(byte_tok, "What is 2+3?")
+    assert byte_tok.decode(ids) == "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    assert all(isinstance(t, int) for t in ids)
+
+
+def test_encode_prompt_system_prompt(byte_tok):
+    ids = encode_prompt(byte_tok, "hi", system_prompt="Be brief.")
+    assert byte_tok.decode(ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_encode_prompt_plain(byte_tok):
+    ids = encode_prompt(byte_tok, "What is 2+3?", chat_template=False)
+    assert byte_tok.decode(ids) == "What is 2+3?"
+    assert len(ids) == len("What is 2+3?")  # byte-level, no specials added by this tokenizer
+
+
+def test_encode_prompt_without_template_falls_back_to_plain(byte_tok):
+    tok = byte_tokenizer()
+    tok.chat_template = None
+    assert encode_prompt(tok, "abc") == encode_prompt(byte_tok, "abc", chat_template=False)
+
+
+def test_encode_prompt_token_ids_pass_through(byte_tok):
+    assert encode_prompt(byte_tok, [5, 6, 7]) == [5, 6, 7]
+    assert encode_prompt(byte_tok, torch.tensor([1, 2])) == [1, 2]
+
+
+@pytest.mark.parametrize("bad", [[], [1, -2], [1.5], "", 42])
+def test_encode_prompt_bad_input(byte_tok, bad):
+    with pytest.raises(DataError):
+        encode_prompt(byte_tok, bad, chat_template=False)
+
+
+# --------------------------------------------------------------------------- the default model
+
+
+@pytest.fixture(scope="session")
+def default_cache(tmp_path_factory):
+    """A fresh THOUGHTFOLD_CACHE for the session, so the GGUF conversion is exercised (once)."""
+    root = tmp_path_factory.mktemp("tfcache")
+    old = os.environ.get("THOUGHTFOLD_CACHE")
+    os.environ["THOUGHTFOLD_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("THOUGHTFOLD_CACHE", None)
+    else:
+        os.environ["THOUGHTFOLD_CACHE"] = old
+
+
+def test_default_model_converts_once_then_loads_from_cache(default_cache):
+    target = default_model_dir(convert=False)
+    assert target == Path(default_cache) / "models" / "smollm2-135m-instruct"
+    assert not target.exists()
+
+    model, tok = load_model("default")
+    weights = target / "model.safetensors"
+    assert weights.is_file() and (target / "config.json").is_file()
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".tmp")]  # temp dir renamed away
+    stamp = (weights.stat().st_mtime_ns, weights.stat().st_ino)
+
+    assert model.config.model_type == "llama"
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert not model.training and model.dtype == torch.float32
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tok.chat_template and tok.pad_token_id is not None
+    assert max_positions(model) == 8192
+
+    model2, _ = load_model("default")
+    assert (weights.stat().st_mtime_ns, weights.stat().st_ino) == stamp  # not converted again
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), model2.state_dict().items(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_default_model_is_a_working_instruct_model(default_cache):
+    model, tok = load_model("default")
+    ids = encode_prompt(tok, "What is the capital of France?")
+    text = tok.decode(ids)
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, len(ids):])
