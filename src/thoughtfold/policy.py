@@ -16,6 +16,7 @@ from .encoder import ThoughtEncoder
 from .errors import ConfigError, PromptTooLongError
 from .fold import StateFolder
 from .models import encode_prompt, load_model, max_positions
+from .replay import LossFn, replay
 from .rollout import RawRollout, SamplingConfig, Streamer, rollout
 
 Prompt = str | Sequence[int]
@@ -141,6 +142,23 @@ class Policy:
             policy=self.eviction_policy, stop_check=stop_check,
         )
         return self._finish(raw, prompt_ids, stop)
+
+    def replay_logprobs(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        completion_ids: Sequence[Sequence[int]],
+        eviction_log: Sequence[Sequence[EvictionEvent]] | None = None,
+        loss_fn: LossFn | None = None,
+        temperature: float = 1.0,
+        full_backprop: bool = False,
+    ) -> list[torch.Tensor]:
+        """Teacher-forced log-probs of `completion_ids` under this policy's cache, segment by
+        segment. `eviction_log=None` uses the default oldest-block schedule. With `loss_fn(logprobs
+        [B, m], start, end)`, backward runs after each segment (memory bounded by the window)."""
+        return replay(
+            self.model, self.folder, prompt_ids, completion_ids, self.cache_config, eviction_log,
+            loss_fn=loss_fn, temperature=temperature, full_backprop=full_backprop, pad_id=self._pad_id(),
+        )
 
     def _eos_ids(self) -> set[int]:
         ids = set()

@@ -1,0 +1,207 @@
+"""Memory-bounded replay (DESIGN.md §1): teacher-forced log-probs of a rollout, recomputed with
+autograd one segment at a time.
+
+Segment 0 is the prompt plus the thought tokens fed before the first eviction; then one segment per
+eviction event. A segment attends to the pinned prompt and the surviving window (K/V kept from
+earlier segments, detached) and runs with the state folded from everything evicted so far. With a
+`loss_fn`, backward runs after each segment, so the graph never spans more than one segment and
+peak memory depends on the window, not on the completion length. `full_backprop=True` keeps one
+graph over all segments (short sequences; exact gradients through the states and cached K/V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .cache import EvictionEvent, cache_kwarg
+from .config import CacheConfig
+from .errors import ConfigError
+from .fold import StateFolder
+from .rollout import pad_prompts, prompt_positions
+
+LossFn = Callable[[torch.Tensor, int, int], torch.Tensor]
+"""loss_fn(logprobs [B, m], start, end) -> scalar, for completion tokens [start, end)."""
+
+
+class _SegmentLayer(CacheLayerMixin):
+    """Context K/V from earlier segments plus the current segment's own K/V."""
+
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.new_keys: torch.Tensor | None = None
+        self.new_values: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # context is given up front
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.new_keys, self.new_values = key_states, value_states
+        if self.keys is None:
+            return key_states, value_states
+        return torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return (0 if self.keys is None else self.keys.shape[2]) + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def default_schedule(length: int, cache: CacheConfig) -> list[EvictionEvent]:
+    """The oldest-block eviction log a rollout of `length` tokens produces (a pure function of
+    W, rho and the step)."""
+    if not cache.bounded:
+        return []
+    w, e = cache.window, cache.evict_block
+    return [EvictionEvent(step=s, tokens=tuple(range(s - w, s - w + e))) for s in range(w, length - 1, e)]
+
+
+def _common_log(logs: Sequence[Sequence[EvictionEvent]]) -> list[EvictionEvent] | None:
+    """The longest log if every other is a prefix of it (lockstep rollouts), else None."""
+    longest = max(logs, key=len)
+    return list(longest) if all(list(log) == list(longest[: len(log)]) for log in logs) else None
+
+
+class _Context:
+    """K/V the next segment attends to: the padded prompt, then the surviving thought tokens."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.tokens: list[int] = []  # thought index per slot (-1: prompt)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def cache(self, num_layers: int) -> Cache:
+        if not self.keys:
+            return Cache(layers=[_SegmentLayer(None, None) for _ in range(num_layers)])
+        return Cache(layers=[_SegmentLayer(k, v) for k, v in zip(self.keys, self.values, strict=True)])
+
+    def append(self, cache: Cache, tokens: list[int], valid: torch.Tensor, detach: bool) -> None:
+        """Keep the segment's own K/V (detached for truncated backprop) for later segments."""
+        new_k = [layer.new_keys.detach() if detach else layer.new_keys for layer in cache.layers]
+        new_v = [layer.new_values.detach() if detach else layer.new_values for layer in cache.layers]
+        if self.keys:
+            new_k = [torch.cat([a, b], 2) for a, b in zip(self.keys, new_k, strict=True)]
+            new_v = [torch.cat([a, b], 2) for a, b in zip(self.values, new_v, strict=True)]
+        self.keys, self.values = new_k, new_v
+        self.valid = torch.cat([self.valid, valid], 1)
+        self.tokens += tokens
+
+    def evict(self, event: EvictionEvent) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop the event's tokens; returns their K/V stacked over layers [L, B, H, E, D]."""
+        gone = set(event.tokens)
+        slots = [i for i, t in enumerate(self.tokens) if t in gone]
+        if len(slots) != len(gone):
+            raise ConfigError(f"eviction log names tokens {sorted(gone)} that are not in the cache at step {event.step}")
+        keep = [i for i, t in enumerate(self.tokens) if t not in gone]
+        dev = self.valid.device
+        out_idx, keep_idx = torch.tensor(slots, device=dev), torch.tensor(keep, device=dev)
+        keys = torch.stack([k.index_select(2, out_idx) for k in self.keys])
+        values = torch.stack([v.index_select(2, out_idx) for v in self.values])
+        self.keys = [k.index_select(2, keep_idx) for k in self.keys]
+        self.values = [v.index_select(2, keep_idx) for v in self.values]
+        self.valid = self.valid.index_select(1, keep_idx)
+        self.tokens = [self.tokens[i] for i in keep]
+        return keys, values
+
+
+def replay(
+    model: nn.Module,
+    folder: StateFolder,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    cache_cfg: CacheConfig,
+    eviction_log: Sequence[Sequence[EvictionEvent]] | None = None,
+    loss_fn: LossFn | None = None,
+    temperature: float = 1.0,
+    full_backprop: bool = False,
+    pad_id: int = 0,
+) -> list[torch.Tensor]:
+    """Per-token log-probs (detached, one tensor per sequence) of `completion_ids` given the prompts,
+    under the same cache and state history as the rollout that produced them."""
+    if len(prompt_ids) != len(completion_ids):
+        raise ConfigError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    if any(len(c) == 0 for c in completion_ids):
+        raise ConfigError("every completion needs at least one token")
+    logs = eviction_log
+    if logs is None:
+        logs = [default_schedule(len(c), cache_cfg) for c in completion_ids]
+    if len(logs) != len(completion_ids):
+        raise ConfigError(f"{len(logs)} eviction logs for {len(completion_ids)} completions")
+    common = _common_log(logs) if logs else []
+    if common is None:  # per-sequence policies: replay each sequence on its own
+        return [
+            replay(model, folder, [p], [c], cache_cfg, [log], loss_fn, temperature, full_backprop, pad_id)[0]
+            for p, c, log in zip(prompt_ids, completion_ids, logs, strict=True)
+        ]
+    return _replay_batch(
+        model, folder, prompt_ids, completion_ids, common, loss_fn, temperature, full_backprop, pad_id
+    )
+
+
+def _replay_batch(model, folder, prompt_ids, completion_ids, log, loss_fn, temperature, full_backprop, pad_id):
+    device = next(model.parameters()).device
+    ids, valid = pad_prompts([list(p) for p in prompt_ids], pad_id, device)
+    batch, width = ids.shape
+    n = max(len(c) for c in completion_ids)
+    comp = torch.full((batch, n), pad_id, dtype=torch.long, device=device)
+    for i, c in enumerate(completion_ids):
+        comp[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+    plen = valid.sum(-1)
+    kw, num_layers = cache_kwarg(model), model.config.num_hidden_layers
+    bounds = [e.step for e in log if e.step <= n - 2]
+    starts, ends = [0, *bounds], [*bounds, n - 1]  # thought tokens fed in each segment
+
+    context = _Context(batch, device)
+    state = folder.start(batch)
+    out_lp = torch.empty(batch, n, device=device)
+    total = None
+    for k, (a, b) in enumerate(zip(starts, ends, strict=True)):
+        if k > 0:
+            keys, values = context.evict(log[k - 1])
+            positions = plen[:, None] + torch.tensor(log[k - 1].tokens, device=device)[None]
+            state = folder.fold(state if full_backprop or state is None else state.detach(), keys, values, positions)
+        thought = comp[:, a:b]
+        seg_ids = torch.cat([ids, thought], 1) if k == 0 else thought
+        seg_pos = plen[:, None] + torch.arange(a, b, device=device)[None]
+        if k == 0:
+            seg_pos = torch.cat([prompt_positions(valid), seg_pos], 1)
+        m = seg_ids.shape[1]
+        own = torch.ones(m, m, dtype=torch.bool, device=device).tril()[None].expand(batch, m, m)
+        if k == 0:  # padding keys are invisible; a padding query sees itself only
+            own = own & torch.cat([valid, torch.ones(batch, b - a, dtype=torch.bool, device=device)], 1)[:, None]
+            own = own | torch.eye(m, dtype=torch.bool, device=device)[None]
+        mask = torch.cat([context.valid[:, None].expand(batch, m, -1), own], -1)[:, None]
+        cache = context.cache(num_layers)
+        # thought token j predicts completion[j + 1]; segment 0 also predicts completion[0] from the prompt
+        first = a if k == 0 else a + 1
+        out = model(input_ids=seg_ids, attention_mask=mask, position_ids=seg_pos, use_cache=True,
+                    logits_to_keep=b + 1 - first, **{kw: cache})
+        logits = out.logits.float() / temperature
+        lp = torch.log_softmax(logits, -1).gather(-1, comp[:, first : b + 1, None])[..., 0]
+        out_lp[:, first : b + 1] = lp.detach()
+        new_valid = torch.ones(batch, b - a, dtype=torch.bool, device=device)
+        new_tokens = list(range(a, b))
+        if k == 0:
+            new_valid, new_tokens = torch.cat([valid, new_valid], 1), [-1] * width + new_tokens
+        context.append(cache, new_tokens, new_valid, detach=not full_backprop)
+        if loss_fn is not None:
+            loss = loss_fn(lp, first, b + 1)
+            if full_backprop:
+                total = loss if total is None else total + loss
+            elif loss.requires_grad:
+                loss.backward()
+    if total is not None and total.requires_grad:
+        total.backward()
+    folder.apply(None)
+    return [out_lp[i, : len(c)].cpu() for i, c in enumerate(completion_ids)]
