@@ -16,6 +16,7 @@ from .encoder import ThoughtEncoder
 from .errors import ConfigError, PromptTooLongError
 from .fold import StateFolder
 from .models import encode_prompt, load_model, max_positions
+from .persist import load_adapter_weights, read_adapter_config, save_adapter
 from .replay import LossFn, replay
 from .rollout import RawRollout, SamplingConfig, Streamer, rollout
 
@@ -56,8 +57,10 @@ class Policy:
         cache: CacheConfig | None = None,
         adapter: AdapterConfig | None = None,
         eviction_policy: EvictionPolicy | None = None,
+        base_model: str | None = None,
     ):
         self.model = model
+        self.base_model = base_model or getattr(model, "name_or_path", "") or "unknown"
         self.tokenizer = tokenizer
         self.cache_config = cache or CacheConfig()
         self.adapter_config = adapter or AdapterConfig()
@@ -76,16 +79,34 @@ class Policy:
     @classmethod
     def from_pretrained(
         cls,
-        model: str = "default",
+        model: str | None = None,
         cache: CacheConfig | None = None,
         adapter: AdapterConfig | None = None,
+        adapter_path: str | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         eviction_policy: EvictionPolicy | None = None,
     ) -> Policy:
-        """Load `model` (hub id, local directory or 'default') and wrap it."""
+        """Load `model` (hub id, local directory or 'default') and wrap it. With `adapter_path`, the
+        saved adapter is restored, with its saved cache settings unless `cache` is given; `model`
+        then defaults to the base model the adapter was saved from."""
+        if adapter_path is not None:
+            saved_adapter, saved_cache, saved_base = read_adapter_config(adapter_path)
+            if adapter is not None and adapter != saved_adapter:
+                raise ConfigError(f"adapter settings conflict with the adapter saved in {adapter_path}; pass one")
+            adapter, cache, model = saved_adapter, cache or saved_cache, model or saved_base
+        model = model or "default"
         hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
-        return cls(hf_model, tokenizer, cache=cache, adapter=adapter, eviction_policy=eviction_policy)
+        policy = cls(hf_model, tokenizer, cache=cache, adapter=adapter, eviction_policy=eviction_policy,
+                     base_model=model)
+        if adapter_path is not None:
+            load_adapter_weights(adapter_path, policy.model, policy.wrappers, policy.encoder)
+        return policy
+
+    def save_adapter(self, directory: str) -> None:
+        """Write the adapter (safetensors + JSON settings; in lora mode also a PEFT directory)."""
+        save_adapter(directory, self.model, self.wrappers, self.encoder, self.adapter_config,
+                     self.cache_config, self.base_model)
 
     @property
     def device(self) -> torch.device:

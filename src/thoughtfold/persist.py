@@ -1,0 +1,122 @@
+"""Saving and restoring adapters: safetensors for the tensors, JSON for the settings, written to a
+temporary directory and renamed into place so a crash never leaves a half-written adapter.
+A `lora`-mode adapter is also exported in PEFT's format (`peft/`), loadable with
+`PeftModel.from_pretrained(base_model, dir + "/peft")`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter import LowRankLinear, adapter_state_dict
+from .config import AdapterConfig, CacheConfig
+from .encoder import ThoughtEncoder
+from .errors import ConfigError
+
+CONFIG_NAME = "thoughtfold_adapter.json"
+WEIGHTS_NAME = "adapter.safetensors"
+PEFT_DIR = "peft"
+
+
+def _atomic_dir(target: Path) -> tuple[Path, Callable[[], None]]:
+    """A temporary sibling of `target` and the function that renames it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+    def commit() -> None:
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    return tmp, commit
+
+
+def save_adapter(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    wrappers: list[LowRankLinear],
+    encoder: ThoughtEncoder | None,
+    adapter: AdapterConfig,
+    cache: CacheConfig,
+    base_model: str,
+) -> Path:
+    """Write the adapter (and encoder) tensors plus the settings that rebuild them."""
+    if adapter.mode == "none":
+        raise ConfigError("adapter mode is 'none': there is no adapter to save")
+    target = Path(directory)
+    tmp, commit = _atomic_dir(target)
+    tensors = adapter_state_dict(wrappers, model)
+    if encoder is not None:
+        tensors.update({f"encoder.{k}": v.detach() for k, v in encoder.state_dict().items()})
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME)
+    meta = {"adapter": adapter.to_dict(), "cache": cache.to_dict(), "base_model": base_model}
+    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    if adapter.mode == "lora":
+        _export_peft(tmp / PEFT_DIR, model, wrappers, adapter, base_model)
+    commit()
+    return target
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, CacheConfig, str]:
+    """The settings saved with an adapter: (adapter, cache, base model id)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{directory} is not a thoughtfold adapter directory ({CONFIG_NAME} not found)")
+    try:
+        meta = json.loads(path.read_text())
+        return AdapterConfig(**meta["adapter"]), CacheConfig(**meta["cache"]), meta.get("base_model", "default")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is malformed ({e}); re-save the adapter") from e
+
+
+def load_adapter_weights(
+    directory: str | os.PathLike, model: nn.Module, wrappers: list[LowRankLinear], encoder: ThoughtEncoder | None
+) -> None:
+    """Copy saved tensors into the attached wrappers/encoder; every tensor must match."""
+    tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
+    expected = adapter_state_dict(wrappers, model)
+    if encoder is not None:
+        expected.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
+    missing, extra = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    if missing or extra:
+        raise ConfigError(
+            f"adapter in {directory} does not fit this model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(extra)[:3]}); load it onto the base model it was trained on"
+        )
+    with torch.no_grad():
+        for name, target in expected.items():
+            if tensors[name].shape != target.shape:
+                raise ConfigError(f"adapter tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"expected {tuple(target.shape)}: wrong base model or rank")
+            target.copy_(tensors[name].to(target.device, target.dtype))
+
+
+def _export_peft(out: Path, model: nn.Module, wrappers: list[LowRankLinear], adapter: AdapterConfig,
+                 base_model: str) -> None:
+    """PEFT LoRA layout: our down-projection is PEFT's lora_A, our up-projection its lora_B."""
+    from peft import LoraConfig
+
+    out.mkdir(parents=True)
+    names = {id(m): n for n, m in model.named_modules()}
+    tensors = {}
+    for w in wrappers:
+        tensors[f"base_model.model.{names[id(w)]}.lora_A.weight"] = w.lora_down.detach().contiguous().cpu()
+        tensors[f"base_model.model.{names[id(w)]}.lora_B.weight"] = w.lora_up.detach().contiguous().cpu()
+    save_file(tensors, out / "adapter_model.safetensors")
+    LoraConfig(
+        r=adapter.rank, lora_alpha=adapter.alpha, target_modules=list(adapter.target_modules),
+        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+    ).save_pretrained(str(out))
