@@ -189,13 +189,20 @@ class Policy:
         return ids
 
     def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else min(self._eos_ids())
+        for source in (self.tokenizer, self.model.generation_config, self.model.config):
+            pad = getattr(source, "pad_token_id", None)
+            if pad is not None:
+                return pad
+        return min(self._eos_ids(), default=0)
+
+    def _decode(self, ids: list[int]) -> str:
+        """Text of token ids ('' for a tokenizer-less policy fed token ids, as in benchmarks)."""
+        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _cut_at_stop(self, ids: list[int], stop: list[str]) -> int | None:
         """Length of the shortest prefix whose text contains a stop string (binary search: once a
         prefix contains one, every longer prefix does)."""
-        hit = lambda n: any(s in self.tokenizer.decode(ids[:n], skip_special_tokens=True) for s in stop)  # noqa: E731
+        hit = lambda n: any(s in self._decode(ids[:n]) for s in stop)  # noqa: E731
         if not stop or not hit(len(ids)):
             return None
         lo, hi = 1, len(ids)
@@ -219,7 +226,7 @@ class Policy:
             held = n - 1 if window is None else min(window, n - 1)
             result.completion_ids.append(ids)
             result.logprobs.append(lps[:n])
-            result.texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+            result.texts.append(self._decode(ids))
             result.eviction_log.append(log)
             result.evictions.append(len(log))
             result.peak_cache_tokens.append(plen + max(held, 0))

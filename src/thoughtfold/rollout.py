@@ -139,7 +139,7 @@ def rollout(
     state = folder.start(batch)
     out = model(
         input_ids=ids, attention_mask=cache.begin_prefill(), position_ids=prompt_positions(valid),
-        use_cache=True, **{kw: cache},
+        use_cache=True, logits_to_keep=1, **{kw: cache},
     )
     logits = out.logits[:, -1]
     tokens = torch.empty(batch, n_new, dtype=torch.long, device=device)
@@ -174,7 +174,7 @@ def rollout(
         mask = cache.admit(t)
         out = model(
             input_ids=token[:, None], attention_mask=mask, position_ids=(prompt_len + t)[:, None],
-            use_cache=True, **{kw: cache},
+            use_cache=True, logits_to_keep=1, **{kw: cache},
         )
         logits = out.logits[:, -1]
     if streamer is not None:

@@ -1,0 +1,205 @@
+"""Micro-benchmarks that print tables: decode throughput and memory vs generated length (bounded vs
+full cache vs HF `generate`), replay + backward memory/time vs completion length (PTE bounded vs
+full-cache LoRA), and the encoder's cost per eviction event.
+
+Random-init models of a chosen shape, so nothing is downloaded. Time and memory are measured in
+separate passes: the CPU memory tracker slows every op, so it never runs while timing.
+
+  python -m thoughtfold.bench decode   [--lengths 256,1024,4096] [--window 256] ...
+  python -m thoughtfold.bench replay   [--lengths 512,2048,8192] [--window 256] ...
+  python -m thoughtfold.bench encoder  [--window 256] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from .config import AdapterConfig, CacheConfig
+from .memory import PeakMemory
+from .policy import Policy
+
+SHAPES = {
+    # a small CPU-friendly model; Qwen2.5-3B's real shape for GPU runs
+    "cpu-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=4096),
+    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, vocab_size=151936),
+}
+
+
+def random_model(shape: str, device: str, dtype: torch.dtype, max_positions: int = 131072):
+    """A random-init Qwen2-architecture model of a named shape (weights do not matter for speed)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=max_positions, tie_word_embeddings=False,
+                      eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _measure(fn: Callable[[], object], device: str) -> tuple[float, int]:
+    """(seconds of a timed run after a warm-up run, peak bytes of a separate tracked run)."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    with PeakMemory(device) as mem:
+        fn()
+    return seconds, mem.peak_bytes
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+def decode_benchmark(shape: str, lengths: list[int], window: int, batch: int, device: str,
+                     dtype: torch.dtype) -> list[list]:
+    """Tokens/s and peak memory of decoding `length` new tokens: bounded, our full cache, HF generate."""
+    model = random_model(shape, device, dtype)
+    prompts = torch.randint(1, SHAPES[shape]["vocab_size"], (batch, 32), generator=torch.Generator().manual_seed(0))
+    bounded = Policy(model, None, cache=CacheConfig(window=window))
+    full = Policy(model, None, cache=CacheConfig(window=None))
+    ids = prompts.tolist()
+
+    def hf(n):
+        return model.generate(input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
+                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    rows = []
+    for n in lengths:
+        res = {}
+        for name, fn in (
+            (f"bounded W={window}", lambda: bounded.generate(ids, max_new_tokens=n, temperature=0)),
+            ("full cache (ours)", lambda: full.generate(ids, max_new_tokens=n, temperature=0)),
+            ("HF generate", lambda: hf(n)),
+        ):
+            seconds, peak = _measure(fn, device)
+            res[name] = (batch * n / seconds, peak)
+            rows.append([n, name, f"{batch * n / seconds:,.0f}", f"{peak / 2**20:,.1f}"])
+        ratio = res[f"bounded W={window}"][0] / res["HF generate"][0]
+        rows.append([n, "bounded / HF generate", f"{ratio:.2f}x", ""])
+    return rows
+
+
+def replay_benchmark(shape: str, lengths: list[int], window: int, batch: int, device: str,
+                     dtype: torch.dtype) -> list[list]:
+    """Peak memory and time of one replay + backward: PTE (bounded) vs LoRA (full cache)."""
+    model = random_model(shape, device, dtype)
+    vocab = SHAPES[shape]["vocab_size"]
+    rows = []
+    for n in lengths:
+        g = torch.Generator().manual_seed(n)
+        prompt = torch.randint(1, vocab, (32,), generator=g).tolist()
+        completion = torch.randint(1, vocab, (n,), generator=g).tolist()
+        res = {}
+        for name, cache, mode in (("PTE, bounded", CacheConfig(window=window), "pte"),
+                                  ("LoRA, full cache", CacheConfig(window=None), "lora")):
+            policy = Policy(model, None, cache=cache, adapter=AdapterConfig(mode=mode))
+
+            def step(policy=policy):
+                policy.replay_logprobs([prompt] * batch, [completion] * batch, loss_fn=lambda lp, a, b: -lp.mean())
+
+            seconds, peak = _measure(step, device)
+            res[name] = peak
+            rows.append([n, name, f"{seconds:.2f}", f"{peak / 2**20:,.1f}"])
+            _unwrap(model, policy)
+        rows.append([n, "PTE / LoRA peak", "", f"{res['PTE, bounded'] / res['LoRA, full cache']:.2f}x"])
+    return rows
+
+
+def _unwrap(model: torch.nn.Module, policy: Policy) -> None:
+    """Put the base linears back so the next policy wraps a clean model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child in policy.wrappers:
+                setattr(parent, name, child.base)
+
+
+def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: torch.dtype,
+                      tokens: int) -> list[list]:
+    """Encoder cost per eviction event vs the decode time of the E tokens between events."""
+    model = random_model(shape, device, dtype)
+    prompts = torch.randint(1, SHAPES[shape]["vocab_size"], (batch, 32), generator=torch.Generator().manual_seed(0))
+    rows, times = [], {}
+    for mode in ("none", "pte"):
+        policy = Policy(model, None, cache=CacheConfig(window=window), adapter=AdapterConfig(mode=mode))
+        policy.generate(prompts.tolist(), max_new_tokens=window + 8, temperature=0)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        res = policy.generate(prompts.tolist(), max_new_tokens=tokens, temperature=0)
+        _sync(device)
+        times[mode] = (time.perf_counter() - start, res.stats["evictions"])
+        _unwrap(model, policy)
+    cfg = CacheConfig(window=window)
+    enc_policy = Policy(model, None, cache=cfg, adapter=AdapterConfig(mode="pte"))
+    kv = model.config.num_key_value_heads * model.config.hidden_size // model.config.num_attention_heads
+    keys = torch.randn(model.config.num_hidden_layers, batch, cfg.evict_block, kv, device=device)
+    state = enc_policy.encoder.initial_state(batch)
+    with torch.no_grad():
+        enc_policy.encoder.absorb(state, keys, keys)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(20):
+            enc_policy.encoder.absorb(state, keys, keys)
+        _sync(device)
+    per_event = (time.perf_counter() - start) / 20
+    step = times["none"][0] / tokens
+    rows.append(["decode step (no adapter)", f"{step * 1e3:.2f} ms"])
+    rows.append([f"encoder absorb, one event (E={cfg.evict_block})", f"{per_event * 1e3:.2f} ms"])
+    rows.append(["encoder / decode of E tokens", f"{per_event / (step * cfg.evict_block):.1%}"])
+    rows.append([f"PTE rollout / plain bounded rollout ({tokens} tokens, {times['pte'][1]} events)",
+                 f"{times['pte'][0] / times['none'][0]:.2f}x"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m thoughtfold.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=["decode", "replay", "encoder"])
+    ap.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
+    ap.add_argument("--lengths", default=None, help="comma-separated lengths")
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=1024, help="encoder: tokens to decode")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    torch.set_grad_enabled(True)
+    where = f"{args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'})"
+    print(f"shape={args.shape} batch={args.batch} window={args.window} dtype={dtype} device={where}")
+    if args.which == "decode":
+        lengths = [int(x) for x in (args.lengths or "256,1024,4096").split(",")]
+        rows = decode_benchmark(args.shape, lengths, args.window, args.batch, args.device, dtype)
+        print_table("Decode: tokens/s and peak memory vs generated length",
+                    ["new tokens", "method", "tokens/s", "peak MiB"], rows)
+    elif args.which == "replay":
+        lengths = [int(x) for x in (args.lengths or "512,2048,8192").split(",")]
+        rows = replay_benchmark(args.shape, lengths, args.window, args.batch, args.device, dtype)
+        print_table("Replay + backward: time and peak memory vs completion length",
+                    ["completion tokens", "method", "seconds", "peak MiB"], rows)
+    else:
+        rows = encoder_benchmark(args.shape, args.window, args.batch, args.device, dtype, args.tokens)
+        print_table("Encoder overhead per eviction event", ["measure", "value"], rows)
+
+
+if __name__ == "__main__":
+    main()
