@@ -153,3 +153,11 @@ def test_bad_sampling_settings_raise_config_errors(tiny_dirs):
     for kwargs in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0.0}, {"top_k": -2}):
         with pytest.raises(ConfigError):
             policy.generate(PROMPTS, **kwargs)
+
+
+def test_prompt_longer_than_max_positions_is_a_typed_error(tiny_dirs):
+    from thoughtfold import PromptTooLongError
+
+    policy = load(tiny_dirs, "llama", CacheConfig(window=8))
+    with pytest.raises(PromptTooLongError, match="512 positions"):
+        policy.generate([[5] * 600], max_new_tokens=4)
