@@ -1,0 +1,356 @@
+"""The `thoughtfold` command. Subcommands: `generate` (bounded-cache generation); the trainer,
+evaluation and benchmark subcommands register themselves in `build_parser` as they land.
+
+Every `ThoughtfoldError` (and every bad command-line value) ends the command with one line
+`error: <message>` on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+from . import __version__
+from .errors import ConfigError, DataError, ThoughtfoldError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: <message>` (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see: {self.prog} --help)")
+
+
+class _UsageError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def window_arg(value: str) -> int | None:
+    """`--window`: an integer, or 'none'/'full' for a full cache. Range checks are CacheConfig's."""
+    if value.strip().lower() in ("none", "full"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"window must be an integer >= 1 or 'none' (full cache), got {value!r}"
+        ) from None
+
+
+def _number(kind: type, what: str):
+    def parse(value: str):
+        try:
+            return kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {value!r}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+# --------------------------------------------------------------------------- prompts file
+
+
+def read_prompts_file(path: str | Path) -> list[str | list[int]]:
+    """Prompts from a JSONL file ('-' = stdin): each non-blank line is a JSON object with a
+    "prompt" field (a string, or a list of token ids) or a bare JSON string. A malformed line raises
+    DataError naming the file and the line number."""
+    name = str(path)
+    try:
+        if name == "-":
+            name = "<stdin>"
+            lines = sys.stdin.read().splitlines()
+        else:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"prompts file {name} not found") from None
+    except IsADirectoryError:
+        raise DataError(f"prompts file {name} is a directory, not a JSONL file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"prompts file {name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"prompts file {name} cannot be read: {e.strerror or e}") from None
+    prompts: list[str | list[int]] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{name} line {lineno}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if isinstance(item, dict):
+            if "prompt" not in item:
+                keys = ", ".join(map(str, item)) or "none"
+                raise DataError(f'{where}: no "prompt" field (keys found: {keys})')
+            item = item["prompt"]
+            if isinstance(item, list):
+                if not item or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item):
+                    raise DataError(f'{where}: a token-id "prompt" must be a non-empty list of integers >= 0')
+            elif not isinstance(item, str):
+                raise DataError(f'{where}: "prompt" must be a string, got {_json_type(item)}')
+        elif not isinstance(item, str):
+            raise DataError(
+                f'{where}: expected a JSON object with a "prompt" field or a JSON string, got {_json_type(item)}'
+            )
+        if isinstance(item, str) and not item.strip():
+            raise DataError(f"{where}: the prompt is empty")
+        prompts.append(item)
+    if not prompts:
+        raise DataError(f"prompts file {name} has no prompts")
+    return prompts
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class TerminalStreamer:
+    """Prints one sequence's text as it is generated (a transformers-style streamer: `put` gets the
+    new token ids, `end` finishes). Text is printed up to word boundaries, incomplete UTF-8 is held
+    back, and nothing is printed after an EOS token or past the first stop string -- what ends up on
+    the terminal is the text `generate` returns."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], stop: Sequence[str] = (), out: IO[str] | None = None):
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
+        self.stop = [s for s in stop if s]
+        self.out = out if out is not None else sys.stdout
+        self._keep = max((len(s) for s in self.stop), default=1)
+        self._ids: list[int] = []
+        self._printed = 0  # characters of decode(self._ids) already written
+        self._tail = ""  # last characters written before self._ids started (for stops across lines)
+        self._finished = False
+
+    def put(self, value) -> None:
+        """Take the next token id(s) of a batch of one."""
+        if self._finished:
+            return
+        ids = value.reshape(-1).tolist() if hasattr(value, "reshape") else list(value)
+        for tid in ids:
+            if tid in self.eos_ids:
+                self._finish()
+                return
+            self._ids.append(int(tid))
+            text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+            if self.stop and any(s in self._tail + text for s in self.stop):
+                self._finish()  # writes the rest of `text`
+                return
+            if text.endswith("\n"):
+                self._write(text[self._printed :])
+                self._tail = (self._tail + text)[-self._keep :]
+                self._ids, self._printed = [], 0
+            elif not text.endswith("\ufffd"):
+                cut = text.rfind(" ") + 1
+                if cut > self._printed:
+                    self._write(text[self._printed : cut])
+                    self._printed = cut
+
+    def end(self) -> None:
+        """Flush what is left and end the line."""
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._ids:
+            text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+            self._write(text[self._printed :])
+        self._write("\n")
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            ids |= {int(e) for e in eos}
+        elif eos is not None:
+            ids.add(int(eos))
+    return ids
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `thoughtfold generate`."""
+    p = sub.add_parser(
+        "generate",
+        help="generate text under a bounded KV cache",
+        description="Generate completions with a bounded KV cache: the prompt is pinned and at most "
+        "WINDOW generated tokens are kept; when the window is full the oldest ceil(R*WINDOW) are evicted.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument(
+        "--prompts-file", metavar="F.jsonl",
+        help='JSONL file, one prompt per line: {"prompt": "..."} or a JSON string ("-" = stdin)',
+    )
+    p.add_argument("--model", default="default", help="hub id, local directory, or 'default' "
+                   "(bundled SmolLM2-135M-Instruct) [default: %(default)s]")
+    p.add_argument("--window", type=window_arg, default=None, metavar="W",
+                   help="thought tokens kept in the cache, or 'none' for a full cache [default: none]")
+    p.add_argument("--evict-ratio", type=_number(float, "evict-ratio"), default=0.25, metavar="R",
+                   help="fraction of the window evicted at once, in (0, 1] [default: %(default)s]")
+    p.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens"), default=256, metavar="N",
+                   help="[default: %(default)s]")
+    p.add_argument("--temperature", type=_number(float, "temperature"), default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy [default: %(default)s]")
+    p.add_argument("--top-p", type=_number(float, "top-p"), default=1.0, help="[default: %(default)s]")
+    p.add_argument("--top-k", type=_number(int, "top-k"), default=0, help="0 = off [default: %(default)s]")
+    p.add_argument("--seed", type=_number(int, "seed"), default=None, metavar="S", help="sampling seed")
+    p.add_argument("--no-chat-template", action="store_true", help="encode prompts as plain text")
+    p.add_argument("--system-prompt", default=None, help="system message (with the chat template)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop when the text contains STR (repeatable)")
+    p.add_argument("--batch-size", type=_number(int, "batch-size"), default=16,
+                   help="prompts decoded together [default: %(default)s]")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto "
+                   "[default: float32 on CPU, bfloat16 on CUDA]")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available]")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="load a trained thoughtfold adapter")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt: text, completion_ids, logprobs, evictions, "
+                   "peak_cache_tokens")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Run `thoughtfold generate`."""
+    from .config import CacheConfig
+
+    # settings first (cheap), so bad values fail before the model loads
+    cache = CacheConfig(window=args.window, evict_ratio=args.evict_ratio)
+    if args.batch_size < 1:
+        raise ConfigError(f"batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts_file(args.prompts_file)
+    if args.prompt is not None and not args.prompt.strip():
+        raise DataError("the prompt is empty")
+
+    from transformers.utils import logging as hf_logging
+
+    from .policy import Policy
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    kwargs: dict[str, Any] = dict(model=args.model, cache=cache, dtype=args.dtype, device=args.device)
+    if args.adapter is not None:
+        if "adapter_path" not in inspect.signature(Policy.from_pretrained).parameters:
+            raise ConfigError("--adapter is not supported by this version of the engine yet")
+        if not Path(args.adapter).is_dir():
+            raise ConfigError(f"adapter directory {args.adapter!r} not found")
+        kwargs["adapter_path"] = args.adapter
+    policy = Policy.from_pretrained(**kwargs)
+
+    stream = len(prompts) == 1 and not args.json
+    totals = {"tokens": 0, "seconds": 0.0, "evictions": 0, "peak": 0}
+    n_done = 0
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        streamer = TerminalStreamer(policy.tokenizer, _eos_ids(policy.model, policy.tokenizer), args.stop) \
+            if stream else None
+        seed = None if args.seed is None else args.seed + start
+        res = policy.generate(
+            batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=seed, chat_template=not args.no_chat_template, stop=args.stop or None,
+            streamer=streamer, system_prompt=args.system_prompt,
+        )
+        for i in range(len(batch)):
+            if args.json:
+                record = {
+                    "text": res.texts[i],
+                    "completion_ids": res.completion_ids[i],
+                    "logprobs": res.logprobs[i],
+                    "evictions": res.evictions[i],
+                    "peak_cache_tokens": res.peak_cache_tokens[i],
+                }
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            elif not stream:
+                print(f"=== [{n_done + i + 1}/{len(prompts)}] ===")
+                print(res.texts[i], flush=True)
+        n_done += len(batch)
+        stats = res.stats
+        totals["tokens"] += int(stats.get("generated_tokens", sum(len(c) for c in res.completion_ids)))
+        totals["seconds"] += float(stats.get("seconds", 0.0))
+        totals["evictions"] += int(stats.get("evictions", 0))
+        totals["peak"] = max(totals["peak"], int(stats.get("peak_cache_tokens", 0)))
+
+    rate = totals["tokens"] / totals["seconds"] if totals["seconds"] > 0 else 0.0
+    window = "full cache" if cache.window is None else f"window {cache.window}, evict {cache.evict_block}"
+    print(
+        f"thoughtfold: {n_done} prompt(s), {totals['tokens']} tokens in {totals['seconds']:.2f} s "
+        f"({rate:.1f} tokens/s); {totals['evictions']} eviction event(s); "
+        f"peak cache {totals['peak']} tokens ({window})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `thoughtfold` argument parser with all subcommands."""
+    parser = _Parser(prog="thoughtfold", description="Reasoning LMs under a fixed-size KV cache "
+                     "with Progressive Thought Encoding.")
+    parser.add_argument("--version", action="version", version=f"thoughtfold {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_generate_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status."""
+    log = logging.getLogger("thoughtfold")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("thoughtfold: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except _UsageError as e:
+        return _fail(str(e))
+    except ThoughtfoldError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `thoughtfold generate ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _fail(message: str) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The `thoughtfold` command, run as a subprocess like a user runs it: JSON output, streaming, and
+one-line errors (non-zero exit, no traceback) for every bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer
+from thoughtfold.cli import TerminalStreamer, main, read_prompts_file
+from thoughtfold.errors import DataError
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(
+        [sys.executable, "-m", "thoughtfold.cli", *args], input=stdin, capture_output=True, text=True,
+        timeout=timeout, env=env,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    assert proc.stdout == ""
+    return errors[0]
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_version_and_console_script():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == "thoughtfold 0.1.0"
+    script = BIN / "thoughtfold"
+    if script.exists():  # the installed console entry point
+        out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "thoughtfold 0.1.0"
+
+
+def test_no_command_and_unknown_option(capsys):
+    assert main([]) == 2
+    assert capsys.readouterr().err.startswith("error: the following arguments are required")
+    assert main(["generate", "--prompt", "x", "--frobnicate"]) == 2
+    assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+    assert main(["generate"]) == 2
+    assert "one of the arguments --prompt --prompts-file is required" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@pytest.fixture(scope="module")
+def two_prompts(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "Count: one two three", "id": 1}) + "\n\n" + json.dumps("abc") + "\n")
+    return f
+
+
+def test_json_output_matches_the_api(tiny_dirs, two_prompts):
+    from thoughtfold.config import CacheConfig
+    from thoughtfold.policy import Policy
+
+    proc = run_cli(
+        "generate", "--model", str(tiny_dirs["qwen2"]), "--prompts-file", str(two_prompts),
+        "--window", "6", "--evict-ratio", "0.5", "--max-new-tokens", "20", "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(records) == 2
+    for r in records:
+        assert set(r) == {"text", "completion_ids", "logprobs", "evictions", "peak_cache_tokens"}
+        assert len(r["completion_ids"]) == len(r["logprobs"]) >= 1
+        assert all(lp <= 0.0 for lp in r["logprobs"])
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert "tokens/s" in summary and "eviction" in summary and "peak cache" in summary
+
+    # the same request through the Python API gives the same tokens, log-probs and counters
+    policy = Policy.from_pretrained(str(tiny_dirs["qwen2"]), cache=CacheConfig(window=6, evict_ratio=0.5))
+    res = policy.generate(["Count: one two three", "abc"], max_new_tokens=20, temperature=0.0)
+    for i, r in enumerate(records):
+        assert r["completion_ids"] == res.completion_ids[i]
+        assert r["text"] == res.texts[i]
+        assert r["evictions"] == res.evictions[i]
+        assert r["peak_cache_tokens"] == res.peak_cache_tokens[i]
+        assert r["logprobs"] == pytest.approx(res.logprobs[i], abs=1e-5)
+
+
+def test_single_prompt_streams_the_returned_text(tiny_dirs):
+    args = ("generate", "--model", str(tiny_dirs["llama"]), "--prompt", "Hello there", "--window", "8",
+            "--max-new-tokens", "24", "--no-chat-template")
+    streamed = run_cli(*args)
+    assert streamed.returncode == 0, streamed.stderr
+    as_json = run_cli(*args, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    text = json.loads(as_json.stdout)["text"]
+    assert streamed.stdout == text + "\n"
+
+    # with a stop string that occurs mid-way, the stream ends where the returned text ends
+    stop = next((c for c in text[2:] if c.isascii() and c.isalnum()), None)
+    if stop is None:
+        pytest.skip("the tiny model's text has no ASCII letter to stop at")
+    cut = run_cli(*args, "--stop", stop, "--json")
+    cut_text = json.loads(cut.stdout)["text"]
+    assert cut_text.endswith(stop) and len(cut_text) < len(text) + 1
+    assert run_cli(*args, "--stop", stop).stdout == cut_text + "\n"
+
+
+# --------------------------------------------------------------------------- one-line errors
+
+
+@pytest.mark.parametrize("window, needle", [("0", "window must be >= 1"), ("-3", "window must be >= 1"),
+                                            ("abc", "window must be an integer")])
+def test_bad_window(window, needle):
+    assert_one_line_error(run_cli("generate", "--prompt", "hi", "--window", window), needle)
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.5", "-0.1"])
+def test_bad_evict_ratio(ratio):
+    assert_one_line_error(run_cli("generate", "--prompt", "hi", "--window", "8", "--evict-ratio", ratio),
+                          "evict_ratio must be in (0, 1]")
+
+
+def test_bad_sampling_setting(tiny_dirs):
+    assert_one_line_error(
+        run_cli("generate", "--model", str(tiny_dirs["llama"]), "--prompt", "hi", "--top-p", "0"), "top_p"
+    )
+
+
+def test_missing_model_path(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    assert_one_line_error(run_cli("generate", "--model", missing, "--prompt", "hi"), repr(missing), "not found")
+
+
+def test_offline_hub_id():
+    assert_one_line_error(
+        run_cli("generate", "--model", "thoughtfold-test/not-a-model", "--prompt", "hi"),
+        "'thoughtfold-test/not-a-model'", "could not be reached",
+    )
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    assert_one_line_error(run_cli("generate", "--model", str(d), "--prompt", "hi"),
+                          "'gpt2'", "llama", "qwen2", "qwen3")
+
+
+def test_prompt_too_long(tiny_dirs):
+    assert_one_line_error(
+        run_cli("generate", "--model", str(tiny_dirs["llama"]), "--prompt", "x" * 600, "--no-chat-template"),
+        "600 tokens", "512",
+    )
+
+
+def test_malformed_prompts_file_names_the_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "fine"}\n\n{"prompt": "also fine"\n')
+    assert_one_line_error(run_cli("generate", "--prompts-file", str(f)), f"{f} line 3: invalid JSON")
+
+
+def test_missing_prompts_file(tmp_path):
+    assert_one_line_error(run_cli("generate", "--prompts-file", str(tmp_path / "nope.jsonl")), "not found")
+
+
+# --------------------------------------------------------------------------- prompts file (in-process)
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"prompt": "a"}', "not json"], "line 2: invalid JSON"),
+        (['{"question": "a"}'], 'line 1: no "prompt" field (keys found: question)'),
+        (['"a"', '{"prompt": 3}'], 'line 2: "prompt" must be a string, got a number'),
+        (["[1, 2]"], 'line 1: expected a JSON object with a "prompt" field or a JSON string, got an array'),
+        (['{"prompt": [1, -1]}'], "line 1: a token-id"),
+        (["", '"   "'], "line 2: the prompt is empty"),
+        (["", "  "], "has no prompts"),
+    ],
+)
+def test_read_prompts_file_errors(tmp_path, lines, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        read_prompts_file(f)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_read_prompts_file_ok(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a", "answer": 1}\n"b"\n\n{"prompt": [5, 6]}\n')
+    assert read_prompts_file(f) == ["a", "b", [5, 6]]
+
+
+# --------------------------------------------------------------------------- streamer
+
+
+def _stream(tok, text_ids: list[int], eos: set[int], stop=()) -> str:
+    out = io.StringIO()
+    s = TerminalStreamer(tok, eos, stop, out=out)
+    for t in text_ids:
+        s.put(torch.tensor([t]))
+    s.end()
+    return out.getvalue()
+
+
+def test_streamer_prints_text_and_stops_at_eos():
+    tok = byte_tokenizer()
+    ids = tok("héllo wörld\nsecond line", add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    assert _stream(tok, ids, {eos}) == "héllo wörld\nsecond line\n"
+    assert _stream(tok, ids + [eos] + ids, {eos}) == "héllo wörld\nsecond line\n"
+
+
+def test_streamer_cuts_at_first_stop_string():
+    tok = byte_tokenizer()
+    ids = tok("step 1\nANSWER: 42\nmore text", add_special_tokens=False)["input_ids"]
+    assert _stream(tok, ids, set(), stop=["ANSWER"]) == "step 1\nANSWER\n"
+    assert _stream(tok, ids, set(), stop=["1\nANS"]) == "step 1\nANS\n"  # across a line break
