@@ -11,6 +11,11 @@ from .adapter import LowRankLinear, set_states
 from .encoder import EncoderState, ThoughtEncoder, derotate_keys
 
 
+def _heads_last(t: torch.Tensor) -> torch.Tensor:
+    """[L, B, H, E, D] -> [L, B, E, H*D]: the encoder sees each token's K or V across all heads."""
+    return t.transpose(2, 3).flatten(3)
+
+
 class StateFolder:
     """Owns nothing trainable; it knows the model's rotary embedding, the encoder and the wrappers."""
 
@@ -41,8 +46,7 @@ class StateFolder:
         probe = keys.new_empty(0, dtype=torch.float32)
         cos, sin = self.rotary(probe, positions)
         free = derotate_keys(keys.float(), cos, sin)  # [L, B, H, E, D]
-        flat = lambda t: t.transpose(2, 3).flatten(3)  # noqa: E731 -> [L, B, E, H*D]
-        state = self.encoder.absorb(state, flat(free), flat(values.float()))
+        state = self.encoder.absorb(state, _heads_last(free), _heads_last(values.float()))
         self.apply(state)
         return state
 

@@ -202,7 +202,10 @@ class Policy:
     def _cut_at_stop(self, ids: list[int], stop: list[str]) -> int | None:
         """Length of the shortest prefix whose text contains a stop string (binary search: once a
         prefix contains one, every longer prefix does)."""
-        hit = lambda n: any(s in self._decode(ids[:n]) for s in stop)  # noqa: E731
+
+        def hit(n: int) -> bool:
+            return any(s in self._decode(ids[:n]) for s in stop)
+
         if not stop or not hit(len(ids)):
             return None
         lo, hi = 1, len(ids)

@@ -149,7 +149,18 @@ def replay(
     )
 
 
-def _replay_batch(model, folder, prompt_ids, completion_ids, log, loss_fn, temperature, full_backprop, pad_id):
+def _replay_batch(
+    model: nn.Module,
+    folder: StateFolder,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    log: list[EvictionEvent],
+    loss_fn: LossFn | None,
+    temperature: float,
+    full_backprop: bool,
+    pad_id: int,
+) -> list[torch.Tensor]:
+    """Replay sequences that share one eviction schedule (a lockstep batch)."""
     device = next(model.parameters()).device
     ids, valid = pad_prompts([list(p) for p in prompt_ids], pad_id, device)
     batch, width = ids.shape
