@@ -235,3 +235,29 @@ def test_streamer_cuts_at_first_stop_string():
     ids = tok("step 1\nANSWER: 42\nmore text", add_special_tokens=False)["input_ids"]
     assert _stream(tok, ids, set(), stop=["ANSWER"]) == "step 1\nANSWER\n"
     assert _stream(tok, ids, set(), stop=["1\nANS"]) == "step 1\nANS\n"  # across a line break
+
+
+def test_adapter_brings_its_base_model_and_cache(tiny_dirs, tmp_path):
+    from thoughtfold.config import AdapterConfig, CacheConfig
+    from thoughtfold.policy import Policy
+
+    policy = Policy.from_pretrained(str(tiny_dirs["qwen3"]), cache=CacheConfig(window=5, evict_ratio=0.4),
+                                    adapter=AdapterConfig(mode="lora", rank=4, alpha=8.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.normal_(0.0, 0.5)
+    policy.save_adapter(str(tmp_path / "adapter"))
+    expected = policy.generate(["abc"], max_new_tokens=16, temperature=0.0)
+    assert expected.evictions[0] > 0
+
+    proc = run_cli("generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "abc",
+                   "--max-new-tokens", "16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["completion_ids"] == expected.completion_ids[0]
+    assert record["evictions"] == expected.evictions[0]
+    assert "window 5, evict 2" in proc.stderr
+
+    missing = run_cli("generate", "--adapter", str(tmp_path / "nope"), "--prompt", "abc")
+    assert_one_line_error(missing, "adapter directory", "not found")

@@ -7,7 +7,6 @@ Every `ThoughtfoldError` (and every bad command-line value) ends the command wit
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -209,12 +208,15 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         "--prompts-file", metavar="F.jsonl",
         help='JSONL file, one prompt per line: {"prompt": "..."} or a JSON string ("-" = stdin)',
     )
-    p.add_argument("--model", default="default", help="hub id, local directory, or 'default' "
-                   "(bundled SmolLM2-135M-Instruct) [default: %(default)s]")
-    p.add_argument("--window", type=window_arg, default=None, metavar="W",
-                   help="thought tokens kept in the cache, or 'none' for a full cache [default: none]")
-    p.add_argument("--evict-ratio", type=_number(float, "evict-ratio"), default=0.25, metavar="R",
-                   help="fraction of the window evicted at once, in (0, 1] [default: %(default)s]")
+    p.add_argument("--model", default=None, help="hub id, local directory, or 'default' "
+                   "(bundled SmolLM2-135M-Instruct) [default: the adapter's base model, else default]")
+    # no argparse defaults for the cache: unset means "the adapter's saved setting" with --adapter
+    p.add_argument("--window", type=window_arg, default=argparse.SUPPRESS, metavar="W",
+                   help="thought tokens kept in the cache, or 'none' for a full cache "
+                   "[default: the adapter's, else none]")
+    p.add_argument("--evict-ratio", type=_number(float, "evict-ratio"), default=argparse.SUPPRESS,
+                   metavar="R", help="fraction of the window evicted at once, in (0, 1] "
+                   "[default: the adapter's, else 0.25]")
     p.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens"), default=256, metavar="N",
                    help="[default: %(default)s]")
     p.add_argument("--temperature", type=_number(float, "temperature"), default=0.0, metavar="T",
@@ -231,19 +233,39 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto "
                    "[default: float32 on CPU, bfloat16 on CUDA]")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available]")
-    p.add_argument("--adapter", default=None, metavar="DIR", help="load a trained thoughtfold adapter")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="load a trained thoughtfold adapter (with its base model and cache settings "
+                   "unless --model / --window / --evict-ratio are given)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt: text, completion_ids, logprobs, evictions, "
                    "peak_cache_tokens")
     p.set_defaults(func=cmd_generate)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Run `thoughtfold generate`."""
+def resolve_cache(args: argparse.Namespace):
+    """The CacheConfig from --window / --evict-ratio. With --adapter, an unset flag takes the
+    adapter's saved setting (None = use the saved cache as is)."""
     from .config import CacheConfig
 
+    window_set, ratio_set = hasattr(args, "window"), hasattr(args, "evict_ratio")
+    window, ratio = getattr(args, "window", None), getattr(args, "evict_ratio", 0.25)
+    if getattr(args, "adapter", None) is not None:
+        if not Path(args.adapter).is_dir():
+            raise ConfigError(f"adapter directory {args.adapter!r} not found")
+        if not (window_set or ratio_set):
+            return None
+        from .persist import read_adapter_config
+
+        _, saved, _ = read_adapter_config(args.adapter)
+        window = window if window_set else saved.window
+        ratio = ratio if ratio_set else saved.evict_ratio
+    return CacheConfig(window=window, evict_ratio=ratio)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Run `thoughtfold generate`."""
     # settings first (cheap), so bad values fail before the model loads
-    cache = CacheConfig(window=args.window, evict_ratio=args.evict_ratio)
+    cache = resolve_cache(args)
     if args.batch_size < 1:
         raise ConfigError(f"batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
@@ -258,14 +280,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    kwargs: dict[str, Any] = dict(model=args.model, cache=cache, dtype=args.dtype, device=args.device)
+    model = args.model if args.model is not None else (None if args.adapter else "default")
+    kwargs: dict[str, Any] = dict(model=model, cache=cache, dtype=args.dtype, device=args.device)
     if args.adapter is not None:
-        if "adapter_path" not in inspect.signature(Policy.from_pretrained).parameters:
-            raise ConfigError("--adapter is not supported by this version of the engine yet")
-        if not Path(args.adapter).is_dir():
-            raise ConfigError(f"adapter directory {args.adapter!r} not found")
         kwargs["adapter_path"] = args.adapter
     policy = Policy.from_pretrained(**kwargs)
+    cache = policy.cache_config
 
     stream = len(prompts) == 1 and not args.json
     totals = {"tokens": 0, "seconds": 0.0, "evictions": 0, "peak": 0}
