@@ -1,0 +1,642 @@
+"""Training loops through the segment-wise replay: cache-aware GRPO and supervised fine-tuning.
+
+One GRPO step: draw `prompts_per_step` prompts, sample `group_size` completions of each under the
+bounded cache (one `generate` call, so all rollouts share one eviction schedule), score them,
+compute group-normalised advantages, then update the adapter with the clipped policy-gradient loss.
+The loss is built per replay segment with batch-wide token weights (grpo.py), so the summed segment
+losses equal the full-batch loss while backward never spans more than one segment: memory is
+bounded by the cache window, not by the completion length.
+
+Configs are dataclasses loaded from YAML plus ``key=value`` overrides through OmegaConf.
+Checkpoints (checkpoint.py) make a run resumable exactly, even after a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm.auto import tqdm
+
+from .adapter import adapters_disabled
+from .checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import AdapterConfig, CacheConfig
+from .data import SYSTEM_PROMPT, load_dataset_by_name
+from .errors import ConfigError, DataError
+from .grpo import (
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    LossStats,
+    combine_rewards,
+    group_advantages,
+    loss_normalizer,
+    mask_truncated_completions,
+    token_loss_terms,
+)
+from .rewards import load_reward
+
+log = logging.getLogger("thoughtfold")
+
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+REPORT_TO = ("tensorboard", "wandb")
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from (any spec `data.load_dataset_by_name` accepts) and how they are
+    templated. `completion_field` is the column holding the target trace for SFT."""
+
+    dataset: str = "arith:easy"
+    split: str | None = None
+    limit: int | None = None
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    completion_field: str = "solution"
+    system_prompt: str | None = SYSTEM_PROMPT
+    chat_template: bool = True
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything a GRPO or SFT run needs. Names follow TRL's GRPOConfig where one exists
+    (`num_iterations`, `epsilon_high`, `loss_type`, `scale_rewards`, `mask_truncated_completions`, ...)."""
+
+    model: str = "default"
+    dtype: str | None = None
+    device: str | None = None
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=64))
+    adapter: AdapterConfig = field(
+        default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: list[str] = field(default_factory=lambda: ["arith"])
+    reward_weights: list[float] | None = None
+    group_size: int = 8
+    prompts_per_step: int = 4
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    loss_type: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0
+    scale_rewards: str = "group"
+    filter_zero_std: bool = True
+    mask_truncated_completions: bool = False
+    num_iterations: int = 1
+    steps: int = 100
+    save_every: int = 50
+    save_total_limit: int | None = 2
+    output_dir: str = "runs/thoughtfold"
+    overwrite_output_dir: bool = False
+    resume: bool = False
+    seed: int = 0
+    report_to: list[str] = field(default_factory=list)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._check_ranges()
+
+    def _check_choices(self) -> None:
+        for name, value, allowed in (("loss_type", self.loss_type, LOSS_TYPES),
+                                     ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
+                                     ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        unknown = [r for r in self.report_to if r not in REPORT_TO]
+        if unknown:
+            raise ConfigError(f"report_to accepts {', '.join(REPORT_TO)}, got {unknown[0]!r}")
+        if not self.rewards:
+            raise ConfigError("rewards is empty: name at least one reward (e.g. arith, math, format)")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.rewards)} rewards")
+
+    def _check_ranges(self) -> None:
+        for name, low in (("group_size", 1), ("prompts_per_step", 1), ("max_new_tokens", 1),
+                          ("num_iterations", 1), ("steps", 1), ("warmup_steps", 0), ("save_every", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 for training (log-probs need a distribution), got {self.temperature}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.epsilon_low < 0 or self.epsilon_high < 0:
+            raise ConfigError("epsilon_low and epsilon_high must be >= 0")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A TrainConfig from defaults < YAML file < ``key=value`` overrides (dotted keys, e.g.
+    ``cache.window=256 adapter.mode=lora``); unknown keys and bad types raise ConfigError."""
+    layers = [OmegaConf.structured(TrainConfig)]
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path} not found")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. lr=1e-5)")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        message = str(e).splitlines()[0]
+        raise ConfigError(f"config{f' key {key!r}' if key else ''}: {message}") from None
+    except Exception as e:  # YAML syntax errors come from PyYAML
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The resolved config, as saved next to the run (reload it with `load_config`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLogger:
+    """One JSON line per step in `metrics.jsonl` (always), plus TensorBoard / W&B when asked.
+    On resume the lines after the checkpoint's step are dropped, so the log matches the state."""
+
+    def __init__(self, output_dir: Path, report_to: Sequence[str], start_step: int, config: dict):
+        self.path = output_dir / METRICS_NAME
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        self._tb = self._wandb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("report_to wandb needs the wandb package: pip install wandb") from None
+            self._wandb = wandb.init(project="thoughtfold", dir=str(output_dir), config=config, resume="allow")
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Append one step's metrics everywhere."""
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+        step = int(metrics["step"])
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if key != "step":
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl (a line cut short by a kill is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_metric(records: list[dict], key: str, path: Path) -> Path | None:
+    """A PNG of `key` against the step (None if no record has it)."""
+    points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps, values = zip(*points, strict=True)
+    ax.plot(steps, values, marker="o" if len(points) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory since the last reset, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# --------------------------------------------------------------------------- shared loop
+
+
+class _Trainer:
+    """The parts GRPO and SFT share: model, data order, optimizer and schedule, checkpoints, logs."""
+
+    kind = "train"
+    plot_key = "loss"
+
+    def __init__(self, config: TrainConfig, policy=None, dataset: Sequence[dict] | None = None):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        self.dataset = self._load_dataset(dataset)
+        self.policy = policy if policy is not None else self._load_policy()
+        self.params = self.policy.trainable_parameters()
+        if not self.params:
+            raise ConfigError("adapter mode 'none' has nothing to train: set adapter.mode to lora or pte")
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = self._make_scheduler()
+        self.step = 0
+        self.data_pos = 0
+        self._orders: dict[int, list[int]] = {}
+        self._saved_step = -1
+        self._prepare_output_dir()
+
+    # ---- setup
+
+    def _load_dataset(self, dataset: Sequence[dict] | None) -> list[dict]:
+        d = self.config.data
+        rows = list(dataset) if dataset is not None else load_dataset_by_name(
+            d.dataset, d.split, d.limit, d.prompt_field, d.answer_field)
+        if not rows:
+            raise DataError(f"dataset {d.dataset!r} has no examples")
+        return rows
+
+    def _load_policy(self):
+        from .policy import Policy
+
+        c = self.config
+        return Policy.from_pretrained(c.model, cache=c.cache, adapter=c.adapter, dtype=c.dtype, device=c.device)
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """HF's schedules (warmup then constant / linear / cosine decay), one tick per optimizer update."""
+        from transformers import get_scheduler
+
+        c = self.config
+        name = "constant_with_warmup" if c.lr_scheduler == "constant" else c.lr_scheduler
+        updates = c.steps * self.updates_per_step
+        return get_scheduler(name, self.optimizer, num_warmup_steps=c.warmup_steps * self.updates_per_step,
+                             num_training_steps=updates)
+
+    @property
+    def updates_per_step(self) -> int:
+        return 1
+
+    def _prepare_output_dir(self) -> None:
+        """Resume from the newest checkpoint, or refuse to silently mix a new run into an old one."""
+        c = self.config
+        checkpoints = self.output_dir / CHECKPOINTS_DIR
+        if c.resume:
+            latest = latest_checkpoint(checkpoints)
+            if latest is None:
+                log.info("no checkpoint in %s: starting from step 0", checkpoints)
+            else:
+                self._restore(latest)
+                log.info("resumed from %s (step %d)", latest, self.step)
+        elif list_checkpoints(checkpoints) and not c.overwrite_output_dir:
+            raise ConfigError(f"{self.output_dir} already holds checkpoints: set resume=true to continue that run, "
+                              "overwrite_output_dir=true to start over, or pick another output_dir")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- data
+
+    def next_examples(self, n: int) -> list[dict]:
+        """The next `n` rows of the (per-epoch reshuffled) dataset; a pure function of data_pos."""
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.data_pos, len(self.dataset))
+            out.append(self.dataset[self._order(epoch)[i]])
+            self.data_pos += 1
+        return out
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.dataset)))
+            if self.config.data.shuffle:
+                random.Random(f"{self.config.seed}:{epoch}").shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    # ---- optimisation
+
+    def optimizer_step(self) -> float:
+        """Clip, step, tick the schedule; returns the pre-clip gradient norm."""
+        limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
+
+    def train_step(self, examples: list[dict]) -> dict[str, float]:
+        raise NotImplementedError
+
+    # ---- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Adapter + optimizer + schedule + RNG + data position, atomically."""
+        state = {
+            "step": self.step,
+            "data_pos": self.data_pos,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+        path = save_checkpoint(self.output_dir / CHECKPOINTS_DIR, self.step, self.policy, state,
+                               keep=self.config.save_total_limit)
+        self._saved_step = self.step
+        return path
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path, self.policy)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
+        self._saved_step = self.step
+
+    # ---- the loop
+
+    def train(self) -> dict[str, Path | None]:
+        """Run to `steps`, checkpointing every `save_every` steps and at the end; returns the paths
+        of the adapter, the metrics log and the plot."""
+        c = self.config
+        (self.output_dir / "config.yaml").write_text(config_to_yaml(c))
+        logger = MetricsLogger(self.output_dir, c.report_to, self.step, OmegaConf.to_container(
+            OmegaConf.structured(c)))
+        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc=self.kind, unit="step",
+                   dynamic_ncols=True)
+        try:
+            while self.step < c.steps:
+                metrics = self._timed_step()
+                logger.log(metrics)
+                bar.update(1)
+                bar.set_postfix(self._postfix(metrics), refresh=False)
+                if c.save_every and self.step % c.save_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            logger.close()
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        return self._finish()
+
+    def _timed_step(self) -> dict[str, float]:
+        device = self.policy.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        lr = self.scheduler.get_last_lr()[0]
+        start = time.perf_counter()
+        metrics = self.train_step(self.next_examples(self.config.prompts_per_step))
+        self.step += 1
+        return {"step": self.step, "epoch": self.data_pos / len(self.dataset), "learning_rate": lr, **metrics,
+                "peak_memory_gb": peak_memory_gb(device), "step_seconds": time.perf_counter() - start}
+
+    def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics.get('loss', 0.0):.4f}"}
+
+    def _finish(self) -> dict[str, Path | None]:
+        adapter = self.output_dir / ADAPTER_DIR
+        self.policy.save_adapter(adapter)
+        metrics_path = self.output_dir / METRICS_NAME
+        plot = plot_metric(read_metrics(metrics_path), self.plot_key, self.output_dir / f"{self.plot_key}.png")
+        print(self._summary(adapter, metrics_path, plot), file=sys.stderr)
+        return {"adapter": adapter, "metrics": metrics_path, "plot": plot}
+
+    def _summary(self, adapter: Path, metrics_path: Path, plot: Path | None) -> str:
+        c = self.config
+        window = self.policy.cache_config.window
+        window = "full" if window is None else str(window)
+        return "\n".join([
+            f"thoughtfold: {self.kind} finished after {self.step} steps",
+            f"  adapter:  {adapter}",
+            f"  logs:     {metrics_path}",
+            f"  plot:     {plot if plot is not None else '(no data)'}",
+            f"  evaluate: thoughtfold eval --adapter {adapter} --data {c.data.dataset} --window {window}",
+        ])
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def _padded(rows: Sequence[Sequence[float]] | Sequence[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+    """Right-pad variable-length rows with zeros into a float tensor [len(rows), width]."""
+    out = torch.zeros(len(rows), width, device=device)
+    for i, row in enumerate(rows):
+        values = torch.as_tensor(row, dtype=torch.float32)
+        out[i, : len(values)] = values.to(device)
+    return out
+
+
+def _length_mask(lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]).float()
+
+
+class GRPOTrainer(_Trainer):
+    """Cache-aware GRPO: rollouts under the bounded cache, updates through the segment-wise replay.
+    `reward_funcs` (TRL signature) replace the named `config.rewards` when given."""
+
+    kind = "grpo"
+    plot_key = "reward"
+
+    def __init__(self, config: TrainConfig, policy=None, dataset: Sequence[dict] | None = None,
+                 reward_funcs: Sequence[Callable] | None = None):
+        specs = list(reward_funcs) if reward_funcs is not None else list(config.rewards)
+        self.reward_funcs = [load_reward(s) for s in specs]  # unknown names fail before the model loads
+        self.reward_names = [getattr(f, "__name__", str(i)) for i, f in enumerate(self.reward_funcs)]
+        if config.reward_weights is not None and len(config.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"{len(config.reward_weights)} reward_weights for {len(self.reward_funcs)} rewards")
+        super().__init__(config, policy, dataset)
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.config.num_iterations
+
+    def train_step(self, examples: list[dict]) -> dict[str, float]:
+        """Rollouts -> rewards -> advantages -> `num_iterations` clipped policy-gradient updates."""
+        c = self.config
+        prompts = [e["prompt"] for e in examples for _ in range(c.group_size)]
+        rollout = self.policy.generate(
+            prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+            seed=c.seed * 1_000_003 + self.step, chat_template=c.data.chat_template,
+            system_prompt=c.data.system_prompt,
+        )
+        rewards, metrics = self._score(examples, prompts, rollout)
+        adv = group_advantages(rewards, c.group_size, c.scale_rewards)
+        lengths = [len(ids) for ids in rollout.completion_ids]
+        metrics.update({
+            "reward": rewards.nanmean().nan_to_num(0.0).item(),
+            "reward_std": adv.reward_std,
+            "frac_reward_zero_std": adv.frac_reward_zero_std,
+            "completions/mean_length": sum(lengths) / len(lengths),
+            "completions/min_length": min(lengths),
+            "completions/max_length": max(lengths),
+            "completions/clipped_ratio": sum(rollout.truncated) / len(lengths),
+            "evictions_per_rollout": sum(rollout.evictions) / len(lengths),
+            "rollout_tokens_per_s": rollout.stats["tokens_per_s"],
+        })
+        keep = adv.keep_mask(c.filter_zero_std).nonzero().flatten().tolist()
+        metrics.update(self._update(rollout, adv.advantages, keep))
+        return metrics
+
+    def _score(self, examples: list[dict], prompts: list[str], rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """Each reward function on the whole batch (TRL's call: prompts, completions, completion_ids and
+        the dataset columns as keywords); None scores become NaN and are skipped downstream."""
+        g = self.config.group_size
+        keys = {k for e in examples for k in e if k != "prompt"}
+        columns = {k: [e.get(k) for e in examples for _ in range(g)] for k in sorted(keys)}
+        per_func, metrics = [], {}
+        for name, fn in zip(self.reward_names, self.reward_funcs, strict=True):
+            scores = fn(prompts=prompts, completions=rollout.texts, completion_ids=rollout.completion_ids, **columns)
+            if len(scores) != len(prompts):
+                raise ConfigError(f"reward {name} returned {len(scores)} scores for {len(prompts)} completions")
+            values = torch.tensor([math.nan if s is None else float(s) for s in scores])
+            metrics[f"rewards/{name}/mean"] = values.nanmean().nan_to_num(0.0).item()
+            per_func.append(values)
+        rewards = combine_rewards(torch.stack(per_func, 1), self.config.reward_weights)
+        metrics["rewards/skipped"] = int(torch.isnan(rewards).sum())
+        return rewards, metrics
+
+    def _update(self, rollout, advantages: torch.Tensor, rows: list[int]) -> dict[str, float]:
+        """`num_iterations` optimizer updates on the kept rollouts; old log-probs are the rollout's."""
+        c, device = self.config, self.policy.device
+        prompt_ids = [rollout.prompt_ids[i] for i in rows]
+        completions = [rollout.completion_ids[i] for i in rows]
+        logs = [rollout.eviction_log[i] for i in rows]
+        width = max((len(x) for x in completions), default=0)
+        mask = mask_truncated_completions(
+            _length_mask([len(x) for x in completions], width, device),
+            torch.tensor([rollout.truncated[i] for i in rows], device=device), c.mask_truncated_completions)
+        old = _padded([rollout.logprobs[i] for i in rows], width, device)
+        adv = advantages[rows].to(device)
+        weights = loss_normalizer(mask, c.loss_type, c.max_new_tokens, num_sequences=len(rows))
+        ref = self._reference_logprobs(prompt_ids, completions, logs, width) if c.beta != 0 and rows else None
+        stats, losses, norms = LossStats(), [], []
+        for _ in range(c.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = 0.0
+
+            def loss_fn(lp: torch.Tensor, start: int, end: int) -> torch.Tensor:
+                nonlocal stats, loss
+                terms, seg = token_loss_terms(
+                    lp, old[:, start:end], adv, weights[:, start:end], mask[:, start:end], c.epsilon_low,
+                    c.epsilon_high, c.beta, None if ref is None else ref[:, start:end])
+                stats, total = stats + seg, terms.sum()
+                loss += total.item()
+                return total
+
+            if rows:
+                self.policy.replay_logprobs(prompt_ids, completions, logs, loss_fn=loss_fn, temperature=c.temperature)
+            norms.append(self.optimizer_step())
+            losses.append(loss)
+        return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), **stats.metrics()}
+
+    def _reference_logprobs(self, prompt_ids, completions, logs, width: int) -> torch.Tensor:
+        """Log-probs under the adapter-disabled model and the same cache: the KL reference."""
+        with torch.no_grad(), adapters_disabled(self.policy.wrappers):
+            ref = self.policy.replay_logprobs(prompt_ids, completions, logs, temperature=self.config.temperature)
+        return _padded(ref, width, self.policy.device)
+
+    def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{metrics['reward']:.3f}", "tok/s": f"{metrics['rollout_tokens_per_s']:.0f}"}
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+class SFTTrainer(_Trainer):
+    """Cross-entropy through the replay on given traces (prompt + `data.completion_field`): teaches the
+    bounded-cache policy to reproduce full-cache reasoning. Traces longer than `max_new_tokens` are
+    cut; `prompts_per_step` traces make one batch, with the token-mean loss over the whole batch."""
+
+    kind = "sft"
+    plot_key = "loss"
+
+    def _load_dataset(self, dataset: Sequence[dict] | None) -> list[dict]:
+        rows = super()._load_dataset(dataset)
+        field_name = self.config.data.completion_field
+        for i, row in enumerate(rows):
+            if not isinstance(row.get(field_name), str) or not row[field_name]:
+                raise DataError(f"dataset row {i} has no text in {field_name!r} (the SFT target; set "
+                                "data.completion_field)")
+        return rows
+
+    def train_step(self, examples: list[dict]) -> dict[str, float]:
+        """One update on a batch of traces; `loss` is the token-mean NLL before the update."""
+        c, device = self.config, self.policy.device
+        prompt_ids = self.policy.encode([e["prompt"] for e in examples], c.data.chat_template, c.data.system_prompt)
+        completions = [self._target_ids(e[c.data.completion_field]) for e in examples]
+        width = max(len(x) for x in completions)
+        mask = _length_mask([len(x) for x in completions], width, device)
+        weights = mask / mask.sum()
+        loss = 0.0
+
+        def loss_fn(lp: torch.Tensor, start: int, end: int) -> torch.Tensor:
+            nonlocal loss
+            total = -(lp * weights[:, start:end]).sum()
+            loss += total.item()
+            return total
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.policy.replay_logprobs(prompt_ids, completions, None, loss_fn=loss_fn, temperature=1.0)
+        return {"loss": loss, "grad_norm": self.optimizer_step(), "num_tokens": int(mask.sum())}
+
+    def _target_ids(self, text: str) -> list[int]:
+        """The trace's tokens plus EOS (no EOS when cut at max_new_tokens: the trace goes on)."""
+        tokenizer = self.policy.tokenizer
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) >= self.config.max_new_tokens or tokenizer.eos_token_id is None:
+            return ids[: self.config.max_new_tokens]
+        return ids + [tokenizer.eos_token_id]
+
+
+__all__ = ["DataConfig", "GRPOTrainer", "MetricsLogger", "SFTTrainer", "TrainConfig", "load_config"]

@@ -1,0 +1,240 @@
+"""Trainer tests on tiny random models (CPU, seconds each): GRPO raises a trivially learnable reward in
+every mode, resume after a SIGKILL equals an uninterrupted run, SFT lowers its loss, and bad
+settings fail with one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from thoughtfold.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from thoughtfold.config import AdapterConfig, CacheConfig
+from thoughtfold.errors import ConfigError, DataError
+from thoughtfold.trainer import DataConfig, GRPOTrainer, SFTTrainer, TrainConfig, load_config, read_metrics
+
+PROMPTS = ["abc", "hello", "xyz", "12+3"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run ~8x faster on one thread (no oversubscription);
+    the SIGKILL test's subprocess uses one thread too, so both runs do identical arithmetic."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def low_bytes(prompts, completions, completion_ids, **columns):
+    """Fraction of completion tokens that are ASCII bytes: learnable, and dense (rarely zero-std)."""
+    return [sum(t < 128 for t in ids) / len(ids) for ids in completion_ids]
+
+
+def _config(tmp_path: Path, model: Path, mode: str = "pte", window: int | None = 8, **overrides) -> TrainConfig:
+    base = dict(
+        model=str(model), dtype="float32", device="cpu",
+        cache=CacheConfig(window=window),
+        adapter=AdapterConfig(mode=mode, rank=4, alpha=8.0, global_tokens=4),
+        data=DataConfig(system_prompt=None), rewards=["unused"], group_size=4, prompts_per_step=2,
+        max_new_tokens=16, lr=3e-2, steps=12, save_every=0, output_dir=str(tmp_path / "run"), progress=False,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _dataset() -> list[dict]:
+    return [{"prompt": p, "answer": ""} for p in PROMPTS]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_load_config_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("cache: {window: 16}\nadapter: {mode: lora, rank: 4}\nrewards: [arith, format]\nlr: 1.0e-3\n")
+    config = load_config(path, ["lr=5e-4", "cache.window=null", "data.dataset=arith:medium"])
+    assert config.cache.window is None and config.adapter.mode == "lora" and config.adapter.rank == 4
+    assert config.lr == 5e-4 and config.rewards == ["arith", "format"] and config.data.dataset == "arith:medium"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("loss_type=ppo", "loss_type must be one of"),
+    ("lrr=1", "'lrr'"),
+    ("lr=fast", "could not be converted"),
+    ("lr", "key=value"),
+    ("adapter.mode=dora", "adapter mode must be one of"),
+    ("group_size=0", "group_size must be >= 1"),
+    ("report_to=[mlflow]", "report_to accepts"),
+])
+def test_bad_config_is_one_line_config_error(override, words):
+    with pytest.raises(ConfigError, match=words) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_missing_or_broken_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_unknown_reward_fails_before_the_model_loads(tmp_path):
+    config = _config(tmp_path, tmp_path / "no-such-model", rewards=["nonsense"])
+    with pytest.raises(ConfigError, match="unknown reward 'nonsense'"):
+        GRPOTrainer(config, dataset=_dataset())
+
+
+def test_mode_none_has_nothing_to_train(tmp_path, tiny_dirs):
+    with pytest.raises(ConfigError, match="nothing to train"):
+        GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], mode="none"), dataset=_dataset(), reward_funcs=[low_bytes])
+
+
+# --------------------------------------------------------------------------- GRPO learns
+
+
+@pytest.mark.parametrize("mode, window", [("pte", 8), ("lora", 8), ("lora", None)],
+                         ids=["pte-bounded", "lora-bounded", "lora-full"])
+def test_grpo_raises_a_learnable_reward(tmp_path, tiny_dirs, mode, window):
+    config = _config(tmp_path, tiny_dirs["llama"], mode=mode, window=window)
+    result = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    records = read_metrics(result["metrics"])
+    assert [r["step"] for r in records] == list(range(1, 13))
+    rewards = [r["reward"] for r in records]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.15, rewards
+    expected_evictions = window is not None
+    assert (records[0]["evictions_per_rollout"] > 0) == expected_evictions
+    for key in ("reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+                "grad_norm", "learning_rate", "peak_memory_gb", "rollout_tokens_per_s", "rewards/low_bytes/mean"):
+        assert key in records[0]
+    assert result["plot"].is_file() and (result["adapter"] / "adapter.safetensors").is_file()
+
+
+def test_beta_logs_kl_against_the_adapter_free_model(tmp_path, tiny_dirs):
+    config = _config(tmp_path, tiny_dirs["qwen2"], steps=2, beta=0.1, loss_type="grpo")
+    records = read_metrics(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()["metrics"])
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # A = 0 at init: the policy is the reference
+    assert records[1]["kl"] > 0
+
+
+def test_num_iterations_and_warmup_tick_the_schedule_per_update(tmp_path, tiny_dirs):
+    config = _config(tmp_path, tiny_dirs["llama"], steps=2, num_iterations=2, lr_scheduler="linear",
+                     warmup_steps=1, loss_type="dr_grpo", mask_truncated_completions=True)
+    records = read_metrics(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()["metrics"])
+    # 4 updates, 2 of warmup: the lr before each step's first update is 0, then the peak
+    assert [r["learning_rate"] for r in records] == pytest.approx([0.0, 3e-2])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter" / "adapter.safetensors"))
+
+
+_KILLED_RUN = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_trainer import _config, _dataset, low_bytes
+from thoughtfold.trainer import GRPOTrainer
+calls = 0
+def low_bytes_then_die(prompts, completions, completion_ids, **columns):
+    global calls
+    calls += 1
+    if calls == 3:  # in the middle of step 3, after the step-2 checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+    return low_bytes(prompts, completions, completion_ids)
+low_bytes_then_die.__name__ = "low_bytes"
+config = _config(Path({tmp!r}), Path({model!r}), output_dir={out!r}, steps=4, save_every=2)
+GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes_then_die]).train()
+"""
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dirs):
+    model = tiny_dirs["llama"]
+    straight = _config(tmp_path, model, output_dir=str(tmp_path / "straight"), steps=4, save_every=2)
+    GRPOTrainer(straight, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+
+    killed = tmp_path / "killed"
+    script = _KILLED_RUN.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
+                                out=str(killed))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert latest_checkpoint(killed / "checkpoints").name == "step-00000002"
+    assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == [1, 2]
+
+    resumed = _config(tmp_path, model, output_dir=str(killed), steps=4, save_every=2, resume=True)
+    trainer = GRPOTrainer(resumed, dataset=_dataset(), reward_funcs=[low_bytes])
+    assert (trainer.step, trainer.data_pos) == (2, 4)
+    trainer.train()
+
+    a, b = _adapter(tmp_path / "straight"), _adapter(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert _deterministic(killed / "metrics.jsonl") == _deterministic(tmp_path / "straight" / "metrics.jsonl")
+
+
+def _deterministic(path: Path) -> list[dict]:
+    """Metrics without the timing/memory ones, which differ between runs."""
+    volatile = {"step_seconds", "peak_memory_gb", "rollout_tokens_per_s"}
+    return [{k: v for k, v in r.items() if k not in volatile} for r in read_metrics(path)]
+
+
+def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dirs):
+    config = _config(tmp_path, tiny_dirs["llama"], steps=1)
+    GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    with pytest.raises(ConfigError, match="resume=true"):
+        GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+    again = _config(tmp_path, tiny_dirs["llama"], steps=1, overwrite_output_dir=True)
+    GRPOTrainer(again, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_dirs):
+    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], save_total_limit=2), dataset=_dataset(),
+                          reward_funcs=[low_bytes])
+    root = tmp_path / "ckpts"
+    (root / ".step-00000009.half-written").mkdir(parents=True)  # what a kill during a save leaves
+    assert latest_checkpoint(root) is None
+    for step in (1, 2, 3):
+        save_checkpoint(root, step, trainer.policy, {"step": step}, keep=2)
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+def test_sft_lowers_the_loss_on_a_fixed_trace(tmp_path, tiny_dirs):
+    trace = [{"prompt": "2+2=?", "answer": "4", "solution": "two plus two is 4. \\boxed{4}"}]
+    config = _config(tmp_path, tiny_dirs["qwen3"], steps=8, max_new_tokens=24, prompts_per_step=1)
+    result = SFTTrainer(config, dataset=trace).train()
+    losses = [r["loss"] for r in read_metrics(result["metrics"])]
+    assert losses[-1] < 0.75 * losses[0] and losses[-1] < min(losses[:-1]), losses
+    assert result["plot"].name == "loss.png"
+
+
+def test_sft_needs_the_trace_column(tmp_path, tiny_dirs):
+    with pytest.raises(DataError, match="'solution'"):
+        SFTTrainer(_config(tmp_path, tiny_dirs["llama"]), dataset=_dataset())
+
+
+def test_metrics_file_is_json_lines(tmp_path, tiny_dirs):
+    result = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], steps=1), dataset=_dataset(),
+                         reward_funcs=[low_bytes]).train()
+    lines = Path(result["metrics"]).read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
