@@ -128,6 +128,22 @@ def test_beta_logs_kl_against_the_adapter_free_model(tmp_path, tiny_dirs):
     assert records[1]["kl"] > 0
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_replay_micro_batches_accumulate_the_full_batch_gradient(tmp_path, tiny_dirs, loss_type):
+    """Batch-wide loss weights: 3-row micro-batches sum to exactly the full batch's gradient."""
+    grads = []
+    for size in (None, 3):
+        config = _config(tmp_path, tiny_dirs["llama"], loss_type=loss_type, replay_batch_size=size)
+        trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+        captured = []
+        trainer.optimizer_step = lambda t=trainer, out=captured: out.extend(p.grad.clone() for p in t.params) or 0.0
+        trainer.train_step(trainer.next_examples(config.prompts_per_step))
+        grads.append(captured)
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for full, micro in zip(*grads, strict=True):
+        torch.testing.assert_close(micro, full, rtol=1e-4, atol=1e-7)
+
+
 def test_num_iterations_and_warmup_tick_the_schedule_per_update(tmp_path, tiny_dirs):
     config = _config(tmp_path, tiny_dirs["llama"], steps=2, num_iterations=2, lr_scheduler="linear",
                      warmup_steps=1, loss_type="dr_grpo", mask_truncated_completions=True)

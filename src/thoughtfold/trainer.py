@@ -21,7 +21,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ from .grpo import (
     mask_truncated_completions,
     token_loss_terms,
 )
+from .policy import GenerationResult
 from .rewards import load_reward
 
 log = logging.getLogger("thoughtfold")
@@ -115,6 +116,8 @@ class TrainConfig:
     filter_zero_std: bool = True
     mask_truncated_completions: bool = False
     num_iterations: int = 1
+    generation_batch_size: int | None = None
+    replay_batch_size: int | None = None
     steps: int = 100
     save_every: int = 50
     save_total_limit: int | None = 2
@@ -154,8 +157,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.epsilon_low < 0 or self.epsilon_high < 0:
             raise ConfigError("epsilon_low and epsilon_high must be >= 0")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ConfigError(f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
+        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -481,6 +485,48 @@ def _length_mask(lengths: Sequence[int], width: int, device: torch.device) -> to
     return (torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]).float()
 
 
+def _spans(n: int, size: int | None) -> list[tuple[int, int]]:
+    """[start, end) chunks of `size` rows covering n rows (one chunk when size is None)."""
+    size = size or max(n, 1)
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def concat_rollouts(parts: list[GenerationResult]) -> GenerationResult:
+    """One GenerationResult from several generate calls (rows in order, token rate over all calls)."""
+    if len(parts) == 1:
+        return parts[0]
+    lists = {f.name: [x for p in parts for x in getattr(p, f.name)] for f in fields(GenerationResult)
+             if f.name != "stats"}
+    tokens = sum(p.stats["generated_tokens"] for p in parts)
+    seconds = sum(p.stats["seconds"] for p in parts)
+    stats = {"generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
+             "evictions": sum(p.stats["evictions"] for p in parts)}
+    return GenerationResult(**lists, stats=stats)
+
+
+@dataclass
+class PolicyBatch:
+    """The rollouts that take part in an update, as padded tensors [n, T] with batch-wide loss
+    weights; slicing rows gives replay micro-batches whose summed losses equal the batch loss."""
+
+    prompt_ids: list[list[int]]
+    completions: list[list[int]]
+    logs: list[list]
+    old: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    weights: torch.Tensor
+    ref: torch.Tensor | None = None
+
+    def rows(self, start: int, end: int) -> PolicyBatch:
+        return PolicyBatch(self.prompt_ids[start:end], self.completions[start:end], self.logs[start:end],
+                           self.old[start:end], self.advantages[start:end], self.mask[start:end],
+                           self.weights[start:end], None if self.ref is None else self.ref[start:end])
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
 class GRPOTrainer(_Trainer):
     """Cache-aware GRPO: rollouts under the bounded cache, updates through the segment-wise replay.
     `reward_funcs` (TRL signature) replace the named `config.rewards` when given."""
@@ -505,11 +551,7 @@ class GRPOTrainer(_Trainer):
         """Rollouts -> rewards -> advantages -> `num_iterations` clipped policy-gradient updates."""
         c = self.config
         prompts = [e["prompt"] for e in examples for _ in range(c.group_size)]
-        rollout = self.policy.generate(
-            prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-            seed=c.seed * 1_000_003 + self.step, chat_template=c.data.chat_template,
-            system_prompt=c.data.system_prompt,
-        )
+        rollout = self.generate(prompts)
         rewards, metrics = self._score(examples, prompts, rollout)
         adv = group_advantages(rewards, c.group_size, c.scale_rewards)
         lengths = [len(ids) for ids in rollout.completion_ids]
@@ -525,8 +567,21 @@ class GRPOTrainer(_Trainer):
             "rollout_tokens_per_s": rollout.stats["tokens_per_s"],
         })
         keep = adv.keep_mask(c.filter_zero_std).nonzero().flatten().tolist()
-        metrics.update(self._update(rollout, adv.advantages, keep))
+        metrics.update(self._update(self._policy_batch(rollout, adv.advantages, keep)))
         return metrics
+
+    def generate(self, prompts: list[str]) -> GenerationResult:
+        """Sample under the bounded cache, `generation_batch_size` rows per call; the seeds are a
+        function of (seed, step, chunk), so a resumed run samples exactly what it would have."""
+        c = self.config
+        rng = random.Random(f"rollout:{c.seed}:{self.step}")
+        return concat_rollouts([
+            self.policy.generate(
+                prompts[a:b], max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                top_k=c.top_k, seed=rng.randrange(2**31), chat_template=c.data.chat_template,
+                system_prompt=c.data.system_prompt)
+            for a, b in _spans(len(prompts), c.generation_batch_size)
+        ])
 
     def _score(self, examples: list[dict], prompts: list[str], rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """Each reward function on the whole batch (TRL's call: prompts, completions, completion_ids and
@@ -546,45 +601,62 @@ class GRPOTrainer(_Trainer):
         metrics["rewards/skipped"] = int(torch.isnan(rewards).sum())
         return rewards, metrics
 
-    def _update(self, rollout, advantages: torch.Tensor, rows: list[int]) -> dict[str, float]:
-        """`num_iterations` optimizer updates on the kept rollouts; old log-probs are the rollout's."""
+    def _policy_batch(self, rollout: GenerationResult, advantages: torch.Tensor, rows: list[int]) -> PolicyBatch:
+        """The kept rows with their masks and batch-wide loss weights; old log-probs are the rollout's."""
         c, device = self.config, self.policy.device
-        prompt_ids = [rollout.prompt_ids[i] for i in rows]
         completions = [rollout.completion_ids[i] for i in rows]
-        logs = [rollout.eviction_log[i] for i in rows]
         width = max((len(x) for x in completions), default=0)
-        mask = mask_truncated_completions(
-            _length_mask([len(x) for x in completions], width, device),
-            torch.tensor([rollout.truncated[i] for i in rows], device=device), c.mask_truncated_completions)
-        old = _padded([rollout.logprobs[i] for i in rows], width, device)
-        adv = advantages[rows].to(device)
-        weights = loss_normalizer(mask, c.loss_type, c.max_new_tokens, num_sequences=len(rows))
-        ref = self._reference_logprobs(prompt_ids, completions, logs, width) if c.beta != 0 and rows else None
-        stats, losses, norms = LossStats(), [], []
-        for _ in range(c.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = 0.0
+        truncated = torch.tensor([rollout.truncated[i] for i in rows], dtype=torch.bool, device=device)
+        mask = mask_truncated_completions(_length_mask([len(x) for x in completions], width, device), truncated,
+                                          c.mask_truncated_completions)
+        batch = PolicyBatch(
+            [rollout.prompt_ids[i] for i in rows], completions, [rollout.eviction_log[i] for i in rows],
+            _padded([rollout.logprobs[i] for i in rows], width, device), advantages[rows].to(device), mask,
+            loss_normalizer(mask, c.loss_type, c.max_new_tokens, num_sequences=len(rows)))
+        if c.beta != 0 and rows:
+            batch.ref = self._reference_logprobs(batch, width)
+        return batch
 
-            def loss_fn(lp: torch.Tensor, start: int, end: int) -> torch.Tensor:
-                nonlocal stats, loss
-                terms, seg = token_loss_terms(
-                    lp, old[:, start:end], adv, weights[:, start:end], mask[:, start:end], c.epsilon_low,
-                    c.epsilon_high, c.beta, None if ref is None else ref[:, start:end])
-                stats, total = stats + seg, terms.sum()
-                loss += total.item()
-                return total
-
-            if rows:
-                self.policy.replay_logprobs(prompt_ids, completions, logs, loss_fn=loss_fn, temperature=c.temperature)
-            norms.append(self.optimizer_step())
-            losses.append(loss)
-        return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), **stats.metrics()}
-
-    def _reference_logprobs(self, prompt_ids, completions, logs, width: int) -> torch.Tensor:
+    def _reference_logprobs(self, batch: PolicyBatch, width: int) -> torch.Tensor:
         """Log-probs under the adapter-disabled model and the same cache: the KL reference."""
+        ref: list[torch.Tensor] = []
         with torch.no_grad(), adapters_disabled(self.policy.wrappers):
-            ref = self.policy.replay_logprobs(prompt_ids, completions, logs, temperature=self.config.temperature)
+            for a, b in _spans(len(batch), self.config.replay_batch_size):
+                part = batch.rows(a, b)
+                ref += self.policy.replay_logprobs(part.prompt_ids, part.completions, part.logs,
+                                                   temperature=self.config.temperature)
         return _padded(ref, width, self.policy.device)
+
+    def _update(self, batch: PolicyBatch) -> dict[str, float]:
+        """`num_iterations` optimizer updates, each accumulating gradients over replay micro-batches
+        (`replay_batch_size` rows) and segments; an empty batch (all groups filtered) steps nothing."""
+        stats, loss, norms = LossStats(), 0.0, []
+        for _ in range(self.config.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for a, b in _spans(len(batch), self.config.replay_batch_size):
+                part_loss, part_stats = self._replay_loss(batch.rows(a, b))
+                loss, stats = loss + part_loss, stats + part_stats
+            norms.append(self.optimizer_step())
+        n = self.config.num_iterations
+        return {"loss": loss / n, "grad_norm": sum(norms) / n, **stats.metrics()}
+
+    def _replay_loss(self, batch: PolicyBatch) -> tuple[float, LossStats]:
+        """Backward of the GRPO loss of `batch`, segment by segment; returns its value and stats."""
+        c = self.config
+        stats, loss = LossStats(), 0.0
+
+        def loss_fn(lp: torch.Tensor, start: int, end: int) -> torch.Tensor:
+            nonlocal stats, loss
+            terms, seg = token_loss_terms(
+                lp, batch.old[:, start:end], batch.advantages, batch.weights[:, start:end], batch.mask[:, start:end],
+                c.epsilon_low, c.epsilon_high, c.beta, None if batch.ref is None else batch.ref[:, start:end])
+            total = terms.sum()
+            stats, loss = stats + seg, loss + total.item()
+            return total
+
+        self.policy.replay_logprobs(batch.prompt_ids, batch.completions, batch.logs, loss_fn=loss_fn,
+                                    temperature=c.temperature)
+        return loss, stats
 
     def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"reward": f"{metrics['reward']:.3f}", "tok/s": f"{metrics['rollout_tokens_per_s']:.0f}"}
@@ -616,8 +688,16 @@ class SFTTrainer(_Trainer):
         prompt_ids = self.policy.encode([e["prompt"] for e in examples], c.data.chat_template, c.data.system_prompt)
         completions = [self._target_ids(e[c.data.completion_field]) for e in examples]
         width = max(len(x) for x in completions)
-        mask = _length_mask([len(x) for x in completions], width, device)
-        weights = mask / mask.sum()
+        weights = _length_mask([len(x) for x in completions], width, device)
+        weights /= weights.sum()
+        loss = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for a, b in _spans(len(completions), c.replay_batch_size):
+            loss += self._replay_nll(prompt_ids[a:b], completions[a:b], weights[a:b])
+        return {"loss": loss, "grad_norm": self.optimizer_step(), "num_tokens": sum(map(len, completions))}
+
+    def _replay_nll(self, prompt_ids: list[list[int]], completions: list[list[int]], weights: torch.Tensor) -> float:
+        """Backward of the weighted NLL of one micro-batch, segment by segment; returns its value."""
         loss = 0.0
 
         def loss_fn(lp: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -626,9 +706,8 @@ class SFTTrainer(_Trainer):
             loss += total.item()
             return total
 
-        self.optimizer.zero_grad(set_to_none=True)
         self.policy.replay_logprobs(prompt_ids, completions, None, loss_fn=loss_fn, temperature=1.0)
-        return {"loss": loss, "grad_norm": self.optimizer_step(), "num_tokens": int(mask.sum())}
+        return loss
 
     def _target_ids(self, text: str) -> list[int]:
         """The trace's tokens plus EOS (no EOS when cut at max_new_tokens: the trace goes on)."""
