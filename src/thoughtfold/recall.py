@@ -1,0 +1,171 @@
+"""Delayed recall with local reasoning: a procedural task whose answer provably depends on thought
+tokens that a bounded cache evicts (issue 6).
+
+A trace (the completion) is
+
+    v  C0 d0  C1 d1 ... C(N-1) d(N-1)  =  y  <eos>
+
+* ``v`` is the *early value*: one of 10 value symbols (``a``..``j``, value 0..9) that the model
+  chooses itself (it is sampled; the prompt says nothing about it);
+* ``Ck dk`` are N local steps: a step counter symbol ``Ck`` (so the model knows where it is and when
+  to stop without counting from the start) and the digit ``dk = (d(k-1) + d(k-2)) mod 10`` -- a
+  Fibonacci chain mod 10 started from the two digits of the prompt (``d(-2), d(-1)``). Each step
+  needs only the last 3 thought tokens;
+* ``y = (v + d(N-1)) mod 10`` combines the early value with the end of the chain.
+
+The prompt is ``<bos> d(-2) d(-1)``. The distance from the early value to the answer is
+D = 2N + 2 tokens: with a window W < D the early value is evicted before it is needed.
+
+The checker is strict: the whole trace must be the unique correct one for the trace's *own* early
+value (the chain is fully determined by the prompt, so no token besides ``v`` is free and nothing
+can smuggle ``v`` past the window). A policy whose answer does not depend on ``v`` is right with
+probability at most 1/10 whatever it does (``y`` is a bijection of ``v`` for a fixed chain):
+chance = 0.1.
+
+Token ids (no tokenizer needed; `Policy` takes token-id prompts): PAD 0, BOS 1, EOS 2, ``=`` 3,
+digits 4..13, value symbols 14..23, counters 24..24+N-1.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PAD, BOS, EOS, EQ = 0, 1, 2, 3
+DIGIT0, VALUE0, COUNTER0 = 4, 14, 24
+NUM_VALUES = 10
+_COUNTER_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "".join(chr(c) for c in range(0x391, 0x3AA))  # Latin, Greek
+
+
+@dataclass(frozen=True)
+class Check:
+    """Verdict on one trace: `correct` (the reward), and where it went wrong otherwise."""
+
+    correct: bool
+    chain_ok: bool  # the counters and digits of the chain are right
+    value: int | None  # the early value the trace chose (None if the first token is no value symbol)
+    answer: int | None  # the digit the trace answered (None if missing)
+    expected: int | None  # (value + last chain digit) mod 10, when value is known
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    """The task with `steps` chain steps (D = 2 * steps + 2)."""
+
+    steps: int = 31
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= len(_COUNTER_CHARS):
+            raise ValueError(f"steps must be in [1, {len(_COUNTER_CHARS)}], got {self.steps}")
+
+    # ---- sizes
+
+    @property
+    def distance(self) -> int:
+        """D: tokens from the early value (completion index 0) to the answer (index 2N + 2)."""
+        return 2 * self.steps + 2
+
+    @property
+    def vocab_size(self) -> int:
+        return COUNTER0 + self.steps
+
+    @property
+    def completion_length(self) -> int:
+        """Tokens of a correct trace, EOS included."""
+        return 2 * self.steps + 4
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / NUM_VALUES
+
+    # ---- generation
+
+    def prompt(self, a: int, b: int) -> list[int]:
+        return [BOS, DIGIT0 + a, DIGIT0 + b]
+
+    def chain(self, a: int, b: int) -> list[int]:
+        """The N chain digits started from (a, b)."""
+        out, prev2, prev1 = [], a, b
+        for _ in range(self.steps):
+            prev2, prev1 = prev1, (prev1 + prev2) % 10
+            out.append(prev1)
+        return out
+
+    def trace(self, a: int, b: int, value: int) -> list[int]:
+        """The correct completion (EOS included) for prompt digits (a, b) and early value `value`."""
+        if not (0 <= a < 10 and 0 <= b < 10 and 0 <= value < NUM_VALUES):
+            raise ValueError(f"digits and value must be in [0, 10), got {a}, {b}, {value}")
+        digits = self.chain(a, b)
+        out = [VALUE0 + value]
+        for k, d in enumerate(digits):
+            out += [COUNTER0 + k, DIGIT0 + d]
+        return out + [EQ, DIGIT0 + (value + digits[-1]) % 10, EOS]
+
+    def sample_prompts(self, n: int, seed: int) -> list[list[int]]:
+        """`n` prompts with uniform start digits, a pure function of `seed`."""
+        rng = random.Random(f"recall-prompts:{seed}")
+        return [self.prompt(rng.randrange(10), rng.randrange(10)) for _ in range(n)]
+
+    def sample_traces(self, n: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+        """`n` (prompt, correct trace) pairs with uniform start digits and early values: the
+        full-cache training data."""
+        rng = random.Random(f"recall-traces:{seed}")
+        prompts, traces = [], []
+        for _ in range(n):
+            a, b, v = rng.randrange(10), rng.randrange(10), rng.randrange(NUM_VALUES)
+            prompts.append(self.prompt(a, b))
+            traces.append(self.trace(a, b, v))
+        return prompts, traces
+
+    # ---- checking
+
+    def parse_prompt(self, prompt_ids: Sequence[int]) -> tuple[int, int]:
+        ids = list(prompt_ids)
+        if len(ids) != 3 or ids[0] != BOS or not all(DIGIT0 <= t < DIGIT0 + 10 for t in ids[1:]):
+            raise ValueError(f"not a recall prompt: {ids}")
+        return ids[1] - DIGIT0, ids[2] - DIGIT0
+
+    def check(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> Check:
+        """Grade a completion against the trace's own early value (strict: the whole trace)."""
+        a, b = self.parse_prompt(prompt_ids)
+        ids = list(completion_ids)
+        value = ids[0] - VALUE0 if ids and VALUE0 <= ids[0] < VALUE0 + NUM_VALUES else None
+        n = self.completion_length
+        answer = ids[n - 2] - DIGIT0 if len(ids) >= n - 1 and DIGIT0 <= ids[n - 2] < DIGIT0 + 10 else None
+        if value is None:
+            return Check(False, False, None, answer, None)
+        target = self.trace(a, b, value)
+        chain_ok = ids[1 : n - 3] == target[1 : n - 3]
+        return Check(ids == target, chain_ok, value, answer, target[n - 2] - DIGIT0)
+
+    def reward(self, prompts=None, completions=None, completion_ids=None, **_) -> list[float]:
+        """TRL-style reward: 1.0 for a correct trace, else 0.0 (prompts are token-id lists)."""
+        return [float(self.check(p, c).correct) for p, c in zip(prompts, completion_ids, strict=True)]
+
+    # ---- display
+
+    def render(self, ids: Sequence[int]) -> str:
+        """A readable string of token ids (for logs)."""
+        out = []
+        for t in ids:
+            if t == PAD:
+                out.append("_")
+            elif t == BOS:
+                out.append("^")
+            elif t == EOS:
+                out.append("$")
+            elif t == EQ:
+                out.append("=")
+            elif DIGIT0 <= t < DIGIT0 + 10:
+                out.append(str(t - DIGIT0))
+            elif VALUE0 <= t < VALUE0 + NUM_VALUES:
+                out.append("abcdefghij"[t - VALUE0])
+            elif COUNTER0 <= t < COUNTER0 + self.steps:
+                out.append(_COUNTER_CHARS[t - COUNTER0])
+            else:
+                out.append("?")
+        return "".join(out)
+
+
+__all__ = ["BOS", "EOS", "PAD", "Check", "RecallTask"]

@@ -1,0 +1,98 @@
+"""The delayed-recall task (generator + strict checker) and a toy-scale smoke test of the
+replication pipeline in benchmarks/replication/run.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from thoughtfold.recall import BOS, EOS, RecallTask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_layout_and_distance():
+    task = RecallTask(steps=31)
+    assert task.distance == 64
+    trace = task.trace(3, 4, 7)
+    assert len(trace) == task.completion_length == 66
+    assert trace[-1] == EOS
+    assert task.render(task.prompt(3, 4) + trace).startswith("^34hA7B1C8")
+    # the answer sits D tokens after the early value
+    assert task.render(trace)[task.distance] == str((7 + task.chain(3, 4)[-1]) % 10)
+    assert max(trace) < task.vocab_size
+
+
+def test_generator_is_deterministic():
+    task = RecallTask(steps=7)
+    assert task.sample_traces(20, seed=5) == task.sample_traces(20, seed=5)
+    assert task.sample_traces(20, seed=5) != task.sample_traces(20, seed=6)
+    assert task.sample_prompts(20, seed=5) == task.sample_prompts(20, seed=5)
+    _, traces = task.sample_traces(500, seed=0)
+    assert {t[0] for t in traces} == set(range(14, 24))  # every early value occurs
+
+
+def test_early_value_is_not_derivable_from_the_prompt():
+    """For a fixed prompt each of the 10 values gives a valid trace with a different answer, so any
+    answer that ignores the trace's own value is right for at most one value in ten."""
+    task = RecallTask(steps=9)
+    for a, b in [(0, 0), (3, 4), (9, 1)]:
+        prompt = task.prompt(a, b)
+        assert prompt == [BOS, 4 + a, 4 + b]  # the value is no input of the prompt
+        traces = [task.trace(a, b, v) for v in range(10)]
+        assert all(task.check(prompt, t).correct for t in traces)
+        answers = [t[-2] for t in traces]
+        assert len(set(answers)) == 10
+        # all traces agree outside the value and the answer: nothing else carries the value
+        assert len({tuple(t[1:-3]) for t in traces}) == 1
+        # an answer tuned to one value fails for the nine others
+        for v, t in enumerate(traces):
+            wrong = [sum(task.check(prompt, t[:-2] + [u, EOS]).correct for u in answers)]
+            assert wrong == [1], v
+    assert task.chance == pytest.approx(0.1)
+
+
+def test_checker_rejects_wrong_traces():
+    task = RecallTask(steps=6)
+    prompt, good = task.prompt(2, 5), task.trace(2, 5, 4)
+    assert task.check(prompt, good).correct
+    c = task.check(prompt, good[:-2] + [4 + (good[-2] - 4 + 1) % 10, EOS])
+    assert not c.correct and c.chain_ok and c.value == 4 and c.expected == (4 + task.chain(2, 5)[-1]) % 10
+    bad_chain = list(good)
+    bad_chain[2] = 4 + (bad_chain[2] - 4 + 1) % 10
+    assert not task.check(prompt, bad_chain).chain_ok and not task.check(prompt, bad_chain).correct
+    assert not task.check(prompt, good[:-1]).correct  # no EOS
+    assert not task.check(prompt, good + [EOS]).correct  # trailing token
+    assert not task.check(prompt, [good[2]] + good[1:]).correct  # no value symbol first
+    assert not task.check(prompt, []).correct
+    assert task.reward(prompts=[prompt, prompt], completion_ids=[good, good[:-1]]) == [1.0, 0.0]
+    with pytest.raises(ValueError):
+        task.check([BOS, 4], good)
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("replication_run", ROOT / "benchmarks/replication/run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pipeline_smoke(tmp_path):
+    run = _load_run()
+    config = run.merge(run.DEFAULT_CONFIG, run.QUICK_CONFIG)
+    config.update(windows=[3], ablations=["pte_full_backprop"])
+    results_path = tmp_path / "results.json"
+    run.run(config, tmp_path / "out", results_path, tmp_path / "RESULTS.md")
+    results = json.loads(results_path.read_text())
+    assert results["task"]["D"] == 12 and results["task"]["chance"] == pytest.approx(0.1)
+    methods = [(r["method"], r["window"]) for r in results["rows"]]
+    assert methods == [("full", None), ("bounded", 3), ("lora_c", 3), ("pte", 3), ("pte_full_backprop", 3)]
+    for r in results["rows"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == config["eval"]["n"]
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+        assert r["rollout_peak_bytes"] > 0
+    assert all(r["train_peak_bytes"] > 0 for r in results["rows"] if r["method"] != "bounded")
+    assert "| pte | 3 |" in (tmp_path / "RESULTS.md").read_text()
