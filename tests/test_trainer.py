@@ -44,7 +44,8 @@ def _config(tmp_path: Path, model: Path, mode: str = "pte", window: int | None =
         cache=CacheConfig(window=window),
         adapter=AdapterConfig(mode=mode, rank=4, alpha=8.0, global_tokens=4),
         data=DataConfig(system_prompt=None), rewards=["unused"], group_size=4, prompts_per_step=2,
-        max_new_tokens=16, lr=3e-2, steps=12, save_every=0, output_dir=str(tmp_path / "run"), progress=False,
+        max_new_tokens=16, temperature=1.0, lr=3e-2, warmup_steps=0, steps=12, save_every=0,
+        output_dir=str(tmp_path / "run"), progress=False,
     )
     base.update(overrides)
     return TrainConfig(**base)
@@ -78,6 +79,25 @@ def test_bad_config_is_one_line_config_error(override, words):
     with pytest.raises(ConfigError, match=words) as info:
         load_config(None, [override])
     assert "\n" not in str(info.value)
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_quickstart_yaml_is_the_default_run():
+    quickstart = load_config(CONFIGS / "quickstart.yaml")
+    assert quickstart == TrainConfig(overwrite_output_dir=True)
+
+
+@pytest.mark.parametrize("name, mode, window", [("paper-qwen2.5-3b", "pte", 1024), ("lora-full", "lora", None),
+                                                ("lora-window", "lora", 1024)])
+def test_paper_configs(name, mode, window):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert (config.adapter.mode, config.cache.window) == (mode, window)
+    assert (config.model, config.data.dataset, config.lr, config.max_new_tokens, config.adapter.rank) == (
+        "Qwen/Qwen2.5-3B-Instruct", "dapo-math-17k", 1e-5, 3072, 32)
+    assert config.group_size * config.prompts_per_step == 512
+    assert config.adapter.global_tokens == (32 if mode == "pte" else 0)
 
 
 def test_missing_or_broken_yaml(tmp_path):

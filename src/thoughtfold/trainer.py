@@ -85,28 +85,29 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """Everything a GRPO or SFT run needs. Names follow TRL's GRPOConfig where one exists
-    (`num_iterations`, `epsilon_high`, `loss_type`, `scale_rewards`, `mask_truncated_completions`, ...)."""
+    (`num_iterations`, `epsilon_high`, `loss_type`, `scale_rewards`, `mask_truncated_completions`, ...).
+    The defaults are the quickstart run (configs/quickstart.yaml): PTE on the bundled small model."""
 
     model: str = "default"
     dtype: str | None = None
     device: str | None = None
-    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=64))
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=32))
     adapter: AdapterConfig = field(
         default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
     )
     data: DataConfig = field(default_factory=DataConfig)
     rewards: list[str] = field(default_factory=lambda: ["arith"])
     reward_weights: list[float] | None = None
-    group_size: int = 8
+    group_size: int = 4
     prompts_per_step: int = 4
-    max_new_tokens: int = 128
-    temperature: float = 1.0
+    max_new_tokens: int = 64
+    temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
-    lr: float = 1e-4
+    lr: float = 2e-3
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 2
     max_grad_norm: float = 1.0
     loss_type: str = "dapo"
     epsilon_low: float = 0.2
@@ -118,10 +119,10 @@ class TrainConfig:
     num_iterations: int = 1
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
-    steps: int = 100
-    save_every: int = 50
+    steps: int = 30
+    save_every: int = 10
     save_total_limit: int | None = 2
-    output_dir: str = "runs/thoughtfold"
+    output_dir: str = "runs/quickstart"
     overwrite_output_dir: bool = False
     resume: bool = False
     seed: int = 0
