@@ -12,6 +12,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tiny models gain nothing from intra-op threads, and a shared 2-core machine loses a lot to them
+torch.set_num_threads(1)
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 CHATML = (

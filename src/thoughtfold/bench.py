@@ -87,9 +87,9 @@ def decode_benchmark(shape: str, lengths: list[int], window: int, batch: int, de
     for n in lengths:
         res = {}
         for name, fn in (
-            (f"bounded W={window}", lambda: bounded.generate(ids, max_new_tokens=n, temperature=0)),
-            ("full cache (ours)", lambda: full.generate(ids, max_new_tokens=n, temperature=0)),
-            ("HF generate", lambda: hf(n)),
+            (f"bounded W={window}", lambda n=n: bounded.generate(ids, max_new_tokens=n, temperature=0)),
+            ("full cache (ours)", lambda n=n: full.generate(ids, max_new_tokens=n, temperature=0)),
+            ("HF generate", lambda n=n: hf(n)),
         ):
             seconds, peak = _measure(fn, device)
             res[name] = (batch * n / seconds, peak)
@@ -114,7 +114,7 @@ def replay_benchmark(shape: str, lengths: list[int], window: int, batch: int, de
                                   ("LoRA, full cache", CacheConfig(window=None), "lora")):
             policy = Policy(model, None, cache=cache, adapter=AdapterConfig(mode=mode))
 
-            def step(policy=policy):
+            def step(policy=policy, prompt=prompt, completion=completion):
                 policy.replay_logprobs([prompt] * batch, [completion] * batch, loss_fn=lambda lp, a, b: -lp.mean())
 
             seconds, peak = _measure(step, device)

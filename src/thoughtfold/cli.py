@@ -180,17 +180,6 @@ class TerminalStreamer:
             self.out.flush()
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            ids |= {int(e) for e in eos}
-        elif eos is not None:
-            ids.add(int(eos))
-    return ids
-
-
 # --------------------------------------------------------------------------- generate
 
 
@@ -292,7 +281,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n_done = 0
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        streamer = TerminalStreamer(policy.tokenizer, _eos_ids(policy.model, policy.tokenizer), args.stop) \
+        streamer = TerminalStreamer(policy.tokenizer, policy.eos_token_ids, args.stop) \
             if stream else None
         seed = None if args.seed is None else args.seed + start
         res = policy.generate(

@@ -159,7 +159,7 @@ class Policy:
                 return torch.tensor([any(s in t for s in stop) for t in tails], device=tokens.device)
         raw = rollout(
             self.model, self.folder, prompt_ids, self.cache_config, sampling,
-            eos_ids=self._eos_ids(), pad_id=self._pad_id(), streamer=streamer,
+            eos_ids=self.eos_token_ids, pad_id=self._pad_id(), streamer=streamer,
             policy=self.eviction_policy, stop_check=stop_check,
         )
         return self._finish(raw, prompt_ids, stop)
@@ -181,7 +181,9 @@ class Policy:
             loss_fn=loss_fn, temperature=temperature, full_backprop=full_backprop, pad_id=self._pad_id(),
         )
 
-    def _eos_ids(self) -> set[int]:
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends a sequence: from the generation config, the model config and the tokenizer."""
         ids = set()
         for source in (self.model.generation_config, self.model.config, self.tokenizer):
             eos = getattr(source, "eos_token_id", None)
@@ -193,7 +195,7 @@ class Policy:
             pad = getattr(source, "pad_token_id", None)
             if pad is not None:
                 return pad
-        return min(self._eos_ids(), default=0)
+        return min(self.eos_token_ids, default=0)
 
     def _decode(self, ids: list[int]) -> str:
         """Text of token ids ('' for a tokenizer-less policy fed token ids, as in benchmarks)."""
@@ -215,7 +217,7 @@ class Policy:
         return lo
 
     def _finish(self, raw: RawRollout, prompt_ids: list[list[int]], stop: list[str]) -> GenerationResult:
-        eos = self._eos_ids()
+        eos = self.eos_token_ids
         window = self.cache_config.window
         result = GenerationResult([], [], [], [], [], [], [], prompt_ids)
         for row, lps, plen in zip(raw.tokens.tolist(), raw.logprobs.tolist(), raw.prompt_lengths, strict=True):
