@@ -22,8 +22,12 @@ def test_layout_and_distance():
     assert trace[-1] == EOS
     assert task.render(task.prompt(3, 4) + trace).startswith("^34hA7B1C8")
     # the answer sits D tokens after the early value
-    assert task.render(trace)[task.distance] == str((7 + task.chain(3, 4)[-1]) % 10)
+    assert task.render(trace)[task.distance] == "7"
+    add = RecallTask(steps=31, combine="add").trace(3, 4, 7)
+    assert add[:-2] == trace[:-2] and RecallTask(31, "add").render(add)[64] == str((7 + task.chain(3, 4)[-1]) % 10)
     assert max(trace) < task.vocab_size
+    with pytest.raises(ValueError):
+        RecallTask(steps=3, combine="mul")
 
 
 def test_generator_is_deterministic():
@@ -35,10 +39,11 @@ def test_generator_is_deterministic():
     assert {t[0] for t in traces} == set(range(14, 24))  # every early value occurs
 
 
-def test_early_value_is_not_derivable_from_the_prompt():
+@pytest.mark.parametrize("combine", ["copy", "add"])
+def test_early_value_is_not_derivable_from_the_prompt(combine):
     """For a fixed prompt each of the 10 values gives a valid trace with a different answer, so any
     answer that ignores the trace's own value is right for at most one value in ten."""
-    task = RecallTask(steps=9)
+    task = RecallTask(steps=9, combine=combine)
     for a, b in [(0, 0), (3, 4), (9, 1)]:
         prompt = task.prompt(a, b)
         assert prompt == [BOS, 4 + a, 4 + b]  # the value is no input of the prompt
@@ -60,7 +65,7 @@ def test_checker_rejects_wrong_traces():
     prompt, good = task.prompt(2, 5), task.trace(2, 5, 4)
     assert task.check(prompt, good).correct
     c = task.check(prompt, good[:-2] + [4 + (good[-2] - 4 + 1) % 10, EOS])
-    assert not c.correct and c.chain_ok and c.value == 4 and c.expected == (4 + task.chain(2, 5)[-1]) % 10
+    assert not c.correct and c.chain_ok and c.value == 4 and c.expected == 4
     bad_chain = list(good)
     bad_chain[2] = 4 + (bad_chain[2] - 4 + 1) % 10
     assert not task.check(prompt, bad_chain).chain_ok and not task.check(prompt, bad_chain).correct
@@ -83,13 +88,13 @@ def _load_run():
 def test_pipeline_smoke(tmp_path):
     run = _load_run()
     config = run.merge(run.DEFAULT_CONFIG, run.QUICK_CONFIG)
-    config.update(windows=[3], ablations=["pte_full_backprop"])
+    config.update(windows=[3], methods=["lora_c", "pte"], ablations=["pte_fb_global0"])
     results_path = tmp_path / "results.json"
     run.run(config, tmp_path / "out", results_path, tmp_path / "RESULTS.md")
     results = json.loads(results_path.read_text())
     assert results["task"]["D"] == 12 and results["task"]["chance"] == pytest.approx(0.1)
     methods = [(r["method"], r["window"]) for r in results["rows"]]
-    assert methods == [("full", None), ("bounded", 3), ("lora_c", 3), ("pte", 3), ("pte_full_backprop", 3)]
+    assert methods == [("full", None), ("bounded", 3), ("lora_c", 3), ("pte", 3), ("pte_fb_global0", 3)]
     for r in results["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == config["eval"]["n"]
         assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]

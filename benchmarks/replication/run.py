@@ -5,8 +5,8 @@
 1. trains a tiny Llama from scratch on full-cache traces of `thoughtfold.recall.RecallTask`;
 2. evaluates it with the full cache and with bounded caches W in {D/8, D/4, D/2} (no adaptation);
 3. trains LoRA_c and PTE under each bounded cache -- supervised through the segment-wise replay on
-   full-cache traces, then cache-aware GRPO (`thoughtfold.trainer.GRPOTrainer`) -- and the PTE
-   ablations at W = D/4 with the same budget;
+   full-cache traces, then cache-aware GRPO (a minimal loop here, on `generate` + the replay) -- and
+   the PTE ablations at W = D/4 with the same budget;
 4. writes `results.json` (rows: method, window, accuracy, n, 95% Wilson interval, peak memory, ...)
    and `RESULTS.md` (the table) next to this file, logs to `<out>/log.txt`.
 
@@ -39,25 +39,25 @@ HERE = Path(__file__).resolve().parent
 
 DEFAULT_CONFIG: dict = {
     "seed": 0,
-    "task": {"steps": 31},
+    "task": {"steps": 31, "combine": "copy"},
     "model": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
               "num_attention_heads": 4, "num_key_value_heads": 4},
     "pretrain": {"batch": 64, "lr": 3e-3, "max_steps": 1500, "eval_every": 100, "eval_n": 200,
                  "target": 0.97},
     "adapter": {"rank": 16, "alpha": 32.0, "global_tokens": 16},
-    "sft": {"steps": 150, "batch": 32, "lr": 2e-3},
-    "grpo": {"steps": 15, "group_size": 8, "prompts_per_step": 8, "lr": 5e-4},
+    "sft": {"steps": 160, "batch": 32, "lr": 2e-3},
+    "grpo": {"steps": 10, "group_size": 8, "prompts_per_step": 8, "lr": 5e-4},
     "eval": {"n": 500, "batch": 250, "seed": 1234},
     "windows": None,  # default [D/8, D/4, D/2]
-    "methods": ["lora_c", "pte"],
-    "ablations": ["pte_global0", "pte_global_only", "pte_paper_update", "pte_full_backprop"],
+    "methods": ["lora_c", "pte", "pte_full_backprop"],  # at every window
+    "ablations": ["pte_fb_global0", "pte_fb_global_only", "pte_fb_paper_update"],  # at ablation_window
     "ablation_window": None,  # default D/4
     "memory_probe": 8,
 }
 
 # toy scale for the smoke test: seconds, not minutes
 QUICK_CONFIG: dict = {
-    "task": {"steps": 5},
+    "task": {"steps": 5, "combine": "copy"},
     "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 2},
     "pretrain": {"batch": 16, "lr": 3e-3, "max_steps": 4, "eval_every": 2, "eval_n": 8, "target": 1.1},
@@ -68,11 +68,18 @@ QUICK_CONFIG: dict = {
     "memory_probe": 2,
 }
 
-ABLATIONS = {  # name -> (adapter overrides, full_backprop)
-    "pte_global0": ({"global_tokens": 0}, False),
-    "pte_global_only": ({"global_only": True}, False),
-    "pte_paper_update": ({"state_update": "paper"}, False),
-    "pte_full_backprop": ({}, True),
+METHODS = {  # name -> (adapter mode, adapter overrides, full_backprop through the replay)
+    "lora_c": ("lora", {}, False),
+    "pte": ("pte", {}, False),  # the default: truncated backprop (earlier states detached)
+    "pte_full_backprop": ("pte", {}, True),
+    # ablations, on top of full backprop (the variant that learns; see RESULTS.md)
+    "pte_fb_global0": ("pte", {"global_tokens": 0}, True),
+    "pte_fb_global_only": ("pte", {"global_only": True}, True),
+    "pte_fb_paper_update": ("pte", {"state_update": "paper"}, True),
+    # the same ablations under truncated backprop
+    "pte_global0": ("pte", {"global_tokens": 0}, False),
+    "pte_global_only": ("pte", {"global_only": True}, False),
+    "pte_paper_update": ("pte", {"state_update": "paper"}, False),
 }
 
 
@@ -218,48 +225,52 @@ def sft(policy: Policy, task: RecallTask, cfg: dict, seed: int, full_backprop: b
             "sft_final_answer_nll": round(sum(a for _, a in tail) / len(tail), 4)}
 
 
-def grpo(policy: Policy, task: RecallTask, cfg: dict, seed: int, out_dir: Path, full_backprop: bool,
-         log: Log, name: str) -> dict:
-    """Cache-aware GRPO with the project's trainer; the early-value token is masked out of the loss."""
-    from thoughtfold.trainer import DataConfig, GRPOTrainer, TrainConfig, read_metrics
+def grpo(policy: Policy, task: RecallTask, cfg: dict, seed: int, full_backprop: bool, log: Log, name: str) -> dict:
+    """Cache-aware GRPO, minimal: rollouts under the bounded cache (one lockstep `generate` call),
+    group-normalised advantages (groups with zero reward spread dropped), token-level (DAPO)
+    clipped policy-gradient loss through the segment-wise replay, one update per batch. The
+    early-value token is masked out of the loss (see the module docstring). Written here rather than
+    with `thoughtfold.trainer.GRPOTrainer` because that trainer was being rewritten while this ran."""
+    params = policy.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    g, eps = cfg["group_size"], cfg.get("epsilon", 0.2)
+    start, rewards = time.perf_counter(), []
+    for step in range(cfg["steps"]):
+        prompts = [p for p in task.sample_prompts(cfg["prompts_per_step"], seed=seed * 104729 + step)
+                   for _ in range(g)]
+        out = policy.generate(prompts, max_new_tokens=task.completion_length, temperature=1.0,
+                              seed=seed * 7 + step)
+        r = torch.tensor(task.reward(prompts=out.prompt_ids, completion_ids=out.completion_ids)).view(-1, g)
+        rewards.append(r.mean().item())
+        std = r.std(-1, keepdim=True)
+        keep = (std[:, 0] > 0).repeat_interleave(g).nonzero().flatten().tolist()
+        if not keep:
+            continue
+        adv = ((r - r.mean(-1, keepdim=True)) / (std + 1e-4)).flatten()[keep]
+        comps = [out.completion_ids[i] for i in keep]
+        width = max(map(len, comps))
+        old = torch.zeros(len(keep), width)
+        mask = torch.zeros(len(keep), width)
+        for j, i in enumerate(keep):
+            old[j, : len(comps[j])] = torch.tensor(out.logprobs[i])
+            mask[j, 1 : len(comps[j])] = 1.0  # token 0 (the early value) is not trained
+        mask /= mask.sum()
 
-    if full_backprop:  # the trainer has no full-backprop switch: route its replays through one
-        replay = policy.replay_logprobs
+        def loss_fn(lp, a, b, old=old, adv=adv, mask=mask):
+            ratio = torch.exp(lp - old[:, a:b])
+            per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - eps, 1 + eps) * adv[:, None])
+            return (per_token * mask[:, a:b]).sum()
 
-        def replay_full(*args, **kwargs):
-            kwargs["full_backprop"] = True
-            return replay(*args, **kwargs)
-
-        policy.replay_logprobs = replay_full
-
-    class RecallGRPO(GRPOTrainer):
-        def _policy_batch(self, rollout, advantages, rows):
-            batch = super()._policy_batch(rollout, advantages, rows)
-            if len(batch):
-                batch.weights[:, 0] = 0.0
-                batch.mask[:, 0] = 0.0
-            return batch
-
-    config = TrainConfig(
-        model="recall-tiny", cache=policy.cache_config, adapter=policy.adapter_config,
-        data=DataConfig(dataset="recall", chat_template=False, system_prompt=None),
-        rewards=["recall"], group_size=cfg["group_size"], prompts_per_step=cfg["prompts_per_step"],
-        max_new_tokens=task.completion_length, temperature=1.0, lr=cfg["lr"], steps=cfg["steps"],
-        loss_type="dapo", save_every=0, save_total_limit=1, output_dir=str(out_dir),
-        overwrite_output_dir=True, seed=seed, progress=False, max_grad_norm=1.0)
-    dataset = [{"prompt": p} for p in task.sample_prompts(512, seed=seed + 99)]
-    start = time.perf_counter()
-    trainer = RecallGRPO(config, policy=policy, dataset=dataset, reward_funcs=[task.reward])
-    trainer.train()
-    records = read_metrics(out_dir / "metrics.jsonl")
-    rewards = [r["reward"] for r in records]
-    log(f"  {name} grpo {len(records)} steps reward first {rewards[0] if rewards else 0:.3f} "
-        f"last5 {sum(rewards[-5:]) / max(1, len(rewards[-5:])):.3f} ({time.perf_counter() - start:.0f}s)")
-    if full_backprop:
-        del policy.replay_logprobs
-    return {"grpo_steps": len(records), "grpo_seconds": round(time.perf_counter() - start, 1),
-            "grpo_reward_first": rewards[0] if rewards else None,
-            "grpo_reward_last5": sum(rewards[-5:]) / max(1, len(rewards[-5:]))}
+        opt.zero_grad(set_to_none=True)
+        policy.replay_logprobs([out.prompt_ids[i] for i in keep], comps, [out.eviction_log[i] for i in keep],
+                               loss_fn=loss_fn, full_backprop=full_backprop)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    last = rewards[-5:]
+    log(f"  {name} grpo {len(rewards)} steps reward first {rewards[0]:.3f} last5 {sum(last) / len(last):.3f} "
+        f"({time.perf_counter() - start:.0f}s)")
+    return {"grpo_steps": len(rewards), "grpo_seconds": round(time.perf_counter() - start, 1),
+            "grpo_reward_first": rewards[0], "grpo_reward_last5": sum(last) / len(last)}
 
 
 def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool, full_backprop: bool) -> dict:
@@ -287,7 +298,7 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
     log = Log(out_dir / "log.txt")
     seed = config["seed"]
     random.seed(seed)
-    task = RecallTask(config["task"]["steps"])
+    task = RecallTask(**config["task"])
     d = task.distance
     windows = config["windows"] or [d // 8, d // 4, d // 2]
     abl_window = config["ablation_window"] or d // 4
@@ -326,20 +337,20 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
         bounded = make(w, "none")
         add("bounded", w, bounded, measure_memory(bounded, task, probe, train=False, full_backprop=False))
 
-    jobs = [(m, w, {}, False) for w in windows for m in config["methods"]]
-    jobs += [(a, abl_window, *ABLATIONS[a]) for a in config["ablations"]]
-    for k, (method, w, overrides, full_bp) in enumerate(jobs):
-        mode = "lora" if method == "lora_c" else "pte"
+    jobs = [(m, w) for w in windows for m in config["methods"]]
+    jobs += [(a, abl_window) for a in config["ablations"]]
+    for k, (method, w) in enumerate(jobs):
+        mode, overrides, full_bp = METHODS[method]
         log(f"== {method} W={w} ({k + 1}/{len(jobs)}, {time.perf_counter() - t0:.0f}s elapsed)")
         torch.manual_seed(seed)
         policy = make(w, mode, overrides)
-        extra = measure_memory(policy, task, probe, train=True, full_backprop=full_bp)
+        extra = {"adapter_mode": mode, "adapter_overrides": overrides, "full_backprop": full_bp,
+                 **measure_memory(policy, task, probe, train=True, full_backprop=full_bp)}
         extra.update(sft(policy, task, config["sft"], seed, full_bp, log, method))
         extra["accuracy_after_sft"] = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])["accuracy"]
         log(f"  {method} W={w} accuracy after SFT {extra['accuracy_after_sft']:.3f}")
         if config["grpo"]["steps"] > 0:
-            extra.update(grpo(policy, task, config["grpo"], seed, out_dir / f"grpo_{method}_w{w}", full_bp, log,
-                              method))
+            extra.update(grpo(policy, task, config["grpo"], seed, full_bp, log, method))
         add(method, w, policy, extra)
     log(f"done in {time.perf_counter() - t0:.0f}s")
     return write(config, task, n_params, pre, rows, time.perf_counter() - t0, results_path, table_path)
@@ -348,7 +359,7 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
 def write(config: dict, task: RecallTask, n_params: int, pre: dict, rows: list[dict], seconds: float,
           results_path: Path | None, table_path: Path | None) -> dict:
     results = {
-        "task": {"name": "delayed_recall", "D": task.distance, "chance": task.chance, "steps": task.steps,
+        "task": {"name": "delayed_recall", "combine": task.combine, "D": task.distance, "chance": task.chance, "steps": task.steps,
                  "prompt_tokens": 3, "completion_tokens": task.completion_length, "vocab_size": task.vocab_size},
         "model": {"family": "llama", "parameters": n_params, **config["model"]},
         "pretrain": {k: v for k, v in pre.items() if k != "history"},

@@ -11,7 +11,11 @@ A trace (the completion) is
   to stop without counting from the start) and the digit ``dk = (d(k-1) + d(k-2)) mod 10`` -- a
   Fibonacci chain mod 10 started from the two digits of the prompt (``d(-2), d(-1)``). Each step
   needs only the last 3 thought tokens;
-* ``y = (v + d(N-1)) mod 10`` combines the early value with the end of the chain.
+* ``y`` is the answer digit: ``y = v`` (``combine="copy"``, the default: recall the value after the
+  chain) or ``y = (v + d(N-1)) mod 10`` (``combine="add"``: combine it with the end of the chain).
+  Either way ``y`` is a bijection of ``v`` once the chain is fixed. (A 0.9M-parameter Llama trained
+  from scratch on CPU learns the chain and the copy within a few hundred steps, but was still at
+  chance on the additive answer after 600 steps, so the experiment uses the copy.)
 
 The prompt is ``<bos> d(-2) d(-1)``. The distance from the early value to the answer is
 D = 2N + 2 tokens: with a window W < D the early value is evicted before it is needed.
@@ -46,16 +50,19 @@ class Check:
     chain_ok: bool  # the counters and digits of the chain are right
     value: int | None  # the early value the trace chose (None if the first token is no value symbol)
     answer: int | None  # the digit the trace answered (None if missing)
-    expected: int | None  # (value + last chain digit) mod 10, when value is known
+    expected: int | None  # the right answer for the trace's value, when value is known
 
 
 @dataclass(frozen=True)
 class RecallTask:
-    """The task with `steps` chain steps (D = 2 * steps + 2)."""
+    """The task with `steps` chain steps (D = 2 * steps + 2); `combine`: "copy" or "add"."""
 
     steps: int = 31
+    combine: str = "copy"
 
     def __post_init__(self) -> None:
+        if self.combine not in ("copy", "add"):
+            raise ValueError(f"combine must be 'copy' or 'add', got {self.combine!r}")
         if not 1 <= self.steps <= len(_COUNTER_CHARS):
             raise ValueError(f"steps must be in [1, {len(_COUNTER_CHARS)}], got {self.steps}")
 
@@ -100,7 +107,10 @@ class RecallTask:
         out = [VALUE0 + value]
         for k, d in enumerate(digits):
             out += [COUNTER0 + k, DIGIT0 + d]
-        return out + [EQ, DIGIT0 + (value + digits[-1]) % 10, EOS]
+        return out + [EQ, DIGIT0 + self.answer(value, digits[-1]), EOS]
+
+    def answer(self, value: int, last_digit: int) -> int:
+        return value if self.combine == "copy" else (value + last_digit) % 10
 
     def sample_prompts(self, n: int, seed: int) -> list[list[int]]:
         """`n` prompts with uniform start digits, a pure function of `seed`."""
