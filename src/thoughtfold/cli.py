@@ -320,6 +320,118 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- eval
+
+
+def windows_arg(value: str) -> list[int | None]:
+    """`eval --window`: comma-separated integers and/or 'none' (full cache)."""
+    parts = [p for p in value.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("window list is empty: give e.g. 256,512,none")
+    return [window_arg(p) for p in parts]
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `thoughtfold eval`."""
+    from .data import SYSTEM_PROMPT
+
+    p = sub.add_parser(
+        "eval", help="pass@k accuracy per dataset and cache window",
+        description="Sample K completions per problem under each cache window, grade them with "
+        "math-verify and report pass@1 / pass@k per dataset and window. Writes samples.jsonl and "
+        "summary.json to --output; rerunning the same command resumes an interrupted evaluation.",
+    )
+    p.add_argument("--model", default=None, help="hub id, local directory, or 'default' "
+                   "[default: the adapter's base model, else default]")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a trained thoughtfold adapter")
+    p.add_argument("--dataset", "--data", dest="datasets", required=True, metavar="NAME|PATH[,...]",
+                   help="comma-separated: bundled sets (gsm8k, math500, minerva), Hub ids/aliases "
+                   "(aime24, aime25, amc23, olympiadbench), .jsonl files, arith[:options]")
+    p.add_argument("--window", type=windows_arg, default=None, metavar="W1,W2,...|none",
+                   help="cache windows to evaluate under ('none' = full cache) "
+                   "[default: the adapter's window, else none]")
+    p.add_argument("--evict-ratio", type=_number(float, "evict-ratio"), default=None, metavar="R",
+                   help="fraction of the window evicted at once [default: the adapter's, else 0.25]")
+    p.add_argument("--n-samples", type=_number(int, "n-samples"), default=1, metavar="K",
+                   help="samples per problem [default: %(default)s]")
+    p.add_argument("--temperature", type=_number(float, "temperature"), default=0.6,
+                   help="[default: %(default)s]")
+    p.add_argument("--top-p", type=_number(float, "top-p"), default=0.95, help="[default: %(default)s]")
+    p.add_argument("--top-k", type=_number(int, "top-k"), default=0, help="0 = off [default: %(default)s]")
+    p.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens"), default=1024, metavar="N",
+                   help="[default: %(default)s]")
+    p.add_argument("--limit", type=_number(int, "limit"), default=None, metavar="N",
+                   help="first N problems of each dataset")
+    p.add_argument("--split", default=None, help="dataset split [default: the set's test split]")
+    p.add_argument("--batch-size", type=_number(int, "batch-size"), default=16, metavar="B",
+                   help="sequences decoded together [default: %(default)s]")
+    p.add_argument("--seed", type=_number(int, "seed"), default=0, help="[default: %(default)s]")
+    p.add_argument("--reward", default="math", help="grader: math (math-verify), arith, or a reward "
+                   "function 'pkg.module:function' [default: %(default)s]")
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="system message [default: ask for "
+                   "step-by-step reasoning and a \\boxed{} answer]")
+    p.add_argument("--no-system-prompt", action="store_true", help="send no system message")
+    p.add_argument("--no-chat-template", action="store_true", help="encode prompts as plain text")
+    p.add_argument("--name", default=None, help="method name in summaries and reports "
+                   "[default: the adapter mode, or 'base']")
+    p.add_argument("--output", default=None, metavar="DIR",
+                   help="output directory [default: eval/<adapter or model name>]")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run `thoughtfold eval`."""
+    from .config import CacheConfig
+    from .evaluate import EvalConfig, evaluate, summary_table
+
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    windows, ratio = args.window, args.evict_ratio
+    if args.adapter is not None:
+        if not Path(args.adapter).is_dir():
+            raise ConfigError(f"adapter directory {args.adapter!r} not found")
+        from .persist import read_adapter_config
+
+        _, saved, _ = read_adapter_config(args.adapter)
+        windows = windows if windows is not None else [saved.window]
+        ratio = ratio if ratio is not None else saved.evict_ratio
+    windows = windows if windows is not None else [None]
+    ratio = ratio if ratio is not None else 0.25
+    for w in windows:
+        CacheConfig(window=w, evict_ratio=ratio)  # range checks, before the model loads
+    name = Path(args.adapter).resolve().name if args.adapter else Path(args.model or "default").name
+    config = EvalConfig(
+        datasets=datasets, windows=list(dict.fromkeys(windows)), n_samples=args.n_samples,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+        limit=args.limit, batch_size=args.batch_size, evict_ratio=ratio, seed=args.seed, split=args.split,
+        system_prompt=None if args.no_system_prompt else args.system_prompt,
+        chat_template=not args.no_chat_template, reward=args.reward, method=args.name,
+        output_dir=args.output or str(Path("eval") / name), progress=not args.no_progress,
+    )
+
+    from transformers.utils import logging as hf_logging
+
+    from .policy import Policy
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    model = args.model if args.model is not None else (None if args.adapter else "default")
+    kwargs: dict[str, Any] = dict(model=model, dtype=args.dtype, device=args.device)
+    if args.adapter is not None:
+        kwargs["adapter_path"] = args.adapter
+    policy = Policy.from_pretrained(**kwargs)
+    summary = evaluate(policy, config, model=policy.base_model,
+                       adapter=str(Path(args.adapter).resolve()) if args.adapter else None)
+    print(f"method: {summary['method']}  model: {summary['model']}  samples/problem: {config.n_samples}  "
+          f"T={config.temperature} top-p={config.top_p} max-new-tokens={config.max_new_tokens}")
+    print(summary_table(summary))
+    print(f"thoughtfold: wrote {Path(config.output_dir) / 'samples.jsonl'} and "
+          f"{Path(config.output_dir) / 'summary.json'}", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -330,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"thoughtfold {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_generate_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -1,0 +1,393 @@
+"""Accuracy under cache budgets: pass@1 / pass@k per dataset and window, graded with math-verify.
+
+Every (dataset, window) pair is evaluated with the same model, sampling settings and seeds, so
+methods compare under the same cache budget (the window). Output directory layout:
+
+* ``samples.jsonl``: one line per sample -- dataset, window, index, sample, prompt, completion,
+  extracted answer, gold, correct, evictions, length, truncated. Append-only, keyed by
+  (dataset, window, index, sample), flushed after every batch.
+* ``summary.json``: settings + one result row per (dataset, window) (see :func:`summarize`).
+* ``eval_config.json``: the settings that define a sample (checked on resume).
+
+Resume: samples are generated in fixed batches (a fixed partition of the flattened
+(index, sample) list of a dataset, with a seed derived from (seed, dataset, batch start) only), so a
+run that was killed and restarted skips the finished samples, regenerates exactly the unfinished
+batches, and ends with the same samples and summary as an uninterrupted run. A line cut short by
+the kill is dropped. The seed does not depend on the window: all windows see the same random draws
+(common random numbers), which lowers the variance of between-window differences.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import SYSTEM_PROMPT, load_dataset_by_name
+from .errors import ConfigError, DataError
+from .rewards import extract_answer, load_reward, make_math_reward
+
+log = logging.getLogger("thoughtfold")
+
+SAMPLES_NAME = "samples.jsonl"
+SUMMARY_NAME = "summary.json"
+CONFIG_NAME = "eval_config.json"
+
+# settings that change what a sample is: a resumed eval must use the same ones
+_SAMPLE_DEFINING = ("model", "adapter", "temperature", "top_p", "top_k", "max_new_tokens",
+                    "evict_ratio", "seed", "system_prompt", "chat_template", "reward", "split")
+
+
+# --------------------------------------------------------------------------- pass@k
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), the probability that at least
+    one of k samples drawn without replacement from n (c of them correct) is correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    # 1 - prod_{i=n-c+1}^{n} (1 - k/i): numerically stable, no huge binomials
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def ks_for(n_samples: int) -> list[int]:
+    """The k reported for K samples: 1, the powers of two below K, and K."""
+    ks, k = [], 1
+    while k < n_samples:
+        ks.append(k)
+        k *= 2
+    return ks + [n_samples]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how to sample. ``windows`` entries are ints or None (full cache)."""
+
+    datasets: list[str]
+    windows: list[int | None] = field(default_factory=lambda: [None])
+    n_samples: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    limit: int | None = None
+    batch_size: int = 16
+    evict_ratio: float = 0.25
+    seed: int = 0
+    split: str | None = None
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    system_prompt: str | None = SYSTEM_PROMPT
+    chat_template: bool = True
+    reward: str = "math"
+    output_dir: str = "eval"
+    method: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ConfigError("name at least one dataset")
+        if not self.windows:
+            raise ConfigError("name at least one window (an integer or 'none')")
+        for w in self.windows:
+            if w is not None and (not isinstance(w, int) or w < 1):
+                raise ConfigError(f"window must be an integer >= 1 or none (full cache), got {w!r}")
+        for name, value, low in (("n-samples", self.n_samples, 1), ("batch-size", self.batch_size, 1),
+                                 ("max-new-tokens", self.max_new_tokens, 1)):
+            if value < low:
+                raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.evict_ratio <= 1:
+            raise ConfigError(f"evict-ratio must be in (0, 1], got {self.evict_ratio}")
+
+
+def method_label(policy, adapter: str | None = None) -> str:
+    """Default method name: the adapter mode ('base' without an adapter)."""
+    mode = getattr(getattr(policy, "adapter_config", None), "mode", "none")
+    return "base" if mode == "none" else mode
+
+
+# --------------------------------------------------------------------------- samples file
+
+
+def _key(record: dict) -> tuple:
+    return (record["dataset"], record["window"], int(record["index"]), int(record["sample"]))
+
+
+def read_samples(path: str | Path) -> dict[tuple, dict]:
+    """Records of a samples JSONL keyed by (dataset, window, index, sample); lines cut short or
+    unreadable are skipped (a later line with the same key wins)."""
+    path = Path(path)
+    done: dict[tuple, dict] = {}
+    if not path.is_file():
+        return done
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                done[_key(record)] = record
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return done
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a trailing line without its newline (left by a kill), so appends start on a fresh line."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _check_resume(out: Path, settings: dict) -> None:
+    path = out / CONFIG_NAME
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            saved = None
+        if saved is not None:
+            diffs = [f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in _SAMPLE_DEFINING
+                     if saved.get(k) != settings.get(k)]
+            if diffs:
+                raise ConfigError(
+                    f"{out} holds an evaluation with other settings ({'; '.join(diffs)}); use another "
+                    "--output or the same settings to resume it"
+                )
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- grading
+
+
+class Grader:
+    """Scores completions with a reward function (TRL signature); 'math' gets its own math-verify
+    worker pool, stopped by :meth:`close`."""
+
+    def __init__(self, spec: str | Callable = "math"):
+        if spec in ("math", "accuracy"):
+            self.fn = make_math_reward()
+            self._pool = self.fn.grader  # type: ignore[attr-defined]
+        else:
+            self.fn = load_reward(spec)
+            self._pool = None
+
+    def __call__(self, prompts: list[str], completions: list[str], examples: list[dict]) -> list[float | None]:
+        keys = {k for e in examples for k in e if k != "prompt"}
+        columns = {k: [e.get(k) for e in examples] for k in sorted(keys)}
+        scores = self.fn(prompts=prompts, completions=completions, **columns)
+        if len(scores) != len(completions):
+            raise ConfigError(f"the reward returned {len(scores)} scores for {len(completions)} completions")
+        return [None if s is None else float(s) for s in scores]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+def _batch_seed(seed: int, dataset: str, start: int) -> int:
+    return random.Random(f"eval:{seed}:{dataset}:{start}").randrange(2**31)
+
+
+def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str | None = None,
+             datasets: dict[str, Sequence[dict]] | None = None) -> dict:
+    """Evaluate ``policy`` on every dataset under every window; write samples and summary to
+    ``config.output_dir`` (resuming what is there) and return the summary.
+
+    ``datasets`` maps a dataset name to its examples (else they are loaded by name)."""
+    from tqdm.auto import tqdm
+
+    from .config import CacheConfig
+
+    c = config
+    loaded: dict[str, list[dict]] = {}
+    for name in c.datasets:
+        rows = datasets[name] if datasets is not None and name in datasets else load_dataset_by_name(
+            name, split=c.split, limit=c.limit, prompt_field=c.prompt_field, answer_field=c.answer_field)
+        loaded[name] = list(rows)[: c.limit] if c.limit else list(rows)
+        if not loaded[name]:
+            raise DataError(f"dataset {name} has no examples")
+
+    out = Path(c.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    method = c.method or method_label(policy, adapter)
+    settings = {"model": model or getattr(policy, "base_model", None), "adapter": adapter, "method": method,
+                **{k: v for k, v in asdict(c).items() if k not in ("output_dir", "progress", "method")}}
+    _check_resume(out, settings)
+
+    samples_path = out / SAMPLES_NAME
+    _drop_partial_line(samples_path)
+    done = read_samples(samples_path)
+    for (name, _w, index, _s), record in done.items():
+        if name in loaded and index < len(loaded[name]) and record.get("prompt") != loaded[name][index]["prompt"]:
+            raise DataError(f"{samples_path} was written for another version of dataset {name} (problem {index} "
+                            "differs); use another --output")
+
+    K = c.n_samples
+    total = sum(len(rows) * K for rows in loaded.values()) * len(c.windows)
+    already = sum(1 for name, rows in loaded.items() for w in c.windows for i in range(len(rows))
+                  for s in range(K) if (name, w, i, s) in done)
+    if already:
+        log.info("resuming %s: %d of %d samples already done", out, already, total)
+    grader = Grader(c.reward)
+    saved_cache = policy.cache_config
+    bar = tqdm(total=total, initial=already, desc="eval", unit="sample", disable=not c.progress,
+               dynamic_ncols=True)
+    generated = 0
+    try:
+        with samples_path.open("a", encoding="utf-8") as f:
+            for name, rows in loaded.items():
+                items = [(i, s) for i in range(len(rows)) for s in range(K)]
+                for window in c.windows:
+                    policy.cache_config = CacheConfig(window=window, evict_ratio=c.evict_ratio)
+                    bar.set_postfix_str(f"{name} W={'full' if window is None else window}", refresh=False)
+                    for start in range(0, len(items), c.batch_size):
+                        batch = items[start : start + c.batch_size]
+                        todo = [j for j, (i, s) in enumerate(batch) if (name, window, i, s) not in done]
+                        if not todo:
+                            continue
+                        records = _run_batch(policy, grader, c, name, window, rows, batch, start)
+                        for j in todo:
+                            f.write(json.dumps(records[j], ensure_ascii=False) + "\n")
+                            done[_key(records[j])] = records[j]
+                        f.flush()
+                        os.fsync(f.fileno())
+                        generated += len(todo)
+                        bar.update(len(todo))
+    finally:
+        bar.close()
+        grader.close()
+        policy.cache_config = saved_cache
+
+    summary = summarize(done, loaded, c.windows, K)
+    summary = {"method": method, "model": settings["model"], "adapter": adapter,
+               "settings": {k: settings[k] for k in settings if k not in ("model", "adapter", "method")},
+               "results": summary}
+    tmp = out / (SUMMARY_NAME + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / SUMMARY_NAME)
+    log.info("eval: %d samples generated now, %d reused; wrote %s and %s", generated, already,
+             samples_path, out / SUMMARY_NAME)
+    return summary
+
+
+def _run_batch(policy, grader: Grader, c: EvalConfig, name: str, window: int | None, rows: list[dict],
+               batch: list[tuple[int, int]], start: int) -> list[dict]:
+    """Generate and grade one fixed batch; returns its records."""
+    examples = [rows[i] for i, _ in batch]
+    prompts = [e["prompt"] for e in examples]
+    res = policy.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                          top_k=c.top_k, seed=_batch_seed(c.seed, name, start), chat_template=c.chat_template,
+                          system_prompt=c.system_prompt)
+    scores = grader(prompts, res.texts, examples)
+    records = []
+    for j, (i, s) in enumerate(batch):
+        score = scores[j]
+        records.append({
+            "dataset": name, "window": window, "index": i, "sample": s,
+            "prompt": prompts[j], "completion": res.texts[j], "extracted": extract_answer(res.texts[j]),
+            "gold": examples[j].get("answer"), "correct": None if score is None else score >= 1.0,
+            "score": score, "evictions": res.evictions[j], "length": len(res.completion_ids[j]),
+            "truncated": res.truncated[j],
+        })
+    return records
+
+
+def summarize(done: dict[tuple, dict], loaded: dict[str, list[dict]], windows: Sequence[int | None],
+              n_samples: int) -> list[dict]:
+    """One row per (dataset, window): pass@k for k in :func:`ks_for`, mean length / evictions,
+    truncated fraction. Problems whose gold cannot be graded are left out and counted."""
+    results = []
+    ks = ks_for(n_samples)
+    for name, rows in loaded.items():
+        for window in windows:
+            per_problem, records, ungraded = [], [], 0
+            for i in range(len(rows)):
+                recs = [done[(name, window, i, s)] for s in range(n_samples) if (name, window, i, s) in done]
+                records += recs
+                if len(recs) < n_samples:
+                    continue
+                if any(r.get("correct") is None for r in recs):
+                    ungraded += 1
+                    continue
+                per_problem.append(sum(bool(r["correct"]) for r in recs))
+            n = len(per_problem)
+            row: dict[str, Any] = {
+                "dataset": name, "window": window, "problems": len(rows), "graded_problems": n,
+                "ungraded_problems": ungraded, "n_samples": n_samples,
+                "pass@1": _mean([c / n_samples for c in per_problem]),
+                "pass@k": {str(k): _mean([pass_at_k(n_samples, c, k) for c in per_problem]) for k in ks},
+                "mean_length": _mean([r["length"] for r in records]),
+                "mean_evictions": _mean([r["evictions"] for r in records]),
+                "truncated": _mean([float(bool(r.get("truncated"))) for r in records]),
+                "complete": len(records) == len(rows) * n_samples,
+            }
+            results.append(row)
+    return results
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def window_name(window: int | None) -> str:
+    return "full" if window is None else str(window)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table with padded columns."""
+    cells = [[str(h) for h in header]] + [[str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def summary_table(summary: dict) -> str:
+    """The summary as a markdown table: dataset, window, problems, pass@k (%), length, evictions."""
+    results = summary["results"]
+    ks = sorted({int(k) for r in results for k in r["pass@k"]})
+    header = ["dataset", "window", "problems", *[f"pass@{k} %" for k in ks], "mean length",
+              "evictions/sample", "truncated %"]
+    rows = []
+    for r in results:
+        problems = str(r["problems"]) if r["graded_problems"] == r["problems"] else \
+            f"{r['graded_problems']}/{r['problems']}"
+        rows.append([r["dataset"], window_name(r["window"]), problems,
+                     *[pct(r["pass@k"].get(str(k))) for k in ks],
+                     "-" if r["mean_length"] is None else f"{r['mean_length']:.0f}",
+                     "-" if r["mean_evictions"] is None else f"{r['mean_evictions']:.1f}",
+                     pct(r["truncated"])])
+    return markdown_table(header, rows)

@@ -1,0 +1,204 @@
+"""Evaluation: the pass@k estimator, math-verify grading of a fixture set, end-to-end eval of a tiny
+model under two windows, resume after an interrupted run, and the `thoughtfold eval` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from math import comb
+from pathlib import Path
+
+import pytest
+
+from thoughtfold.cli import main
+from thoughtfold.errors import ConfigError
+from thoughtfold.evaluate import (
+    SAMPLES_NAME,
+    SUMMARY_NAME,
+    EvalConfig,
+    Grader,
+    evaluate,
+    ks_for,
+    pass_at_k,
+    read_samples,
+    summary_table,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PROBLEMS = FIXTURES / "eval_problems.jsonl"
+
+
+# --------------------------------------------------------------------------- pass@k
+
+
+@pytest.mark.parametrize(("n", "c", "k", "expected"), [
+    (1, 0, 1, 0.0),
+    (1, 1, 1, 1.0),
+    (4, 1, 1, 0.25),
+    (4, 2, 2, 1 - 1 / 6),      # 1 - C(2,2)/C(4,2)
+    (4, 1, 2, 0.5),            # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    (5, 2, 3, 1 - 1 / 10),     # 1 - C(3,3)/C(5,3)
+    (8, 3, 4, 1 - 5 / 70),     # 1 - C(5,4)/C(8,4)
+    (8, 5, 4, 1.0),            # n - c < k: some correct sample is always drawn
+    (8, 0, 8, 0.0),
+    (16, 1, 16, 1.0),
+])
+def test_pass_at_k_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_matches_binomial_formula_and_rejects_bad_input():
+    for n in range(1, 12):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                exact = 1 - comb(n - c, k) / comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+    assert ks_for(1) == [1]
+    assert ks_for(4) == [1, 2, 4]
+    assert ks_for(6) == [1, 2, 4, 6]
+
+
+# --------------------------------------------------------------------------- grading
+
+
+def test_math_verify_grading_of_fixture_set():
+    rows = [json.loads(line) for line in (FIXTURES / "grading.jsonl").read_text().splitlines() if line.strip()]
+    grader = Grader("math")
+    try:
+        scores = grader([""] * len(rows), [r["completion"] for r in rows], [{"answer": r["gold"]} for r in rows])
+    finally:
+        grader.close()
+    assert [s == 1.0 for s in scores] == [r["correct"] for r in rows]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+class CountingPolicy:
+    """Wraps a Policy and counts generate calls (and the rows they decode)."""
+
+    def __init__(self, policy):
+        self.policy, self.calls, self.rows = policy, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def __setattr__(self, name, value):
+        if name == "cache_config":
+            self.policy.cache_config = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def generate(self, prompts, **kwargs):
+        self.calls += 1
+        self.rows += len(prompts)
+        return self.policy.generate(prompts, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_dirs):
+    from thoughtfold.policy import Policy
+
+    return Policy.from_pretrained(str(tiny_dirs["qwen2"]), device="cpu")
+
+
+def _config(out: Path, **overrides) -> EvalConfig:
+    kwargs = dict(datasets=[str(PROBLEMS)], windows=[4, None], n_samples=2, temperature=1.0, top_p=0.95,
+                  max_new_tokens=12, batch_size=4, reward="math", output_dir=str(out), progress=False)
+    kwargs.update(overrides)
+    return EvalConfig(**kwargs)
+
+
+def test_eval_end_to_end_two_windows(tiny_policy, tmp_path):
+    policy = CountingPolicy(tiny_policy)
+    summary = evaluate(policy, _config(tmp_path / "run"), model="tiny")
+    # 3 problems x 2 samples = 6 rows per window, batches of 4 -> 2 calls per window
+    assert policy.calls == 4 and policy.rows == 12
+    assert tiny_policy.cache_config.window is None  # restored
+    records = [json.loads(line) for line in (tmp_path / "run" / SAMPLES_NAME).read_text().splitlines()]
+    assert len(records) == 12
+    assert {(r["window"], r["index"], r["sample"]) for r in records} == {
+        (w, i, s) for w in (4, None) for i in range(3) for s in range(2)}
+    for r in records:
+        assert set(r) >= {"dataset", "window", "index", "sample", "prompt", "completion", "extracted", "gold",
+                          "correct", "evictions", "length"}
+        assert isinstance(r["correct"], bool)
+        if r["window"] is None:
+            assert r["evictions"] == 0
+    assert any(r["evictions"] > 0 for r in records if r["window"] == 4 and r["length"] >= 8)
+    assert [r["gold"] for r in records[:2]] == ["5", "5"]
+    saved = json.loads((tmp_path / "run" / SUMMARY_NAME).read_text())
+    assert saved == summary
+    assert summary["method"] == "base"
+    rows = summary["results"]
+    assert [(r["dataset"], r["window"]) for r in rows] == [(str(PROBLEMS), 4), (str(PROBLEMS), None)]
+    for r in rows:
+        assert r["problems"] == 3 and r["n_samples"] == 2 and r["complete"]
+        assert set(r["pass@k"]) == {"1", "2"}
+        assert r["pass@k"]["1"] == pytest.approx(r["pass@1"])
+        assert 0.0 <= r["pass@1"] <= r["pass@k"]["2"] <= 1.0
+    table = summary_table(summary)
+    assert "pass@1 %" in table and "pass@2 %" in table and "| full" in table
+
+
+def test_eval_resume_after_interruption(tiny_policy, tmp_path):
+    first = CountingPolicy(tiny_policy)
+    full = evaluate(first, _config(tmp_path / "full"), model="tiny")
+    lines = (tmp_path / "full" / SAMPLES_NAME).read_text().splitlines(keepends=True)
+    # a run killed while writing: the first batch (4 rows) and one row of the second batch of the first
+    # window are complete, the next line is cut mid-way
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "full" / "eval_config.json", resumed_dir)
+    (resumed_dir / SAMPLES_NAME).write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+    second = CountingPolicy(tiny_policy)
+    resumed = evaluate(second, _config(resumed_dir), model="tiny")
+    # the finished batch is not regenerated: 3 of the 4 batches run again, 12 - 5 rows written
+    assert second.calls == 3
+    assert resumed == full
+    again = read_samples(resumed_dir / SAMPLES_NAME)
+    assert len((resumed_dir / SAMPLES_NAME).read_text().splitlines()) == 12
+    assert again == read_samples(tmp_path / "full" / SAMPLES_NAME)
+    # a finished evaluation reruns without generating anything
+    third = CountingPolicy(tiny_policy)
+    assert evaluate(third, _config(resumed_dir), model="tiny") == full
+    assert third.calls == 0
+    # other sampling settings in the same directory are refused
+    with pytest.raises(ConfigError, match="temperature"):
+        evaluate(CountingPolicy(tiny_policy), _config(resumed_dir, temperature=0.5), model="tiny")
+
+
+def test_eval_config_validation():
+    with pytest.raises(ConfigError, match="n-samples"):
+        EvalConfig(datasets=["x.jsonl"], n_samples=0)
+    with pytest.raises(ConfigError, match="window"):
+        EvalConfig(datasets=["x.jsonl"], windows=[0])
+    with pytest.raises(ConfigError, match="dataset"):
+        EvalConfig(datasets=[])
+
+
+def test_eval_command(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["eval", "--model", str(tiny_dirs["llama"]), "--dataset", str(PROBLEMS), "--window", "4,none",
+               "--n-samples", "2", "--max-new-tokens", "8", "--limit", "2", "--batch-size", "4",
+               "--reward", "arith", "--output", str(out), "--device", "cpu", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "pass@1 %" in printed and "pass@2 %" in printed
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert [r["window"] for r in summary["results"]] == [4, None]
+    assert all(r["problems"] == 2 for r in summary["results"])
+    assert len((out / SAMPLES_NAME).read_text().splitlines()) == 8
+
+
+def test_eval_command_errors(capsys):
+    assert main(["eval", "--dataset", "x.jsonl", "--window", "4,abc"]) == 2
+    assert "window must be an integer" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "x.jsonl", "--n-samples", "0"]) == 2
+    assert "n-samples must be >= 1" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "x.jsonl", "--adapter", "/nonexistent/adapter"]) == 2
+    assert "not found" in capsys.readouterr().err
