@@ -375,7 +375,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="method name in summaries and reports "
                    "[default: the adapter mode, or 'base']")
     p.add_argument("--output", default=None, metavar="DIR",
-                   help="output directory [default: eval/<adapter or model name>]")
+                   help="output directory [default: runs/eval/<adapter or model name>]")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -408,7 +408,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit, batch_size=args.batch_size, evict_ratio=ratio, seed=args.seed, split=args.split,
         system_prompt=None if args.no_system_prompt else args.system_prompt,
         chat_template=not args.no_chat_template, reward=args.reward, method=args.name,
-        output_dir=args.output or str(Path("eval") / name), progress=not args.no_progress,
+        output_dir=args.output or str(Path("runs") / "eval" / name), progress=not args.no_progress,
     )
 
     from transformers.utils import logging as hf_logging
@@ -432,6 +432,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- report
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `thoughtfold report`."""
+    p = sub.add_parser(
+        "report", help="compare runs: markdown tables and PNG plots",
+        description="Compare evaluation and training runs: accuracy by cache window per method (from "
+        "eval summary.json files) and reward curves (from training metrics.jsonl), as one markdown "
+        "page (printed and written as report.md) and PNG plots.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="eval output or training run directories")
+    p.add_argument("--output", default="runs/report", metavar="DIR", help="where report.md and the plots go "
+                   "[default: %(default)s]")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Run `thoughtfold report`."""
+    from .report import REPORT_NAME, build_report
+
+    text, plots = build_report(args.runs, args.output)
+    print(text, end="")
+    print(f"thoughtfold: wrote {Path(args.output) / REPORT_NAME} and {len(plots)} plot(s) in {args.output}",
+          file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -443,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_generate_parser(sub)
     add_eval_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
