@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,15 @@ from safetensors.torch import load_file
 from thoughtfold.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from thoughtfold.config import AdapterConfig, CacheConfig
 from thoughtfold.errors import ConfigError, DataError
-from thoughtfold.trainer import DataConfig, GRPOTrainer, SFTTrainer, TrainConfig, load_config, read_metrics
+from thoughtfold.trainer import (
+    DataConfig,
+    GRPOTrainer,
+    SFTTrainer,
+    TrainConfig,
+    concat_rollouts,
+    load_config,
+    read_metrics,
+)
 
 PROMPTS = ["abc", "hello", "xyz", "12+3"]
 
@@ -36,6 +46,31 @@ def one_thread():
 def low_bytes(prompts, completions, completion_ids, **columns):
     """Fraction of completion tokens that are ASCII bytes: learnable, and dense (rarely zero-std)."""
     return [sum(t < 128 for t in ids) / len(ids) for ids in completion_ids]
+
+
+def one_step_gradients(trainer) -> list[torch.Tensor]:
+    """The (process-summed) gradients of one training step, without the optimizer step."""
+    captured = []
+
+    def capture() -> float:
+        trainer.dp.sum_gradients(trainer.params)
+        captured.extend(p.grad.clone() for p in trainer.params)
+        return 0.0
+
+    trainer.optimizer_step = capture
+    trainer.train_step(trainer.local_examples())
+    return captured
+
+
+def per_group_generate(trainer, prompts):
+    """Rollouts that depend only on their prompt (one generate call per group, seeded by the prompt),
+    so that any split of the batch over processes samples the same completions."""
+    g, c = trainer.config.group_size, trainer.config
+    return concat_rollouts([
+        trainer.policy.generate(prompts[i : i + g], max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                seed=zlib.crc32(prompts[i].encode()), system_prompt=None)
+        for i in range(0, len(prompts), g)
+    ])
 
 
 def _config(tmp_path: Path, model: Path, mode: str = "pte", window: int | None = 8, **overrides) -> TrainConfig:
@@ -154,11 +189,7 @@ def test_replay_micro_batches_accumulate_the_full_batch_gradient(tmp_path, tiny_
     grads = []
     for size in (None, 3):
         config = _config(tmp_path, tiny_dirs["llama"], loss_type=loss_type, replay_batch_size=size)
-        trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
-        captured = []
-        trainer.optimizer_step = lambda t=trainer, out=captured: out.extend(p.grad.clone() for p in t.params) or 0.0
-        trainer.train_step(trainer.next_examples(config.prompts_per_step))
-        grads.append(captured)
+        grads.append(one_step_gradients(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])))
     assert any(g.abs().max() > 0 for g in grads[0])
     for full, micro in zip(*grads, strict=True):
         torch.testing.assert_close(micro, full, rtol=1e-4, atol=1e-7)
@@ -229,6 +260,61 @@ def _deterministic(path: Path) -> list[dict]:
     """Metrics without the timing/memory ones, which differ between runs."""
     volatile = {"step_seconds", "peak_memory_gb", "rollout_tokens_per_s"}
     return [{k: v for k, v in r.items() if k not in volatile} for r in read_metrics(path)]
+
+
+_DDP_RANK = """
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+from test_trainer import _config, _dataset, low_bytes, one_step_gradients, per_group_generate
+from thoughtfold.trainer import GRPOTrainer
+torch.set_num_threads(1)
+GRPOTrainer.generate = per_group_generate
+for loss_type in {loss_types!r}:
+    config = _config(Path({tmp!r}), Path({model!r}), prompts_per_step=2, loss_type=loss_type, output_dir={out!r})
+    trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+    assert trainer.dp.world == 2
+    grads = one_step_gradients(trainer)
+    torch.save(grads, {out!r} + f"/grads-{{loss_type}}-{{trainer.dp.rank}}.pt")
+config = _config(Path({tmp!r}), Path({model!r}), steps=2, save_every=1, output_dir={out!r} + "/run")
+GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+"""
+DDP_LOSS_TYPES = ("grpo", "dapo")  # per-sequence and per-token normalisers, both over the global batch
+
+
+def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, tiny_dirs, monkeypatch):
+    model, out = tiny_dirs["llama"], tmp_path / "ddp"
+    out.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = _DDP_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
+                              out=str(out), loss_types=DDP_LOSS_TYPES)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "2",
+                              "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                              "MASTER_PORT": str(port)})
+        for rank in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    assert [r["step"] for r in read_metrics(out / "run" / "metrics.jsonl")] == [1, 2]  # written once
+    assert latest_checkpoint(out / "run" / "checkpoints").name == "step-00000002"
+
+    monkeypatch.setattr(GRPOTrainer, "generate", per_group_generate)
+    for loss_type in DDP_LOSS_TYPES:
+        single = GRPOTrainer(_config(tmp_path, model, prompts_per_step=4, loss_type=loss_type), dataset=_dataset(),
+                             reward_funcs=[low_bytes])
+        expected = one_step_gradients(single)
+        assert any(g.abs().max() > 0 for g in expected)
+        for rank in range(2):
+            got = torch.load(out / f"grads-{loss_type}-{rank}.pt")
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dirs):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import resource
 import sys
@@ -23,14 +24,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from .adapter import adapters_disabled
 from .checkpoint import (
+    checkpoint_name,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -51,7 +55,7 @@ from .grpo import (
     mask_truncated_completions,
     token_loss_terms,
 )
-from .policy import GenerationResult
+from .policy import GenerationResult, Policy
 from .rewards import load_reward
 
 log = logging.getLogger("thoughtfold")
@@ -280,6 +284,56 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+# --------------------------------------------------------------------------- data parallel
+
+
+class DataParallel:
+    """Data-parallel training over torch.distributed, as launched by `torchrun` / `accelerate launch`
+    (WORLD_SIZE > 1): each process rolls out its share of the prompts, rewards are gathered so that
+    advantages and loss weights are batch-wide, and gradients are summed before the optimizer step,
+    which every process then takes identically. A single process needs no launcher."""
+
+    def __init__(self) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if active else 0
+        self.world = dist.get_world_size() if active else 1
+
+    @property
+    def main(self) -> bool:
+        """The process that logs, plots and writes checkpoints."""
+        return self.rank == 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's `obj` (small, picklable), in rank order."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of `values` over the processes."""
+        return [sum(column) for column in zip(*self.gather(values), strict=True)]
+
+    def sum_gradients(self, params: list[torch.Tensor]) -> None:
+        """All-reduce the accumulated gradients in one flat buffer (missing ones count as zero)."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = chunk.view_as(p)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
 # --------------------------------------------------------------------------- shared loop
 
 
@@ -289,12 +343,14 @@ class _Trainer:
     kind = "train"
     plot_key = "loss"
 
-    def __init__(self, config: TrainConfig, policy=None, dataset: Sequence[dict] | None = None):
+    def __init__(self, config: TrainConfig, policy: Policy | None = None, dataset: Sequence[dict] | None = None):
         self.config = config
         self.output_dir = Path(config.output_dir)
+        self.dp = DataParallel()
         random.seed(config.seed)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # same adapter init on every process
         self.dataset = self._load_dataset(dataset)
+        self._check_output_dir()
         self.policy = policy if policy is not None else self._load_policy()
         self.params = self.policy.trainable_parameters()
         if not self.params:
@@ -305,7 +361,9 @@ class _Trainer:
         self.data_pos = 0
         self._orders: dict[int, list[int]] = {}
         self._saved_step = -1
-        self._prepare_output_dir()
+        if config.resume:
+            self._resume()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- setup
 
@@ -317,11 +375,12 @@ class _Trainer:
             raise DataError(f"dataset {d.dataset!r} has no examples")
         return rows
 
-    def _load_policy(self):
-        from .policy import Policy
-
+    def _load_policy(self) -> Policy:
         c = self.config
-        return Policy.from_pretrained(c.model, cache=c.cache, adapter=c.adapter, dtype=c.dtype, device=c.device)
+        device = c.device
+        if device is None and self.dp.world > 1 and torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"  # one GPU per process
+        return Policy.from_pretrained(c.model, cache=c.cache, adapter=c.adapter, dtype=c.dtype, device=device)
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         """HF's schedules (warmup then constant / linear / cosine decay), one tick per optimizer update."""
@@ -337,21 +396,22 @@ class _Trainer:
     def updates_per_step(self) -> int:
         return 1
 
-    def _prepare_output_dir(self) -> None:
-        """Resume from the newest checkpoint, or refuse to silently mix a new run into an old one."""
+    def _check_output_dir(self) -> None:
+        """Refuse to silently mix a new run into an old one (checked before the model loads)."""
         c = self.config
-        checkpoints = self.output_dir / CHECKPOINTS_DIR
-        if c.resume:
-            latest = latest_checkpoint(checkpoints)
-            if latest is None:
-                log.info("no checkpoint in %s: starting from step 0", checkpoints)
-            else:
-                self._restore(latest)
-                log.info("resumed from %s (step %d)", latest, self.step)
-        elif list_checkpoints(checkpoints) and not c.overwrite_output_dir:
+        if not c.resume and not c.overwrite_output_dir and list_checkpoints(self.output_dir / CHECKPOINTS_DIR):
             raise ConfigError(f"{self.output_dir} already holds checkpoints: set resume=true to continue that run, "
                               "overwrite_output_dir=true to start over, or pick another output_dir")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def _resume(self) -> None:
+        """Continue from the newest complete checkpoint (a fresh start if there is none yet)."""
+        checkpoints = self.output_dir / CHECKPOINTS_DIR
+        latest = latest_checkpoint(checkpoints)
+        if latest is None:
+            log.info("no checkpoint in %s: starting from step 0", checkpoints)
+            return
+        self._restore(latest)
+        log.info("resumed from %s (step %d)", latest, self.step)
 
     # ---- data
 
@@ -363,6 +423,12 @@ class _Trainer:
             out.append(self.dataset[self._order(epoch)[i]])
             self.data_pos += 1
         return out
+
+    def local_examples(self) -> list[dict]:
+        """This process's `prompts_per_step` rows of the next global batch (all processes advance
+        through the same order, so the global batch is what one process would have drawn)."""
+        n = self.config.prompts_per_step
+        return self.next_examples(n * self.dp.world)[self.dp.rank * n : (self.dp.rank + 1) * n]
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -376,6 +442,7 @@ class _Trainer:
 
     def optimizer_step(self) -> float:
         """Clip, step, tick the schedule; returns the pre-clip gradient norm."""
+        self.dp.sum_gradients(self.params)
         limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
         self.optimizer.step()
@@ -388,7 +455,16 @@ class _Trainer:
     # ---- checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Adapter + optimizer + schedule + RNG + data position, atomically."""
+        """Adapter + optimizer + schedule + RNG + data position, atomically (by the main process;
+        the others wait, so no process runs ahead of the last complete checkpoint)."""
+        path = self.output_dir / CHECKPOINTS_DIR / checkpoint_name(self.step)
+        if self.dp.main:
+            self._write_checkpoint()
+        self.dp.barrier()
+        self._saved_step = self.step
+        return path
+
+    def _write_checkpoint(self) -> None:
         state = {
             "step": self.step,
             "data_pos": self.data_pos,
@@ -396,10 +472,8 @@ class _Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
         }
-        path = save_checkpoint(self.output_dir / CHECKPOINTS_DIR, self.step, self.policy, state,
-                               keep=self.config.save_total_limit)
-        self._saved_step = self.step
-        return path
+        save_checkpoint(self.output_dir / CHECKPOINTS_DIR, self.step, self.policy, state,
+                        keep=self.config.save_total_limit)
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, self.policy)
@@ -415,22 +489,26 @@ class _Trainer:
         """Run to `steps`, checkpointing every `save_every` steps and at the end; returns the paths
         of the adapter, the metrics log and the plot."""
         c = self.config
-        (self.output_dir / "config.yaml").write_text(config_to_yaml(c))
-        logger = MetricsLogger(self.output_dir, c.report_to, self.step, OmegaConf.to_container(
-            OmegaConf.structured(c)))
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc=self.kind, unit="step",
-                   dynamic_ncols=True)
+        logger = None
+        if self.dp.main:
+            (self.output_dir / "config.yaml").write_text(config_to_yaml(c))
+            logger = MetricsLogger(self.output_dir, c.report_to, self.step,
+                                   OmegaConf.to_container(OmegaConf.structured(c)))
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and self.dp.main), desc=self.kind,
+                   unit="step", dynamic_ncols=True)
         try:
             while self.step < c.steps:
                 metrics = self._timed_step()
-                logger.log(metrics)
+                if logger is not None:
+                    logger.log(metrics)
                 bar.update(1)
                 bar.set_postfix(self._postfix(metrics), refresh=False)
                 if c.save_every and self.step % c.save_every == 0:
                     self.save_checkpoint()
         finally:
             bar.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
         if self._saved_step != self.step:
             self.save_checkpoint()
         return self._finish()
@@ -441,7 +519,7 @@ class _Trainer:
             torch.cuda.reset_peak_memory_stats(device)
         lr = self.scheduler.get_last_lr()[0]
         start = time.perf_counter()
-        metrics = self.train_step(self.next_examples(self.config.prompts_per_step))
+        metrics = self.train_step(self.local_examples())
         self.step += 1
         return {"step": self.step, "epoch": self.data_pos / len(self.dataset), "learning_rate": lr, **metrics,
                 "peak_memory_gb": peak_memory_gb(device), "step_seconds": time.perf_counter() - start}
@@ -451,11 +529,14 @@ class _Trainer:
 
     def _finish(self) -> dict[str, Path | None]:
         adapter = self.output_dir / ADAPTER_DIR
-        self.policy.save_adapter(adapter)
         metrics_path = self.output_dir / METRICS_NAME
-        plot = plot_metric(read_metrics(metrics_path), self.plot_key, self.output_dir / f"{self.plot_key}.png")
-        print(self._summary(adapter, metrics_path, plot), file=sys.stderr)
-        return {"adapter": adapter, "metrics": metrics_path, "plot": plot}
+        plot_path = self.output_dir / f"{self.plot_key}.png"
+        if self.dp.main:
+            self.policy.save_adapter(adapter)
+            plot_path = plot_metric(read_metrics(metrics_path), self.plot_key, plot_path)
+            print(self._summary(adapter, metrics_path, plot_path), file=sys.stderr)
+        self.dp.barrier()
+        return {"adapter": adapter, "metrics": metrics_path, "plot": plot_path}
 
     def _summary(self, adapter: Path, metrics_path: Path, plot: Path | None) -> str:
         c = self.config
@@ -549,33 +630,48 @@ class GRPOTrainer(_Trainer):
         return self.config.num_iterations
 
     def train_step(self, examples: list[dict]) -> dict[str, float]:
-        """Rollouts -> rewards -> advantages -> `num_iterations` clipped policy-gradient updates."""
-        c = self.config
+        """Rollouts -> rewards -> advantages -> `num_iterations` clipped policy-gradient updates.
+        Rewards and completion statistics are gathered from every process, so advantages, zero-std
+        filtering, loss weights and metrics are those of the global batch."""
+        c, dp = self.config, self.dp
         prompts = [e["prompt"] for e in examples for _ in range(c.group_size)]
         rollout = self.generate(prompts)
-        rewards, metrics = self._score(examples, prompts, rollout)
+        local = (self._score(examples, prompts, rollout), rollout.completion_ids, rollout.truncated,
+                 rollout.evictions, rollout.stats["tokens_per_s"])
+        parts = dp.gather(local)
+        scores = torch.cat([p[0] for p in parts])
+        lengths = [len(ids) for p in parts for ids in p[1]]
+        truncated = [t for p in parts for t in p[2]]
+        rewards = combine_rewards(scores, c.reward_weights)
         adv = group_advantages(rewards, c.group_size, c.scale_rewards)
-        lengths = [len(ids) for ids in rollout.completion_ids]
+        metrics = {f"rewards/{name}/mean": scores[:, j].nanmean().nan_to_num(0.0).item()
+                   for j, name in enumerate(self.reward_names)}
         metrics.update({
             "reward": rewards.nanmean().nan_to_num(0.0).item(),
             "reward_std": adv.reward_std,
             "frac_reward_zero_std": adv.frac_reward_zero_std,
+            "rewards/skipped": int(torch.isnan(rewards).sum()),
             "completions/mean_length": sum(lengths) / len(lengths),
             "completions/min_length": min(lengths),
             "completions/max_length": max(lengths),
-            "completions/clipped_ratio": sum(rollout.truncated) / len(lengths),
-            "evictions_per_rollout": sum(rollout.evictions) / len(lengths),
-            "rollout_tokens_per_s": rollout.stats["tokens_per_s"],
+            "completions/clipped_ratio": sum(truncated) / len(lengths),
+            "evictions_per_rollout": sum(e for p in parts for e in p[3]) / len(lengths),
+            "rollout_tokens_per_s": sum(p[4] for p in parts),
         })
-        keep = adv.keep_mask(c.filter_zero_std).nonzero().flatten().tolist()
-        metrics.update(self._update(self._policy_batch(rollout, adv.advantages, keep)))
+        keep = adv.keep_mask(c.filter_zero_std).tolist()
+        kept = [i for i, k in enumerate(keep) if k]
+        tokens = sum(lengths[i] for i in kept if not (c.mask_truncated_completions and truncated[i]))
+        offset = dp.rank * len(prompts)
+        mine = [i - offset for i in kept if offset <= i < offset + len(prompts)]
+        batch = self._policy_batch(rollout, adv.advantages[offset : offset + len(prompts)], mine, len(kept), tokens)
+        metrics.update(self._update(batch))
         return metrics
 
     def generate(self, prompts: list[str]) -> GenerationResult:
         """Sample under the bounded cache, `generation_batch_size` rows per call; the seeds are a
-        function of (seed, step, chunk), so a resumed run samples exactly what it would have."""
+        function of (seed, step, process, chunk), so a resumed run samples exactly what it would have."""
         c = self.config
-        rng = random.Random(f"rollout:{c.seed}:{self.step}")
+        rng = random.Random(f"rollout:{c.seed}:{self.step}:{self.dp.rank}")
         return concat_rollouts([
             self.policy.generate(
                 prompts[a:b], max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
@@ -584,26 +680,24 @@ class GRPOTrainer(_Trainer):
             for a, b in _spans(len(prompts), c.generation_batch_size)
         ])
 
-    def _score(self, examples: list[dict], prompts: list[str], rollout) -> tuple[torch.Tensor, dict[str, float]]:
-        """Each reward function on the whole batch (TRL's call: prompts, completions, completion_ids and
+    def _score(self, examples: list[dict], prompts: list[str], rollout: GenerationResult) -> torch.Tensor:
+        """[n, F] scores of each reward function (TRL's call: prompts, completions, completion_ids and
         the dataset columns as keywords); None scores become NaN and are skipped downstream."""
         g = self.config.group_size
         keys = {k for e in examples for k in e if k != "prompt"}
         columns = {k: [e.get(k) for e in examples for _ in range(g)] for k in sorted(keys)}
-        per_func, metrics = [], {}
+        per_func = []
         for name, fn in zip(self.reward_names, self.reward_funcs, strict=True):
             scores = fn(prompts=prompts, completions=rollout.texts, completion_ids=rollout.completion_ids, **columns)
             if len(scores) != len(prompts):
                 raise ConfigError(f"reward {name} returned {len(scores)} scores for {len(prompts)} completions")
-            values = torch.tensor([math.nan if s is None else float(s) for s in scores])
-            metrics[f"rewards/{name}/mean"] = values.nanmean().nan_to_num(0.0).item()
-            per_func.append(values)
-        rewards = combine_rewards(torch.stack(per_func, 1), self.config.reward_weights)
-        metrics["rewards/skipped"] = int(torch.isnan(rewards).sum())
-        return rewards, metrics
+            per_func.append(torch.tensor([math.nan if s is None else float(s) for s in scores]))
+        return torch.stack(per_func, 1)
 
-    def _policy_batch(self, rollout: GenerationResult, advantages: torch.Tensor, rows: list[int]) -> PolicyBatch:
-        """The kept rows with their masks and batch-wide loss weights; old log-probs are the rollout's."""
+    def _policy_batch(self, rollout: GenerationResult, advantages: torch.Tensor, rows: list[int],
+                      num_sequences: int, num_tokens: int) -> PolicyBatch:
+        """This process's kept rows with their masks and loss weights normalised by the global batch
+        (`num_sequences` kept rows, `num_tokens` loss tokens); old log-probs are the rollout's."""
         c, device = self.config, self.policy.device
         completions = [rollout.completion_ids[i] for i in rows]
         width = max((len(x) for x in completions), default=0)
@@ -613,7 +707,8 @@ class GRPOTrainer(_Trainer):
         batch = PolicyBatch(
             [rollout.prompt_ids[i] for i in rows], completions, [rollout.eviction_log[i] for i in rows],
             _padded([rollout.logprobs[i] for i in rows], width, device), advantages[rows].to(device), mask,
-            loss_normalizer(mask, c.loss_type, c.max_new_tokens, num_sequences=len(rows)))
+            loss_normalizer(mask, c.loss_type, c.max_new_tokens, num_sequences=num_sequences,
+                            num_items_in_batch=num_tokens))
         if c.beta != 0 and rows:
             batch.ref = self._reference_logprobs(batch, width)
         return batch
@@ -639,6 +734,9 @@ class GRPOTrainer(_Trainer):
                 loss, stats = loss + part_loss, stats + part_stats
             norms.append(self.optimizer_step())
         n = self.config.num_iterations
+        loss, *counts = self.dp.sum([loss, stats.tokens, stats.low_clipped, stats.high_clipped,
+                                     stats.region_clipped, stats.kl_sum])
+        stats = LossStats(*counts, has_kl=stats.has_kl or self.config.beta != 0)
         return {"loss": loss / n, "grad_norm": sum(norms) / n, **stats.metrics()}
 
     def _replay_loss(self, batch: PolicyBatch) -> tuple[float, LossStats]:
@@ -689,13 +787,14 @@ class SFTTrainer(_Trainer):
         prompt_ids = self.policy.encode([e["prompt"] for e in examples], c.data.chat_template, c.data.system_prompt)
         completions = [self._target_ids(e[c.data.completion_field]) for e in examples]
         width = max(len(x) for x in completions)
-        weights = _length_mask([len(x) for x in completions], width, device)
-        weights /= weights.sum()
+        num_tokens = self.dp.sum([sum(map(len, completions))])[0]
+        weights = _length_mask([len(x) for x in completions], width, device) / num_tokens
         loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for a, b in _spans(len(completions), c.replay_batch_size):
             loss += self._replay_nll(prompt_ids[a:b], completions[a:b], weights[a:b])
-        return {"loss": loss, "grad_norm": self.optimizer_step(), "num_tokens": sum(map(len, completions))}
+        grad_norm = self.optimizer_step()
+        return {"loss": self.dp.sum([loss])[0], "grad_norm": grad_norm, "num_tokens": num_tokens}
 
     def _replay_nll(self, prompt_ids: list[list[int]], completions: list[list[int]], weights: torch.Tensor) -> float:
         """Backward of the weighted NLL of one micro-batch, segment by segment; returns its value."""
