@@ -97,3 +97,29 @@ def test_report_on_real_eval_output_and_cli(tmp_path, capsys):
     assert "report.md" in captured.err
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
     assert "error: run directory" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- thoughtfold bench
+
+
+def test_bench_command_smoke(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = main(["bench", "all", "--shape", "tiny", "--lengths", "8,16", "--window", "4", "--batch", "1",
+               "--tokens", "16", "--output", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for title in ("Decode: tokens/s and peak memory", "Replay + backward", "Encoder overhead"):
+        assert title in captured.out
+    assert "| 16         | bounded W=4" in captured.out
+    assert _is_png(out / "decode.png") and _is_png(out / "replay.png")
+    md = (out / "bench.md").read_text()
+    assert "![decode](decode.png)" in md and "HF generate" in md
+
+
+def test_bench_command_errors(capsys):
+    assert main(["bench", "decode", "--shape", "huge"]) == 2
+    assert "unknown shape 'huge'" in capsys.readouterr().err
+    assert main(["bench", "decode", "--lengths", "8,x"]) == 2
+    assert "lengths must be comma-separated integers" in capsys.readouterr().err
+    assert main(["bench", "fold"]) == 2
+    assert "invalid choice" in capsys.readouterr().err

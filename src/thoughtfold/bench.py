@@ -26,6 +26,9 @@ SHAPES = {
     # a small CPU-friendly model; Qwen2.5-3B's real shape for GPU runs
     "cpu-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                       num_key_value_heads=2, vocab_size=4096),
+    # a toy shape for smoke tests (seconds on a CPU)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
     "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                        num_key_value_heads=2, vocab_size=151936),
 }
@@ -168,6 +171,127 @@ def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: t
     rows.append([f"PTE rollout / plain bounded rollout ({tokens} tokens, {times['pte'][1]} events)",
                  f"{times['pte'][0] / times['none'][0]:.2f}x"])
     return rows
+
+
+# --------------------------------------------------------------------------- all benchmarks + plots
+
+DECODE_TITLE = "Decode: tokens/s and peak memory vs generated length"
+DECODE_HEADER = ["new tokens", "method", "tokens/s", "peak MiB"]
+REPLAY_TITLE = "Replay + backward: time and peak memory vs completion length"
+REPLAY_HEADER = ["completion tokens", "method", "seconds", "peak MiB"]
+ENCODER_TITLE = "Encoder overhead per eviction event"
+ENCODER_HEADER = ["measure", "value"]
+DEFAULT_LENGTHS = {"decode": [256, 1024, 4096], "replay": [512, 2048, 8192]}
+
+
+def _number_of(cell: object) -> float | None:
+    """A table cell ('1,234', '12.5', 2048) as a float; None for blanks and ratios."""
+    text = str(cell).replace(",", "").strip()
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _series(rows: list[list], column: int) -> dict[str, list[tuple[float, float]]]:
+    """{method: [(length, value), ...]} from a decode/replay table (ratio rows skipped)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        value = _number_of(row[column])
+        if value is not None:
+            series.setdefault(str(row[1]), []).append((float(row[0]), value))
+    return series
+
+
+def plot_lengths(rows: list[list], columns: dict[int, str], path, title: str, xlabel: str):
+    """One panel per (column index -> y label) of a decode/replay table, value vs length per method
+    (log2 length axis). Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.8), squeeze=False)
+    for ax, (column, ylabel) in zip(axes[0], columns.items(), strict=True):
+        for method, points in _series(rows, column).items():
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.plot(xs, ys, marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        lengths = sorted({int(x) for pts in _series(rows, column).values() for x, _ in pts})
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _markdown(title: str, header: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    lines = [f"### {title}", "", "| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[int] | None = None,
+                   window: int = 256, batch: int = 4, tokens: int = 1024, device: str = "cpu",
+                   dtype: torch.dtype | None = None, output_dir=None) -> dict:
+    """Run decode / replay / encoder (or all), print their tables and, with `output_dir`, write
+    `bench.md` (the tables) and the plots `decode.png` (tokens/s and peak memory vs generated
+    length) and `replay.png` (peak memory and time vs completion length). Returns
+    {"tables": {name: rows}, "plots": [paths], "markdown": text}."""
+    from pathlib import Path
+
+    if which not in ("decode", "replay", "encoder", "all"):
+        raise ValueError(f"unknown benchmark {which!r}")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(sorted(SHAPES))}")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.set_grad_enabled(True)
+    where = (f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda")
+             else f"{device} ({torch.get_num_threads()} threads)")
+    header_line = f"shape={shape} batch={batch} window={window} dtype={dtype} device={where}"
+    print(header_line)
+    names = ["decode", "replay", "encoder"] if which == "all" else [which]
+    tables: dict[str, list[list]] = {}
+    plots = []
+    sections = ["# thoughtfold bench", "", header_line, ""]
+    for name in names:
+        if name == "decode":
+            rows = decode_benchmark(shape, lengths or DEFAULT_LENGTHS["decode"], window, batch, device, dtype)
+            title, header = DECODE_TITLE, DECODE_HEADER
+            if out is not None:
+                plots.append(plot_lengths(rows, {2: "tokens/s", 3: "peak memory (MiB)"}, out / "decode.png",
+                                          f"Decode, batch {batch}, W={window} ({shape}, {device})",
+                                          "generated tokens"))
+        elif name == "replay":
+            rows = replay_benchmark(shape, lengths or DEFAULT_LENGTHS["replay"], window, batch, device, dtype)
+            title, header = REPLAY_TITLE, REPLAY_HEADER
+            if out is not None:
+                plots.append(plot_lengths(rows, {3: "peak memory (MiB)", 2: "seconds"}, out / "replay.png",
+                                          f"Replay + backward, batch {batch}, W={window} ({shape}, {device})",
+                                          "completion tokens"))
+        else:
+            rows = encoder_benchmark(shape, window, batch, device, dtype, tokens)
+            title, header = ENCODER_TITLE, ENCODER_HEADER
+        print_table(title, header, rows)
+        tables[name] = rows
+        sections += [_markdown(title, header, rows), ""]
+    sections += [f"![{p.stem}]({p.name})" for p in plots]
+    markdown = "\n".join(sections).rstrip() + "\n"
+    if out is not None:
+        (out / "bench.md").write_text(markdown)
+    return {"tables": tables, "plots": plots, "markdown": markdown}
 
 
 def main(argv: list[str] | None = None) -> None:

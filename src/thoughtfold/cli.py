@@ -460,6 +460,71 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _lengths_arg(value: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lengths must be comma-separated integers, got {value!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"lengths must be integers >= 1, got {value!r}")
+    return lengths
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `thoughtfold bench`."""
+    p = sub.add_parser(
+        "bench", help="decode / replay / encoder micro-benchmarks with tables and plots",
+        description="Random-init models of a named shape (nothing is downloaded). decode: tokens/s and "
+        "peak memory vs generated length (bounded vs full cache vs HF generate); replay: time and peak "
+        "memory of replay + backward vs completion length (PTE bounded vs full-cache LoRA); encoder: "
+        "encoder cost per eviction event. Prints the tables and writes bench.md, decode.png and "
+        "replay.png to --output.",
+    )
+    p.add_argument("which", nargs="?", default="all", choices=["decode", "replay", "encoder", "all"],
+                   help="which benchmark [default: %(default)s]")
+    p.add_argument("--shape", default="cpu-small", help="model shape: cpu-small, tiny (smoke test) or "
+                   "qwen2.5-3b [default: %(default)s]")
+    p.add_argument("--lengths", type=_lengths_arg, default=None, metavar="N1,N2,...",
+                   help="generated / completion lengths [default: 256,1024,4096 decode; 512,2048,8192 replay]")
+    p.add_argument("--window", type=_number(int, "window"), default=256, metavar="W", help="[default: %(default)s]")
+    p.add_argument("--batch", type=_number(int, "batch"), default=4, help="[default: %(default)s]")
+    p.add_argument("--tokens", type=_number(int, "tokens"), default=1024,
+                   help="encoder: tokens decoded [default: %(default)s]")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N [default: %(default)s]")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 [default: float32 on CPU, "
+                   "bfloat16 on CUDA]")
+    p.add_argument("--output", default="runs/bench", metavar="DIR", help="[default: %(default)s]")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run `thoughtfold bench`."""
+    import torch
+
+    from .bench import SHAPES, run_benchmarks
+
+    if args.shape not in SHAPES:
+        raise ConfigError(f"unknown shape {args.shape!r}; choose from {', '.join(sorted(SHAPES))}")
+    for name in ("window", "batch", "tokens"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {args.device} requested but CUDA is not available")
+    dtype = None
+    if args.dtype is not None:
+        dtype = getattr(torch, args.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"unknown dtype {args.dtype!r}; use float32, bfloat16 or float16")
+    result = run_benchmarks(args.which, args.shape, args.lengths, args.window, args.batch, args.tokens,
+                            args.device, dtype, args.output)
+    written = ", ".join(str(p) for p in [Path(args.output) / "bench.md", *result["plots"]])
+    print(f"thoughtfold: wrote {written}", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -472,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
