@@ -202,3 +202,46 @@ def test_eval_command_errors(capsys):
     assert "n-samples must be >= 1" in capsys.readouterr().err
     assert main(["eval", "--dataset", "x.jsonl", "--adapter", "/nonexistent/adapter"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_killed_eval_command_resumes(tiny_dirs, tiny_policy, tmp_path):
+    """SIGKILL a running `thoughtfold eval` after its first batch, rerun the same command: it reports
+    the finished samples as reused, generates only the rest, and ends with the summary an
+    uninterrupted run gives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "thoughtfold.cli", "eval", "--model", str(tiny_dirs["qwen2"]), "--dataset",
+            str(PROBLEMS), "--window", "4,none", "--n-samples", "4", "--batch-size", "2", "--temperature", "1.0",
+            "--max-new-tokens", "48", "--reward", "arith", "--device", "cpu", "--output", str(out),
+            "--no-progress"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    samples = out / SAMPLES_NAME
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if samples.is_file() and samples.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the evaluation finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert not (out / SUMMARY_NAME).exists()
+    before = len(read_samples(samples))
+    assert 2 <= before < 24
+
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{before} of 24 samples already done" in rerun.stderr
+    assert f"{24 - before} samples generated now, {before} reused" in rerun.stderr
+    assert len(read_samples(samples)) == 24
+
+    expected = evaluate(tiny_policy, _config(tmp_path / "uninterrupted", n_samples=4, batch_size=2,
+                                             max_new_tokens=48, reward="arith"), model=str(tiny_dirs["qwen2"]))
+    resumed = json.loads((out / SUMMARY_NAME).read_text())
+    assert resumed["results"] == expected["results"]
