@@ -220,7 +220,7 @@ calls = 0
 def low_bytes_then_die(prompts, completions, completion_ids, **columns):
     global calls
     calls += 1
-    if calls == 3:  # in the middle of step 3, after the step-2 checkpoint
+    if calls == 4:  # in the middle of step 4: step 3 is logged but not checkpointed
         os.kill(os.getpid(), signal.SIGKILL)
     return low_bytes(prompts, completions, completion_ids)
 low_bytes_then_die.__name__ = "low_bytes"
@@ -242,7 +242,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dirs):
                           timeout=300, env=env)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert latest_checkpoint(killed / "checkpoints").name == "step-00000002"
-    assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == [1, 2, 3]
 
     resumed = _config(tmp_path, model, output_dir=str(killed), steps=4, save_every=2, resume=True)
     trainer = GRPOTrainer(resumed, dataset=_dataset(), reward_funcs=[low_bytes])
@@ -355,8 +355,10 @@ def test_sft_needs_the_trace_column(tmp_path, tiny_dirs):
         SFTTrainer(_config(tmp_path, tiny_dirs["llama"]), dataset=_dataset())
 
 
-def test_metrics_file_is_json_lines(tmp_path, tiny_dirs):
-    result = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], steps=1), dataset=_dataset(),
-                         reward_funcs=[low_bytes]).train()
+def test_metrics_go_to_json_lines_and_tensorboard(tmp_path, tiny_dirs):
+    pytest.importorskip("tensorboard")
+    result = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], steps=1, report_to=["tensorboard"]),
+                         dataset=_dataset(), reward_funcs=[low_bytes]).train()
     lines = Path(result["metrics"]).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,11 +1,11 @@
 """Training loops through the segment-wise replay: cache-aware GRPO and supervised fine-tuning.
 
 One GRPO step: draw `prompts_per_step` prompts, sample `group_size` completions of each under the
-bounded cache (one `generate` call, so all rollouts share one eviction schedule), score them,
-compute group-normalised advantages, then update the adapter with the clipped policy-gradient loss.
-The loss is built per replay segment with batch-wide token weights (grpo.py), so the summed segment
-losses equal the full-batch loss while backward never spans more than one segment: memory is
-bounded by the cache window, not by the completion length.
+bounded cache, score them, compute group-normalised advantages, then update the adapter with the
+clipped policy-gradient loss. The loss is built per replay segment with batch-wide token weights
+(grpo.py), so the summed segment (and micro-batch) losses equal the full-batch loss while backward
+never spans more than one segment: memory is bounded by the cache window, not by the completion
+length. Under `torchrun` each process takes its share of the prompts (`DataParallel`).
 
 Configs are dataclasses loaded from YAML plus ``key=value`` overrides through OmegaConf.
 Checkpoints (checkpoint.py) make a run resumable exactly, even after a SIGKILL.
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
@@ -185,9 +186,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         key = getattr(e, "full_key", None)
         message = str(e).splitlines()[0]
         raise ConfigError(f"config{f' key {key!r}' if key else ''}: {message}") from None
-    except Exception as e:  # YAML syntax errors come from PyYAML
-        if isinstance(e, ConfigError):
-            raise
+    except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
@@ -540,14 +539,12 @@ class _Trainer:
 
     def _summary(self, adapter: Path, metrics_path: Path, plot: Path | None) -> str:
         c = self.config
-        window = self.policy.cache_config.window
-        window = "full" if window is None else str(window)
         return "\n".join([
             f"thoughtfold: {self.kind} finished after {self.step} steps",
             f"  adapter:  {adapter}",
             f"  logs:     {metrics_path}",
             f"  plot:     {plot if plot is not None else '(no data)'}",
-            f"  evaluate: thoughtfold eval --adapter {adapter} --data {c.data.dataset} --window {window}",
+            f"  evaluate: thoughtfold eval --adapter {adapter} --data {c.data.dataset}",
         ])
 
 
