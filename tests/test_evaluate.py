@@ -245,3 +245,23 @@ def test_killed_eval_command_resumes(tiny_dirs, tiny_policy, tmp_path):
                                              max_new_tokens=48, reward="arith"), model=str(tiny_dirs["qwen2"]))
     resumed = json.loads((out / SUMMARY_NAME).read_text())
     assert resumed["results"] == expected["results"]
+
+
+def test_eval_command_with_adapter_uses_its_window_and_mode(tiny_dirs, tmp_path, capsys):
+    from thoughtfold.config import AdapterConfig, CacheConfig
+    from thoughtfold.policy import Policy
+
+    policy = Policy.from_pretrained(str(tiny_dirs["qwen3"]), cache=CacheConfig(window=6),
+                                    adapter=AdapterConfig(mode="pte", rank=4, global_tokens=2), device="cpu")
+    policy.save_adapter(str(tmp_path / "adapter"))
+    out = tmp_path / "eval"
+    rc = main(["eval", "--adapter", str(tmp_path / "adapter"), "--dataset", str(PROBLEMS), "--limit", "1",
+               "--max-new-tokens", "10", "--reward", "arith", "--output", str(out), "--device", "cpu",
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert summary["method"] == "pte"
+    assert summary["adapter"] == str((tmp_path / "adapter").resolve())
+    assert [r["window"] for r in summary["results"]] == [6]
+    assert summary["results"][0]["mean_evictions"] > 0
+    assert "| 6 " in capsys.readouterr().out

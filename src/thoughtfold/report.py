@@ -105,14 +105,18 @@ def discover(paths: list[str | Path]) -> tuple[list[EvalRun], list[TrainRun]]:
         else:
             root, summaries = path, _summaries_under(path)
             metrics = path / METRICS_NAME if (path / METRICS_NAME).is_file() else None
+        found = 0
         for s in summaries:
             summary = _read_json(s)
             if not isinstance(summary, dict) or not isinstance(summary.get("results"), list):
-                raise DataError(f"{s} is not a thoughtfold eval summary (no 'results' list)")
+                if path.is_file():
+                    raise DataError(f"{s} is not a thoughtfold eval summary (no 'results' list)")
+                continue  # some other tool's summary.json under the run directory
             evals.append(EvalRun(_run_name(s.parent, root), s.parent, summary))
+            found += 1
         if metrics is not None:
             trains.append(TrainRun(root.resolve().name, root, read_metrics(metrics), _read_config(root)))
-        if not summaries and metrics is None:
+        if not found and metrics is None:
             raise DataError(f"{raw}: no eval summary ({SUMMARY_NAME}) or training log ({METRICS_NAME}) found")
     return evals, trains
 
