@@ -13,7 +13,8 @@ Resume: samples are generated in fixed batches (a fixed partition of the flatten
 (index, sample) list of a dataset, with a seed derived from (seed, dataset, batch start) only), so a
 run that was killed and restarted skips the finished samples, regenerates exactly the unfinished
 batches, and ends with the same samples and summary as an uninterrupted run. A line cut short by
-the kill is dropped. The seed does not depend on the window: all windows see the same random draws
+the kill is dropped. (Exactly the same samples need the same --n-samples and --batch-size, which
+define the partition; with other values the finished samples are still reused.) The seed does not depend on the window: all windows see the same random draws
 (common random numbers), which lowers the variance of between-window differences.
 """
 
