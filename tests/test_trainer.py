@@ -350,6 +350,16 @@ def test_sft_lowers_the_loss_on_a_fixed_trace(tmp_path, tiny_dirs):
     assert result["plot"].name == "loss.png"
 
 
+def test_sft_imitates_full_cache_traces_under_the_bounded_cache(tmp_path, tiny_dirs):
+    """Near-greedy base-model traces (fresh each step) get likelier under the bounded-cache policy."""
+    config = _config(tmp_path, tiny_dirs["llama"], steps=8, max_new_tokens=24, sft_targets="full_cache",
+                     temperature=0.1, lr=1e-2)
+    records = read_metrics(SFTTrainer(config, dataset=_dataset()[:1]).train()["metrics"])
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+    assert all(r["num_tokens"] > 0 for r in records)
+
+
 def test_sft_needs_the_trace_column(tmp_path, tiny_dirs):
     with pytest.raises(DataError, match="'solution'"):
         SFTTrainer(_config(tmp_path, tiny_dirs["llama"]), dataset=_dataset())

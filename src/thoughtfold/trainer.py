@@ -62,6 +62,7 @@ from .rewards import load_reward
 log = logging.getLogger("thoughtfold")
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+SFT_TARGETS = ("dataset", "full_cache")
 REPORT_TO = ("tensorboard", "wandb")
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
@@ -122,6 +123,7 @@ class TrainConfig:
     filter_zero_std: bool = True
     mask_truncated_completions: bool = False
     num_iterations: int = 1
+    sft_targets: str = "dataset"
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
     steps: int = 30
@@ -141,7 +143,8 @@ class TrainConfig:
     def _check_choices(self) -> None:
         for name, value, allowed in (("loss_type", self.loss_type, LOSS_TYPES),
                                      ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
-                                     ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)):
+                                     ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
+                                     ("sft_targets", self.sft_targets, SFT_TARGETS)):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         unknown = [r for r in self.report_to if r not in REPORT_TO]
@@ -762,9 +765,11 @@ class GRPOTrainer(_Trainer):
 
 
 class SFTTrainer(_Trainer):
-    """Cross-entropy through the replay on given traces (prompt + `data.completion_field`): teaches the
-    bounded-cache policy to reproduce full-cache reasoning. Traces longer than `max_new_tokens` are
-    cut; `prompts_per_step` traces make one batch, with the token-mean loss over the whole batch."""
+    """Cross-entropy through the replay: teaches the bounded-cache policy to reproduce full-cache
+    reasoning. Targets are the dataset's traces (`sft_targets: dataset`, column
+    `data.completion_field`, cut at `max_new_tokens`) or completions the base model samples under a
+    full cache for each batch (`sft_targets: full_cache`). `prompts_per_step` traces make one batch,
+    with the token-mean loss over the whole batch."""
 
     kind = "sft"
     plot_key = "loss"
@@ -772,6 +777,8 @@ class SFTTrainer(_Trainer):
     def _load_dataset(self, dataset: Sequence[dict] | None) -> list[dict]:
         rows = super()._load_dataset(dataset)
         field_name = self.config.data.completion_field
+        if self.config.sft_targets == "full_cache":
+            return rows
         for i, row in enumerate(rows):
             if not isinstance(row.get(field_name), str) or not row[field_name]:
                 raise DataError(f"dataset row {i} has no text in {field_name!r} (the SFT target; set "
@@ -782,7 +789,10 @@ class SFTTrainer(_Trainer):
         """One update on a batch of traces; `loss` is the token-mean NLL before the update."""
         c, device = self.config, self.policy.device
         prompt_ids = self.policy.encode([e["prompt"] for e in examples], c.data.chat_template, c.data.system_prompt)
-        completions = [self._target_ids(e[c.data.completion_field]) for e in examples]
+        if c.sft_targets == "full_cache":
+            completions = self._full_cache_traces(prompt_ids)
+        else:
+            completions = [self._target_ids(e[c.data.completion_field]) for e in examples]
         width = max(len(x) for x in completions)
         num_tokens = self.dp.sum([sum(map(len, completions))])[0]
         weights = _length_mask([len(x) for x in completions], width, device) / num_tokens
@@ -805,6 +815,22 @@ class SFTTrainer(_Trainer):
 
         self.policy.replay_logprobs(prompt_ids, completions, None, loss_fn=loss_fn, temperature=1.0)
         return loss
+
+    def _full_cache_traces(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """What the base model (adapters off) samples under a full cache: the behaviour the bounded
+        policy should imitate. Seeds follow (seed, step, process), so a resumed run sees the same."""
+        c, policy = self.config, self.policy
+        bounded = policy.cache_config
+        policy.cache_config = CacheConfig(window=None)
+        try:
+            with torch.no_grad(), adapters_disabled(policy.wrappers):
+                result = policy.generate(
+                    prompt_ids, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                    top_k=c.top_k, seed=random.Random(f"sft:{c.seed}:{self.step}:{self.dp.rank}").randrange(2**31),
+                    chat_template=False)
+        finally:
+            policy.cache_config = bounded
+        return result.completion_ids
 
     def _target_ids(self, text: str) -> list[int]:
         """The trace's tokens plus EOS (no EOS when cut at max_new_tokens: the trace goes on)."""
