@@ -68,10 +68,12 @@ QUICK_CONFIG: dict = {
     "memory_probe": 2,
 }
 
-METHODS = {  # name -> (adapter mode, adapter overrides, full_backprop through the replay)
+METHODS = {  # name -> (adapter mode, adapter overrides, backprop: False truncated | True full | "state")
     "lora_c": ("lora", {}, False),
     "pte": ("pte", {}, False),  # the default: truncated backprop (earlier states detached)
     "pte_full_backprop": ("pte", {}, True),
+    # exact gradients through the chain of encoder states, K/V detached, bounded activations (StateBPTT)
+    "pte_state_bptt": ("pte", {}, "state"),
     # ablations, on top of full backprop (the variant that learns; see RESULTS.md)
     "pte_fb_global0": ("pte", {"global_tokens": 0}, True),
     "pte_fb_global_only": ("pte", {"global_only": True}, True),
@@ -189,6 +191,84 @@ def evaluate(policy: Policy, task: RecallTask, n: int, batch: int, seed: int) ->
     }
 
 
+# --------------------------------------------------------------------------- replay with gradients through the states
+
+
+class StateBPTT:
+    """Stands in for `policy.folder` during one replay so that the encoder gets the exact gradient
+    through the whole chain of states S_0 -> S_1 -> ... (backprop through time over eviction events)
+    while the replay still runs backward per segment with detached K/V (bounded activations).
+
+    Pass 1 (the engine's segment-wise replay): every state a segment reads is a fresh leaf, so each
+    segment's backward leaves dL/dS_k in the leaf's .grad. Pass 2 (`backward`): recompute the state
+    chain with autograd from the evicted K/V recorded in pass 1 and backpropagate sum_k <S_k, dL/dS_k>.
+    Extra memory: the evicted K/V (the size of a full KV cache, no activations) and the small encoder
+    graph. Same gradients as the full-graph replay with the cached K/V detached."""
+
+    def __init__(self, folder):
+        self.inner, self.encoder = folder, folder.encoder
+        self.leaves: list = []
+        self.blocks: list = []
+        self.batch = 0
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def _leaf(self, state):
+        from thoughtfold.encoder import EncoderState
+
+        leaf = EncoderState(state.max, None if state.norm is None else state.norm.detach().requires_grad_(),
+                            state.num.detach().requires_grad_())
+        self.leaves.append(leaf)
+        self.inner.apply(leaf)
+        return leaf
+
+    def start(self, batch: int):
+        self.batch = batch
+        with torch.no_grad():
+            state = self.encoder.initial_state(batch)
+        return self._leaf(state)
+
+    def fold(self, state, keys, values, positions):
+        self.blocks.append((keys.detach(), values.detach(), positions))
+        with torch.no_grad():
+            state = self.inner.fold(state, keys, values, positions)
+        return self._leaf(state)
+
+    def apply(self, state) -> None:
+        self.inner.apply(state)
+
+    def backward(self) -> None:
+        state = self.encoder.initial_state(self.batch)
+        total = None
+        for k, leaf in enumerate(self.leaves):
+            if k > 0:
+                state = self.inner.fold(state, *self.blocks[k - 1])
+            for mine, theirs in ((state.num, leaf.num), (state.norm, leaf.norm)):
+                if theirs is not None and theirs.grad is not None and mine.requires_grad:
+                    term = (mine * theirs.grad).sum()
+                    total = term if total is None else total + term
+        self.inner.apply(None)
+        if total is not None:
+            total.backward()
+
+
+def replay(policy: Policy, prompts, completions, logs, loss_fn, backprop: bool | str = False):
+    """`policy.replay_logprobs` with backprop False (truncated, the engine default), True (one full
+    graph) or "state" (StateBPTT)."""
+    if backprop != "state":
+        return policy.replay_logprobs(prompts, completions, logs, loss_fn=loss_fn, full_backprop=bool(backprop))
+    inner = policy.folder
+    policy.folder = bptt = StateBPTT(inner)
+    try:
+        out = policy.replay_logprobs(prompts, completions, logs, loss_fn=loss_fn)
+        bptt.backward()
+    finally:
+        policy.folder = inner
+    return out
+
+
 # --------------------------------------------------------------------------- training under the bounded cache
 
 
@@ -199,7 +279,7 @@ def sft_loss_fn(total_tokens: int):
     return loss_fn
 
 
-def sft(policy: Policy, task: RecallTask, cfg: dict, seed: int, full_backprop: bool, log: Log, name: str) -> dict:
+def sft(policy: Policy, task: RecallTask, cfg: dict, seed: int, backprop: bool | str, log: Log, name: str) -> dict:
     """Cross-entropy through the replay on full-cache traces (pi^D imitates pi)."""
     params = policy.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
@@ -207,8 +287,8 @@ def sft(policy: Policy, task: RecallTask, cfg: dict, seed: int, full_backprop: b
     for step in range(cfg["steps"]):
         prompts, traces = task.sample_traces(cfg["batch"], seed=seed * 7919 + step)
         opt.zero_grad(set_to_none=True)
-        lps = policy.replay_logprobs(prompts, traces, None, loss_fn=sft_loss_fn(sum(map(len, traces))),
-                                     full_backprop=full_backprop)
+        lps = replay(policy, prompts, traces, None, loss_fn=sft_loss_fn(sum(map(len, traces))),
+                                     backprop=backprop)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         # answer-token NLL: the part of the loss that needs the evicted value
@@ -225,7 +305,7 @@ def sft(policy: Policy, task: RecallTask, cfg: dict, seed: int, full_backprop: b
             "sft_final_answer_nll": round(sum(a for _, a in tail) / len(tail), 4)}
 
 
-def grpo(policy: Policy, task: RecallTask, cfg: dict, seed: int, full_backprop: bool, log: Log, name: str) -> dict:
+def grpo(policy: Policy, task: RecallTask, cfg: dict, seed: int, backprop: bool | str, log: Log, name: str) -> dict:
     """Cache-aware GRPO, minimal: rollouts under the bounded cache (one lockstep `generate` call),
     group-normalised advantages (groups with zero reward spread dropped), token-level (DAPO)
     clipped policy-gradient loss through the segment-wise replay, one update per batch. The
@@ -262,8 +342,8 @@ def grpo(policy: Policy, task: RecallTask, cfg: dict, seed: int, full_backprop: 
             return (per_token * mask[:, a:b]).sum()
 
         opt.zero_grad(set_to_none=True)
-        policy.replay_logprobs([out.prompt_ids[i] for i in keep], comps, [out.eviction_log[i] for i in keep],
-                               loss_fn=loss_fn, full_backprop=full_backprop)
+        replay(policy, [out.prompt_ids[i] for i in keep], comps, [out.eviction_log[i] for i in keep],
+               loss_fn=loss_fn, backprop=backprop)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
     last = rewards[-5:]
@@ -273,7 +353,7 @@ def grpo(policy: Policy, task: RecallTask, cfg: dict, seed: int, full_backprop: 
             "grpo_reward_first": rewards[0], "grpo_reward_last5": sum(last) / len(last)}
 
 
-def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool, full_backprop: bool) -> dict:
+def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool, backprop: bool | str) -> dict:
     """Peak tensor bytes (CPU) of one rollout and one replay+backward on `probe` sequences."""
     prompts, traces = task.sample_traces(probe, seed=777)
     with PeakMemory("cpu") as m:
@@ -281,8 +361,8 @@ def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool, fu
     out = {"rollout_peak_bytes": m.peak_bytes, "train_peak_bytes": None}
     if train:
         with PeakMemory("cpu") as m:
-            policy.replay_logprobs(prompts, traces, None, loss_fn=sft_loss_fn(sum(map(len, traces))),
-                                   full_backprop=full_backprop)
+            replay(policy, prompts, traces, None, loss_fn=sft_loss_fn(sum(map(len, traces))),
+                   backprop=backprop)
         for p in policy.trainable_parameters():
             p.grad = None
         out["train_peak_bytes"] = m.peak_bytes
@@ -309,7 +389,14 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
     base = build_model(task, config["model"], seed)
     n_params = sum(p.numel() for p in base.parameters())
     log(f"model: Llama {config['model']} -> {n_params / 1e6:.2f}M parameters")
-    pre = pretrain(base, task, config["pretrain"], ecfg, seed, log)
+    if config.get("base_path"):  # reuse a base model trained by an earlier run of this script
+        base.load_state_dict(torch.load(config["base_path"]))
+        for p in base.parameters():
+            p.requires_grad_(False)
+        pre = {"loaded_from": str(config["base_path"])}
+        log(f"base model loaded from {config['base_path']}")
+    else:
+        pre = pretrain(base, task, config["pretrain"], ecfg, seed, log)
     torch.save(base.state_dict(), out_dir / "base_model.pt")
 
     rows: list[dict] = []
@@ -332,10 +419,10 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
     # reference rows: full cache (its training memory: a LoRA replay step under the full cache)
     probe = config["memory_probe"]
     full = make(None, "lora")
-    add("full", None, full, measure_memory(full, task, probe, train=True, full_backprop=False))
+    add("full", None, full, measure_memory(full, task, probe, train=True, backprop=False))
     for w in windows:
         bounded = make(w, "none")
-        add("bounded", w, bounded, measure_memory(bounded, task, probe, train=False, full_backprop=False))
+        add("bounded", w, bounded, measure_memory(bounded, task, probe, train=False, backprop=False))
 
     jobs = [(m, w) for w in windows for m in config["methods"]]
     jobs += [(a, abl_window) for a in config["ablations"]]
@@ -344,8 +431,8 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
         log(f"== {method} W={w} ({k + 1}/{len(jobs)}, {time.perf_counter() - t0:.0f}s elapsed)")
         torch.manual_seed(seed)
         policy = make(w, mode, overrides)
-        extra = {"adapter_mode": mode, "adapter_overrides": overrides, "full_backprop": full_bp,
-                 **measure_memory(policy, task, probe, train=True, full_backprop=full_bp)}
+        extra = {"adapter_mode": mode, "adapter_overrides": overrides, "backprop": full_bp,
+                 **measure_memory(policy, task, probe, train=True, backprop=full_bp)}
         extra.update(sft(policy, task, config["sft"], seed, full_bp, log, method))
         extra["accuracy_after_sft"] = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])["accuracy"]
         log(f"  {method} W={w} accuracy after SFT {extra['accuracy_after_sft']:.3f}")
@@ -404,10 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="toy scale (seconds): a smoke test of the pipeline")
     ap.add_argument("--out", type=Path, default=HERE / "runs" / "latest", help="logs, checkpoints, base model")
     ap.add_argument("--results", type=Path, default=None, help="default: results.json next to this script")
+    ap.add_argument("--base", type=Path, default=None, help="skip pretraining: load this base_model.pt")
     args = ap.parse_args(argv)
     config = merge(DEFAULT_CONFIG, QUICK_CONFIG) if args.quick else copy.deepcopy(DEFAULT_CONFIG)
     if args.config is not None:
         config = merge(config, json.loads(args.config.read_text()))
+    if args.base is not None:
+        config["base_path"] = str(args.base)
     results = args.results or (args.out / "results.json" if args.quick else HERE / "results.json")
     table = results.with_name("RESULTS.md")
     (args.out).mkdir(parents=True, exist_ok=True)
