@@ -1,0 +1,267 @@
+"""GRPO advantages and losses in plain torch, with TRL GRPOTrainer's semantics and metric names.
+
+The trainer backpropagates segment by segment (the replay), so the loss is written as a sum of
+per-token terms: :func:`loss_normalizer` gives each token its weight from the *whole* batch's
+mask, and :func:`token_loss_terms` computes ``weight * per_token_loss`` for any slice of tokens.
+Summing the terms of all segments (and micro-batches, given the global counts) equals
+:func:`grpo_loss` on the full batch.
+
+Shapes: ``N`` sequences (prompts x ``group_size`` completions, grouped contiguously), ``T`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import ConfigError
+
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
+ScaleRewards = Literal["group", "batch", "none"]
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
+
+
+# --------------------------------------------------------------------------- rewards -> advantages
+
+
+def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor | list[float] | None = None) -> torch.Tensor:
+    """Weighted sum over reward functions ``[N, F] -> [N]`` where None (NaN) entries are skipped,
+    as TRL does with ``nansum``; a sample with no reward at all stays NaN (skipped downstream)."""
+    if rewards_per_func.dim() == 1:
+        rewards_per_func = rewards_per_func.unsqueeze(1)
+    w = torch.ones(rewards_per_func.shape[1]) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    w = w.to(rewards_per_func.device, rewards_per_func.dtype)
+    total = (rewards_per_func * w).nansum(dim=1)
+    all_missing = torch.isnan(rewards_per_func).all(dim=1)
+    return total.masked_fill(all_missing, float("nan"))
+
+
+def rewards_tensor(rewards: list[float | None]) -> torch.Tensor:
+    """A reward list with None (skipped samples) as NaN."""
+    return torch.tensor([float("nan") if r is None else float(r) for r in rewards], dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class GroupAdvantages:
+    """Advantages and the group statistics TRL logs."""
+
+    advantages: torch.Tensor  # [N]; 0 for skipped (NaN-reward) samples
+    group_mean: torch.Tensor  # [N], each sample's group mean reward
+    group_std: torch.Tensor  # [N], each sample's group std (unbiased, as torch.std)
+    zero_std: torch.Tensor  # [N] bool: the sample's group has (near) zero reward std -> no signal
+    valid: torch.Tensor  # [N] bool: the sample has a reward (not None/NaN)
+
+    @property
+    def frac_reward_zero_std(self) -> float:
+        """Fraction of samples whose group has zero reward std (TRL's ``frac_reward_zero_std``)."""
+        return self.zero_std.float().mean().item()
+
+    @property
+    def reward_std(self) -> float:
+        """Mean group std (TRL's ``reward_std``)."""
+        return self.group_std.nan_to_num(0.0).mean().item()
+
+    def keep_mask(self, filter_zero_std: bool = True) -> torch.Tensor:
+        """[N] bool: samples that take part in the loss (valid and, if filtering, non-zero-std)."""
+        return self.valid & ~self.zero_std if filter_zero_std else self.valid
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: ScaleRewards = "group") -> GroupAdvantages:
+    """TRL's group-relative advantages: ``r - mean(group)``, divided by ``std + 1e-4`` of the group
+    (``"group"``), of the whole batch (``"batch"``) or not at all (``"none"``).
+
+    NaN rewards (unparseable gold, a reward that returned None) are left out of the group's
+    statistics and get advantage 0 and ``valid=False``. ``zero_std`` is always the *group*'s std
+    (a group with < 2 valid rewards counts as zero-std): those groups carry no learning signal.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ConfigError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    if group_size < 1 or rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ConfigError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    rewards = rewards.float()
+    valid = ~torch.isnan(rewards)
+    mean, std = _masked_mean_std(rewards.view(-1, group_size), valid.view(-1, group_size))
+    group_mean = mean.repeat_interleave(group_size)
+    group_std = std.repeat_interleave(group_size)
+    zero_std = torch.isclose(group_std.nan_to_num(0.0), torch.zeros_like(group_std))
+    centred = torch.where(valid, rewards - group_mean, torch.zeros_like(rewards))
+    if scale_rewards == "group":
+        advantages = centred / (group_std.nan_to_num(0.0) + STD_EPS)
+    elif scale_rewards == "batch":
+        _, batch_std = _masked_mean_std(rewards.view(1, -1), valid.view(1, -1))
+        advantages = centred / (batch_std.nan_to_num(0.0) + STD_EPS)
+    else:
+        advantages = centred
+    return GroupAdvantages(advantages, group_mean, group_std, zero_std, valid)
+
+
+def _masked_mean_std(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise mean and unbiased std over ``mask``ed entries ([G, n] -> [G]); std NaN if < 2."""
+    count = mask.sum(dim=1)
+    filled = torch.where(mask, values, torch.zeros_like(values))
+    mean = filled.sum(dim=1) / count.clamp(min=1)
+    sq = torch.where(mask, (values - mean.unsqueeze(1)) ** 2, torch.zeros_like(values)).sum(dim=1)
+    std = (sq / (count - 1).clamp(min=1)).sqrt()
+    std = torch.where(count >= 2, std, torch.full_like(std, float("nan")))
+    return torch.where(count >= 1, mean, torch.zeros_like(mean)), std
+
+
+# --------------------------------------------------------------------------- completion masks
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's completion mask: tokens up to and including the first EOS (all tokens if none), and
+    ``truncated`` [N] bool for completions that never produced EOS (they hit the length limit)."""
+    eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                              device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos_ids)
+    n, t = completion_ids.shape
+    first_eos = torch.full((n,), t, dtype=torch.long, device=completion_ids.device)
+    has_eos = is_eos.any(dim=1)
+    first_eos[has_eos] = is_eos.int().argmax(dim=1)[has_eos]
+    positions = torch.arange(t, device=completion_ids.device).expand(n, -1)
+    mask = (positions <= first_eos.unsqueeze(1)).to(torch.float32)
+    return mask, ~has_eos
+
+
+def mask_truncated_completions(mask: torch.Tensor, truncated: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """TRL's ``mask_truncated_completions``: drop completions cut at the length limit from the loss,
+    so the policy is not trained on answers it never finished."""
+    return mask * (~truncated).unsqueeze(1).to(mask.dtype) if enabled else mask
+
+
+def soft_overlong_penalty(lengths: torch.Tensor, max_completion_length: int, soft_punish_cache: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (TRL's ``get_soft_overlong_punishment``): 0 up to
+    ``max - cache`` tokens, then linearly down to -1 at ``max``; an alternative to masking."""
+    if not 0 <= soft_punish_cache < max_completion_length:
+        raise ConfigError("soft_punish_cache must be in [0, max_completion_length)")
+    start = max_completion_length - soft_punish_cache
+    lengths = lengths.float()
+    ramp = (start - lengths) / max(soft_punish_cache, 1)
+    return torch.where(lengths <= start, torch.zeros_like(lengths),
+                       torch.where(lengths <= max_completion_length, ramp, -torch.ones_like(lengths)))
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def loss_normalizer(mask: torch.Tensor, loss_type: LossType = "grpo", max_completion_length: int | None = None,
+                    num_sequences: int | None = None, num_items_in_batch: float | None = None) -> torch.Tensor:
+    """Per-token weights [N, T] (0 where masked) such that ``sum(weight * per_token_loss)`` is TRL's loss:
+
+    * ``grpo``: mean over each sequence's tokens, then mean over sequences -> ``1 / (N * n_i)``;
+    * ``bnpo`` / ``dapo``: token-level mean over all tokens -> ``1 / num_items_in_batch``
+      (default: this mask's token count; pass the global count across micro-batches/processes);
+    * ``dr_grpo``: ``1 / (N * max_completion_length)`` (default ``max_completion_length = T``).
+
+    ``num_sequences`` overrides N: the global batch size when this mask is one micro-batch, or
+    the number of kept sequences after zero-std filtering (TRL counts masked rows in N).
+    Compute the weights once from the full mask, then slice them per segment.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ConfigError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    mask = mask.float()
+    n = num_sequences if num_sequences is not None else mask.shape[0]
+    if loss_type == "grpo":
+        per_seq = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return mask / (per_seq * n)
+    if loss_type == "dr_grpo":
+        length = max_completion_length if max_completion_length is not None else mask.shape[1]
+        return mask / (n * length)
+    total = num_items_in_batch if num_items_in_batch is not None else mask.sum().item()
+    return mask / max(float(total), 1.0)
+
+
+@dataclass
+class LossStats:
+    """Additive token counts behind TRL's clip and KL metrics; sum them over segments/micro-batches."""
+
+    tokens: float = 0.0
+    low_clipped: float = 0.0
+    high_clipped: float = 0.0
+    region_clipped: float = 0.0
+    kl_sum: float = 0.0
+    has_kl: bool = False
+
+    def __add__(self, other: LossStats) -> LossStats:
+        return LossStats(self.tokens + other.tokens, self.low_clipped + other.low_clipped,
+                         self.high_clipped + other.high_clipped, self.region_clipped + other.region_clipped,
+                         self.kl_sum + other.kl_sum, self.has_kl or other.has_kl)
+
+    def metrics(self) -> dict[str, float]:
+        """TRL's names: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
+        ``kl`` (only with a reference); token-level means over the masked tokens."""
+        denom = max(self.tokens, 1.0)
+        out = {
+            "clip_ratio/low_mean": self.low_clipped / denom,
+            "clip_ratio/high_mean": self.high_clipped / denom,
+            "clip_ratio/region_mean": self.region_clipped / denom,
+        }
+        if self.has_kl:
+            out["kl"] = self.kl_sum / denom
+        return out
+
+
+def token_loss_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advantages: torch.Tensor,
+                     weights: torch.Tensor, mask: torch.Tensor | None = None, epsilon_low: float = 0.2,
+                     epsilon_high: float = 0.2, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
+                     delta: float | None = None) -> tuple[torch.Tensor, LossStats]:
+    """Per-token loss terms ``weights * per_token_loss`` [N, t] for a slice of t tokens, and the
+    additive stats of that slice. TRL's per-token loss:
+    ``-min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * KL``, ``r = exp(logp - old)``
+    (``old`` = detached ``logp`` when None, i.e. one iteration per batch), k3 estimator
+    ``KL = exp(ref - logp) - (ref - logp) - 1``, and ``delta`` an optional upper clamp of ``r``.
+    ``mask`` (default ``weights > 0``) decides which tokens count in the stats.
+    """
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
+    mask = (weights > 0) if mask is None else mask.bool()
+    adv = advantages.to(logprobs.dtype).unsqueeze(1)
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    stats = _clip_stats(ratio.detach(), adv.detach(), mask, epsilon_low, epsilon_high)
+    if beta != 0.0:
+        if ref_logprobs is None:
+            raise ConfigError("beta != 0 needs ref_logprobs")
+        kl = _k3_kl(logprobs, ref_logprobs)
+        per_token = per_token + beta * kl
+        stats.kl_sum, stats.has_kl = (kl.detach() * mask).sum().item(), True
+    elif ref_logprobs is not None:  # log the KL even when it is not in the loss
+        stats.kl_sum, stats.has_kl = (_k3_kl(logprobs.detach(), ref_logprobs) * mask).sum().item(), True
+    return per_token * weights.to(per_token.dtype), stats
+
+
+def _k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref), per token, always >= 0."""
+    diff = ref_logprobs - logprobs
+    return torch.exp(diff) - diff - 1
+
+
+def _clip_stats(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, epsilon_low: float,
+                epsilon_high: float) -> LossStats:
+    """TRL's clip counts: low = r < 1 - eps_low with A < 0; high = r > 1 + eps_high with A > 0
+    (exactly the tokens whose gradient the clip removes)."""
+    low = (ratio < 1 - epsilon_low) & (adv < 0) & mask
+    high = (ratio > 1 + epsilon_high) & (adv > 0) & mask
+    return LossStats(tokens=mask.sum().item(), low_clipped=low.sum().item(), high_clipped=high.sum().item(),
+                     region_clipped=(low | high).sum().item())
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advantages: torch.Tensor,
+              mask: torch.Tensor, loss_type: LossType = "grpo", epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+              beta: float = 0.0, ref_logprobs: torch.Tensor | None = None, max_completion_length: int | None = None,
+              num_sequences: int | None = None, num_items_in_batch: float | None = None,
+              delta: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of a full batch (``[N, T]`` log-probs, ``[N]`` advantages) and TRL's metrics.
+    Equal to the sum of :func:`token_loss_terms` over any split of the tokens into segments."""
+    weights = loss_normalizer(mask, loss_type, max_completion_length, num_sequences, num_items_in_batch)
+    terms, stats = token_loss_terms(logprobs, old_logprobs, advantages, weights, mask, epsilon_low,
+                                    epsilon_high, beta, ref_logprobs, delta)
+    return terms.sum(), stats.metrics()

@@ -1,0 +1,195 @@
+"""Rewards: math-verify equivalence table, gold/extraction edge cases, the hard timeout, format reward,
+and lookup by name. Real math-verify throughout (graded in worker processes)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from thoughtfold.errors import ConfigError
+from thoughtfold.rewards import (
+    arith_reward,
+    extract_answer,
+    format_reward,
+    grade_answer,
+    last_boxed,
+    load_reward,
+    make_math_reward,
+    math_reward,
+)
+
+TIMEOUT_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def reward():
+    fn = make_math_reward(timeout_s=TIMEOUT_S, num_workers=2)
+    fn(None, ["\\boxed{1/2}"], answer=["0.5"])  # start the workers outside any timing
+    yield fn
+    fn.grader.close()
+
+
+EQUIVALENT = [
+    ("\\boxed{\\frac{1}{2}}", "0.5"),
+    ("\\boxed{0.5}", "\\frac{1}{2}"),
+    ("\\boxed{\\dfrac12}", "1/2"),
+    ("\\boxed{1/2}", "$\\frac{1}{2}$"),
+    ("\\boxed{3.0}", "3"),
+    ("\\boxed{3}", "3.0"),
+    ("\\boxed{x=5}", "5"),
+    ("\\boxed{1,000}", "1000"),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}"),
+    ("\\boxed{\\{1,2\\}}", "\\{2,1\\}"),
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("\\boxed{10^\\circ}", "10"),
+    ("\\boxed{5 \\text{ cm}}", "5"),
+    ("\\boxed{\\$18}", "18"),
+]
+
+WRONG = [
+    ("\\boxed{6}", "7"),
+    ("\\boxed{-5}", "5"),
+    ("\\boxed{\\frac{1}{3}}", "0.5"),
+    ("\\boxed{\\{1,3\\}}", "\\{1,2\\}"),
+    ("\\boxed{2\\sqrt{3}}", "\\sqrt{8}"),
+    ("\\boxed{(3, \\pi)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+]
+
+
+def test_equivalent_forms_accepted(reward):
+    completions = [f"Some reasoning. So the answer is {p}." for p, _ in EQUIVALENT]
+    scores = reward(None, completions, answer=[g for _, g in EQUIVALENT])
+    assert scores == [1.0] * len(EQUIVALENT), list(zip(EQUIVALENT, scores, strict=True))
+
+
+def test_wrong_answers_rejected(reward):
+    scores = reward(None, [p for p, _ in WRONG], answer=[g for _, g in WRONG])
+    assert scores == [0.0] * len(WRONG), list(zip(WRONG, scores, strict=True))
+
+
+def test_unparseable_gold_is_none(reward):
+    scores = reward(None, ["\\boxed{5}"] * 4, answer=["???", "\\frac{", "", None])
+    assert scores == [None, None, None, None]
+    assert grade_answer("\\boxed{5}", "}{") is None
+
+
+def test_last_box_counts_and_nested_braces(reward):
+    completion = "First \\boxed{3}, then I fix it: \\boxed{\\frac{1}{\\sqrt{4}}}"
+    assert last_boxed(completion) == "\\frac{1}{\\sqrt{4}}"
+    assert reward(None, [completion, completion], answer=["1/2", "3"]) == [1.0, 0.0]
+
+
+def test_truncated_box_is_not_an_answer():
+    assert last_boxed("so \\boxed{\\frac{1}{2}") is None
+    assert last_boxed("\\boxed{4} then \\boxed{\\frac{1") == "4"
+
+
+def test_fallback_without_box(reward):
+    completions = [
+        "3 + 4 = 7, then 7 * 2 = 14. The answer is 14.",
+        "Final answer: $\\frac{3}{4}$",
+        "#### 1,234",
+        "We have 12 apples and eat 5, leaving 7",
+        "The answer is 15.",
+    ]
+    scores = reward(None, completions, answer=["14", "0.75", "1234", "7", "14"])
+    assert scores == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_think_handling(reward):
+    completions = [
+        "<think>maybe \\boxed{3}? no.</think> The result is \\boxed{4}.",
+        "<think>I think it is \\boxed{4}</think> so \\boxed{3}",
+        "<think>still thinking about \\boxed{4} and",  # never closed: no final answer
+        "</think>\\boxed{4}",  # template opened <think> in the prompt
+    ]
+    assert reward(None, completions, answer=["4"] * 4) == [1.0, 0.0, 0.0, 1.0]
+    assert extract_answer(completions[2]) is None
+
+
+def test_conversational_completions(reward):
+    completions = [[{"role": "assistant", "content": "\\boxed{2}"}], [{"role": "assistant", "content": "1"}]]
+    assert reward(["p", "p"], completions, answer=["2", "2"]) == [1.0, 0.0]
+
+
+def test_extra_columns_ignored_and_length_checked(reward):
+    assert reward(["q"], ["\\boxed{2}"], answer=["2"], level=["5"], trainer_state=None) == [1.0]
+    with pytest.raises(ConfigError, match="1 completions but 2 answers"):
+        reward(None, ["\\boxed{2}"], answer=["2", "3"])
+    with pytest.raises(ConfigError, match="'answer' column"):
+        reward(None, ["\\boxed{2}"])
+
+
+@pytest.mark.parametrize("pathological", ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{(10^{10})!}"])
+def test_pathological_input_times_out(reward, pathological):
+    start = time.monotonic()
+    scores = reward(None, [pathological, "\\boxed{0.5}"], answer=["1", "1/2"])
+    elapsed = time.monotonic() - start
+    assert scores == [0.0, 1.0]
+    assert elapsed < TIMEOUT_S + 2.5, elapsed  # cut at the deadline, not minutes later
+
+
+def test_timeout_works_in_a_thread(reward):
+    """math-verify's signal-based timeout cannot work off the main thread; ours must."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(reward(None, ["\\boxed{9^{9^{9^{9}}}}"], answer=["2"])))
+    start = time.monotonic()
+    worker.start()
+    worker.join(timeout=30)
+    assert out == [[0.0]]
+    assert time.monotonic() - start < TIMEOUT_S + 2.5
+    assert reward(None, ["\\boxed{1/2}"], answer=["0.5"]) == [1.0]  # the pool recovered
+
+
+def test_default_math_reward_integers_fast_path():
+    # plain integers are compared exactly in-process (no sympy): same verdicts as math-verify
+    assert math_reward(None, ["\\boxed{1,000}", "\\boxed{999}", "nothing here"], answer=["1000"] * 3) == [
+        1.0, 0.0, 0.0]
+
+
+def test_format_reward():
+    completions = [
+        "reasoning... \\boxed{4}",
+        "\\boxed{4} and also \\boxed{5}",
+        "no box at all",
+        "<think>hmm \\boxed{3}</think> answer \\boxed{4}",
+        "<think>hmm \\boxed{4}",
+        "\\boxed{}",
+        "<think>a</think>\\boxed{\\frac{1}{2}}",
+    ]
+    assert format_reward(None, completions) == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+
+
+def test_arith_reward():
+    completions = ["= \\boxed{42}", "so 41", "The total is 1,234 apples.", "\\boxed{7}", "<think>42"]
+    assert arith_reward(None, completions, answer=["42", "42", "1234", "x", "42"]) == [1.0, 0.0, 1.0, None, 0.0]
+
+
+def test_load_reward_builtin_and_dotted(tmp_path: Path):
+    assert load_reward("math") is math_reward
+    assert load_reward("format") is format_reward
+    assert load_reward("thoughtfold.rewards:format_reward") is format_reward
+    assert load_reward("thoughtfold.rewards.arith_reward") is arith_reward
+    module = tmp_path / "my_rewards.py"
+    module.write_text("def length(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
+    fn = load_reward(f"{module}:length")
+    assert fn(None, ["ab", "abc"]) == [2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nope", "unknown reward 'nope'"),
+        ("no_such_pkg.mod:fn", "cannot import module 'no_such_pkg.mod'"),
+        ("thoughtfold.rewards:no_such_fn", "has no attribute 'no_such_fn'"),
+        ("thoughtfold.rewards:DEFAULT_TIMEOUT_S", "is not callable"),
+        ("missing_file.py:fn", "file missing_file.py not found"),
+        ("", "non-empty string"),
+    ],
+)
+def test_load_reward_errors(spec: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_reward(spec)
