@@ -140,3 +140,21 @@ def test_state_bptt_matches_full_graph_with_detached_kv(monkeypatch):
     assert grads["state"][-1].abs().sum() > 0  # the encoder gets gradients
     for a, b in zip(grads["state"], grads["reference"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_merge_rows_keeps_prose(tmp_path):
+    run = _load_run()
+    task = {"name": "delayed_recall", "D": 12, "chance": 0.1}
+    row = {"method": "pte", "window": 3, "accuracy": 0.5, "n": 10, "ci95": [0.2, 0.8], "chain_accuracy": 1.0,
+           "value_entropy_bits": 3.3, "rollout_peak_bytes": 1, "train_peak_bytes": 2}
+    main = {"task": task, "model": {"parameters": 1000}, "config": {"memory_probe": 2}, "rows": [row]}
+    other = {**main, "rows": [row, {**row, "method": "pte_state_bptt", "accuracy": 0.9}]}
+    (tmp_path / "results.json").write_text(json.dumps(main))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    (tmp_path / "RESULTS.md").write_text(f"intro\n{run.BEGIN}\nold\n{run.END}\nnotes\n")
+    run.main(["--results", str(tmp_path / "results.json"), "--merge", str(tmp_path / "other.json")])
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in merged["rows"]] == ["pte", "pte_state_bptt"]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.startswith("intro\n") and text.endswith("notes\n") and "old" not in text
+    assert "| pte_state_bptt | 3 | 0.900 |" in text
