@@ -52,6 +52,7 @@ DEFAULT_CONFIG: dict = {
     "methods": ["lora_c", "pte", "pte_full_backprop"],  # at every window
     "ablations": ["pte_fb_global0", "pte_fb_global_only", "pte_fb_paper_update"],  # at ablation_window
     "ablation_window": None,  # default D/4
+    "jobs": None,  # explicit [[method, window], ...] (a priority order); default: methods x windows, ablations
     "memory_probe": 8,
 }
 
@@ -426,6 +427,8 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
 
     jobs = [(m, w) for w in windows for m in config["methods"]]
     jobs += [(a, abl_window) for a in config["ablations"]]
+    if config.get("jobs"):
+        jobs = [(m, int(w)) for m, w in config["jobs"]]
     for k, (method, w) in enumerate(jobs):
         mode, overrides, full_bp = METHODS[method]
         log(f"== {method} W={w} ({k + 1}/{len(jobs)}, {time.perf_counter() - t0:.0f}s elapsed)")
