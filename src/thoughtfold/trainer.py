@@ -340,7 +340,9 @@ class DataParallel:
 
 
 class _Trainer:
-    """The parts GRPO and SFT share: model, data order, optimizer and schedule, checkpoints, logs."""
+    """The parts GRPO and SFT share: model, data order, optimizer and schedule, checkpoints, logs.
+    A given `policy` is trained as it is (its cache and adapter settings win over the config's);
+    a given `dataset` (rows with a "prompt" and the reward's columns) replaces `config.data`."""
 
     kind = "train"
     plot_key = "loss"
