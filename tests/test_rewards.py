@@ -144,6 +144,13 @@ def test_timeout_works_in_a_thread(reward):
     assert reward(None, ["\\boxed{1/2}"], answer=["0.5"]) == [1.0]  # the pool recovered
 
 
+def test_dead_workers_are_replaced(reward):
+    for worker in reward.grader.workers:
+        worker.proc.kill()
+        worker.proc.wait()
+    assert reward(None, ["\\boxed{1/2}", "\\boxed{2/3}"], answer=["0.5", "0.5"]) == [1.0, 0.0]
+
+
 def test_default_math_reward_integers_fast_path():
     # plain integers are compared exactly in-process (no sympy): same verdicts as math-verify
     assert math_reward(None, ["\\boxed{1,000}", "\\boxed{999}", "nothing here"], answer=["1000"] * 3) == [

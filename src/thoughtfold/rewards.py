@@ -223,8 +223,9 @@ class _Worker:
 
     def send(self, item: int, pred: str | None, gold: str, timeout_s: float) -> None:
         self.item, self.deadline = item, time.monotonic() + timeout_s
-        self.proc.stdin.write((json.dumps({"pred": pred, "gold": gold}) + "\n").encode())
-        self.proc.stdin.flush()
+        with contextlib.suppress(OSError):  # a dead worker: its EOF on stdout retries the item
+            self.proc.stdin.write((json.dumps({"pred": pred, "gold": gold}) + "\n").encode())
+            self.proc.stdin.flush()
 
     def read_lines(self) -> list[dict] | None:
         """Complete reply lines available now; None on EOF (the worker died)."""
