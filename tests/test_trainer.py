@@ -1,6 +1,6 @@
 """Trainer tests on tiny random models (CPU, seconds each): GRPO raises a trivially learnable reward in
-every mode, resume after a SIGKILL equals an uninterrupted run, SFT lowers its loss, and bad
-settings fail with one clear line."""
+every mode, replay micro-batches and 2 gloo processes give the full batch's gradient, resume after a
+SIGKILL equals an uninterrupted run, SFT lowers its loss, and bad settings fail with one clear line."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from thoughtfold.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from thoughtfold.config import AdapterConfig, CacheConfig
+from thoughtfold.data import SYSTEM_PROMPT
 from thoughtfold.errors import ConfigError, DataError
 from thoughtfold.trainer import (
     DataConfig,
@@ -133,6 +134,7 @@ def test_paper_configs(name, mode, window):
         "Qwen/Qwen2.5-3B-Instruct", "dapo-math-17k", 1e-5, 3072, 32)
     assert config.group_size * config.prompts_per_step == 512
     assert config.adapter.global_tokens == (32 if mode == "pte" else 0)
+    assert config.data.system_prompt == SYSTEM_PROMPT
 
 
 def test_missing_or_broken_yaml(tmp_path):

@@ -44,7 +44,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import AdapterConfig, CacheConfig
-from .data import SYSTEM_PROMPT, load_dataset_by_name
+from .data import load_dataset_by_name
 from .errors import ConfigError, DataError
 from .grpo import (
     LOSS_TYPES,
@@ -75,15 +75,17 @@ ADAPTER_DIR = "adapter"
 @dataclass
 class DataConfig:
     """Where prompts come from (any spec `data.load_dataset_by_name` accepts) and how they are
-    templated. `completion_field` is the column holding the target trace for SFT."""
+    templated. `completion_field` is the column holding the target trace for SFT. The defaults are
+    the quickstart task (one-step arithmetic, no system prompt: a 135M model answers best directly);
+    math sets want `system_prompt` = `data.SYSTEM_PROMPT`, which asks for a \\boxed{} answer."""
 
-    dataset: str = "arith:easy"
+    dataset: str = "arith:steps=1"
     split: str | None = None
     limit: int | None = None
     prompt_field: str | None = None
     answer_field: str | None = None
     completion_field: str = "solution"
-    system_prompt: str | None = SYSTEM_PROMPT
+    system_prompt: str | None = None
     chat_template: bool = True
     shuffle: bool = True
 
@@ -97,23 +99,23 @@ class TrainConfig:
     model: str = "default"
     dtype: str | None = None
     device: str | None = None
-    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=32))
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=16))
     adapter: AdapterConfig = field(
         default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
     )
     data: DataConfig = field(default_factory=DataConfig)
     rewards: list[str] = field(default_factory=lambda: ["arith"])
     reward_weights: list[float] | None = None
-    group_size: int = 4
+    group_size: int = 8
     prompts_per_step: int = 4
-    max_new_tokens: int = 64
+    max_new_tokens: int = 24
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"
-    warmup_steps: int = 2
+    warmup_steps: int = 1
     max_grad_norm: float = 1.0
     loss_type: str = "dapo"
     epsilon_low: float = 0.2
@@ -126,8 +128,8 @@ class TrainConfig:
     sft_targets: str = "dataset"
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
-    steps: int = 30
-    save_every: int = 10
+    steps: int = 16
+    save_every: int = 8
     save_total_limit: int | None = 2
     output_dir: str = "runs/quickstart"
     overwrite_output_dir: bool = False
