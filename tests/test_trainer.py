@@ -320,12 +320,15 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, t
 
 
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dirs):
-    config = _config(tmp_path, tiny_dirs["llama"], steps=1)
+    config = _config(tmp_path, tiny_dirs["llama"], steps=2, save_every=1)
     GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
     with pytest.raises(ConfigError, match="resume=true"):
         GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
     again = _config(tmp_path, tiny_dirs["llama"], steps=1, overwrite_output_dir=True)
     GRPOTrainer(again, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    # the old run's step-2 checkpoint is gone: resuming must not jump ahead of the new run
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000001"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_dirs):

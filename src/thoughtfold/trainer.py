@@ -19,6 +19,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -403,11 +404,18 @@ class _Trainer:
         return 1
 
     def _check_output_dir(self) -> None:
-        """Refuse to silently mix a new run into an old one (checked before the model loads)."""
-        c = self.config
-        if not c.resume and not c.overwrite_output_dir and list_checkpoints(self.output_dir / CHECKPOINTS_DIR):
+        """Never mix a new run into an old one (checked before the model loads): refuse, or with
+        `overwrite_output_dir` delete the old checkpoints so a later resume cannot pick them up."""
+        c, checkpoints = self.config, self.output_dir / CHECKPOINTS_DIR
+        if c.resume or not list_checkpoints(checkpoints):
+            return
+        if not c.overwrite_output_dir:
             raise ConfigError(f"{self.output_dir} already holds checkpoints: set resume=true to continue that run, "
                               "overwrite_output_dir=true to start over, or pick another output_dir")
+        self.dp.barrier()  # every process has looked before the main one deletes
+        if self.dp.main:
+            log.info("overwrite_output_dir: removing the old checkpoints in %s", checkpoints)
+            shutil.rmtree(checkpoints)
 
     def _resume(self) -> None:
         """Continue from the newest complete checkpoint (a fresh start if there is none yet)."""
