@@ -178,6 +178,18 @@ def test_grpo_raises_a_learnable_reward(tmp_path, tiny_dirs, mode, window):
     assert result["plot"].is_file() and (result["adapter"] / "adapter.safetensors").is_file()
 
 
+def test_groups_without_reward_spread_leave_the_adapter_unchanged(tmp_path, tiny_dirs):
+    def constant(prompts, completions, **columns):
+        return [1.0] * len(completions)
+
+    config = _config(tmp_path, tiny_dirs["llama"], steps=2)
+    trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[constant])
+    before = [p.detach().clone() for p in trainer.params]
+    records = read_metrics(trainer.train()["metrics"])
+    assert [(r["frac_reward_zero_std"], r["grad_norm"], r["loss"]) for r in records] == [(1.0, 0.0, 0.0)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+
+
 def test_beta_logs_kl_against_the_adapter_free_model(tmp_path, tiny_dirs):
     config = _config(tmp_path, tiny_dirs["qwen2"], steps=2, beta=0.1, loss_type="grpo")
     records = read_metrics(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()["metrics"])
