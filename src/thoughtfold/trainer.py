@@ -80,7 +80,7 @@ class DataConfig:
     the quickstart task (one-step arithmetic, no system prompt: a 135M model answers best directly);
     math sets want `system_prompt` = `data.SYSTEM_PROMPT`, which asks for a \\boxed{} answer."""
 
-    dataset: str = "arith:steps=1"
+    dataset: str = "arith:tiny"
     split: str | None = None
     limit: int | None = None
     prompt_field: str | None = None
