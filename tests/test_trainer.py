@@ -137,6 +137,13 @@ def test_paper_configs(name, mode, window):
     assert config.data.system_prompt == SYSTEM_PROMPT
 
 
+def test_eval_command_mirrors_the_training_settings(tmp_path, tiny_dirs):
+    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], rewards=["arith"]), dataset=_dataset())
+    command = trainer.eval_command(tmp_path / "run" / "adapter")
+    assert command == (f"thoughtfold eval --adapter {tmp_path / 'run' / 'adapter'} --data arith:tiny "
+                       "--reward arith --max-new-tokens 16 --no-system-prompt")
+
+
 def test_missing_or_broken_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

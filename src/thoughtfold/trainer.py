@@ -19,6 +19,7 @@ import math
 import os
 import random
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -45,7 +46,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import AdapterConfig, CacheConfig
-from .data import load_dataset_by_name
+from .data import SYSTEM_PROMPT, load_dataset_by_name
 from .errors import ConfigError, DataError
 from .grpo import (
     LOSS_TYPES,
@@ -553,14 +554,27 @@ class _Trainer:
         return {"adapter": adapter, "metrics": metrics_path, "plot": plot_path}
 
     def _summary(self, adapter: Path, metrics_path: Path, plot: Path | None) -> str:
-        c = self.config
         return "\n".join([
             f"thoughtfold: {self.kind} finished after {self.step} steps",
             f"  adapter:  {adapter}",
             f"  logs:     {metrics_path}",
             f"  plot:     {plot if plot is not None else '(no data)'}",
-            f"  evaluate: thoughtfold eval --adapter {adapter} --data {c.data.dataset}",
+            f"  evaluate: {self.eval_command(adapter)}",
         ])
+
+    def eval_command(self, adapter: Path) -> str:
+        """`thoughtfold eval` of the trained task with the training prompts, grader and token budget
+        (the window comes from the adapter's saved cache settings)."""
+        c = self.config
+        args = ["thoughtfold", "eval", "--adapter", str(adapter), "--data", c.data.dataset,
+                "--reward", c.rewards[0], "--max-new-tokens", str(c.max_new_tokens)]
+        if c.data.system_prompt is None:
+            args.append("--no-system-prompt")
+        elif c.data.system_prompt != SYSTEM_PROMPT:
+            args += ["--system-prompt", c.data.system_prompt]
+        if not c.data.chat_template:
+            args.append("--no-chat-template")
+        return shlex.join(args)
 
 
 # --------------------------------------------------------------------------- GRPO
