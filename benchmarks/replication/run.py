@@ -52,6 +52,7 @@ DEFAULT_CONFIG: dict = {
     "methods": ["lora_c", "pte", "pte_full_backprop"],  # at every window
     "ablations": ["pte_fb_global0", "pte_fb_global_only", "pte_fb_paper_update"],  # at ablation_window
     "ablation_window": None,  # default D/4
+    "row_suffix": "",  # appended to the method names of the rows (variants with other budgets)
     "jobs": None,  # explicit [[method, window], ...] (a priority order); default: methods x windows, ablations
     "memory_probe": 8,
 }
@@ -441,7 +442,7 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
         log(f"  {method} W={w} accuracy after SFT {extra['accuracy_after_sft']:.3f}")
         if config["grpo"]["steps"] > 0:
             extra.update(grpo(policy, task, config["grpo"], seed, full_bp, log, method))
-        add(method, w, policy, extra)
+        add(method + config.get("row_suffix", ""), w, policy, extra)
     log(f"done in {time.perf_counter() - t0:.0f}s")
     return write(config, task, n_params, pre, rows, time.perf_counter() - t0, results_path, table_path)
 
