@@ -261,3 +261,32 @@ def test_adapter_brings_its_base_model_and_cache(tiny_dirs, tmp_path):
 
     missing = run_cli("generate", "--adapter", str(tmp_path / "nope"), "--prompt", "abc")
     assert_one_line_error(missing, "adapter directory", "not found")
+
+
+# --------------------------------------------------------------------------- train / sft
+
+
+def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path):
+    """`thoughtfold train KEY=VALUE ...` trains, checkpoints, prints where things are; `--resume`
+    continues to more steps; the adapter then loads in `generate --adapter`."""
+    out = tmp_path / "run"
+    common = [f"model={tiny_dirs['llama']}", "dtype=float32", "device=cpu", "cache.window=8",
+              "adapter.rank=4", "adapter.global_tokens=2", "group_size=2", "prompts_per_step=2",
+              "max_new_tokens=12", "save_every=1", f"output_dir={out}", "progress=false"]
+    first = run_cli("train", *common, "steps=1")
+    assert first.returncode == 0, first.stderr
+    assert "adapter:" in first.stderr and (out / "metrics.jsonl").is_file()
+    again = run_cli("train", "--resume", *common, "steps=2")
+    assert again.returncode == 0, again.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    gen = run_cli("generate", "--adapter", str(out / "adapter"), "--prompt", "1+1=", "--max-new-tokens", "5",
+                  "--json", "--device", "cpu", "--dtype", "float32")
+    assert gen.returncode == 0, gen.stderr
+    assert len(json.loads(gen.stdout)["completion_ids"]) <= 5
+
+
+def test_train_bad_override_is_one_line():
+    assert_one_line_error(run_cli("train", "steps"), "not KEY=VALUE")
+    assert_one_line_error(run_cli("train", "cache.window=0"), "window must be >= 1")
+    assert_one_line_error(run_cli("sft", "no_such_key=1"), "no_such_key")

@@ -1,5 +1,6 @@
-"""The `thoughtfold` command. Subcommands: `generate` (bounded-cache generation); the trainer,
-evaluation and benchmark subcommands register themselves in `build_parser` as they land.
+"""The `thoughtfold` command. Subcommands: `generate` (bounded-cache generation), `train` (GRPO),
+`sft` (supervised), `eval` (accuracy under cache budgets), `report` (tables and plots of runs) and
+`bench` (memory and speed tables).
 
 Every `ThoughtfoldError` (and every bad command-line value) ends the command with one line
 `error: <message>` on stderr and exit status 2, never a traceback."""
@@ -525,6 +526,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train / sft
+
+
+def add_train_parsers(sub) -> None:
+    """`thoughtfold train` (cache-aware GRPO) and `thoughtfold sft` (supervised, through the replay)."""
+    for name, helptext in (
+        ("train", "RL-train with cache-aware GRPO; no arguments = the quickstart run on the bundled model"),
+        ("sft", "supervised training through the replay (imitate dataset solutions or full-cache traces)"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--config", default=None, metavar="FILE",
+                       help="YAML config (see configs/); default: the built-in quickstart settings")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the last complete checkpoint in output_dir")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. cache.window=64 adapter.mode=lora steps=50")
+        p.set_defaults(func=cmd_train, trainer=name)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run `thoughtfold train` / `thoughtfold sft`."""
+    from .trainer import GRPOTrainer, SFTTrainer, load_config
+
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not KEY=VALUE (e.g. cache.window=64)")
+    overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
+    config = load_config(args.config, overrides)
+    trainer = (GRPOTrainer if args.trainer == "train" else SFTTrainer)(config)
+    trainer.train()
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -538,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_report_parser(sub)
     add_bench_parser(sub)
+    add_train_parsers(sub)
     return parser
 
 
