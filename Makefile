@@ -1,5 +1,5 @@
 # thoughtfold: the two set-up commands.
-#   make demo   install everything into .venv, then generate with the bundled default model
+#   make demo   install everything into .venv, then run the default training (PTE GRPO on the bundled model)
 #   make test   install everything into .venv, then lint and run the test suite
 # Both create the virtual environment if it is missing and share one install step.
 
@@ -12,8 +12,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.thoughtfold-installed
 
-DEMO_PROMPT ?= A train travels 60 km in 45 minutes. What is its average speed in km/h? Think step by step.
-DEMO_ARGS ?= --window 64 --evict-ratio 0.25 --max-new-tokens 160
+DEMO_ARGS ?=
 
 .PHONY: install demo test lint clean
 
@@ -34,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 demo: install
-	$(BIN)/thoughtfold generate --prompt "$(DEMO_PROMPT)" $(DEMO_ARGS)
+	$(BIN)/thoughtfold train $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests

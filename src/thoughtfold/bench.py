@@ -1,18 +1,16 @@
 """Micro-benchmarks that print tables: decode throughput and memory vs generated length (bounded vs
-full cache vs HF `generate`), replay + backward memory/time vs completion length (PTE bounded vs
-full-cache LoRA), and the encoder's cost per eviction event.
+full cache vs HF `generate`), replay + backward and whole GRPO steps vs completion length (PTE
+bounded vs full-cache LoRA), and the encoder's cost per eviction event.
 
 Random-init models of a chosen shape, so nothing is downloaded. Time and memory are measured in
 separate passes: the CPU memory tracker slows every op, so it never runs while timing.
 
-  python -m thoughtfold.bench decode   [--lengths 256,1024,4096] [--window 256] ...
-  python -m thoughtfold.bench replay   [--lengths 512,2048,8192] [--window 256] ...
-  python -m thoughtfold.bench encoder  [--window 256] ...
+  thoughtfold bench [decode|replay|grpo|encoder|all] [--lengths ...] [--window 256] [--output DIR]
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from collections.abc import Callable
 
@@ -131,6 +129,42 @@ def replay_benchmark(shape: str, lengths: list[int], window: int, batch: int, de
     return rows
 
 
+def grpo_benchmark(shape: str, lengths: list[int], window: int, batch: int, device: str,
+                   dtype: torch.dtype) -> list[list]:
+    """Peak memory and time of one GRPO step (rollouts of `batch` completions + reward + the replay
+    update) at forced completion lengths: PTE under the bounded cache vs LoRA with a full cache.
+    Runs the real `GRPOTrainer`; a random-init model never samples EOS, so every completion has
+    exactly the requested length, and a random reward keeps every group's advantages non-zero."""
+    import random
+    import tempfile
+
+    from .trainer import GRPOTrainer, TrainConfig
+
+    def random_reward(prompts, completions, **_):
+        return [random.random() for _ in prompts]
+
+    model = random_model(shape, device, dtype)
+    prompt = torch.randint(1, SHAPES[shape]["vocab_size"], (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = []
+    for n in lengths:
+        res = {}
+        for name, cache, mode in (("PTE, bounded", CacheConfig(window=window), "pte"),
+                                  ("LoRA, full cache", CacheConfig(window=None), "lora")):
+            policy = Policy(model, None, cache=cache, adapter=AdapterConfig(mode=mode))
+            with tempfile.TemporaryDirectory() as tmp:
+                config = TrainConfig(group_size=batch, prompts_per_step=1, max_new_tokens=n, steps=1,
+                                     save_every=0, output_dir=tmp, progress=False, rewards=["unused"])
+                trainer = GRPOTrainer(config, policy=policy, dataset=[{"prompt": prompt}],
+                                      reward_funcs=[random_reward])
+                trainer.train_step(trainer.next_examples(1))  # warm-up
+                seconds, peak = _measure(lambda t=trainer: t.train_step(t.next_examples(1)), device)
+            res[name] = peak
+            rows.append([n, name, f"{seconds:.2f}", f"{peak / 2**20:,.1f}"])
+            _unwrap(model, policy)
+        rows.append([n, "PTE / LoRA peak", "", f"{res['PTE, bounded'] / res['LoRA, full cache']:.2f}x"])
+    return rows
+
+
 def _unwrap(model: torch.nn.Module, policy: Policy) -> None:
     """Put the base linears back so the next policy wraps a clean model."""
     for parent in list(model.modules()):
@@ -182,9 +216,11 @@ DECODE_TITLE = "Decode: tokens/s and peak memory vs generated length"
 DECODE_HEADER = ["new tokens", "method", "tokens/s", "peak MiB"]
 REPLAY_TITLE = "Replay + backward: time and peak memory vs completion length"
 REPLAY_HEADER = ["completion tokens", "method", "seconds", "peak MiB"]
+GRPO_TITLE = "One GRPO step (rollouts + rewards + replay update): time and peak memory vs completion length"
 ENCODER_TITLE = "Encoder overhead per eviction event"
 ENCODER_HEADER = ["measure", "value"]
-DEFAULT_LENGTHS = {"decode": [256, 1024, 4096], "replay": [512, 2048, 8192]}
+DEFAULT_LENGTHS = {"decode": [256, 1024, 4096], "replay": [512, 2048, 8192], "grpo": [512, 1024, 2048]}
+BENCHMARKS = ("decode", "replay", "grpo", "encoder")
 
 
 def _number_of(cell: object) -> float | None:
@@ -252,7 +288,7 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
     {"tables": {name: rows}, "plots": [paths], "markdown": text}."""
     from pathlib import Path
 
-    if which not in ("decode", "replay", "encoder", "all"):
+    if which not in (*BENCHMARKS, "all"):
         raise ValueError(f"unknown benchmark {which!r}")
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(sorted(SHAPES))}")
@@ -265,28 +301,29 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
              else f"{device} ({torch.get_num_threads()} threads)")
     header_line = f"shape={shape} batch={batch} window={window} dtype={dtype} device={where}"
     print(header_line)
-    names = ["decode", "replay", "encoder"] if which == "all" else [which]
+    # name -> (run, title, header, plotted columns, x label)
+    specs = {
+        "decode": (decode_benchmark, DECODE_TITLE, DECODE_HEADER, {2: "tokens/s", 3: "peak memory (MiB)"},
+                   "generated tokens"),
+        "replay": (replay_benchmark, REPLAY_TITLE, REPLAY_HEADER, {3: "peak memory (MiB)", 2: "seconds"},
+                   "completion tokens"),
+        "grpo": (grpo_benchmark, GRPO_TITLE, REPLAY_HEADER, {3: "peak memory (MiB)", 2: "seconds"},
+                 "completion tokens"),
+    }
     tables: dict[str, list[list]] = {}
     plots = []
     sections = ["# thoughtfold bench", "", header_line, ""]
-    for name in names:
-        if name == "decode":
-            rows = decode_benchmark(shape, lengths or DEFAULT_LENGTHS["decode"], window, batch, device, dtype)
-            title, header = DECODE_TITLE, DECODE_HEADER
-            if out is not None:
-                plots.append(plot_lengths(rows, {2: "tokens/s", 3: "peak memory (MiB)"}, out / "decode.png",
-                                          f"Decode, batch {batch}, W={window} ({shape}, {device})",
-                                          "generated tokens"))
-        elif name == "replay":
-            rows = replay_benchmark(shape, lengths or DEFAULT_LENGTHS["replay"], window, batch, device, dtype)
-            title, header = REPLAY_TITLE, REPLAY_HEADER
-            if out is not None:
-                plots.append(plot_lengths(rows, {3: "peak memory (MiB)", 2: "seconds"}, out / "replay.png",
-                                          f"Replay + backward, batch {batch}, W={window} ({shape}, {device})",
-                                          "completion tokens"))
-        else:
+    for name in BENCHMARKS if which == "all" else [which]:
+        if name == "encoder":
             rows = encoder_benchmark(shape, window, batch, device, dtype, tokens)
             title, header = ENCODER_TITLE, ENCODER_HEADER
+        else:
+            run, title, header, columns, xlabel = specs[name]
+            rows = run(shape, lengths or DEFAULT_LENGTHS[name], window, batch, device, dtype)
+            if out is not None:
+                plots.append(plot_lengths(rows, columns, out / f"{name}.png",
+                                          f"{title.split(':')[0]}, batch {batch}, W={window} ({shape}, {device})",
+                                          xlabel))
         print_table(title, header, rows)
         tables[name] = rows
         sections += [_markdown(title, header, rows), ""]
@@ -298,34 +335,10 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m thoughtfold.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["decode", "replay", "encoder"])
-    ap.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
-    ap.add_argument("--lengths", default=None, help="comma-separated lengths")
-    ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=1024, help="encoder: tokens to decode")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    args = ap.parse_args(argv)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
-    torch.set_grad_enabled(True)
-    where = f"{args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'})"
-    print(f"shape={args.shape} batch={args.batch} window={args.window} dtype={dtype} device={where}")
-    if args.which == "decode":
-        lengths = [int(x) for x in (args.lengths or "256,1024,4096").split(",")]
-        rows = decode_benchmark(args.shape, lengths, args.window, args.batch, args.device, dtype)
-        print_table("Decode: tokens/s and peak memory vs generated length",
-                    ["new tokens", "method", "tokens/s", "peak MiB"], rows)
-    elif args.which == "replay":
-        lengths = [int(x) for x in (args.lengths or "512,2048,8192").split(",")]
-        rows = replay_benchmark(args.shape, lengths, args.window, args.batch, args.device, dtype)
-        print_table("Replay + backward: time and peak memory vs completion length",
-                    ["completion tokens", "method", "seconds", "peak MiB"], rows)
-    else:
-        rows = encoder_benchmark(args.shape, args.window, args.batch, args.device, dtype, args.tokens)
-        print_table("Encoder overhead per eviction event", ["measure", "value"], rows)
+    """`python -m thoughtfold.bench` is `thoughtfold bench`."""
+    from .cli import main as cli_main
+
+    raise SystemExit(cli_main(["bench", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

@@ -477,19 +477,21 @@ def _lengths_arg(value: str) -> list[int]:
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """Register `thoughtfold bench`."""
     p = sub.add_parser(
-        "bench", help="decode / replay / encoder micro-benchmarks with tables and plots",
+        "bench", help="decode / replay / grpo / encoder micro-benchmarks with tables and plots",
         description="Random-init models of a named shape (nothing is downloaded). decode: tokens/s and "
         "peak memory vs generated length (bounded vs full cache vs HF generate); replay: time and peak "
-        "memory of replay + backward vs completion length (PTE bounded vs full-cache LoRA); encoder: "
-        "encoder cost per eviction event. Prints the tables and writes bench.md, decode.png and "
-        "replay.png to --output.",
+        "memory of replay + backward vs completion length (PTE bounded vs full-cache LoRA); grpo: one whole "
+        "GRPO step vs completion length (same two); encoder: "
+        "encoder cost per eviction event. Prints the tables and writes bench.md and a PNG per length "
+        "sweep to --output.",
     )
-    p.add_argument("which", nargs="?", default="all", choices=["decode", "replay", "encoder", "all"],
+    p.add_argument("which", nargs="?", default="all", choices=["decode", "replay", "grpo", "encoder", "all"],
                    help="which benchmark [default: %(default)s]")
     p.add_argument("--shape", default="cpu-small", help="model shape: cpu-small, tiny (smoke test) or "
                    "qwen2.5-3b [default: %(default)s]")
     p.add_argument("--lengths", type=_lengths_arg, default=None, metavar="N1,N2,...",
-                   help="generated / completion lengths [default: 256,1024,4096 decode; 512,2048,8192 replay]")
+                   help="generated / completion lengths [default: 256,1024,4096 decode; 512,2048,8192 replay; "
+                   "512,1024,2048 grpo]")
     p.add_argument("--window", type=_number(int, "window"), default=256, metavar="W", help="[default: %(default)s]")
     p.add_argument("--batch", type=_number(int, "batch"), default=4, help="[default: %(default)s]")
     p.add_argument("--tokens", type=_number(int, "tokens"), default=1024,
