@@ -511,7 +511,14 @@ def render_table(results: dict) -> str:
         "| method | window | accuracy | 95% CI | n | after SFT | chain ok | H(value) bits | rollout peak | train peak |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["rows"]:
+    order = ["full", "bounded", *METHODS]
+
+    def key(r: dict) -> tuple:
+        base = r["method"].split("_3x")[0]
+        rank = order.index(base) if base in order else len(order)
+        return (r["window"] is not None, r["window"] or 0, rank, r["method"])
+
+    for r in sorted(results["rows"], key=key):
         w = "full" if r["window"] is None else str(r["window"])
         sft_acc = "" if "accuracy_after_sft" not in r else f"{r['accuracy_after_sft']:.3f}"
         train = "" if r.get("train_peak_bytes") is None else f"{r['train_peak_bytes'] / 2**20:.2f} MiB"
