@@ -49,7 +49,7 @@ DEFAULT_CONFIG: dict = {
     "grpo": {"steps": 10, "group_size": 8, "prompts_per_step": 8, "lr": 5e-4},
     "eval": {"n": 500, "batch": 250, "seed": 1234},
     "windows": None,  # default [D/8, D/4, D/2]
-    "methods": ["lora_c", "pte", "pte_full_backprop"],  # at every window
+    "methods": ["lora_c", "pte", "pte_full_backprop", "pte_state_bptt"],  # at every window
     "ablations": ["pte_fb_global0", "pte_fb_global_only", "pte_fb_paper_update"],  # at ablation_window
     "ablation_window": None,  # default D/4
     "row_suffix": "",  # appended to the method names of the rows (variants with other budgets)
