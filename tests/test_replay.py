@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, byte_tokenizer
-from thoughtfold import AdapterConfig, CacheConfig
+from thoughtfold import AdapterConfig, CacheConfig, ConfigError
 from thoughtfold.policy import Policy
 from thoughtfold.replay import default_schedule
 
@@ -56,7 +56,7 @@ def test_pte_state_changes_outputs_after_eviction(tiny_dirs):
     assert (ref - torch.tensor(res.logprobs[0])).abs().max() > 1e-3
 
 
-def naive_two_segment_loss(policy, prompt, completion, event, weights, detach):
+def naive_two_segment_loss(policy, prompt, completion, event, weights, detach, detach_state=None):
     """Reference for one eviction event with the plain HF model and its own DynamicCache: segment 0
     as one causal forward, then the evicted block folded into the state and cut from the cache,
     then segment 1. `detach` cuts the graph at the boundary (truncated backprop)."""
@@ -76,7 +76,8 @@ def naive_two_segment_loss(policy, prompt, completion, event, weights, detach):
     values = torch.stack([cut(layer.values[:, :, gone]) for layer in cache.layers])
     for layer in cache.layers:
         layer.keys, layer.values = cut(layer.keys[:, :, keep]), cut(layer.values[:, :, keep])
-    state = folder.fold(state.detach() if detach else state, keys, values, torch.tensor([gone]))
+    detach_state = detach if detach_state is None else detach_state
+    state = folder.fold(state.detach() if detach_state else state, keys, values, torch.tensor([gone]))
     ids1 = torch.tensor([list(completion[s : n - 1])])
     out = model(
         input_ids=ids1, attention_mask=torch.ones(1, len(keep) + ids1.shape[1], dtype=torch.long),
@@ -115,6 +116,29 @@ def test_replay_gradients_match_naive_two_segment(tiny_dirs, full_backprop):
     if full_backprop:  # the encoder's queries get gradient through the pre-eviction state too
         trunc = grads_of(policy, lambda: policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn))
         assert any(not torch.allclose(a, b) for a, b in zip(ours, trunc, strict=True))
+
+
+def test_state_backprop_gradients_match_naive_with_kv_detached_only(tiny_dirs):
+    """state_backprop: the exact gradient through the state chain, cached K/V detached."""
+    policy = make_policy(tiny_dirs, "qwen2", "pte", window=8, ratio=0.5)
+    res = policy.generate(PROMPTS[:1], max_new_tokens=11, temperature=0)
+    prompt, completion, log = res.prompt_ids[0], res.completion_ids[0], res.eviction_log[0]
+    weights = torch.randn(len(completion), generator=torch.Generator().manual_seed(1))
+
+    def loss_fn(lp, start, end):
+        return (lp[0] * weights[start:end]).sum()
+
+    ours = grads_of(policy, lambda: policy.replay_logprobs(
+        [prompt], [completion], [log], loss_fn=loss_fn, state_backprop=True))
+    ref = grads_of(policy, lambda: naive_two_segment_loss(
+        policy, prompt, completion, log[0], weights, detach=True, detach_state=False).backward())
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    trunc = grads_of(policy, lambda: policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn))
+    assert any(not torch.allclose(a, b) for a, b in zip(ours, trunc, strict=True))
+    with pytest.raises(ConfigError, match="choose one"):
+        policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn, state_backprop=True,
+                               full_backprop=True)
 
 
 def test_full_backprop_equals_plain_autograd_full_cache(tiny_dirs):

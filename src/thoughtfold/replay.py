@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .cache import EvictionEvent, cache_kwarg
 from .config import CacheConfig
+from .encoder import EncoderState
 from .errors import ConfigError
 from .fold import StateFolder
 from .rollout import pad_prompts, prompt_positions
@@ -126,9 +127,18 @@ def replay(
     temperature: float = 1.0,
     full_backprop: bool = False,
     pad_id: int = 0,
+    state_backprop: bool = False,
 ) -> list[torch.Tensor]:
     """Per-token log-probs (detached, one tensor per sequence) of `completion_ids` given the prompts,
-    under the same cache and state history as the rollout that produced them."""
+    under the same cache and state history as the rollout that produced them.
+
+    Gradients (with `loss_fn`): truncated by default (each segment's loss reaches the encoder only
+    through the block evicted just before it); `state_backprop=True` adds the exact gradient through
+    the chain of encoder states (backprop through time over eviction events, cached K/V still
+    detached, backward still per segment; extra memory: the evicted K/V, no activations);
+    `full_backprop=True` keeps one graph over everything."""
+    if full_backprop and state_backprop:
+        raise ConfigError("choose one of full_backprop and state_backprop (full_backprop already includes it)")
     if len(prompt_ids) != len(completion_ids):
         raise ConfigError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     if any(len(c) == 0 for c in completion_ids):
@@ -141,12 +151,72 @@ def replay(
     common = _common_log(logs) if logs else []
     if common is None:  # per-sequence policies: replay each sequence on its own
         return [
-            replay(model, folder, [p], [c], cache_cfg, [log], loss_fn, temperature, full_backprop, pad_id)[0]
+            replay(model, folder, [p], [c], cache_cfg, [log], loss_fn, temperature, full_backprop, pad_id,
+                   state_backprop)[0]
             for p, c, log in zip(prompt_ids, completion_ids, logs, strict=True)
         ]
-    return _replay_batch(
-        model, folder, prompt_ids, completion_ids, common, loss_fn, temperature, full_backprop, pad_id
+    chain = _StateChain(folder) if state_backprop and loss_fn is not None and folder.active else None
+    out = _replay_batch(
+        model, chain or folder, prompt_ids, completion_ids, common, loss_fn, temperature, full_backprop, pad_id
     )
+    if chain is not None:
+        chain.backward()
+    return out
+
+
+def _grad_leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().requires_grad_()
+
+
+class _StateChain:
+    """Stands in for the `StateFolder` during a replay to give the encoder the exact gradient through
+    the chain S_0 -> S_1 -> ... while backward still runs per segment.
+
+    Pass 1 (the segment-wise replay): every state a segment reads is a fresh leaf, so each segment's
+    backward leaves dL/dS_k in the leaf's .grad. Pass 2 (`backward`): recompute the chain with
+    autograd from the recorded evicted K/V and backpropagate sum_k <S_k, dL/dS_k>."""
+
+    def __init__(self, folder: StateFolder):
+        self.folder = folder
+        self.leaves: list[EncoderState] = []
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.batch = 0
+
+    active = True
+
+    def _leaf(self, state: EncoderState) -> EncoderState:
+        leaf = EncoderState(state.max, _grad_leaf(state.norm), _grad_leaf(state.num))
+        self.leaves.append(leaf)
+        self.folder.apply(leaf)
+        return leaf
+
+    def start(self, batch: int) -> EncoderState:
+        self.batch = batch
+        with torch.no_grad():
+            state = self.folder.start(batch)
+        return self._leaf(state)  # outside no_grad: the adapters' S must carry the leaf's graph
+
+    def fold(self, state: EncoderState, keys: torch.Tensor, values: torch.Tensor,
+             positions: torch.Tensor) -> EncoderState:
+        self.blocks.append((keys.detach(), values.detach(), positions))
+        with torch.no_grad():
+            state = self.folder.fold(state, keys, values, positions)
+        return self._leaf(state)
+
+    def apply(self, state: EncoderState | None) -> None:
+        self.folder.apply(state)
+
+    def backward(self) -> None:
+        state, total = self.folder.encoder.initial_state(self.batch), None
+        for k, leaf in enumerate(self.leaves):
+            if k > 0:
+                state = self.folder.fold(state, *self.blocks[k - 1])
+            for mine, grad in ((state.num, leaf.num.grad), (state.norm, None if leaf.norm is None else leaf.norm.grad)):
+                if grad is not None and mine.requires_grad:
+                    total = (mine * grad).sum() if total is None else total + (mine * grad).sum()
+        self.folder.apply(None)
+        if total is not None:
+            total.backward()
 
 
 def _replay_batch(
