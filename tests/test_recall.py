@@ -104,7 +104,7 @@ def test_pipeline_smoke(tmp_path):
 
 
 def test_state_bptt_matches_full_graph_with_detached_kv(monkeypatch):
-    """The experiment's StateBPTT (segment-wise replay + a second pass through the state chain) gives
+    """Replay with state_backprop (segment-wise replay + a second pass through the state chain) gives
     the gradients of one full graph in which only the cached K/V are detached."""
     import copy
 

@@ -1,6 +1,6 @@
 """Peak tensor memory of one rollout and one replay+backward as the recall distance D grows, at a
 fixed window: what truncated backprop saves and what full backprop (the variant that learns the
-recall task, see RESULTS.md) costs, and what the StateBPTT variant (gradients through the states
+recall task, see RESULTS.md) costs, and what state_backprop (gradients through the states
 only) costs. Weights do not matter for memory, so the models are random-init
 with the replication's shape.
 

@@ -74,7 +74,7 @@ METHODS = {  # name -> (adapter mode, adapter overrides, backprop: False truncat
     "lora_c": ("lora", {}, False),
     "pte": ("pte", {}, False),  # the default: truncated backprop (earlier states detached)
     "pte_full_backprop": ("pte", {}, True),
-    # exact gradients through the chain of encoder states, K/V detached, bounded activations (StateBPTT)
+    # exact gradients through the chain of encoder states, K/V detached, bounded activations (replay state_backprop)
     "pte_state_bptt": ("pte", {}, "state"),
     # ablations, on top of full backprop (the variant that learns; see RESULTS.md)
     "pte_fb_global0": ("pte", {"global_tokens": 0}, True),
@@ -196,79 +196,11 @@ def evaluate(policy: Policy, task: RecallTask, n: int, batch: int, seed: int) ->
 # --------------------------------------------------------------------------- replay with gradients through the states
 
 
-class StateBPTT:
-    """Stands in for `policy.folder` during one replay so that the encoder gets the exact gradient
-    through the whole chain of states S_0 -> S_1 -> ... (backprop through time over eviction events)
-    while the replay still runs backward per segment with detached K/V (bounded activations).
-
-    Pass 1 (the engine's segment-wise replay): every state a segment reads is a fresh leaf, so each
-    segment's backward leaves dL/dS_k in the leaf's .grad. Pass 2 (`backward`): recompute the state
-    chain with autograd from the evicted K/V recorded in pass 1 and backpropagate sum_k <S_k, dL/dS_k>.
-    Extra memory: the evicted K/V (the size of a full KV cache, no activations) and the small encoder
-    graph. Same gradients as the full-graph replay with the cached K/V detached."""
-
-    def __init__(self, folder):
-        self.inner, self.encoder = folder, folder.encoder
-        self.leaves: list = []
-        self.blocks: list = []
-        self.batch = 0
-
-    @property
-    def active(self) -> bool:
-        return True
-
-    def _leaf(self, state):
-        from thoughtfold.encoder import EncoderState
-
-        leaf = EncoderState(state.max, None if state.norm is None else state.norm.detach().requires_grad_(),
-                            state.num.detach().requires_grad_())
-        self.leaves.append(leaf)
-        self.inner.apply(leaf)
-        return leaf
-
-    def start(self, batch: int):
-        self.batch = batch
-        with torch.no_grad():
-            state = self.encoder.initial_state(batch)
-        return self._leaf(state)
-
-    def fold(self, state, keys, values, positions):
-        self.blocks.append((keys.detach(), values.detach(), positions))
-        with torch.no_grad():
-            state = self.inner.fold(state, keys, values, positions)
-        return self._leaf(state)
-
-    def apply(self, state) -> None:
-        self.inner.apply(state)
-
-    def backward(self) -> None:
-        state = self.encoder.initial_state(self.batch)
-        total = None
-        for k, leaf in enumerate(self.leaves):
-            if k > 0:
-                state = self.inner.fold(state, *self.blocks[k - 1])
-            for mine, theirs in ((state.num, leaf.num), (state.norm, leaf.norm)):
-                if theirs is not None and theirs.grad is not None and mine.requires_grad:
-                    term = (mine * theirs.grad).sum()
-                    total = term if total is None else total + term
-        self.inner.apply(None)
-        if total is not None:
-            total.backward()
-
-
 def replay(policy: Policy, prompts, completions, logs, loss_fn, backprop: bool | str = False):
     """`policy.replay_logprobs` with backprop False (truncated, the engine default), True (one full
-    graph) or "state" (StateBPTT)."""
-    if backprop != "state":
-        return policy.replay_logprobs(prompts, completions, logs, loss_fn=loss_fn, full_backprop=bool(backprop))
-    inner = policy.folder
-    policy.folder = bptt = StateBPTT(inner)
-    try:
-        out = policy.replay_logprobs(prompts, completions, logs, loss_fn=loss_fn)
-        bptt.backward()
-    finally:
-        policy.folder = inner
-    return out
+    graph) or "state" (exact gradients through the chain of encoder states, K/V detached)."""
+    return policy.replay_logprobs(prompts, completions, logs, loss_fn=loss_fn, full_backprop=backprop is True,
+                                  state_backprop=backprop == "state")
 
 
 # --------------------------------------------------------------------------- training under the bounded cache
