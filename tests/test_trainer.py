@@ -104,6 +104,7 @@ def test_load_config_yaml_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("override, words", [
     ("loss_type=ppo", "loss_type must be one of"),
+    ("backprop=bogus", "backprop must be one of"),
     ("lrr=1", "'lrr'"),
     ("lr=fast", "could not be converted"),
     ("lr", "key=value"),
@@ -167,10 +168,11 @@ def test_mode_none_has_nothing_to_train(tmp_path, tiny_dirs):
 # --------------------------------------------------------------------------- GRPO learns
 
 
-@pytest.mark.parametrize("mode, window", [("pte", 8), ("lora", 8), ("lora", None)],
-                         ids=["pte-bounded", "lora-bounded", "lora-full"])
-def test_grpo_raises_a_learnable_reward(tmp_path, tiny_dirs, mode, window):
-    config = _config(tmp_path, tiny_dirs["llama"], mode=mode, window=window)
+@pytest.mark.parametrize("mode, window, backprop", [("pte", 8, "truncated"), ("pte", 8, "state"),
+                                                    ("lora", 8, "truncated"), ("lora", None, "truncated")],
+                         ids=["pte-bounded", "pte-bounded-state-backprop", "lora-bounded", "lora-full"])
+def test_grpo_raises_a_learnable_reward(tmp_path, tiny_dirs, mode, window, backprop):
+    config = _config(tmp_path, tiny_dirs["llama"], mode=mode, window=window, backprop=backprop)
     result = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
     records = read_metrics(result["metrics"])
     assert [r["step"] for r in records] == list(range(1, 13))

@@ -65,6 +65,7 @@ log = logging.getLogger("thoughtfold")
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SFT_TARGETS = ("dataset", "full_cache")
+BACKPROP = ("truncated", "state", "full")  # replay gradients: see Policy.replay_logprobs
 REPORT_TO = ("tensorboard", "wandb")
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
@@ -128,6 +129,7 @@ class TrainConfig:
     mask_truncated_completions: bool = False
     num_iterations: int = 1
     sft_targets: str = "dataset"
+    backprop: str = "truncated"  # 'state': exact gradients through the encoder states (long-range recall)
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
     steps: int = 16
@@ -148,7 +150,8 @@ class TrainConfig:
         for name, value, allowed in (("loss_type", self.loss_type, LOSS_TYPES),
                                      ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
                                      ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
-                                     ("sft_targets", self.sft_targets, SFT_TARGETS)):
+                                     ("sft_targets", self.sft_targets, SFT_TARGETS),
+                                     ("backprop", self.backprop, BACKPROP)):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         unknown = [r for r in self.report_to if r not in REPORT_TO]
@@ -429,6 +432,10 @@ class _Trainer:
         log.info("resumed from %s (step %d)", latest, self.step)
 
     # ---- data
+
+    def _backprop_kwargs(self) -> dict[str, bool]:
+        """How gradients cross eviction events in the replay (config.backprop)."""
+        return {"full_backprop": self.config.backprop == "full", "state_backprop": self.config.backprop == "state"}
 
     def next_examples(self, n: int) -> list[dict]:
         """The next `n` rows of the (per-epoch reshuffled) dataset; a pure function of data_pos."""
@@ -780,7 +787,7 @@ class GRPOTrainer(_Trainer):
             return total
 
         self.policy.replay_logprobs(batch.prompt_ids, batch.completions, batch.logs, loss_fn=loss_fn,
-                                    temperature=c.temperature)
+                                    temperature=c.temperature, **self._backprop_kwargs())
         return loss, stats
 
     def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
@@ -839,7 +846,8 @@ class SFTTrainer(_Trainer):
             loss += total.item()
             return total
 
-        self.policy.replay_logprobs(prompt_ids, completions, None, loss_fn=loss_fn, temperature=1.0)
+        self.policy.replay_logprobs(prompt_ids, completions, None, loss_fn=loss_fn, temperature=1.0,
+                                    **self._backprop_kwargs())
         return loss
 
     def _full_cache_traces(self, prompt_ids: list[list[int]]) -> list[list[int]]:
