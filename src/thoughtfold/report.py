@@ -22,7 +22,7 @@ from typing import Any
 from .errors import DataError
 from .evaluate import SUMMARY_NAME, markdown_table, pct, window_name
 
-METRICS_NAME = "metrics.jsonl"  # the trainer's metrics log (trainer.METRICS_NAME)
+METRICS_NAME = "metrics.jsonl"  # the trainer's metrics log, one JSON object per step
 REPORT_NAME = "report.md"
 
 
@@ -231,12 +231,7 @@ def plot_accuracy(series: dict[str, dict[int | None, dict]], windows: list[int |
     ax.set_xlabel("cache window (thought tokens kept)")
     ax.set_ylabel("pass@1 (%)")
     ax.set_title(f"Accuracy vs cache budget: {title}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 # --------------------------------------------------------------------------- training
@@ -319,11 +314,16 @@ def plot_curves(runs: dict[str, list[dict]], key: str, path: Path, title: str) -
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_title(f"{title} during training")
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """Grid, legend, tight layout, PNG, and free the figure."""
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 

@@ -59,6 +59,7 @@ from .grpo import (
     token_loss_terms,
 )
 from .policy import GenerationResult, Policy
+from .report import METRICS_NAME, plot_curves
 from .rewards import load_reward
 
 log = logging.getLogger("thoughtfold")
@@ -67,7 +68,6 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 SFT_TARGETS = ("dataset", "full_cache")
 BACKPROP = ("truncated", "state", "full")  # replay gradients: see Policy.replay_logprobs
 REPORT_TO = ("tensorboard", "wandb")
-METRICS_NAME = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 
@@ -262,28 +262,6 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
-
-
-def plot_metric(records: list[dict], key: str, path: Path) -> Path | None:
-    """A PNG of `key` against the step (None if no record has it)."""
-    points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
-    if not points:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps, values = zip(*points, strict=True)
-    ax.plot(steps, values, marker="o" if len(points) < 50 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -555,7 +533,8 @@ class _Trainer:
         plot_path = self.output_dir / f"{self.plot_key}.png"
         if self.dp.main:
             self.policy.save_adapter(adapter)
-            plot_path = plot_metric(read_metrics(metrics_path), self.plot_key, plot_path)
+            plot_path = plot_curves({self.kind: read_metrics(metrics_path)}, self.plot_key, plot_path,
+                                    self.output_dir.name)
             print(self._summary(adapter, metrics_path, plot_path), file=sys.stderr)
         self.dp.barrier()
         return {"adapter": adapter, "metrics": metrics_path, "plot": plot_path}
