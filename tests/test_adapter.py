@@ -79,3 +79,19 @@ def test_loading_onto_the_wrong_model_is_a_clear_error(tiny_dirs, tmp_path):
         Policy.from_pretrained(model=str(narrow), adapter_path=str(tmp_path / "ad"), device="cpu")
     with pytest.raises(ConfigError, match="not a thoughtfold adapter"):
         Policy.from_pretrained(model=str(tiny_dirs["llama"]), adapter_path=str(tmp_path), device="cpu")
+
+
+def test_detach_adapters_restores_the_plain_model(tiny_dirs):
+    from thoughtfold.adapter import LowRankLinear, detach_adapters
+
+    p = policy_for(tiny_dirs, "llama", "lora")
+    for t in p.trainable_parameters():
+        t.data.normal_(0, 0.3)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        adapted = p.model(input_ids=ids).logits
+        detach_adapters(p.model, p.wrappers)
+        plain = p.model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32)(input_ids=ids).logits
+    assert not any(isinstance(m, LowRankLinear) for m in p.model.modules())
+    assert torch.equal(plain, base) and not torch.allclose(adapted, base)

@@ -79,6 +79,15 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> list[LowRankLine
     return wrappers
 
 
+def detach_adapters(model: nn.Module, wrappers: list[LowRankLinear]) -> None:
+    """Undo `attach_adapters`: put each wrapper's base linear back in its place."""
+    wrapped = {id(w) for w in wrappers}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in wrapped:
+                setattr(parent, name, child.base)
+
+
 def set_states(wrappers: list[LowRankLinear], states: torch.Tensor | None) -> None:
     """Hand each dynamic wrapper its layer's state: `states` is [layers, batch, r, r]."""
     for w in wrappers:

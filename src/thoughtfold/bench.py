@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from .adapter import detach_adapters
 from .config import AdapterConfig, CacheConfig
 from .memory import PeakMemory
 from .policy import Policy
@@ -124,7 +125,7 @@ def replay_benchmark(shape: str, lengths: list[int], window: int, batch: int, de
             seconds, peak = _measure(step, device)
             res[name] = peak
             rows.append([n, name, f"{seconds:.2f}", f"{peak / 2**20:,.1f}"])
-            _unwrap(model, policy)
+            detach_adapters(model, policy.wrappers)  # the next policy wraps a clean model
         rows.append([n, "PTE / LoRA peak", "", f"{res['PTE, bounded'] / res['LoRA, full cache']:.2f}x"])
     return rows
 
@@ -160,17 +161,9 @@ def grpo_benchmark(shape: str, lengths: list[int], window: int, batch: int, devi
                 seconds, peak = _measure(lambda t=trainer: t.train_step(t.next_examples(1)), device)
             res[name] = peak
             rows.append([n, name, f"{seconds:.2f}", f"{peak / 2**20:,.1f}"])
-            _unwrap(model, policy)
+            detach_adapters(model, policy.wrappers)  # the next policy wraps a clean model
         rows.append([n, "PTE / LoRA peak", "", f"{res['PTE, bounded'] / res['LoRA, full cache']:.2f}x"])
     return rows
-
-
-def _unwrap(model: torch.nn.Module, policy: Policy) -> None:
-    """Put the base linears back so the next policy wraps a clean model."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if child in policy.wrappers:
-                setattr(parent, name, child.base)
 
 
 def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: torch.dtype,
@@ -187,18 +180,17 @@ def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: t
         res = policy.generate(prompts.tolist(), max_new_tokens=tokens, temperature=0)
         _sync(device)
         times[mode] = (time.perf_counter() - start, res.stats["evictions"])
-        _unwrap(model, policy)
-    cfg = CacheConfig(window=window)
-    enc_policy = Policy(model, None, cache=cfg, adapter=AdapterConfig(mode="pte"))
-    kv = model.config.num_key_value_heads * model.config.hidden_size // model.config.num_attention_heads
-    keys = torch.randn(model.config.num_hidden_layers, batch, cfg.evict_block, kv, device=device)
-    state = enc_policy.encoder.initial_state(batch)
+        detach_adapters(model, policy.wrappers)  # the next policy wraps a clean model
+    cfg, encoder = policy.cache_config, policy.encoder  # the pte policy's
+    layers, kv_dim = encoder.key_proj.shape[:2]
+    keys = torch.randn(layers, batch, cfg.evict_block, kv_dim, device=device)
+    state = encoder.initial_state(batch)
     with torch.no_grad():
-        enc_policy.encoder.absorb(state, keys, keys)
+        encoder.absorb(state, keys, keys)
         _sync(device)
         start = time.perf_counter()
         for _ in range(20):
-            enc_policy.encoder.absorb(state, keys, keys)
+            encoder.absorb(state, keys, keys)
         _sync(device)
     per_event = (time.perf_counter() - start) / 20
     step = times["none"][0] / tokens

@@ -155,7 +155,7 @@ class Policy:
         stop_check = None
         if stop:
             def stop_check(tokens: torch.Tensor) -> torch.Tensor:
-                tails = self.tokenizer.batch_decode(tokens[:, -64:].tolist(), skip_special_tokens=True)
+                tails = [self._decode(row) for row in tokens[:, -64:].tolist()]
                 return torch.tensor([any(s in t for s in stop) for t in tails], device=tokens.device)
         raw = rollout(
             self.model, self.folder, prompt_ids, self.cache_config, sampling,
