@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapter import LowRankLinear, attach_adapters
+from .attention import use_grouped_decode
 from .cache import EvictionEvent, EvictionPolicy
 from .config import AdapterConfig, CacheConfig
 from .encoder import ThoughtEncoder
@@ -58,7 +59,13 @@ class Policy:
         adapter: AdapterConfig | None = None,
         eviction_policy: EvictionPolicy | None = None,
         base_model: str | None = None,
+        cuda_graph: bool | None = None,
+        compile_decode: bool = False,
     ):
+        """`cuda_graph`: capture the decode step as a CUDA graph (default: on when the model is on
+        a CUDA device; False for eager decoding, e.g. to profile it). `compile_decode`: run the
+        decode step through torch.compile (fused kernels; pays a compilation on first use and on
+        each new batch size)."""
         self.model = model
         self.base_model = base_model or getattr(model, "name_or_path", "") or "unknown"
         self.tokenizer = tokenizer
@@ -67,6 +74,7 @@ class Policy:
         self.eviction_policy = eviction_policy
         for p in model.parameters():
             p.requires_grad_(False)
+        use_grouped_decode(model)
         self.wrappers: list[LowRankLinear] = attach_adapters(model, self.adapter_config)
         self.encoder: ThoughtEncoder | None = None
         if self.adapter_config.mode == "pte":
@@ -75,6 +83,10 @@ class Policy:
             kv_dim = cfg.num_key_value_heads * head_dim
             self.encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config).to(self.device)
         self.folder = StateFolder(model, self.wrappers, self.encoder)
+        if cuda_graph and self.device.type != "cuda":
+            raise ConfigError(f"cuda_graph=True needs the model on a CUDA device, but it is on {self.device}")
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.compile_decode = compile_decode
 
     @classmethod
     def from_pretrained(
@@ -86,6 +98,8 @@ class Policy:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         eviction_policy: EvictionPolicy | None = None,
+        cuda_graph: bool | None = None,
+        compile_decode: bool = False,
     ) -> Policy:
         """Load `model` (hub id, local directory or 'default') and wrap it. With `adapter_path`, the
         saved adapter is restored, with its saved cache settings unless `cache` is given; `model`
@@ -98,7 +112,7 @@ class Policy:
         model = model or "default"
         hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
         policy = cls(hf_model, tokenizer, cache=cache, adapter=adapter, eviction_policy=eviction_policy,
-                     base_model=model)
+                     base_model=model, cuda_graph=cuda_graph, compile_decode=compile_decode)
         if adapter_path is not None:
             load_adapter_weights(adapter_path, policy.model, policy.wrappers, policy.encoder)
         return policy
@@ -160,7 +174,8 @@ class Policy:
         raw = rollout(
             self.model, self.folder, prompt_ids, self.cache_config, sampling,
             eos_ids=self.eos_token_ids, pad_id=self._pad_id(), streamer=streamer,
-            policy=self.eviction_policy, stop_check=stop_check,
+            policy=self.eviction_policy, stop_check=stop_check, cuda_graph=self.cuda_graph,
+            compile_step=self.compile_decode,
         )
         return self._finish(raw, prompt_ids, stop)
 
