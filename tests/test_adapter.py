@@ -95,3 +95,22 @@ def test_detach_adapters_restores_the_plain_model(tiny_dirs):
         base = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32)(input_ids=ids).logits
     assert not any(isinstance(m, LowRankLinear) for m in p.model.modules())
     assert torch.equal(plain, base) and not torch.allclose(adapted, base)
+
+
+def test_no_grad_cast_copies_follow_optimizer_steps(tiny_dirs):
+    """In a bf16 model the no-grad path keeps bf16 copies of the fp32 adapter weights; an in-place
+    update (what an optimizer step does) must reach the next rollout, and both paths agree."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen2"], dtype=torch.bfloat16).eval()
+    policy = Policy(model, byte_tokenizer(), adapter=AdapterConfig(mode="lora", rank=4))
+    ids = torch.tensor([[5, 17, 99, 3]])
+    optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    logits = model(input_ids=ids).logits  # autograd path
+    torch.testing.assert_close(logits.detach(), before)
+    logits.float().pow(2).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, model(input_ids=ids).logits.detach())

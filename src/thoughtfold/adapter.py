@@ -39,17 +39,35 @@ class LowRankLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))  # PEFT's lora_A init
         self.state: torch.Tensor | None = None  # [batch, r, r] in pte mode
         self.enabled = True
+        self._cast: tuple | None = None  # (key, down, up): no-grad copies in the activations' dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.enabled:
             return y
-        u = F.linear(x, self.lora_down.to(x.dtype))
+        down, up = self._weights(x.dtype)
+        u = F.linear(x, down)
         if self.dynamic:
             if self.state is None:
                 raise RuntimeError("pte adapter called without a state: run it through a Policy")
             u = u @ self.state.to(x.dtype).transpose(-1, -2)  # [B, T, r] @ [B, r, r]
-        return y + self.scaling * F.linear(u, self.lora_up.to(x.dtype))
+        # y + scaling * u A^T as one kernel: a decode step runs this for every target linear
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), up.t(), alpha=self.scaling)
+        return out.view_as(y)
+
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """B and A in the activations' dtype. Without autograd (rollouts) the cast copies are kept
+        until the parameters change -- an optimizer step or a load bumps their version -- so a
+        decode step does not re-cast every adapter."""
+        down, up = self.lora_down, self.lora_up
+        if down.dtype == dtype:
+            return down, up
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled: inductor fuses the cast
+            return down.to(dtype), up.to(dtype)
+        key = (dtype, down._version, up._version, down.data_ptr(), up.data_ptr())
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, down.detach().to(dtype), up.detach().to(dtype))
+        return self._cast[1], self._cast[2]
 
 
 def attach_adapters(model: nn.Module, config: AdapterConfig) -> list[LowRankLinear]:

@@ -23,6 +23,8 @@ class StateFolder:
         self.rotary = model.get_decoder().rotary_emb
         self.wrappers = wrappers
         self.encoder = encoder
+        self.dtype = next(model.parameters()).dtype
+        self._pinned: torch.Tensor | None = None  # the adapters' state buffer while pinned
 
     @property
     def active(self) -> bool:
@@ -51,4 +53,18 @@ class StateFolder:
         return state
 
     def apply(self, state: EncoderState | None) -> None:
-        set_states(self.wrappers, None if state is None else state.read())
+        """Hand S (cast once to the model's dtype) to the adapters; `None` also unpins."""
+        if state is None:
+            self._pinned = None
+            set_states(self.wrappers, None)
+        elif self._pinned is not None:
+            self._pinned.copy_(state.read())
+        else:
+            set_states(self.wrappers, state.read().to(self.dtype))
+
+    def pin(self, state: EncoderState | None) -> None:
+        """From now until `apply(None)`, keep the adapters' state at one fixed address and update it
+        in place, so a captured CUDA graph of the decode step sees every new state (no autograd)."""
+        if state is not None:
+            self._pinned = state.read().to(self.dtype).clone()
+            set_states(self.wrappers, self._pinned)

@@ -21,6 +21,7 @@ from .cache import BoundedKVCache, EvictionEvent, EvictionPolicy, cache_kwarg
 from .config import CacheConfig
 from .errors import ConfigError
 from .fold import StateFolder
+from .graph import DecodeStep
 
 SYNC_EVERY = 16  # steps between "all sequences finished?" checks (each is a host sync)
 
@@ -117,11 +118,15 @@ def rollout(
     policy: EvictionPolicy | None = None,
     keep_logits: bool = False,
     stop_check=None,
+    cuda_graph: bool = False,
+    compile_step: bool = False,
 ) -> RawRollout:
     """Decode `prompts` (token lists) in lockstep under the bounded cache.
 
     `stop_check(tokens [B, t]) -> bool tensor [B]` marks extra finished rows at sync points
-    (stop strings). Finished rows keep decoding padding so shapes stay static."""
+    (stop strings). Finished rows keep decoding padding so shapes stay static. `cuda_graph`
+    captures the decode step once and replays it (CUDA only); `compile_step` runs it through
+    torch.compile first."""
     device = next(model.parameters()).device
     ids, valid = pad_prompts(prompts, pad_id, device)
     batch, n_new = ids.shape[0], sampling.max_new_tokens
@@ -137,6 +142,9 @@ def rollout(
 
     start = time.perf_counter()
     state = folder.start(batch)
+    if cuda_graph:
+        folder.pin(state)
+    step = DecodeStep(model, cache, capture=cuda_graph, compile=compile_step)
     out = model(
         input_ids=ids, attention_mask=cache.begin_prefill(), position_ids=prompt_positions(valid),
         use_cache=True, logits_to_keep=1, **{kw: cache},
@@ -171,12 +179,7 @@ def rollout(
                 keys, values = cache.gather(slots)
                 positions = prompt_len[:, None] + torch.tensor(event.tokens, device=device)[None]
                 state = folder.fold(state, keys, values, positions)
-        mask = cache.admit(t)
-        out = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=(prompt_len + t)[:, None],
-            use_cache=True, logits_to_keep=1, **{kw: cache},
-        )
-        logits = out.logits[:, -1]
+        logits = step(token, prompt_len + t, cache.admit(t))
     if streamer is not None:
         streamer.end()
     folder.apply(None)
