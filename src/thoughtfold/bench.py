@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 
@@ -34,10 +36,12 @@ SHAPES = {
 
 
 def random_model(shape: str, device: str, dtype: torch.dtype, max_positions: int = 131072):
-    """A random-init Qwen2-architecture model of a named shape (weights do not matter for speed)."""
+    """A random-init Qwen2-architecture model of a named shape (weights do not matter for speed).
+    Input and output embeddings are tied as in Qwen2.5-3B (a decode step reads the table once,
+    as the output projection, either way)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=max_positions, tie_word_embeddings=False,
+    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=max_positions, tie_word_embeddings=True,
                       eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(device):
@@ -51,11 +55,18 @@ def _sync(device: str) -> None:
 
 
 def _measure(fn: Callable[[], object], device: str) -> tuple[float, int]:
-    """(seconds of a timed run, peak bytes of a separate tracked run). Callers warm up first."""
-    _sync(device)
+    """(seconds, peak bytes allocated inside `fn`). On CUDA one run gives both (the allocator keeps
+    statistics); on CPU the memory tracker slows every op, so memory comes from a second, untimed
+    run. Callers warm up first."""
+    if device.startswith("cuda"):
+        with PeakMemory(device) as mem:
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        return seconds, mem.peak_bytes
     start = time.perf_counter()
     fn()
-    _sync(device)
     seconds = time.perf_counter() - start
     with PeakMemory(device) as mem:
         fn()
@@ -68,39 +79,128 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
     print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |", flush=True)
+
+
+def copy_bandwidth(device: str, gib: float = 2.0) -> float:
+    """Measured device-memory bandwidth in bytes/s: a large copy reads and writes every byte."""
+    n = int(gib * 2**30) // 2
+    a = torch.empty(n, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    _sync(device)
+    return 10 * 2 * a.numel() * a.element_size() / (time.perf_counter() - start)
+
+
+def decode_floor_seconds(model, batch: int, cached_tokens: int, bandwidth: float) -> float:
+    """DESIGN.md §3's floor for one decode step: read every weight once (the input embedding table
+    only as the output projection) plus the K/V of `cached_tokens` per sequence."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    element = next(model.parameters()).element_size()
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element * cached_tokens * batch
+    return (weights + kv) / bandwidth
+
+
+DECODE_METHODS = ("bounded", "bounded-compiled", "full", "hf-static", "hf")
+
+
+def default_decode_methods(device: str) -> tuple[str, ...]:
+    """What `bench decode` compares unless told otherwise: compiled steps and HF's static cache +
+    torch.compile only on CUDA (on a CPU they add minutes of compilation and measure little)."""
+    if device.startswith("cuda"):
+        return DECODE_METHODS
+    return ("bounded", "full", "hf")
 
 
 def decode_benchmark(shape: str, lengths: list[int], window: int, batch: int, device: str,
-                     dtype: torch.dtype) -> list[list]:
-    """Tokens/s and peak memory of decoding `length` new tokens: bounded, our full cache, HF generate."""
+                     dtype: torch.dtype, baseline_max: int | None = None,
+                     methods: tuple[str, ...] | None = None) -> list[list]:
+    """Tokens/s and peak memory of decoding `length` new tokens with each method: `bounded` (CUDA
+    graph on a GPU), `bounded-compiled` (torch.compile + CUDA graph), `full` (our full cache), `hf`
+    (HF generate) and `hf-static` (HF static cache + torch.compile). The baselines (`full`, `hf`,
+    `hf-static`) run only up to `baseline_max` new tokens (a full cache is slow and large at long
+    lengths). Each method is warmed up (compiled) and measured before the next starts; a progress
+    line per measurement goes to stderr. On CUDA a row gives each bounded step's share of the
+    memory-bandwidth floor (DESIGN.md §3)."""
+    methods = tuple(methods or default_decode_methods(device))
+    unknown = set(methods) - set(DECODE_METHODS)
+    if unknown:
+        raise ValueError(f"unknown decode methods {sorted(unknown)}; choose from {', '.join(DECODE_METHODS)}")
+    prompt_len = 32
     model = random_model(shape, device, dtype)
-    prompts = torch.randint(1, SHAPES[shape]["vocab_size"], (batch, 32), generator=torch.Generator().manual_seed(0))
-    bounded = Policy(model, None, cache=CacheConfig(window=window))
-    full = Policy(model, None, cache=CacheConfig(window=None))
+    prompts = torch.randint(1, SHAPES[shape]["vocab_size"], (batch, prompt_len),
+                            generator=torch.Generator().manual_seed(0)).to(device)
     ids = prompts.tolist()
 
-    def hf(n):
-        return model.generate(input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
-                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    def hf(n, **kw):
+        return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
 
-    for warm in (bounded, full):  # first calls pay one-off set-up costs
-        warm.generate(ids, max_new_tokens=window + 8, temperature=0)
-    hf(16)
+    def ours(cache: CacheConfig, compile_decode: bool = False):
+        policy = Policy(model, None, cache=cache, compile_decode=compile_decode)
+        policy.generate(ids, max_new_tokens=window + 8, temperature=0)  # set-up costs, compilation
+        return lambda n: policy.generate(ids, max_new_tokens=n, temperature=0)
+
+    graph = " (CUDA graph)" if device.startswith("cuda") else ""
+    labels = {"bounded": f"bounded W={window}{graph}", "bounded-compiled": f"bounded W={window} (compiled{graph and ' + graph'})",
+              "full": "full cache (ours)", "hf-static": "HF static cache + compile", "hf": "HF generate"}
+    speed: dict[tuple[int, str], float] = {}
+    peaks: dict[tuple[int, str], float] = {}
+    for method in methods:
+        baseline = method in ("full", "hf", "hf-static")
+        todo = [n for n in lengths if not baseline or baseline_max is None or n <= baseline_max]
+        if not todo:
+            continue
+        if method.startswith("bounded"):
+            run = ours(CacheConfig(window=window), compile_decode=method == "bounded-compiled")
+        elif method == "full":
+            run = ours(CacheConfig(window=None))
+        else:
+            def run(n, static=method == "hf-static"):
+                return hf(n, cache_implementation="static") if static else hf(n)
+        with use_attention(model, "sdpa" if method.startswith("hf") else None):
+            for n in todo:
+                if method == "hf-static" or (method == "hf" and n == todo[0]):
+                    run(n if method == "hf-static" else 16)  # compilation per static-cache length; first call
+                seconds, peak = _measure(lambda n=n, run=run: run(n), device)
+                speed[n, method], peaks[n, method] = batch * n / seconds, peak / 2**20
+                print(f"  decode {n} new tokens, {labels[method]}: {speed[n, method]:,.0f} tokens/s, "
+                      f"peak {peaks[n, method]:,.1f} MiB", file=sys.stderr, flush=True)
+    bandwidth = copy_bandwidth(device) if device.startswith("cuda") else None
     rows = []
     for n in lengths:
-        res = {}
-        for name, fn in (
-            (f"bounded W={window}", lambda n=n: bounded.generate(ids, max_new_tokens=n, temperature=0)),
-            ("full cache (ours)", lambda n=n: full.generate(ids, max_new_tokens=n, temperature=0)),
-            ("HF generate", lambda n=n: hf(n)),
-        ):
-            seconds, peak = _measure(fn, device)
-            res[name] = (batch * n / seconds, peak)
-            rows.append([n, name, f"{batch * n / seconds:,.0f}", f"{peak / 2**20:,.1f}"])
-        ratio = res[f"bounded W={window}"][0] / res["HF generate"][0]
-        rows.append([n, "bounded / HF generate", f"{ratio:.2f}x", ""])
+        measured = [m for m in methods if (n, m) in speed]
+        rows += [[n, labels[m], f"{speed[n, m]:,.0f}", f"{peaks[n, m]:,.1f}"] for m in measured]
+        ours_best = max((m for m in measured if m.startswith("bounded")), key=lambda m: speed[n, m], default=None)
+        for m in measured:
+            if ours_best and m.startswith("hf"):
+                rows.append([n, f"{labels[ours_best]} / {labels[m]}", f"{speed[n, ours_best] / speed[n, m]:.2f}x", ""])
+        for m in measured:
+            if bandwidth is not None and m.startswith("bounded"):
+                floor = decode_floor_seconds(model, batch, prompt_len + min(n, window), bandwidth)
+                rows.append([n, f"{labels[m]} step vs floor ({floor * 1e3:.2f} ms at {bandwidth / 1e12:.2f} TB/s copy)",
+                             f"{floor * speed[n, m] / batch:.0%}", ""])
     return rows
+
+
+@contextmanager
+def use_attention(model, name: str | None) -> Iterator[None]:
+    """Run HF's own baselines on its stock attention function (the policies switch the model to the
+    grouped decode path); `None` leaves the model as it is."""
+    previous = model.config._attn_implementation
+    if name is not None and name != previous:
+        model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
 
 
 def replay_benchmark(shape: str, lengths: list[int], window: int, batch: int, device: str,
@@ -172,7 +272,7 @@ def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: t
     model = random_model(shape, device, dtype)
     prompts = torch.randint(1, SHAPES[shape]["vocab_size"], (batch, 32), generator=torch.Generator().manual_seed(0))
     rows, times = [], {}
-    for mode in ("none", "pte"):
+    for mode in ("none", "lora", "pte"):
         policy = Policy(model, None, cache=CacheConfig(window=window), adapter=AdapterConfig(mode=mode))
         policy.generate(prompts.tolist(), max_new_tokens=window + 8, temperature=0)  # warm-up
         _sync(device)
@@ -199,6 +299,8 @@ def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: t
     rows.append(["encoder / decode of E tokens", f"{per_event / (step * cfg.evict_block):.1%}"])
     rows.append([f"PTE rollout / plain bounded rollout ({tokens} tokens, {times['pte'][1]} events)",
                  f"{times['pte'][0] / times['none'][0]:.2f}x"])
+    rows.append(["LoRA rollout / plain bounded rollout (adapter matmuls alone)",
+                 f"{times['lora'][0] / times['none'][0]:.2f}x"])
     return rows
 
 
@@ -273,7 +375,8 @@ def _markdown(title: str, header: list[str], rows: list[list]) -> str:
 
 def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[int] | None = None,
                    window: int = 256, batch: int = 4, tokens: int = 1024, device: str = "cpu",
-                   dtype: torch.dtype | None = None, output_dir=None) -> dict:
+                   dtype: torch.dtype | None = None, output_dir=None, baseline_max: int | None = None,
+                   decode_methods: tuple[str, ...] | None = None) -> dict:
     """Run decode / replay / encoder (or all), print their tables and, with `output_dir`, write
     `bench.md` (the tables) and the plots `decode.png` (tokens/s and peak memory vs generated
     length) and `replay.png` (peak memory and time vs completion length). Returns
@@ -295,7 +398,7 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
     print(header_line)
     # name -> (run, title, header, plotted columns, x label)
     specs = {
-        "decode": (decode_benchmark, DECODE_TITLE, DECODE_HEADER, {2: "tokens/s", 3: "peak memory (MiB)"},
+        "decode": (partial(decode_benchmark, baseline_max=baseline_max, methods=decode_methods), DECODE_TITLE, DECODE_HEADER, {2: "tokens/s", 3: "peak memory (MiB)"},
                    "generated tokens"),
         "replay": (replay_benchmark, REPLAY_TITLE, REPLAY_HEADER, {3: "peak memory (MiB)", 2: "seconds"},
                    "completion tokens"),

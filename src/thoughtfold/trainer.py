@@ -102,6 +102,7 @@ class TrainConfig:
     model: str = "default"
     dtype: str | None = None
     device: str | None = None
+    compile_decode: bool = False  # torch.compile the rollouts' decode step (worth it on CUDA)
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=16))
     adapter: AdapterConfig = field(
         default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
@@ -369,7 +370,8 @@ class _Trainer:
         device = c.device
         if device is None and self.dp.world > 1 and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"  # one GPU per process
-        return Policy.from_pretrained(c.model, cache=c.cache, adapter=c.adapter, dtype=c.dtype, device=device)
+        return Policy.from_pretrained(c.model, cache=c.cache, adapter=c.adapter, dtype=c.dtype, device=device,
+                                      compile_decode=c.compile_decode)
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         """HF's schedules (warmup then constant / linear / cosine decay), one tick per optimizer update."""
