@@ -3,8 +3,9 @@ replication pipeline in benchmarks/replication/run.py."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,10 +80,12 @@ def test_checker_rejects_wrong_traces():
 
 
 def _load_run():
-    spec = importlib.util.spec_from_file_location("replication_run", ROOT / "benchmarks/replication/run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/replication/run.py as the module `run`, importable by name, as its worker processes
+    (spawned with this process's sys.path) need to unpickle their job function."""
+    folder = str(ROOT / "benchmarks/replication")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("run")
 
 
 def test_pipeline_smoke(tmp_path):
@@ -101,6 +104,18 @@ def test_pipeline_smoke(tmp_path):
         assert r["rollout_peak_bytes"] > 0
     assert all(r["train_peak_bytes"] > 0 for r in results["rows"] if r["method"] != "bounded")
     assert "| pte | 3 |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_pipeline_parallel_workers(tmp_path):
+    """The default path: training jobs in worker processes, rows in job order, longer-SFT rows named."""
+    run = _load_run()
+    config = run.merge(run.DEFAULT_CONFIG, run.QUICK_CONFIG)
+    config.update(windows=[3], methods=["lora_c"], ablations=["pte"], workers=2, sft_multiplier={"lora_c": 2})
+    results = run.run(config, tmp_path / "out", tmp_path / "results.json", tmp_path / "RESULTS.md")
+    rows = [(r["method"], r["window"], r.get("sft_steps")) for r in results["rows"]]
+    steps = config["sft"]["steps"]
+    assert rows == [("full", None, None), ("bounded", 3, None), ("lora_c_2x_sft", 3, 2 * steps), ("pte", 3, steps)]
+    assert "lora_c_2x_sft W=3 starts" in (tmp_path / "out" / "log.txt").read_text()
 
 
 def test_state_bptt_matches_full_graph_with_detached_kv(monkeypatch):

@@ -49,11 +49,17 @@ DEFAULT_CONFIG: dict = {
     "grpo": {"steps": 10, "group_size": 8, "prompts_per_step": 8, "lr": 5e-4},
     "eval": {"n": 500, "batch": 250, "seed": 1234},
     "windows": None,  # default [D/8, D/4, D/2]
-    "methods": ["lora_c", "pte", "pte_full_backprop", "pte_state_bptt"],  # at every window
-    "ablations": ["pte_fb_global0", "pte_fb_global_only", "pte_fb_paper_update"],  # at ablation_window
+    # at every window: PTE with gradients through the states (the variant that reaches the goal, see
+    # RESULTS.md) and LoRA_c
+    "methods": ["pte_state_bptt", "lora_c"],
+    # at ablation_window, with the base SFT budget: truncated vs full backprop, then the encoder
+    # ablations on top of full backprop
+    "ablations": ["pte", "pte_full_backprop", "pte_fb_global0", "pte_fb_global_only", "pte_fb_paper_update"],
     "ablation_window": None,  # default D/4
+    "sft_multiplier": {"pte_state_bptt": 3},  # methods trained for k x sft.steps (rows named <method>_<k>x_sft)
     "row_suffix": "",  # appended to the method names of the rows (variants with other budgets)
     "jobs": None,  # explicit [[method, window], ...] (a priority order); default: methods x windows, ablations
+    "workers": 2,  # training jobs run in this many processes (one torch thread each)
     "memory_probe": 8,
 }
 
@@ -68,6 +74,7 @@ QUICK_CONFIG: dict = {
     "grpo": {"steps": 1, "group_size": 2, "prompts_per_step": 2, "lr": 1e-4},
     "eval": {"n": 8, "batch": 8, "seed": 1},
     "memory_probe": 2,
+    "workers": 1,
 }
 
 METHODS = {  # name -> (adapter mode, adapter overrides, backprop: False truncated | True full | "state")
@@ -307,7 +314,7 @@ def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool, ba
 
 
 def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path | None) -> dict:
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, config["workers"]))  # pretraining and the reference rows; jobs use one each
     out_dir.mkdir(parents=True, exist_ok=True)
     log = Log(out_dir / "log.txt")
     seed = config["seed"]
@@ -339,10 +346,7 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
         res = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])
         row = {"method": method, "window": window, **res, **extra}
         rows.append(row)
-        log(f"ROW {method:18s} W={window!s:5s} acc {res['accuracy']:.3f} {res['ci95']} chain "
-            f"{res['chain_accuracy']:.3f} H(v) {res['value_entropy_bits']:.2f} "
-            f"rollout {extra.get('rollout_peak_bytes', 0) / 1e6:.2f}MB "
-            f"train {(extra.get('train_peak_bytes') or 0) / 1e6:.2f}MB")
+        log(row_line(row))
         write(config, task, n_params, pre, rows, time.perf_counter() - t0, results_path, table_path)
         return row
 
@@ -358,25 +362,73 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
         bounded = make(w, "none")
         add("bounded", w, bounded, measure_memory(bounded, task, probe, train=False, backprop=False))
 
-    jobs = [(m, w) for w in windows for m in config["methods"]]
+    jobs = [(m, w) for m in config["methods"] for w in windows]
     jobs += [(a, abl_window) for a in config["ablations"]]
     if config.get("jobs"):
         jobs = [(m, int(w)) for m, w in config["jobs"]]
-    for k, (method, w) in enumerate(jobs):
-        mode, overrides, full_bp = METHODS[method]
-        log(f"== {method} W={w} ({k + 1}/{len(jobs)}, {time.perf_counter() - t0:.0f}s elapsed)")
-        torch.manual_seed(seed)
-        policy = make(w, mode, overrides)
-        extra = {"adapter_mode": mode, "adapter_overrides": overrides, "backprop": full_bp,
-                 **measure_memory(policy, task, probe, train=True, backprop=full_bp)}
-        extra.update(sft(policy, task, config["sft"], seed, full_bp, log, method))
-        extra["accuracy_after_sft"] = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])["accuracy"]
-        log(f"  {method} W={w} accuracy after SFT {extra['accuracy_after_sft']:.3f}")
-        if config["grpo"]["steps"] > 0:
-            extra.update(grpo(policy, task, config["grpo"], seed, full_bp, log, method))
-        add(method + config.get("row_suffix", ""), w, policy, extra)
+    log(f"{len(jobs)} training jobs on {config['workers']} worker(s), {time.perf_counter() - t0:.0f}s elapsed")
+    done: dict[int, dict] = {}
+    reference = list(rows)
+
+    def finished(k: int, row: dict) -> None:
+        done[k] = row
+        rows[:] = reference + [done[i] for i in sorted(done)]  # job order, whatever the finishing order
+        log(f"{row_line(row)} ({len(done)}/{len(jobs)} jobs, {time.perf_counter() - t0:.0f}s elapsed)")
+        write(config, task, n_params, pre, rows, time.perf_counter() - t0, results_path, table_path)
+
+    base_path = out_dir / "base_model.pt"
+    if config["workers"] <= 1:
+        for k, (method, w) in enumerate(jobs):
+            finished(k, train_job(config, base_path, method, w, out_dir / "log.txt"))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(config["workers"], mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_job, config, base_path, method, w, out_dir / "log.txt"): k
+                       for k, (method, w) in enumerate(jobs)}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
     log(f"done in {time.perf_counter() - t0:.0f}s")
     return write(config, task, n_params, pre, rows, time.perf_counter() - t0, results_path, table_path)
+
+
+def row_line(row: dict) -> str:
+    return (f"ROW {row['method']:18s} W={row['window']!s:5s} acc {row['accuracy']:.3f} {row['ci95']} chain "
+            f"{row['chain_accuracy']:.3f} H(v) {row['value_entropy_bits']:.2f} "
+            f"rollout {row['rollout_peak_bytes'] / 1e6:.2f}MB train {(row.get('train_peak_bytes') or 0) / 1e6:.2f}MB")
+
+
+def train_job(config: dict, base_path: Path, method: str, window: int, log_path: Path) -> dict:
+    """One training row: the adapter of `method` on the saved base model under `window`, SFT through the
+    replay, then GRPO, evaluated after each. Runs in a worker process (or inline with one worker)."""
+    torch.set_num_threads(1)
+    log = Log(log_path)
+    seed, ecfg = config["seed"], config["eval"]
+    task = RecallTask(**config["task"])
+    base = build_model(task, config["model"], seed)
+    base.load_state_dict(torch.load(base_path))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    mode, overrides, full_bp = METHODS[method]
+    k = config["sft_multiplier"].get(method, 1)
+    name = method + (f"_{k}x_sft" if k != 1 else "") + config.get("row_suffix", "")
+    log(f"== {name} W={window} starts")
+    torch.manual_seed(seed)
+    acfg = AdapterConfig(mode=mode, **{**config["adapter"], **overrides})
+    policy = Policy(base, None, cache=CacheConfig(window=window), adapter=acfg)
+    start = time.perf_counter()
+    extra = {"adapter_mode": mode, "adapter_overrides": overrides, "backprop": full_bp,
+             **measure_memory(policy, task, config["memory_probe"], train=True, backprop=full_bp)}
+    sft_cfg = {**config["sft"], "steps": config["sft"]["steps"] * k}
+    extra.update(sft(policy, task, sft_cfg, seed, full_bp, log, f"{name} W={window}"))
+    extra["accuracy_after_sft"] = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])["accuracy"]
+    log(f"  {name} W={window} accuracy after SFT {extra['accuracy_after_sft']:.3f}")
+    if config["grpo"]["steps"] > 0:
+        extra.update(grpo(policy, task, config["grpo"], seed, full_bp, log, f"{name} W={window}"))
+    extra["job_seconds"] = round(time.perf_counter() - start, 1)
+    res = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])
+    return {"method": name, "window": window, **res, **extra}
 
 
 def write(config: dict, task: RecallTask, n_params: int, pre: dict, rows: list[dict], seconds: float,
