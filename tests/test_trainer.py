@@ -74,6 +74,19 @@ def per_group_generate(trainer, prompts):
     ])
 
 
+def ragged_generate(trainer, prompts):
+    """`per_group_generate`, each completion then cut to a length set by its prompt and row (5 to 14
+    tokens for the test prompts), so processes hold completions of different lengths and replay
+    different numbers of segments."""
+    out = per_group_generate(trainer, prompts)
+    for i, prompt in enumerate(prompts):
+        n = 3 * len(prompt) - 4 + i % trainer.config.group_size
+        out.truncated[i] = out.truncated[i] and n >= len(out.completion_ids[i])  # a cut one has ended
+        out.completion_ids[i], out.logprobs[i] = out.completion_ids[i][:n], out.logprobs[i][:n]
+        out.eviction_log[i] = [e for e in out.eviction_log[i] if e.step <= n - 2]
+    return out
+
+
 def _config(tmp_path: Path, model: Path, mode: str = "pte", window: int | None = 8, **overrides) -> TrainConfig:
     base = dict(
         model=str(model), dtype="float32", device="cpu",
@@ -338,6 +351,77 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, t
             got = torch.load(out / f"grads-{loss_type}-{rank}.pt")
             for a, b in zip(got, expected, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+_FSDP_RANK = """
+import sys
+from pathlib import Path
+import torch
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, {tests!r})
+from test_trainer import SFT_TRACES, _config, _dataset, low_bytes, one_step_gradients, ragged_generate
+from thoughtfold.trainer import GRPOTrainer, SFTTrainer
+torch.set_num_threads(1)
+real_generate = GRPOTrainer.generate
+GRPOTrainer.generate = ragged_generate
+config = _config(Path({tmp!r}), Path({model!r}), prompts_per_step=2, output_dir={out!r}, fsdp=True,
+                 replay_batch_size=2, beta=0.05, backprop="state")
+trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+weight = trainer.policy.model.model.layers[0].mlp.down_proj.base.weight
+assert isinstance(weight, DTensor) and weight.to_local().shape[0] < weight.shape[0]  # really sharded
+torch.save(one_step_gradients(trainer), {out!r} + f"/grads-{{trainer.dp.rank}}.pt")
+GRPOTrainer.generate = real_generate  # real rollouts: ranks finish decoding at different steps
+config = _config(Path({tmp!r}), Path({model!r}), steps=2, save_every=1, output_dir={out!r} + "/run", fsdp=True)
+GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+config = _config(Path({tmp!r}), Path({model!r}), steps=1, prompts_per_step=1, max_new_tokens=24, fsdp=True,
+                 output_dir={out!r} + "/sft")
+SFTTrainer(config, dataset=SFT_TRACES).train()  # one short and one long trace: one per process
+"""
+SFT_TRACES = [{"prompt": "2+2=?", "answer": "4", "solution": "4"},
+              {"prompt": "spell cat", "answer": "cat", "solution": "c, then a, then t: the word is cat"}]
+
+
+def _launch(script: str, world: int = 2) -> None:
+    """Run `script` in `world` gloo processes (what torchrun sets up) and wait for all of them."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                              "WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        for rank in range(world)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+
+
+def test_fsdp_shards_the_base_and_matches_one_process(tmp_path, tiny_dirs, monkeypatch):
+    """2 gloo processes with the base weights sharded (FSDP2): the gradients of one GRPO step (state
+    backprop, KL reference, micro-batches, ranks with different completion lengths) equal one
+    process on the doubled batch; real rollouts end together and a run checkpoints."""
+    model, out = tiny_dirs["llama"], tmp_path / "fsdp"
+    out.mkdir()
+    _launch(_FSDP_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model), out=str(out)))
+    assert latest_checkpoint(out / "run" / "checkpoints").name == "step-00000002"
+
+    monkeypatch.setattr(GRPOTrainer, "generate", ragged_generate)
+    single = GRPOTrainer(_config(tmp_path, model, prompts_per_step=4, replay_batch_size=2, beta=0.05,
+                                 backprop="state"), dataset=_dataset(), reward_funcs=[low_bytes])
+    expected = one_step_gradients(single)
+    assert any(g.abs().max() > 0 for g in expected)
+    for rank in range(2):
+        got = torch.load(out / f"grads-{rank}.pt")
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # SFT: the sharded first-step loss over both processes' traces is one process's loss on both
+    sft = SFTTrainer(_config(tmp_path, model, steps=1, prompts_per_step=2, max_new_tokens=24,
+                             output_dir=str(tmp_path / "sft1")), dataset=SFT_TRACES).train()
+    (one,), (two,) = read_metrics(sft["metrics"]), read_metrics(out / "sft" / "metrics.jsonl")
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["num_tokens"] == one["num_tokens"]
 
 
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dirs):

@@ -3,7 +3,7 @@ and the thought encoder, with `generate` (constant-memory rollouts) and the repl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +87,8 @@ class Policy:
             raise ConfigError(f"cuda_graph=True needs the model on a CUDA device, but it is on {self.device}")
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.compile_decode = compile_decode
+        # set by the trainer under FSDP: every process must stop decoding at the same step
+        self.lockstep: Callable[[bool], bool] | None = None
 
     @classmethod
     def from_pretrained(
@@ -175,7 +177,7 @@ class Policy:
             self.model, self.folder, prompt_ids, self.cache_config, sampling,
             eos_ids=self.eos_token_ids, pad_id=self._pad_id(), streamer=streamer,
             policy=self.eviction_policy, stop_check=stop_check, cuda_graph=self.cuda_graph,
-            compile_step=self.compile_decode,
+            compile_step=self.compile_decode, lockstep=self.lockstep,
         )
         return self._finish(raw, prompt_ids, stop)
 
@@ -188,16 +190,18 @@ class Policy:
         temperature: float = 1.0,
         full_backprop: bool = False,
         state_backprop: bool = False,
+        min_length: int = 0,
     ) -> list[torch.Tensor]:
         """Teacher-forced log-probs of `completion_ids` under this policy's cache, segment by
         segment. `eviction_log=None` uses the default oldest-block schedule. With `loss_fn(logprobs
         [B, m], start, end)`, backward runs after each segment (memory bounded by the window);
         `state_backprop=True` adds the exact gradient through the chain of encoder states (needed
-        for long-range recall, see benchmarks/replication), `full_backprop=True` keeps one graph."""
+        for long-range recall, see benchmarks/replication), `full_backprop=True` keeps one graph.
+        `min_length` pads the batch to at least that many tokens (same segments on every process)."""
         return replay(
             self.model, self.folder, prompt_ids, completion_ids, self.cache_config, eviction_log,
             loss_fn=loss_fn, temperature=temperature, full_backprop=full_backprop, pad_id=self._pad_id(),
-            state_backprop=state_backprop,
+            state_backprop=state_backprop, min_length=min_length,
         )
 
     @property

@@ -128,6 +128,7 @@ def replay(
     full_backprop: bool = False,
     pad_id: int = 0,
     state_backprop: bool = False,
+    min_length: int = 0,
 ) -> list[torch.Tensor]:
     """Per-token log-probs (detached, one tensor per sequence) of `completion_ids` given the prompts,
     under the same cache and state history as the rollout that produced them.
@@ -136,7 +137,9 @@ def replay(
     through the block evicted just before it); `state_backprop=True` adds the exact gradient through
     the chain of encoder states (backprop through time over eviction events, cached K/V still
     detached, backward still per segment; extra memory: the evicted K/V, no activations);
-    `full_backprop=True` keeps one graph over everything."""
+    `full_backprop=True` keeps one graph over everything. `min_length` pads the batch (with
+    `pad_id`, after every sequence) to at least that many tokens and replays the default schedule
+    over it: processes of a sharded model then run the same segments whatever their own lengths."""
     if full_backprop and state_backprop:
         raise ConfigError("choose one of full_backprop and state_backprop (full_backprop already includes it)")
     if len(prompt_ids) != len(completion_ids):
@@ -145,19 +148,22 @@ def replay(
         raise ConfigError("every completion needs at least one token")
     logs = eviction_log
     if logs is None:
-        logs = [default_schedule(len(c), cache_cfg) for c in completion_ids]
+        logs = [default_schedule(max(len(c), min_length), cache_cfg) for c in completion_ids]
+    elif min_length > max(len(c) for c in completion_ids):
+        raise ConfigError("min_length pads with the default eviction schedule: pass eviction_log=None")
     if len(logs) != len(completion_ids):
         raise ConfigError(f"{len(logs)} eviction logs for {len(completion_ids)} completions")
     common = _common_log(logs) if logs else []
     if common is None:  # per-sequence policies: replay each sequence on its own
         return [
             replay(model, folder, [p], [c], cache_cfg, [log], loss_fn, temperature, full_backprop, pad_id,
-                   state_backprop)[0]
+                   state_backprop, min_length)[0]
             for p, c, log in zip(prompt_ids, completion_ids, logs, strict=True)
         ]
     chain = _StateChain(folder) if state_backprop and loss_fn is not None and folder.active else None
     out = _replay_batch(
-        model, chain or folder, prompt_ids, completion_ids, common, loss_fn, temperature, full_backprop, pad_id
+        model, chain or folder, prompt_ids, completion_ids, common, loss_fn, temperature, full_backprop, pad_id,
+        min_length,
     )
     if chain is not None:
         chain.backward()
@@ -229,12 +235,13 @@ def _replay_batch(
     temperature: float,
     full_backprop: bool,
     pad_id: int,
+    min_length: int = 0,
 ) -> list[torch.Tensor]:
     """Replay sequences that share one eviction schedule (a lockstep batch)."""
     device = next(model.parameters()).device
     ids, valid = pad_prompts([list(p) for p in prompt_ids], pad_id, device)
     batch, width = ids.shape
-    n = max(len(c) for c in completion_ids)
+    n = max(min_length, *(len(c) for c in completion_ids))
     comp = torch.full((batch, n), pad_id, dtype=torch.long, device=device)
     for i, c in enumerate(completion_ids):
         comp[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)

@@ -11,6 +11,7 @@ greedy), before any top-p / top-k truncation -- the definition TRL uses for GRPO
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -120,13 +121,15 @@ def rollout(
     stop_check=None,
     cuda_graph: bool = False,
     compile_step: bool = False,
+    lockstep: Callable[[bool], bool] | None = None,
 ) -> RawRollout:
     """Decode `prompts` (token lists) in lockstep under the bounded cache.
 
     `stop_check(tokens [B, t]) -> bool tensor [B]` marks extra finished rows at sync points
     (stop strings). Finished rows keep decoding padding so shapes stay static. `cuda_graph`
     captures the decode step once and replays it (CUDA only); `compile_step` runs it through
-    torch.compile first."""
+    torch.compile first. `lockstep(all_done_here) -> all_done_everywhere` makes processes whose
+    forward passes are collectives (FSDP) stop at the same step."""
     device = next(model.parameters()).device
     ids, valid = pad_prompts(prompts, pad_id, device)
     batch, n_new = ids.shape[0], sampling.max_new_tokens
@@ -170,7 +173,8 @@ def rollout(
         if steps % SYNC_EVERY == 0:
             if stop_check is not None:
                 done |= stop_check(tokens[:, :steps])
-            if bool(done.all()):
+            finished = bool(done.all())
+            if lockstep(finished) if lockstep is not None else finished:
                 break
         if cache.window.full:
             event, slots = cache.evict(t)

@@ -5,7 +5,8 @@ bounded cache, score them, compute group-normalised advantages, then update the 
 clipped policy-gradient loss. The loss is built per replay segment with batch-wide token weights
 (grpo.py), so the summed segment (and micro-batch) losses equal the full-batch loss while backward
 never spans more than one segment: memory is bounded by the cache window, not by the completion
-length. Under `torchrun` each process takes its share of the prompts (`DataParallel`).
+length. Under `torchrun` each process takes its share of the prompts; with `fsdp` the frozen base
+weights are sharded too (parallel.py).
 
 Configs are dataclasses loaded from YAML plus ``key=value`` overrides through OmegaConf.
 Checkpoints (checkpoint.py) make a run resumable exactly, even after a SIGKILL.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import resource
 import shlex
@@ -26,10 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -58,6 +56,7 @@ from .grpo import (
     mask_truncated_completions,
     token_loss_terms,
 )
+from .parallel import DataParallel, shard_base_model
 from .policy import GenerationResult, Policy
 from .report import METRICS_NAME, plot_curves
 from .rewards import load_reward
@@ -103,6 +102,7 @@ class TrainConfig:
     dtype: str | None = None
     device: str | None = None
     compile_decode: bool = False  # torch.compile the rollouts' decode step (worth it on CUDA)
+    fsdp: bool = False  # under torchrun: also shard the frozen base weights over the processes (FSDP2)
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=16))
     adapter: AdapterConfig = field(
         default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
@@ -272,56 +272,6 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-# --------------------------------------------------------------------------- data parallel
-
-
-class DataParallel:
-    """Data-parallel training over torch.distributed, as launched by `torchrun` / `accelerate launch`
-    (WORLD_SIZE > 1): each process rolls out its share of the prompts, rewards are gathered so that
-    advantages and loss weights are batch-wide, and gradients are summed before the optimizer step,
-    which every process then takes identically. A single process needs no launcher."""
-
-    def __init__(self) -> None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        active = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if active else 0
-        self.world = dist.get_world_size() if active else 1
-
-    @property
-    def main(self) -> bool:
-        """The process that logs, plots and writes checkpoints."""
-        return self.rank == 0
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every process's `obj` (small, picklable), in rank order."""
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum of `values` over the processes."""
-        return [sum(column) for column in zip(*self.gather(values), strict=True)]
-
-    def sum_gradients(self, params: list[torch.Tensor]) -> None:
-        """All-reduce the accumulated gradients in one flat buffer (missing ones count as zero)."""
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)
-        for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
-            p.grad = chunk.view_as(p)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
 # --------------------------------------------------------------------------- shared loop
 
 
@@ -342,6 +292,12 @@ class _Trainer:
         self.dataset = self._load_dataset(dataset)
         self._check_output_dir()
         self.policy = policy if policy is not None else self._load_policy()
+        self.fsdp = config.fsdp and self.dp.world > 1
+        if self.fsdp:
+            shard_base_model(self.policy.model, self.policy.wrappers)
+            # collectives run inside every forward: no graph capture, and every process stops together
+            self.policy.cuda_graph = self.policy.compile_decode = False
+            self.policy.lockstep = self.dp.all
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise ConfigError("adapter mode 'none' has nothing to train: set adapter.mode to lora or pte")
@@ -416,6 +372,32 @@ class _Trainer:
     def _backprop_kwargs(self) -> dict[str, bool]:
         """How gradients cross eviction events in the replay (config.backprop)."""
         return {"full_backprop": self.config.backprop == "full", "state_backprop": self.config.backprop == "state"}
+
+    # ---- lockstep replays (FSDP: every process runs the same forward/backward passes)
+
+    def lockstep_width(self, completions: Sequence[Sequence[int]]) -> int:
+        """The width replays are padded to: the longest completion here, or over all processes
+        under FSDP (then every process replays the same segments)."""
+        width = max((len(c) for c in completions), default=0)
+        return self.dp.max(width) if self.fsdp else width
+
+    def replay_spans(self, n: int) -> list[tuple[int, int] | None]:
+        """Micro-batches of `n` rows; under FSDP padded with None up to the most any process has."""
+        spans: list[tuple[int, int] | None] = list(_spans(n, self.config.replay_batch_size))
+        if self.fsdp:
+            spans += [None] * (self.dp.max(len(spans)) - len(spans))
+        return spans
+
+    def replay_args(self, logs: list, width: int) -> dict:
+        """Eviction logs as recorded, or under FSDP the (identical) default schedule padded to `width`."""
+        return {"eviction_log": None, "min_length": width} if self.fsdp else {"eviction_log": logs}
+
+    def idle_replay(self, width: int, train: bool) -> None:
+        """Under FSDP, what a process with no rows left runs while the others replay: one padding
+        sequence of `width` tokens with a zero loss, so its collectives match theirs."""
+        pad = self.policy._pad_id()
+        kwargs = {"loss_fn": lambda lp, a, b: lp.sum() * 0.0, **self._backprop_kwargs()} if train else {}
+        self.policy.replay_logprobs([[pad]], [[pad] * max(width, 1)], None, min_length=width, **kwargs)
 
     def next_examples(self, n: int) -> list[dict]:
         """The next `n` rows of the (per-epoch reshuffled) dataset; a pure function of data_pos."""
@@ -622,6 +604,11 @@ class PolicyBatch:
     def __len__(self) -> int:
         return len(self.completions)
 
+    @property
+    def width(self) -> int:
+        """Padded completion length (under FSDP: the longest over all processes)."""
+        return self.old.shape[1]
+
 
 class GRPOTrainer(_Trainer):
     """Cache-aware GRPO: rollouts under the bounded cache, updates through the segment-wise replay.
@@ -714,7 +701,7 @@ class GRPOTrainer(_Trainer):
         (`num_sequences` kept rows, `num_tokens` loss tokens); old log-probs are the rollout's."""
         c, device = self.config, self.policy.device
         completions = [rollout.completion_ids[i] for i in rows]
-        width = max((len(x) for x in completions), default=0)
+        width = self.lockstep_width(completions)
         truncated = torch.tensor([rollout.truncated[i] for i in rows], dtype=torch.bool, device=device)
         mask = mask_truncated_completions(_length_mask([len(x) for x in completions], width, device), truncated,
                                           c.mask_truncated_completions)
@@ -723,7 +710,7 @@ class GRPOTrainer(_Trainer):
             _padded([rollout.logprobs[i] for i in rows], width, device), advantages[rows].to(device), mask,
             loss_normalizer(mask, c.loss_type, c.max_new_tokens, num_sequences=num_sequences,
                             num_items_in_batch=num_tokens))
-        if c.beta != 0 and rows:
+        if c.beta != 0 and (rows or self.fsdp):
             batch.ref = self._reference_logprobs(batch, width)
         return batch
 
@@ -731,10 +718,14 @@ class GRPOTrainer(_Trainer):
         """Log-probs under the adapter-disabled model and the same cache: the KL reference."""
         ref: list[torch.Tensor] = []
         with torch.no_grad(), adapters_disabled(self.policy.wrappers):
-            for a, b in _spans(len(batch), self.config.replay_batch_size):
-                part = batch.rows(a, b)
-                ref += self.policy.replay_logprobs(part.prompt_ids, part.completions, part.logs,
-                                                   temperature=self.config.temperature)
+            for span in self.replay_spans(len(batch)):
+                if span is None:
+                    self.idle_replay(width, train=False)
+                    continue
+                part = batch.rows(*span)
+                ref += self.policy.replay_logprobs(part.prompt_ids, part.completions,
+                                                   temperature=self.config.temperature,
+                                                   **self.replay_args(part.logs, width))
         return _padded(ref, width, self.policy.device)
 
     def _update(self, batch: PolicyBatch) -> dict[str, float]:
@@ -743,8 +734,11 @@ class GRPOTrainer(_Trainer):
         stats, loss, norms = LossStats(), 0.0, []
         for _ in range(self.config.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for a, b in _spans(len(batch), self.config.replay_batch_size):
-                part_loss, part_stats = self._replay_loss(batch.rows(a, b))
+            for span in self.replay_spans(len(batch)):
+                if span is None:
+                    self.idle_replay(batch.width, train=True)
+                    continue
+                part_loss, part_stats = self._replay_loss(batch.rows(*span))
                 loss, stats = loss + part_loss, stats + part_stats
             norms.append(self.optimizer_step())
         n = self.config.num_iterations
@@ -767,8 +761,8 @@ class GRPOTrainer(_Trainer):
             stats, loss = stats + seg, loss + total.item()
             return total
 
-        self.policy.replay_logprobs(batch.prompt_ids, batch.completions, batch.logs, loss_fn=loss_fn,
-                                    temperature=c.temperature, **self._backprop_kwargs())
+        self.policy.replay_logprobs(batch.prompt_ids, batch.completions, loss_fn=loss_fn, temperature=c.temperature,
+                                    **self.replay_args(batch.logs, batch.width), **self._backprop_kwargs())
         return loss, stats
 
     def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
@@ -807,12 +801,16 @@ class SFTTrainer(_Trainer):
             completions = self._full_cache_traces(prompt_ids)
         else:
             completions = [self._target_ids(e[c.data.completion_field]) for e in examples]
-        width = max(len(x) for x in completions)
+        width = self.lockstep_width(completions)
         num_tokens = self.dp.sum([sum(map(len, completions))])[0]
         weights = _length_mask([len(x) for x in completions], width, device) / num_tokens
         loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for a, b in _spans(len(completions), c.replay_batch_size):
+        for span in self.replay_spans(len(completions)):
+            if span is None:
+                self.idle_replay(width, train=True)
+                continue
+            a, b = span
             loss += self._replay_nll(prompt_ids[a:b], completions[a:b], weights[a:b])
         grad_norm = self.optimizer_step()
         return {"loss": self.dp.sum([loss])[0], "grad_norm": grad_norm, "num_tokens": num_tokens}
@@ -827,8 +825,8 @@ class SFTTrainer(_Trainer):
             loss += total.item()
             return total
 
-        self.policy.replay_logprobs(prompt_ids, completions, None, loss_fn=loss_fn, temperature=1.0,
-                                    **self._backprop_kwargs())
+        self.policy.replay_logprobs(prompt_ids, completions, loss_fn=loss_fn, temperature=1.0,
+                                    **self.replay_args(None, weights.shape[1]), **self._backprop_kwargs())
         return loss
 
     def _full_cache_traces(self, prompt_ids: list[list[int]]) -> list[list[int]]:
