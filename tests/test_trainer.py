@@ -322,22 +322,8 @@ DDP_LOSS_TYPES = ("grpo", "dapo")  # per-sequence and per-token normalisers, bot
 def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, tiny_dirs, monkeypatch):
     model, out = tiny_dirs["llama"], tmp_path / "ddp"
     out.mkdir()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    script = _DDP_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
-                              out=str(out), loss_types=DDP_LOSS_TYPES)
-    procs = [
-        subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "2",
-                              "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                              "MASTER_PORT": str(port)})
-        for rank in range(2)
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
+    _launch(_DDP_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
+                             out=str(out), loss_types=DDP_LOSS_TYPES))
     assert [r["step"] for r in read_metrics(out / "run" / "metrics.jsonl")] == [1, 2]  # written once
     assert latest_checkpoint(out / "run" / "checkpoints").name == "step-00000002"
 
@@ -345,12 +331,34 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, t
     for loss_type in DDP_LOSS_TYPES:
         single = GRPOTrainer(_config(tmp_path, model, prompts_per_step=4, loss_type=loss_type), dataset=_dataset(),
                              reward_funcs=[low_bytes])
-        expected = one_step_gradients(single)
-        assert any(g.abs().max() > 0 for g in expected)
-        for rank in range(2):
-            got = torch.load(out / f"grads-{loss_type}-{rank}.pt")
-            for a, b in zip(got, expected, strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        assert_rank_gradients(out, f"grads-{loss_type}-{{rank}}.pt", one_step_gradients(single), atol=1e-7)
+
+
+def _launch(script: str, world: int = 2) -> None:
+    """Run `script` in `world` gloo processes (what torchrun sets up) and wait for all of them."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                              "WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        for rank in range(world)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+
+
+def assert_rank_gradients(out: Path, name: str, expected: list[torch.Tensor], atol: float) -> None:
+    """Each process's saved gradients (`name` formatted with its rank) equal the expected ones."""
+    assert any(g.abs().max() > 0 for g in expected)
+    for rank in range(2):
+        got = torch.load(out / name.format(rank=rank))
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
 
 
 _FSDP_RANK = """
@@ -381,24 +389,6 @@ SFT_TRACES = [{"prompt": "2+2=?", "answer": "4", "solution": "4"},
               {"prompt": "spell cat", "answer": "cat", "solution": "c, then a, then t: the word is cat"}]
 
 
-def _launch(script: str, world: int = 2) -> None:
-    """Run `script` in `world` gloo processes (what torchrun sets up) and wait for all of them."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [
-        subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                              "WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        for rank in range(world)
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
-
-
 def test_fsdp_shards_the_base_and_matches_one_process(tmp_path, tiny_dirs, monkeypatch):
     """2 gloo processes with the base weights sharded (FSDP2): the gradients of one GRPO step (state
     backprop, KL reference, micro-batches, ranks with different completion lengths) equal one
@@ -411,12 +401,7 @@ def test_fsdp_shards_the_base_and_matches_one_process(tmp_path, tiny_dirs, monke
     monkeypatch.setattr(GRPOTrainer, "generate", ragged_generate)
     single = GRPOTrainer(_config(tmp_path, model, prompts_per_step=4, replay_batch_size=2, beta=0.05,
                                  backprop="state"), dataset=_dataset(), reward_funcs=[low_bytes])
-    expected = one_step_gradients(single)
-    assert any(g.abs().max() > 0 for g in expected)
-    for rank in range(2):
-        got = torch.load(out / f"grads-{rank}.pt")
-        for a, b in zip(got, expected, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_rank_gradients(out, "grads-{rank}.pt", one_step_gradients(single), atol=1e-6)
     # SFT: the sharded first-step loss over both processes' traces is one process's loss on both
     sft = SFTTrainer(_config(tmp_path, model, steps=1, prompts_per_step=2, max_new_tokens=24,
                              output_dir=str(tmp_path / "sft1")), dataset=SFT_TRACES).train()
