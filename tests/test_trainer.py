@@ -5,6 +5,7 @@ SIGKILL equals an uninterrupted run, SFT lowers its loss, and bad settings fail 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -467,3 +468,16 @@ def test_metrics_go_to_json_lines_and_tensorboard(tmp_path, tiny_dirs):
     lines = Path(result["metrics"]).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bf16_model_trains_with_fp32_adapter_and_encoder(tmp_path, tiny_dirs):
+    """Mixed precision as on a GPU: the base model in bf16, the trainable adapter and encoder
+    weights kept in fp32 (updates too small for bf16 are not lost), finite losses and gradients."""
+    config = _config(tmp_path, tiny_dirs["qwen2"], dtype="bfloat16", steps=3)
+    trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+    assert trainer.policy.model.dtype == torch.bfloat16
+    before = [p.detach().clone() for p in trainer.params]
+    assert all(p.dtype == torch.float32 for p in before)
+    records = read_metrics(trainer.train()["metrics"])
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
