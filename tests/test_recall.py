@@ -110,12 +110,13 @@ def test_pipeline_parallel_workers(tmp_path):
     """The default path: training jobs in worker processes, rows in job order, longer-SFT rows named."""
     run = _load_run()
     config = run.merge(run.DEFAULT_CONFIG, run.QUICK_CONFIG)
-    config.update(windows=[3], methods=["lora_c"], ablations=["pte"], workers=2, sft_multiplier={"lora_c": 2})
+    config.update(windows=[3], methods=["lora_c"], ablations=["pte_truncated"], workers=2,
+                  sft_multiplier={"lora_c": 2})
     results = run.run(config, tmp_path / "out", tmp_path / "results.json", tmp_path / "RESULTS.md")
     rows = [(r["method"], r["window"], r.get("sft_steps")) for r in results["rows"]]
     steps = config["sft"]["steps"]
-    assert rows == [("full", None, None), ("bounded", 3, None), ("lora_c_2x_sft", 3, 2 * steps), ("pte", 3, steps)]
-    assert "lora_c_2x_sft W=3 starts" in (tmp_path / "out" / "log.txt").read_text()
+    assert rows == [("full", None, None), ("bounded", 3, None), ("lora_c", 3, 2 * steps), ("pte_truncated", 3, steps)]
+    assert "lora_c W=3 starts" in (tmp_path / "out" / "log.txt").read_text()
 
 
 def test_state_bptt_matches_full_graph_with_detached_kv(monkeypatch):

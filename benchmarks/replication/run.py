@@ -1,12 +1,13 @@
 """Small-scale replication of the PTE claim on delayed recall (issue 6). One command:
 
-    python benchmarks/replication/run.py [--config benchmarks/replication/config.json] [--out DIR]
+    python benchmarks/replication/run.py [--config overrides.json] [--base base_model.pt] [--out DIR]
 
 1. trains a tiny Llama from scratch on full-cache traces of `thoughtfold.recall.RecallTask`;
 2. evaluates it with the full cache and with bounded caches W in {D/8, D/4, D/2} (no adaptation);
-3. trains LoRA_c and PTE under each bounded cache -- supervised through the segment-wise replay on
-   full-cache traces, then cache-aware GRPO (a minimal loop here, on `generate` + the replay) -- and
-   the PTE ablations at W = D/4 with the same budget;
+3. trains LoRA_c and PTE (gradients through the encoder states, 3x the SFT steps) under each bounded
+   cache -- supervised through the segment-wise replay on full-cache traces, then cache-aware GRPO
+   (a minimal loop here, on `generate` + the replay) -- and the PTE ablations at W = D/4 (truncated
+   and full backprop, global tokens, the paper-literal state update), in 2 worker processes;
 4. writes `results.json` (rows: method, window, accuracy, n, 95% Wilson interval, peak memory, ...)
    and `RESULTS.md` (the table) next to this file, logs to `<out>/log.txt`.
 
@@ -49,15 +50,16 @@ DEFAULT_CONFIG: dict = {
     "grpo": {"steps": 10, "group_size": 8, "prompts_per_step": 8, "lr": 1e-4},  # 5e-4 hurt saturated policies (RESULTS.md)
     "eval": {"n": 500, "batch": 250, "seed": 1234},
     "windows": None,  # default [D/8, D/4, D/2]
-    # at every window: PTE with gradients through the states (the variant that reaches the goal, see
+    # at every window: PTE (with gradients through the states, the variant that reaches the goal, see
     # RESULTS.md) and LoRA_c
-    "methods": ["pte_state_bptt", "lora_c"],
+    "methods": ["pte", "lora_c"],
     # at ablation_window, with the base SFT budget: truncated vs full backprop, then the encoder
     # ablations on top of full backprop
-    "ablations": ["pte", "pte_full_backprop", "pte_fb_global0", "pte_fb_global_only", "pte_fb_paper_update"],
+    "ablations": ["pte_truncated", "pte_full_backprop", "pte_fb_global0", "pte_fb_global_only",
+                  "pte_fb_paper_update"],
     "ablation_window": None,  # default D/4
-    "sft_multiplier": {"pte_state_bptt": 3},  # methods trained for k x sft.steps (rows named <method>_<k>x_sft)
-    "row_suffix": "",  # appended to the method names of the rows (variants with other budgets)
+    "sft_multiplier": {"pte": 3},  # methods trained for k x sft.steps (each row records its sft_steps)
+    "row_suffix": "",  # appended to the method names of the rows (variants with other settings)
     "jobs": None,  # explicit [[method, window], ...] (a priority order); default: methods x windows, ablations
     "workers": 2,  # training jobs run in this many processes (one torch thread each)
     "memory_probe": 8,
@@ -79,18 +81,15 @@ QUICK_CONFIG: dict = {
 
 METHODS = {  # name -> (adapter mode, adapter overrides, backprop: False truncated | True full | "state")
     "lora_c": ("lora", {}, False),
-    "pte": ("pte", {}, False),  # the default: truncated backprop (earlier states detached)
+    # exact gradients through the chain of encoder states, K/V detached, bounded activations
+    # (replay state_backprop, trainer `backprop: state`)
+    "pte": ("pte", {}, "state"),
+    "pte_truncated": ("pte", {}, False),  # the engine's default backprop: earlier states detached
     "pte_full_backprop": ("pte", {}, True),
-    # exact gradients through the chain of encoder states, K/V detached, bounded activations (replay state_backprop)
-    "pte_state_bptt": ("pte", {}, "state"),
-    # ablations, on top of full backprop (the variant that learns; see RESULTS.md)
+    # ablations, on top of full backprop (it learns within the base SFT budget; see RESULTS.md)
     "pte_fb_global0": ("pte", {"global_tokens": 0}, True),
     "pte_fb_global_only": ("pte", {"global_only": True}, True),
     "pte_fb_paper_update": ("pte", {"state_update": "paper"}, True),
-    # the same ablations under truncated backprop
-    "pte_global0": ("pte", {"global_tokens": 0}, False),
-    "pte_global_only": ("pte", {"global_only": True}, False),
-    "pte_paper_update": ("pte", {"state_update": "paper"}, False),
 }
 
 
@@ -412,7 +411,7 @@ def train_job(config: dict, base_path: Path, method: str, window: int, log_path:
         p.requires_grad_(False)
     mode, overrides, full_bp = METHODS[method]
     k = config["sft_multiplier"].get(method, 1)
-    name = method + (f"_{k}x_sft" if k != 1 else "") + config.get("row_suffix", "")
+    name = method + config.get("row_suffix", "")
     log(f"== {name} W={window} starts")
     torch.manual_seed(seed)
     acfg = AdapterConfig(mode=mode, **{**config["adapter"], **overrides})
@@ -468,7 +467,7 @@ def write_table(path: Path, table: str) -> None:
 
 def merge_rows(results_path: Path, extra: list[Path]) -> dict:
     """Append the training rows of other runs' results.json (same task and base) to `results_path`
-    and re-render the table: used for variants run after the main command (e.g. pte_state_bptt)."""
+    and re-render the table: used for variants run after the main command (other settings, same base)."""
     results = json.loads(results_path.read_text())
     have = {(r["method"], r["window"]) for r in results["rows"]}
     for path in extra:
@@ -492,14 +491,14 @@ def render_table(results: dict) -> str:
         f"check, sampled at temperature 1 on n prompts, 95% Wilson interval. Peak memory = tensor bytes of one "
         f"rollout / one replay+backward on {results['config']['memory_probe']} sequences (CPU).",
         "",
-        "| method | window | accuracy | 95% CI | n | after SFT | chain ok | H(value) bits | rollout peak | train peak |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | window | accuracy | 95% CI | n | SFT steps | after SFT | chain ok | H(value) bits | rollout peak "
+        "| train peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = ["full", "bounded", *METHODS]
 
     def key(r: dict) -> tuple:
-        base = r["method"].split("_3x")[0]
-        rank = order.index(base) if base in order else len(order)
+        rank = order.index(r["method"]) if r["method"] in order else len(order)
         return (r["window"] is not None, r["window"] or 0, rank, r["method"])
 
     for r in sorted(results["rows"], key=key):
@@ -508,7 +507,7 @@ def render_table(results: dict) -> str:
         train = "" if r.get("train_peak_bytes") is None else f"{r['train_peak_bytes'] / 2**20:.2f} MiB"
         lines.append(
             f"| {r['method']} | {w} | {r['accuracy']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['n']} | "
-            f"{sft_acc} | {r['chain_accuracy']:.3f} | {r['value_entropy_bits']:.2f} | "
+            f"{r.get('sft_steps', '')} | {sft_acc} | {r['chain_accuracy']:.3f} | {r['value_entropy_bits']:.2f} | "
             f"{r['rollout_peak_bytes'] / 2**20:.2f} MiB | {train} |")
     lines.append("")
     return "\n".join(lines)
