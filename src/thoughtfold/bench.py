@@ -73,15 +73,6 @@ def _measure(fn: Callable[[], object], device: str) -> tuple[float, int]:
     return seconds, mem.peak_bytes
 
 
-def print_table(title: str, header: list[str], rows: list[list]) -> None:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |", flush=True)
-
-
 def copy_bandwidth(device: str, gib: float = 2.0) -> float:
     """Measured device-memory bandwidth in bytes/s: a large copy reads and writes every byte."""
     n = int(gib * 2**30) // 2
@@ -365,12 +356,14 @@ def plot_lengths(rows: list[list], columns: dict[int, str], path, title: str, xl
     return path
 
 
-def _markdown(title: str, header: list[str], rows: list[list]) -> str:
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """An aligned markdown table (printed to the terminal and written to bench.md alike)."""
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    lines = [f"### {title}", "", "| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    return "\n".join(lines)
+
+    def line(cells: list) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[int] | None = None,
@@ -419,9 +412,10 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
                 plots.append(plot_lengths(rows, columns, out / f"{name}.png",
                                           f"{title.split(':')[0]}, batch {batch}, W={window} ({shape}, {device})",
                                           xlabel))
-        print_table(title, header, rows)
+        table = markdown_table(header, rows)
+        print(f"\n{title}\n{table}", flush=True)
         tables[name] = rows
-        sections += [_markdown(title, header, rows), ""]
+        sections += [f"### {title}", "", table, ""]
     sections += [f"![{p.stem}]({p.name})" for p in plots]
     markdown = "\n".join(sections).rstrip() + "\n"
     if out is not None:

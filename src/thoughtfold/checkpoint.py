@@ -13,14 +13,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import ConfigError
-from .persist import load_adapter_weights
+from .persist import atomic_dir, load_adapter_weights
 
 ADAPTER_DIR = "adapter"
 STATE_NAME = "trainer_state.pt"
@@ -55,31 +54,13 @@ def save_checkpoint(root: str | os.PathLike, step: int, policy, state: dict[str,
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root)
     target = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    try:
+    with atomic_dir(target) as tmp:
         policy.save_adapter(tmp / ADAPTER_DIR)
         torch.save(state, tmp / STATE_NAME)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep is not None:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-def _replace_dir(src: Path, target: Path) -> None:
-    """Rename `src` to `target`, moving an existing `target` aside first (os.replace cannot replace
-    a non-empty directory); at every instant one complete copy exists under a step-* or hidden name."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(src, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, target)
 
 
 def _remove_stale_temps(root: Path) -> None:

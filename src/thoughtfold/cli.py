@@ -237,6 +237,20 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def load_policy(args: argparse.Namespace, cache=None):
+    """The Policy for `generate` / `eval`: --model, else the adapter's base model, else the bundled
+    default; transformers' own progress bars and warnings silenced."""
+    from transformers.utils import logging as hf_logging
+
+    from .policy import Policy
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    model = args.model if args.model is not None else (None if args.adapter else "default")
+    return Policy.from_pretrained(model=model, cache=cache, adapter_path=args.adapter, dtype=args.dtype,
+                                  device=args.device, compile_decode=args.compile)
+
+
 def resolve_cache(args: argparse.Namespace):
     """The CacheConfig from --window / --evict-ratio. With --adapter, an unset flag takes the
     adapter's saved setting (None = use the saved cache as is)."""
@@ -269,18 +283,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise DataError("the prompt is empty")
 
-    from transformers.utils import logging as hf_logging
-
-    from .policy import Policy
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    model = args.model if args.model is not None else (None if args.adapter else "default")
-    kwargs: dict[str, Any] = dict(model=model, cache=cache, dtype=args.dtype, device=args.device,
-                                  compile_decode=args.compile)
-    if args.adapter is not None:
-        kwargs["adapter_path"] = args.adapter
-    policy = Policy.from_pretrained(**kwargs)
+    policy = load_policy(args, cache=cache)
     cache = policy.cache_config
 
     stream = len(prompts) == 1 and not args.json
@@ -419,17 +422,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         output_dir=args.output or str(Path("runs") / "eval" / name), progress=not args.no_progress,
     )
 
-    from transformers.utils import logging as hf_logging
-
-    from .policy import Policy
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    model = args.model if args.model is not None else (None if args.adapter else "default")
-    kwargs: dict[str, Any] = dict(model=model, dtype=args.dtype, device=args.device, compile_decode=args.compile)
-    if args.adapter is not None:
-        kwargs["adapter_path"] = args.adapter
-    policy = Policy.from_pretrained(**kwargs)
+    policy = load_policy(args)
     summary = evaluate(policy, config, model=policy.base_model,
                        adapter=str(Path(args.adapter).resolve()) if args.adapter else None)
     print(f"method: {summary['method']}  model: {summary['model']}  samples/problem: {config.n_samples}  "

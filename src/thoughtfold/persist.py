@@ -9,7 +9,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,12 +27,16 @@ WEIGHTS_NAME = "adapter.safetensors"
 PEFT_DIR = "peft"
 
 
-def _atomic_dir(target: Path) -> tuple[Path, Callable[[], None]]:
-    """A temporary sibling of `target` and the function that renames it into place."""
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Write a directory atomically: fill the yielded hidden temporary sibling of `target`; on
+    success it is renamed into place (an existing `target` is moved aside first, since os.replace
+    cannot replace a non-empty directory), on failure removed. At every instant one complete copy
+    exists, under `target` or a hidden `.{name}.*` name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-    def commit() -> None:
+    try:
+        yield tmp
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")
@@ -40,8 +45,9 @@ def _atomic_dir(target: Path) -> tuple[Path, Callable[[], None]]:
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-    return tmp, commit
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_adapter(
@@ -57,16 +63,15 @@ def save_adapter(
     if adapter.mode == "none":
         raise ConfigError("adapter mode is 'none': there is no adapter to save")
     target = Path(directory)
-    tmp, commit = _atomic_dir(target)
     tensors = adapter_state_dict(wrappers, model)
     if encoder is not None:
         tensors.update({f"encoder.{k}": v.detach() for k, v in encoder.state_dict().items()})
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME)
     meta = {"adapter": adapter.to_dict(), "cache": cache.to_dict(), "base_model": base_model}
-    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    if adapter.mode == "lora":
-        _export_peft(tmp / PEFT_DIR, model, wrappers, adapter, base_model)
-    commit()
+    with atomic_dir(target) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        if adapter.mode == "lora":
+            _export_peft(tmp / PEFT_DIR, model, wrappers, adapter, base_model)
     return target
 
 
