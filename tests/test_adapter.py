@@ -114,3 +114,22 @@ def test_no_grad_cast_copies_follow_optimizer_steps(tiny_dirs):
         after = model(input_ids=ids).logits
     assert not torch.equal(after, before)
     torch.testing.assert_close(after, model(input_ids=ids).logits.detach())
+
+
+def test_failed_adapter_save_leaves_nothing_behind(tiny_dirs, tmp_path, monkeypatch):
+    """A save that fails midway keeps the previous adapter and leaves no temporary directory."""
+    import thoughtfold.persist as persist
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen2"])
+    policy = Policy(model, byte_tokenizer(), adapter=AdapterConfig(mode="pte", rank=4))
+    policy.save_adapter(str(tmp_path / "adapter"))
+    before = (tmp_path / "adapter" / persist.WEIGHTS_NAME).read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(persist, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        policy.save_adapter(str(tmp_path / "adapter"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert (tmp_path / "adapter" / persist.WEIGHTS_NAME).read_bytes() == before
