@@ -1,9 +1,11 @@
-"""Adapters: exactly the base model at initialisation, save/load round trip, PEFT export."""
+"""Adapters: the low-rank update of every linear (grouped over shared inputs), exactly the base model
+at initialisation, save/load round trip, PEFT export."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from conftest import byte_tokenizer, make_tiny_model_dir
@@ -27,6 +29,54 @@ def test_zero_init_adapters_give_the_base_model_exactly(tiny_dirs, family):
         assert res.stats["evictions"] > 0
         assert res.completion_ids == base.completion_ids
         assert res.logprobs == base.logprobs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_every_linear_gets_its_own_state_modulated_update(tiny_dirs, family):
+    """Grouped siblings (q/k/v, gate/up share one down GEMM and one state product) still give each
+    linear exactly W x + (alpha/r) A S B x with its own A and B and the layer's state."""
+    p = policy_for(tiny_dirs, family, "pte")
+    torch.manual_seed(1)
+    layer = p.model.model.layers[0]
+    wrappers = [w for w in p.wrappers if w.layer == 0]
+    assert sorted(len(w.group.members) for w in wrappers) == [1, 1, 2, 2, 3, 3, 3]
+    state = torch.randn(2, 4, 4)
+    with torch.no_grad():
+        for w in wrappers:
+            w.lora_up.normal_()
+            w.state = state
+        x = torch.randn(2, 5, layer.self_attn.q_proj.base.in_features)
+        for name in ("q_proj", "k_proj", "v_proj"):  # called in model order on one tensor
+            w = getattr(layer.self_attn, name)
+            expected = w.base(x) + w.scaling * x @ w.lora_down.T @ state.transpose(-1, -2) @ w.lora_up.T
+            torch.testing.assert_close(w(x), expected)
+        assert layer.self_attn.q_proj.group._input is None  # released once every member has its slice
+        up = layer.mlp.up_proj  # a member called alone, first, still gets its own update
+        torch.testing.assert_close(up(x), up.base(x) + up.scaling * x @ up.lora_down.T @ state.mT @ up.lora_up.T)
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+        return func(*args, **(kwargs or {}))
+
+
+def test_pte_adds_four_down_projections_per_layer_not_seven(tiny_dirs):
+    """The grouping is what keeps PTE's decode cost low: per layer, 4 down GEMMs + 4 state products
+    + 7 up updates over the base model's matmuls, where one adapter per linear would add 21."""
+    ids = torch.tensor([[5, 17, 99, 3]])
+    counts = {}
+    for mode in ("none", "pte"):
+        p = policy_for(tiny_dirs, "qwen2", mode)
+        p.folder.apply(p.folder.start(1))
+        with torch.no_grad(), _CountMatmuls() as counter:
+            p.model(input_ids=ids)
+        counts[mode] = counter.count
+    assert counts["pte"] - counts["none"] == 15 * p.model.config.num_hidden_layers
 
 
 def test_target_modules_and_bad_targets(tiny_dirs):

@@ -5,6 +5,11 @@
 `lora` mode fixes S = I (a static LoRA, PEFT-equivalent: B is PEFT's lora_A, A is its lora_B);
 `pte` mode reads a per-sequence state S [batch, r, r] that the engine sets at every eviction event.
 A zero-init A makes every mode exactly the base model at step 0.
+
+Linears that read the same input (q/k/v; gate/up) share an `AdapterGroup`: their B's run as one
+GEMM and the layer's state is applied once, so a pte decode step launches 4 down-projections and 4
+state products per layer instead of 7 of each (DESIGN.md §3: a decode step is launch- and
+bandwidth-bound, and PTE should add little to it).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from .config import AdapterConfig
 from .errors import ConfigError
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+# sibling linears that every supported family (Llama, Qwen2, Qwen3) calls on the same tensor
+SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 
 
 class LowRankLinear(nn.Module):
@@ -39,35 +46,70 @@ class LowRankLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))  # PEFT's lora_A init
         self.state: torch.Tensor | None = None  # [batch, r, r] in pte mode
         self.enabled = True
-        self._cast: tuple | None = None  # (key, down, up): no-grad copies in the activations' dtype
+        self._cast: tuple | None = None  # see `_stacked`
+        self.group = AdapterGroup([self])  # `attach_adapters` joins siblings that share an input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.enabled:
             return y
-        down, up = self._weights(x.dtype)
-        u = F.linear(x, down)
-        if self.dynamic:
-            if self.state is None:
-                raise RuntimeError("pte adapter called without a state: run it through a Policy")
-            u = u @ self.state.to(x.dtype).transpose(-1, -2)  # [B, T, r] @ [B, r, r]
+        u = self.group.project(x, self)
         # y + scaling * u A^T as one kernel: a decode step runs this for every target linear
+        up = _stacked(self, (self.lora_up,), x.dtype)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), up.t(), alpha=self.scaling)
         return out.view_as(y)
 
-    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """B and A in the activations' dtype. Without autograd (rollouts) the cast copies are kept
-        until the parameters change -- an optimizer step or a load bumps their version -- so a
-        decode step does not re-cast every adapter."""
-        down, up = self.lora_down, self.lora_up
-        if down.dtype == dtype:
-            return down, up
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled: inductor fuses the cast
-            return down.to(dtype), up.to(dtype)
-        key = (dtype, down._version, up._version, down.data_ptr(), up.data_ptr())
-        if self._cast is None or self._cast[0] != key:
-            self._cast = (key, down.detach().to(dtype), up.detach().to(dtype))
-        return self._cast[1], self._cast[2]
+
+def _stacked(owner, params: tuple[nn.Parameter, ...], dtype: torch.dtype) -> torch.Tensor:
+    """`params` cast to `dtype` and stacked along dim 0. Without autograd (rollouts) a copy is kept
+    on `owner._cast` until a parameter changes -- an optimizer step or a load bumps its version --
+    so a decode step does not re-cast or re-stack every adapter. With autograd it is recomputed (it
+    must be differentiable), and so is compiled code: inductor fuses the cast."""
+    if len(params) == 1 and params[0].dtype == dtype:
+        return params[0]
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        cast = [p.to(dtype) for p in params]
+        return cast[0] if len(cast) == 1 else torch.cat(cast)
+    key = (dtype, *((p._version, p.data_ptr()) for p in params))
+    if owner._cast is None or owner._cast[0] != key:
+        owner._cast = (key, torch.cat([p.detach().to(dtype) for p in params]))
+    return owner._cast[1]
+
+
+class AdapterGroup:
+    """The adapters of one layer whose linears read the same tensor. The first member called with
+    a new input computes u = S B x for every member (one GEMM over the stacked B's, one state
+    product); the others take their slice of it. Once each member has taken its slice the group
+    lets go of the input, so nothing outlives the forward pass."""
+
+    def __init__(self, members: list[LowRankLinear]):
+        self.members = members
+        self._cast: tuple | None = None
+        self._input: torch.Tensor | None = None
+        self._u: list[torch.Tensor] = []
+        self._left = 0
+
+    def project(self, x: torch.Tensor, member: LowRankLinear) -> torch.Tensor:
+        """This member's u = S B x, [..., r]."""
+        if self._input is not x:
+            self._input, self._u, self._left = x, self._compute(x), len(self.members)
+        u = self._u[self.members.index(member)]
+        self._left -= 1
+        if self._left == 0:
+            self._input, self._u = None, []
+        return u
+
+    def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
+        first = self.members[0]
+        down = _stacked(self, tuple(m.lora_down for m in self.members), x.dtype)
+        u = F.linear(x, down)  # [..., members * r]
+        rank = first.lora_down.shape[0]
+        if first.dynamic:
+            if first.state is None:
+                raise RuntimeError("pte adapter called without a state: run it through a Policy")
+            # one state product for the whole group: [B, T * members, r] @ S^T [B, r, r]
+            u = torch.bmm(u.reshape(u.shape[0], -1, rank), first.state.to(x.dtype).transpose(-1, -2)).view_as(u)
+        return list(u.split(rank, dim=-1))
 
 
 def attach_adapters(model: nn.Module, config: AdapterConfig) -> list[LowRankLinear]:
@@ -89,11 +131,18 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> list[LowRankLine
             f"target_modules {sorted(missing)} match no linear layer of this model; "
             f"choose from the names of its attention/MLP linears (e.g. q_proj, up_proj)"
         )
-    wrappers = []
+    wrappers, groups = [], {}
     for parent, child_name, child, layer in found:
         wrapper = LowRankLinear(child, config.rank, config.scaling, config.mode == "pte", layer)
         setattr(parent, child_name, wrapper)
         wrappers.append(wrapper)
+        shared = [i for i, names in enumerate(SHARED_INPUT) if child_name in names]
+        if shared:
+            groups.setdefault((id(parent), shared[0]), []).append(wrapper)
+    for members in groups.values():
+        group = AdapterGroup(members)
+        for wrapper in members:
+            wrapper.group = group
     return wrappers
 
 
