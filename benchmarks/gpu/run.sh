@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Issue 5's GPU check on one H100/H200 (random-init Qwen2.5-3B shape, bf16, batch 32, W=1024).
-# Steps, in priority order; name the ones to run (default: all), each under its own time limit:
+# Steps; name the ones to run (default: all), each under its own time limit:
 #   tests    the CUDA tests: captured decode == eager, compiled == eager, grouped attention == SDPA (~50 s)
+#   encoder  rollouts with no adapter vs LoRA vs PTE vs PTE without sibling grouping, same window,
+#            compiled + CUDA graph, median of 3 each: PTE's overhead over plain decoding (~350 s, estimated)
+#   long     compiled bounded decode at 1K and 32K new tokens: tokens/s and peak memory (~240 s, estimated)
 #   decode   1K new tokens: bounded (compiled + CUDA graph, and graph only) vs HF static cache +
 #            torch.compile, side by side, with the bounded step's share of the bandwidth floor (~180 s)
-#   encoder  plain bounded vs LoRA vs PTE rollouts, same window, CUDA graph (~110 s)
-#   long     bounded decode at 1K / 4K / 32K new tokens: tokens/s and peak memory (~300 s)
-# All four take about 11 minutes: on a 15-minute device budget run them as two calls back to back
-# (`tests decode encoder`, then `long`). Usage, from the repository root:
-#   OUT=runs/gpu bash benchmarks/gpu/run.sh [tests] [decode] [encoder] [long]
+# A device session has 15 minutes and 10 per call: run `tests encoder` and then `long` back to back
+# (the machine stays warm for 30 s); `decode` was measured on 2026-11-26 (benchmarks/RESULTS.md).
+# Usage, from the repository root:
+#   OUT=runs/gpu bash benchmarks/gpu/run.sh [tests] [encoder] [long] [decode]
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-STEPS=${*:-tests decode encoder long}
+STEPS=${*:-tests encoder long decode}
 BENCH="python -m thoughtfold.bench --shape qwen2.5-3b --device cuda --batch 32 --window 1024"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -25,8 +27,8 @@ for step in $STEPS; do
     tests) timeout 150 python -m pytest -q -p no:cacheprovider tests/test_graph.py tests/test_attention.py ;;
     decode) timeout 330 $BENCH decode --lengths 1024 --methods bounded-compiled,hf-static,bounded \
               --output "$OUT/decode" ;;
-    encoder) timeout 200 $BENCH encoder --tokens 2048 --output /tmp/encoder ;;
-    long) timeout 420 $BENCH decode --lengths 1024,4096,32768 --methods bounded --output "$OUT/long" ;;
-    *) echo "unknown step $step (tests, decode, encoder, long)"; exit 2 ;;
+    encoder) timeout 420 $BENCH encoder --tokens 2048 --compile --output "$OUT/encoder" ;;
+    long) timeout 420 $BENCH decode --lengths 1024,32768 --methods bounded-compiled --output "$OUT/long" ;;
+    *) echo "unknown step $step (tests, encoder, long, decode)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log"
 done

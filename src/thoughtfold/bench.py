@@ -10,6 +10,7 @@ separate passes: the CPU memory tracker slows every op, so it never runs while t
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from functools import partial
 
 import torch
 
-from .adapter import detach_adapters
+from .adapter import AdapterGroup, detach_adapters
 from .config import AdapterConfig, CacheConfig
 from .memory import PeakMemory
 from .policy import Policy
@@ -258,19 +259,38 @@ def grpo_benchmark(shape: str, lengths: list[int], window: int, batch: int, devi
 
 
 def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: torch.dtype,
-                      tokens: int) -> list[list]:
-    """Encoder cost per eviction event vs the decode time of the E tokens between events."""
+                      tokens: int, compile_decode: bool = False, repeats: int = 3) -> list[list]:
+    """What PTE adds to decoding: the encoder's cost per eviction event against the decode time of
+    the E tokens between events, and whole rollouts of `tokens` tokens with no adapter, a static
+    LoRA, PTE, and PTE with one adapter GEMM per linear (no grouping of shared-input siblings). Each
+    rollout time is the median of `repeats` runs after a warm-up (which compiles, with
+    `compile_decode`)."""
     model = random_model(shape, device, dtype)
     prompts = torch.randint(1, SHAPES[shape]["vocab_size"], (batch, 32), generator=torch.Generator().manual_seed(0))
-    rows, times = [], {}
+    ids = prompts.tolist()
+    times, events = {}, 0
+
+    def timed(label: str, policy: Policy) -> None:
+        nonlocal events
+        policy.generate(ids, max_new_tokens=window + 8, temperature=0)  # warm-up: set-up costs, compilation
+        runs = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            res = policy.generate(ids, max_new_tokens=tokens, temperature=0)
+            _sync(device)
+            runs.append(time.perf_counter() - start)
+        times[label], events = statistics.median(runs), res.stats["evictions"]
+        print(f"  encoder bench: {label} rollout of {tokens} tokens: {times[label]:.2f} s", file=sys.stderr, flush=True)
+
     for mode in ("none", "lora", "pte"):
-        policy = Policy(model, None, cache=CacheConfig(window=window), adapter=AdapterConfig(mode=mode))
-        policy.generate(prompts.tolist(), max_new_tokens=window + 8, temperature=0)  # warm-up
-        _sync(device)
-        start = time.perf_counter()
-        res = policy.generate(prompts.tolist(), max_new_tokens=tokens, temperature=0)
-        _sync(device)
-        times[mode] = (time.perf_counter() - start, res.stats["evictions"])
+        policy = Policy(model, None, cache=CacheConfig(window=window), adapter=AdapterConfig(mode=mode),
+                        compile_decode=compile_decode)
+        timed(mode, policy)
+        if mode == "pte":
+            for wrapper in policy.wrappers:
+                wrapper.group = AdapterGroup([wrapper])
+            timed("pte ungrouped", policy)
         detach_adapters(model, policy.wrappers)  # the next policy wraps a clean model
     cfg, encoder = policy.cache_config, policy.encoder  # the pte policy's
     layers, kv_dim = encoder.key_proj.shape[:2]
@@ -284,15 +304,17 @@ def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: t
             encoder.absorb(state, keys, keys)
         _sync(device)
     per_event = (time.perf_counter() - start) / 20
-    step = times["none"][0] / tokens
-    rows.append(["decode step (no adapter)", f"{step * 1e3:.2f} ms"])
-    rows.append([f"encoder absorb, one event (E={cfg.evict_block})", f"{per_event * 1e3:.2f} ms"])
-    rows.append(["encoder / decode of E tokens", f"{per_event / (step * cfg.evict_block):.1%}"])
-    rows.append([f"PTE rollout / plain bounded rollout ({tokens} tokens, {times['pte'][1]} events)",
-                 f"{times['pte'][0] / times['none'][0]:.2f}x"])
-    rows.append(["LoRA rollout / plain bounded rollout (adapter matmuls alone)",
-                 f"{times['lora'][0] / times['none'][0]:.2f}x"])
-    return rows
+    step = times["none"] / tokens
+    compiled = ", compiled" if compile_decode else ""
+    return [
+        [f"decode step (no adapter{compiled})", f"{step * 1e3:.2f} ms"],
+        [f"encoder absorb, one event (E={cfg.evict_block})", f"{per_event * 1e3:.2f} ms"],
+        ["encoder / decode of E tokens", f"{per_event / (step * cfg.evict_block):.1%}"],
+        [f"PTE rollout / plain bounded rollout ({tokens} tokens, {events} events)", f"{times['pte'] / times['none']:.2f}x"],
+        ["LoRA rollout / plain bounded rollout (adapter matmuls alone)", f"{times['lora'] / times['none']:.2f}x"],
+        ["PTE with one adapter GEMM per linear (no sibling grouping) / plain",
+         f"{times['pte ungrouped'] / times['none']:.2f}x"],
+    ]
 
 
 # --------------------------------------------------------------------------- all benchmarks + plots
@@ -369,7 +391,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[int] | None = None,
                    window: int = 256, batch: int = 4, tokens: int = 1024, device: str = "cpu",
                    dtype: torch.dtype | None = None, output_dir=None, baseline_max: int | None = None,
-                   decode_methods: tuple[str, ...] | None = None) -> dict:
+                   decode_methods: tuple[str, ...] | None = None, compile_decode: bool = False) -> dict:
     """Run decode / replay / encoder (or all), print their tables and, with `output_dir`, write
     `bench.md` (the tables) and the plots `decode.png` (tokens/s and peak memory vs generated
     length) and `replay.png` (peak memory and time vs completion length). Returns
@@ -403,7 +425,7 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
     sections = ["# thoughtfold bench", "", header_line, ""]
     for name in BENCHMARKS if which == "all" else [which]:
         if name == "encoder":
-            rows = encoder_benchmark(shape, window, batch, device, dtype, tokens)
+            rows = encoder_benchmark(shape, window, batch, device, dtype, tokens, compile_decode)
             title, header = ENCODER_TITLE, ENCODER_HEADER
         else:
             run, title, header, columns, xlabel = specs[name]

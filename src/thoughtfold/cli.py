@@ -517,6 +517,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", type=_methods_arg, default=None, metavar="M1,M2,...",
                    help="decode: which of bounded, bounded-compiled, full, hf-static, hf to run "
                    "[default: all on CUDA; bounded,full,hf on CPU]")
+    p.add_argument("--compile", action="store_true",
+                   help="encoder: decode through torch.compile (compile_decode=True), as on a GPU run")
     p.add_argument("--output", default="runs/bench", metavar="DIR", help="[default: %(default)s]")
     p.set_defaults(func=cmd_bench)
 
@@ -540,7 +542,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not isinstance(dtype, torch.dtype):
             raise ConfigError(f"unknown dtype {args.dtype!r}; use float32, bfloat16 or float16")
     result = run_benchmarks(args.which, args.shape, args.lengths, args.window, args.batch, args.tokens,
-                            args.device, dtype, args.output, args.baseline_max, args.methods)
+                            args.device, dtype, args.output, args.baseline_max, args.methods,
+                            args.compile)
     written = ", ".join(str(p) for p in [Path(args.output) / "bench.md", *result["plots"]])
     print(f"thoughtfold: wrote {written}", file=sys.stderr)
     return 0
