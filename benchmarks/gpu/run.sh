@@ -7,10 +7,12 @@
 #   long     compiled bounded decode at 1K and 32K new tokens: tokens/s and peak memory (~240 s, estimated)
 #   decode   1K new tokens: bounded (compiled + CUDA graph, and graph only) vs HF static cache +
 #            torch.compile, side by side, with the bounded step's share of the bandwidth floor (~180 s)
+#   profile  kernel times of compiled decode steps by kind (GEMM, attention, fused elementwise), for
+#            the plain and the PTE step: where the time above the floor goes (~150 s, estimated)
 # A device session has 15 minutes and 10 per call: run `tests encoder` and then `long` back to back
 # (the machine stays warm for 30 s); `decode` was measured on 2026-11-26 (benchmarks/RESULTS.md).
 # Usage, from the repository root:
-#   OUT=runs/gpu bash benchmarks/gpu/run.sh [tests] [encoder] [long] [decode]
+#   OUT=runs/gpu bash benchmarks/gpu/run.sh [tests] [encoder] [long] [decode] [profile]
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
@@ -28,7 +30,8 @@ for step in $STEPS; do
     decode) timeout 330 $BENCH decode --lengths 1024 --methods bounded-compiled,hf-static,bounded \
               --output "$OUT/decode" ;;
     encoder) timeout 420 $BENCH encoder --tokens 2048 --compile --output "$OUT/encoder" ;;
+    profile) for mode in none pte; do timeout 150 python benchmarks/gpu/profile_step.py --mode $mode; done ;;
     long) timeout 420 $BENCH decode --lengths 1024,32768 --methods bounded-compiled --output "$OUT/long" ;;
-    *) echo "unknown step $step (tests, encoder, long, decode)"; exit 2 ;;
+    *) echo "unknown step $step (tests, encoder, long, decode, profile)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log"
 done
