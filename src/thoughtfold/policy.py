@@ -64,8 +64,9 @@ class Policy:
     ):
         """`cuda_graph`: capture the decode step as a CUDA graph (default: on when the model is on
         a CUDA device; False for eager decoding, e.g. to profile it). `compile_decode`: run the
-        decode step through torch.compile (fused kernels; pays a compilation on first use and on
-        each new batch size)."""
+        decode step through torch.compile (fused kernels; pays a compilation on first use, and
+        again for each new batch size or power-of-two prompt width: prompts are left-padded to
+        one)."""
         self.model = model
         self.base_model = base_model or getattr(model, "name_or_path", "") or "unknown"
         self.tokenizer = tokenizer

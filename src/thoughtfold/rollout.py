@@ -59,15 +59,23 @@ class RawRollout:
     logits: list[torch.Tensor] = field(default_factory=list)
 
 
-def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists: ids [B, P] and validity [B, P]."""
-    width = max(len(p) for p in prompts)
+def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device,
+                width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to the longest (or to `width` if wider): ids [B, P] and validity [B, P]."""
+    width = max(width, *(len(p) for p in prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     valid = torch.zeros(len(prompts), width, dtype=torch.bool)
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         valid[i, width - len(p) :] = True
     return ids.to(device), valid.to(device)
+
+
+def compiled_prompt_width(longest: int) -> int:
+    """The prompt width a compiled decode step is built for. The step is specialised to the cache's
+    shape (prompt slots + window), and training brings new prompt lengths every batch: padding to a
+    power of two (at least 16) lets nearby lengths share one compilation."""
+    return max(16, 1 << (longest - 1).bit_length())
 
 
 def prompt_positions(valid: torch.Tensor) -> torch.Tensor:
@@ -131,7 +139,8 @@ def rollout(
     torch.compile first. `lockstep(all_done_here) -> all_done_everywhere` makes processes whose
     forward passes are collectives (FSDP) stop at the same step."""
     device = next(model.parameters()).device
-    ids, valid = pad_prompts(prompts, pad_id, device)
+    longest = max(len(p) for p in prompts)
+    ids, valid = pad_prompts(prompts, pad_id, device, compiled_prompt_width(longest) if compile_step else 0)
     batch, n_new = ids.shape[0], sampling.max_new_tokens
     window = cache_cfg.window if cache_cfg.bounded else max(1, n_new)
     block = cache_cfg.evict_block if cache_cfg.bounded else 1
