@@ -116,6 +116,23 @@ def test_bench_command_smoke(tmp_path, capsys):
     assert "![decode](decode.png)" in md and "HF generate" in md
 
 
+def test_bench_checks_compiled_decoding_against_eager(tmp_path, capsys):
+    """A compiled (on CUDA: also captured) step is checked against eager decoding in the same run."""
+    rc = main(["bench", "decode", "--shape", "tiny", "--lengths", "8", "--window", "4", "--batch", "2",
+               "--methods", "bounded-compiled", "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "(compiled): tokens vs eager decoding (greedy) | same (2 x 64 tokens)" in out
+
+
+def test_first_difference():
+    from thoughtfold.bench import _first_difference
+
+    assert _first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert _first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert _first_difference([1, 2], [1, 2, 3]) == 2
+
+
 def test_bench_command_errors(capsys):
     assert main(["bench", "decode", "--shape", "huge"]) == 2
     assert "unknown shape 'huge'" in capsys.readouterr().err

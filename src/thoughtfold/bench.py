@@ -134,9 +134,13 @@ def decode_benchmark(shape: str, lengths: list[int], window: int, batch: int, de
         return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
                               min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
 
-    def ours(cache: CacheConfig, compile_decode: bool = False):
+    checks: dict[str, str] = {}
+
+    def ours(cache: CacheConfig, compile_decode: bool = False, label: str = ""):
         policy = Policy(model, None, cache=cache, compile_decode=compile_decode)
         policy.generate(ids, max_new_tokens=window + 8, temperature=0)  # set-up costs, compilation
+        if policy.cuda_graph or compile_decode:
+            checks[label] = agreement_with_eager(policy, ids, CHECK_TOKENS)
         return lambda n: policy.generate(ids, max_new_tokens=n, temperature=0)
 
     graph = " (CUDA graph)" if device.startswith("cuda") else ""
@@ -150,9 +154,9 @@ def decode_benchmark(shape: str, lengths: list[int], window: int, batch: int, de
         if not todo:
             continue
         if method.startswith("bounded"):
-            run = ours(CacheConfig(window=window), compile_decode=method == "bounded-compiled")
+            run = ours(CacheConfig(window=window), compile_decode=method == "bounded-compiled", label=labels[method])
         elif method == "full":
-            run = ours(CacheConfig(window=None))
+            run = ours(CacheConfig(window=None), label=labels[method])
         else:
             def run(n, static=method == "hf-static"):
                 return hf(n, cache_implementation="static") if static else hf(n)
@@ -178,7 +182,29 @@ def decode_benchmark(shape: str, lengths: list[int], window: int, batch: int, de
                 floor = decode_floor_seconds(model, batch, prompt_len + min(n, window), bandwidth)
                 rows.append([n, f"{labels[m]} step vs floor ({floor * 1e3:.2f} ms at {bandwidth / 1e12:.2f} TB/s copy)",
                              f"{floor * speed[n, m] / batch:.0%}", ""])
+    rows += [[CHECK_TOKENS, f"{label}: tokens vs eager decoding (greedy)", verdict, ""] for label, verdict in checks.items()]
     return rows
+
+
+CHECK_TOKENS = 64  # greedy tokens per sequence compared between a captured/compiled step and eager
+
+
+def agreement_with_eager(policy: Policy, ids: list[list[int]], tokens: int) -> str:
+    """Decode `tokens` greedy tokens with `policy` (CUDA graph and/or compiled step) and with the same
+    model decoding eagerly, and say whether the tokens agree (the bench's correctness check)."""
+    eager = Policy(policy.model, None, cache=policy.cache_config, cuda_graph=False)
+    want = eager.generate(ids, max_new_tokens=tokens, temperature=0).completion_ids
+    got = policy.generate(ids, max_new_tokens=tokens, temperature=0).completion_ids
+    differ = [t for g, w in zip(got, want, strict=True) if (t := _first_difference(g, w)) is not None]
+    if not differ:
+        return f"same ({len(ids)} x {tokens} tokens)"
+    return f"{len(differ)} of {len(ids)} sequences differ, first at token {min(differ)}"
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (a length difference counts); None if equal."""
+    first = next((t for t, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return None if first == len(a) == len(b) else first
 
 
 @contextmanager
