@@ -93,7 +93,7 @@ def test_compiled_decode_compiles_once_across_prompt_lengths(tiny_dirs):
     """Training batches have new prompt lengths every step. Prompts are padded to a power-of-two
     width under compile, so nearby lengths share one compiled step instead of recompiling (dynamo
     gives up and decodes eagerly after 8 shapes); an adapter update between rollouts does not
-    recompile either, and reaches the compiled step."""
+    recompile either, and reaches the compiled step (which reads the adapters' stacked copies)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = make_policy(tiny_dirs, "qwen2", "pte", device, cuda_graph=device == "cuda")
     policy.compile_decode = True
@@ -101,8 +101,9 @@ def test_compiled_decode_compiles_once_across_prompt_lengths(tiny_dirs):
     policy.generate(PROMPTS, max_new_tokens=4, temperature=0)  # widest prompt: 7 tokens
     with torch.no_grad():  # what an optimizer step does between two rollouts
         for a, b in zip(policy.wrappers, eager.wrappers, strict=True):
-            a.lora_up.add_(0.1)
-            b.lora_up.add_(0.1)
+            for x, y in ((a.lora_up, b.lora_up), (a.lora_down, b.lora_down)):
+                x.add_(0.1)
+                y.add_(0.1)
     longer = [p + [77, 78] for p in PROMPTS]  # widest: 9 tokens, the same bucket of 16
     with torch._dynamo.config.patch(error_on_recompile=True):
         res = policy.generate(longer, max_new_tokens=12, temperature=0)

@@ -64,16 +64,32 @@ def _stacked(owner, params: tuple[nn.Parameter, ...], dtype: torch.dtype) -> tor
     """`params` cast to `dtype` and stacked along dim 0. Without autograd (rollouts) a copy is kept
     on `owner._cast` until a parameter changes -- an optimizer step or a load bumps its version --
     so a decode step does not re-cast or re-stack every adapter. With autograd it is recomputed (it
-    must be differentiable), and so is compiled code: inductor fuses the cast."""
+    must be differentiable). Compiled decode steps read the copy that `refresh_casts` made before
+    the rollout: recomputing it in the graph would add a cast kernel per adapter to every step."""
     if len(params) == 1 and params[0].dtype == dtype:
         return params[0]
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled():
         cast = [p.to(dtype) for p in params]
         return cast[0] if len(cast) == 1 else torch.cat(cast)
+    if torch.compiler.is_compiling():  # only the tensor is read: guards on the key would recompile
+        if owner._cast is None:
+            raise RuntimeError("compiled adapter forward without refresh_casts(): run it through a Policy")
+        return owner._cast[1]
     key = (dtype, *((p._version, p.data_ptr()) for p in params))
     if owner._cast is None or owner._cast[0] != key:
         owner._cast = (key, torch.cat([p.detach().to(dtype) for p in params]))
     return owner._cast[1]
+
+
+@torch.no_grad()
+def refresh_casts(wrappers: list[LowRankLinear], dtype: torch.dtype) -> None:
+    """Bring every adapter's no-grad copies (A, and the group's stacked B's) up to date for
+    activations of `dtype`. A compiled decode step reads them as they are, so the rollout calls
+    this before decoding (the optimizer may have changed the adapters since the last rollout)."""
+    for w in wrappers:
+        _stacked(w, (w.lora_up,), dtype)
+        if w is w.group.members[0]:
+            _stacked(w.group, tuple(m.lora_down for m in w.group.members), dtype)
 
 
 class AdapterGroup:

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .adapter import refresh_casts
 from .cache import BoundedKVCache, EvictionEvent, EvictionPolicy, cache_kwarg
 from .config import CacheConfig
 from .errors import ConfigError
@@ -156,6 +157,8 @@ def rollout(
     state = folder.start(batch)
     if cuda_graph:
         folder.pin(state)
+    if compile_step:
+        refresh_casts(folder.wrappers, folder.dtype)  # compiled steps read these copies unchecked
     step = DecodeStep(model, cache, capture=cuda_graph, compile=compile_step)
     out = model(
         input_ids=ids, attention_mask=cache.begin_prefill(), position_ids=prompt_positions(valid),
