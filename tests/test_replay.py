@@ -95,17 +95,24 @@ def grads_of(policy, fn):
     return [p.grad.clone() for p in policy.trainable_parameters()]
 
 
-@pytest.mark.parametrize("full_backprop", [False, True])
-def test_replay_gradients_match_naive_two_segment(tiny_dirs, full_backprop):
-    policy = make_policy(tiny_dirs, "llama", "pte", window=8, ratio=0.5)
+def two_segment_case(tiny_dirs, family, seed):
+    """A pte policy, one greedy rollout with one eviction event, per-token loss weights and the
+    segment loss over them: the set-up of the gradient tests against `naive_two_segment_loss`."""
+    policy = make_policy(tiny_dirs, family, "pte", window=8, ratio=0.5)
     res = policy.generate(PROMPTS[:1], max_new_tokens=11, temperature=0)
     prompt, completion, log = res.prompt_ids[0], res.completion_ids[0], res.eviction_log[0]
-    assert len(log) == 1 and len(completion) == 11
-    weights = torch.randn(len(completion), generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(len(completion), generator=torch.Generator().manual_seed(seed))
 
     def loss_fn(lp, start, end):
         return (lp[0] * weights[start:end]).sum()
 
+    return policy, prompt, completion, log, weights, loss_fn
+
+
+@pytest.mark.parametrize("full_backprop", [False, True])
+def test_replay_gradients_match_naive_two_segment(tiny_dirs, full_backprop):
+    policy, prompt, completion, log, weights, loss_fn = two_segment_case(tiny_dirs, "llama", seed=0)
+    assert len(log) == 1 and len(completion) == 11
     ours = grads_of(policy, lambda: policy.replay_logprobs(
         [prompt], [completion], [log], loss_fn=loss_fn, full_backprop=full_backprop))
     ref = grads_of(policy, lambda: naive_two_segment_loss(
@@ -120,14 +127,7 @@ def test_replay_gradients_match_naive_two_segment(tiny_dirs, full_backprop):
 
 def test_state_backprop_gradients_match_naive_with_kv_detached_only(tiny_dirs):
     """state_backprop: the exact gradient through the state chain, cached K/V detached."""
-    policy = make_policy(tiny_dirs, "qwen2", "pte", window=8, ratio=0.5)
-    res = policy.generate(PROMPTS[:1], max_new_tokens=11, temperature=0)
-    prompt, completion, log = res.prompt_ids[0], res.completion_ids[0], res.eviction_log[0]
-    weights = torch.randn(len(completion), generator=torch.Generator().manual_seed(1))
-
-    def loss_fn(lp, start, end):
-        return (lp[0] * weights[start:end]).sum()
-
+    policy, prompt, completion, log, weights, loss_fn = two_segment_case(tiny_dirs, "qwen2", seed=1)
     ours = grads_of(policy, lambda: policy.replay_logprobs(
         [prompt], [completion], [log], loss_fn=loss_fn, state_backprop=True))
     ref = grads_of(policy, lambda: naive_two_segment_loss(

@@ -410,6 +410,38 @@ def test_fsdp_shards_the_base_and_matches_one_process(tmp_path, tiny_dirs, monke
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["num_tokens"] == one["num_tokens"]
 
 
+_FSDP_IDLE_RANK = """
+import json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+from test_trainer import IDLE_TRACES, _config
+from thoughtfold.trainer import SFTTrainer
+torch.set_num_threads(1)
+config = _config(Path({tmp!r}), Path({model!r}), steps=1, max_new_tokens=24, fsdp=True, replay_batch_size=1,
+                 output_dir={out!r} + "/idle")
+trainer = SFTTrainer(config, dataset=IDLE_TRACES)
+mine = IDLE_TRACES[:2] if trainer.dp.rank == 0 else IDLE_TRACES[2:]  # rank 1 runs out of rows first
+Path({out!r}, f"idle-{{trainer.dp.rank}}.json").write_text(json.dumps(trainer.train_step(mine)))
+"""
+IDLE_TRACES = [*SFT_TRACES, {"prompt": "count to 3", "answer": "3", "solution": "1, 2, 3"}]
+
+
+def test_fsdp_process_with_fewer_micro_batches_runs_idle_replays(tmp_path, tiny_dirs):
+    """Under FSDP every forward is a collective: a process with fewer micro-batches (here 1 against
+    2) replays a zero-loss padding sequence while the other replays its last one, so neither hangs,
+    and the loss over both processes is one process's loss on all the traces."""
+    model, out = tiny_dirs["llama"], tmp_path / "fsdp"
+    out.mkdir()
+    _launch(_FSDP_IDLE_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
+                                   out=str(out)))
+    one = SFTTrainer(_config(tmp_path, model, steps=1, max_new_tokens=24, replay_batch_size=1,
+                             output_dir=str(tmp_path / "single")), dataset=IDLE_TRACES).train_step(IDLE_TRACES)
+    for rank in range(2):
+        two = json.loads((out / f"idle-{rank}.json").read_text())
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["num_tokens"] == one["num_tokens"]
+
+
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dirs):
     config = _config(tmp_path, tiny_dirs["llama"], steps=2, save_every=1)
     GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()

@@ -55,9 +55,13 @@ class LowRankLinear(nn.Module):
             return y
         u = self.group.project(x, self)
         # y + scaling * u A^T as one kernel: a decode step runs this for every target linear
-        up = _stacked(self, (self.lora_up,), x.dtype)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), up.t(), alpha=self.scaling)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), self.up(x.dtype).t(),
+                          alpha=self.scaling)
         return out.view_as(y)
+
+    def up(self, dtype: torch.dtype) -> torch.Tensor:
+        """A in `dtype` (see `_stacked`)."""
+        return _stacked(self, (self.lora_up,), dtype)
 
 
 def _stacked(owner, params: tuple[nn.Parameter, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -87,9 +91,9 @@ def refresh_casts(wrappers: list[LowRankLinear], dtype: torch.dtype) -> None:
     activations of `dtype`. A compiled decode step reads them as they are, so the rollout calls
     this before decoding (the optimizer may have changed the adapters since the last rollout)."""
     for w in wrappers:
-        _stacked(w, (w.lora_up,), dtype)
+        w.up(dtype)
         if w is w.group.members[0]:
-            _stacked(w.group, tuple(m.lora_down for m in w.group.members), dtype)
+            w.group.down(dtype)
 
 
 class AdapterGroup:
@@ -115,10 +119,13 @@ class AdapterGroup:
             self._input, self._u = None, []
         return u
 
+    def down(self, dtype: torch.dtype) -> torch.Tensor:
+        """The members' B's stacked, [members * r, d_in], in `dtype` (see `_stacked`)."""
+        return _stacked(self, tuple(m.lora_down for m in self.members), dtype)
+
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
         first = self.members[0]
-        down = _stacked(self, tuple(m.lora_down for m in self.members), x.dtype)
-        u = F.linear(x, down)  # [..., members * r]
+        u = F.linear(x, self.down(x.dtype))  # [..., members * r]
         rank = first.lora_down.shape[0]
         if first.dynamic:
             if first.state is None:

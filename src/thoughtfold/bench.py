@@ -55,20 +55,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _seconds(fn: Callable[[], object], device: str) -> float:
+    """Wall-clock seconds of `fn`, device work included."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _measure(fn: Callable[[], object], device: str) -> tuple[float, int]:
     """(seconds, peak bytes allocated inside `fn`). On CUDA one run gives both (the allocator keeps
     statistics); on CPU the memory tracker slows every op, so memory comes from a second, untimed
     run. Callers warm up first."""
     if device.startswith("cuda"):
         with PeakMemory(device) as mem:
-            start = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
+            seconds = _seconds(fn, device)
         return seconds, mem.peak_bytes
-    start = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - start
+    seconds = _seconds(fn, device)
     with PeakMemory(device) as mem:
         fn()
     return seconds, mem.peak_bytes
@@ -80,12 +84,8 @@ def copy_bandwidth(device: str, gib: float = 2.0) -> float:
     a = torch.empty(n, dtype=torch.bfloat16, device=device)
     b = torch.empty_like(a)
     b.copy_(a)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    _sync(device)
-    return 10 * 2 * a.numel() * a.element_size() / (time.perf_counter() - start)
+    seconds = _seconds(lambda: [b.copy_(a) for _ in range(10)], device)
+    return 10 * 2 * a.numel() * a.element_size() / seconds
 
 
 def decode_floor_seconds(model, batch: int, cached_tokens: int, bandwidth: float) -> float:
@@ -299,14 +299,10 @@ def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: t
     def timed(label: str, policy: Policy) -> None:
         nonlocal events
         policy.generate(ids, max_new_tokens=window + 8, temperature=0)  # warm-up: set-up costs, compilation
-        runs = []
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            res = policy.generate(ids, max_new_tokens=tokens, temperature=0)
-            _sync(device)
-            runs.append(time.perf_counter() - start)
-        times[label], events = statistics.median(runs), res.stats["evictions"]
+        results = []
+        runs = [_seconds(lambda: results.append(policy.generate(ids, max_new_tokens=tokens, temperature=0)), device)
+                for _ in range(repeats)]
+        times[label], events = statistics.median(runs), results[-1].stats["evictions"]
         print(f"  encoder bench: {label} rollout of {tokens} tokens: {times[label]:.2f} s", file=sys.stderr, flush=True)
 
     for mode in ("none", "lora", "pte"):
@@ -324,12 +320,7 @@ def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: t
     state = encoder.initial_state(batch)
     with torch.no_grad():
         encoder.absorb(state, keys, keys)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(20):
-            encoder.absorb(state, keys, keys)
-        _sync(device)
-    per_event = (time.perf_counter() - start) / 20
+        per_event = _seconds(lambda: [encoder.absorb(state, keys, keys) for _ in range(20)], device) / 20
     step = times["none"] / tokens
     compiled = ", compiled" if compile_decode else ""
     return [

@@ -140,8 +140,8 @@ def rollout(
     torch.compile first. `lockstep(all_done_here) -> all_done_everywhere` makes processes whose
     forward passes are collectives (FSDP) stop at the same step."""
     device = next(model.parameters()).device
-    longest = max(len(p) for p in prompts)
-    ids, valid = pad_prompts(prompts, pad_id, device, compiled_prompt_width(longest) if compile_step else 0)
+    width = compiled_prompt_width(max(map(len, prompts))) if compile_step else 0
+    ids, valid = pad_prompts(prompts, pad_id, device, width)
     batch, n_new = ids.shape[0], sampling.max_new_tokens
     window = cache_cfg.window if cache_cfg.bounded else max(1, n_new)
     block = cache_cfg.evict_block if cache_cfg.bounded else 1

@@ -23,7 +23,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -367,13 +367,11 @@ class _Trainer:
         self._restore(latest)
         log.info("resumed from %s (step %d)", latest, self.step)
 
-    # ---- data
+    # ---- replays (under FSDP in lockstep: every process runs the same forward/backward passes)
 
     def _backprop_kwargs(self) -> dict[str, bool]:
         """How gradients cross eviction events in the replay (config.backprop)."""
         return {"full_backprop": self.config.backprop == "full", "state_backprop": self.config.backprop == "state"}
-
-    # ---- lockstep replays (FSDP: every process runs the same forward/backward passes)
 
     def lockstep_width(self, completions: Sequence[Sequence[int]]) -> int:
         """The width replays are padded to: the longest completion here, or over all processes
@@ -381,12 +379,14 @@ class _Trainer:
         width = max((len(c) for c in completions), default=0)
         return self.dp.max(width) if self.fsdp else width
 
-    def replay_spans(self, n: int) -> list[tuple[int, int] | None]:
-        """Micro-batches of `n` rows; under FSDP padded with None up to the most any process has."""
-        spans: list[tuple[int, int] | None] = list(_spans(n, self.config.replay_batch_size))
-        if self.fsdp:
-            spans += [None] * (self.dp.max(len(spans)) - len(spans))
-        return spans
+    def replay_spans(self, n: int, width: int, train: bool) -> Iterator[tuple[int, int]]:
+        """Micro-batches of `n` rows. Under FSDP a process that runs out of rows before the others
+        then runs idle replays (`idle_replay`) until every process has replayed as many."""
+        spans = list(_spans(n, self.config.replay_batch_size))
+        idle = self.dp.max(len(spans)) - len(spans) if self.fsdp else 0  # a collective: before any replay
+        yield from spans
+        for _ in range(idle):
+            self.idle_replay(width, train)
 
     def replay_args(self, logs: list, width: int) -> dict:
         """Eviction logs as recorded, or under FSDP the (identical) default schedule padded to `width`."""
@@ -398,6 +398,8 @@ class _Trainer:
         pad = self.policy._pad_id()
         kwargs = {"loss_fn": lambda lp, a, b: lp.sum() * 0.0, **self._backprop_kwargs()} if train else {}
         self.policy.replay_logprobs([[pad]], [[pad] * max(width, 1)], None, min_length=width, **kwargs)
+
+    # ---- data
 
     def next_examples(self, n: int) -> list[dict]:
         """The next `n` rows of the (per-epoch reshuffled) dataset; a pure function of data_pos."""
@@ -718,10 +720,7 @@ class GRPOTrainer(_Trainer):
         """Log-probs under the adapter-disabled model and the same cache: the KL reference."""
         ref: list[torch.Tensor] = []
         with torch.no_grad(), adapters_disabled(self.policy.wrappers):
-            for span in self.replay_spans(len(batch)):
-                if span is None:
-                    self.idle_replay(width, train=False)
-                    continue
+            for span in self.replay_spans(len(batch), width, train=False):
                 part = batch.rows(*span)
                 ref += self.policy.replay_logprobs(part.prompt_ids, part.completions,
                                                    temperature=self.config.temperature,
@@ -734,10 +733,7 @@ class GRPOTrainer(_Trainer):
         stats, loss, norms = LossStats(), 0.0, []
         for _ in range(self.config.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for span in self.replay_spans(len(batch)):
-                if span is None:
-                    self.idle_replay(batch.width, train=True)
-                    continue
+            for span in self.replay_spans(len(batch), batch.width, train=True):
                 part_loss, part_stats = self._replay_loss(batch.rows(*span))
                 loss, stats = loss + part_loss, stats + part_stats
             norms.append(self.optimizer_step())
@@ -806,11 +802,7 @@ class SFTTrainer(_Trainer):
         weights = _length_mask([len(x) for x in completions], width, device) / num_tokens
         loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for span in self.replay_spans(len(completions)):
-            if span is None:
-                self.idle_replay(width, train=True)
-                continue
-            a, b = span
+        for a, b in self.replay_spans(len(completions), width, train=True):
             loss += self._replay_nll(prompt_ids[a:b], completions[a:b], weights[a:b])
         grad_norm = self.optimizer_step()
         return {"loss": self.dp.sum([loss])[0], "grad_norm": grad_norm, "num_tokens": num_tokens}
