@@ -109,36 +109,37 @@ def two_segment_case(tiny_dirs, family, seed):
     return policy, prompt, completion, log, weights, loss_fn
 
 
-@pytest.mark.parametrize("full_backprop", [False, True])
-def test_replay_gradients_match_naive_two_segment(tiny_dirs, full_backprop):
+@pytest.mark.parametrize("backprop", ["truncated", "full"])
+def test_replay_gradients_match_naive_two_segment(tiny_dirs, backprop):
     policy, prompt, completion, log, weights, loss_fn = two_segment_case(tiny_dirs, "llama", seed=0)
     assert len(log) == 1 and len(completion) == 11
     ours = grads_of(policy, lambda: policy.replay_logprobs(
-        [prompt], [completion], [log], loss_fn=loss_fn, full_backprop=full_backprop))
+        [prompt], [completion], [log], loss_fn=loss_fn, backprop=backprop))
     ref = grads_of(policy, lambda: naive_two_segment_loss(
-        policy, prompt, completion, log[0], weights, detach=not full_backprop).backward())
+        policy, prompt, completion, log[0], weights, detach=backprop != "full").backward())
     assert any(g.abs().max() > 0 for g in ours)
     for a, b in zip(ours, ref, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
-    if full_backprop:  # the encoder's queries get gradient through the pre-eviction state too
-        trunc = grads_of(policy, lambda: policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn))
+    if backprop == "full":  # the encoder's queries get gradient through the pre-eviction state too
+        trunc = grads_of(policy, lambda: policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn,
+                                                                backprop="truncated"))
         assert any(not torch.allclose(a, b) for a, b in zip(ours, trunc, strict=True))
 
 
 def test_state_backprop_gradients_match_naive_with_kv_detached_only(tiny_dirs):
-    """state_backprop: the exact gradient through the state chain, cached K/V detached."""
+    """backprop="state": the exact gradient through the state chain, cached K/V detached."""
     policy, prompt, completion, log, weights, loss_fn = two_segment_case(tiny_dirs, "qwen2", seed=1)
     ours = grads_of(policy, lambda: policy.replay_logprobs(
-        [prompt], [completion], [log], loss_fn=loss_fn, state_backprop=True))
+        [prompt], [completion], [log], loss_fn=loss_fn, backprop="state"))
     ref = grads_of(policy, lambda: naive_two_segment_loss(
         policy, prompt, completion, log[0], weights, detach=True, detach_state=False).backward())
     for a, b in zip(ours, ref, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
-    trunc = grads_of(policy, lambda: policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn))
+    trunc = grads_of(policy, lambda: policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn,
+                                                                backprop="truncated"))
     assert any(not torch.allclose(a, b) for a, b in zip(ours, trunc, strict=True))
-    with pytest.raises(ConfigError, match="choose one"):
-        policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn, state_backprop=True,
-                               full_backprop=True)
+    with pytest.raises(ConfigError, match="backprop must be one of state, truncated, full"):
+        policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn, backprop="bptt")
 
 
 def test_full_backprop_equals_plain_autograd_full_cache(tiny_dirs):
@@ -153,7 +154,7 @@ def test_full_backprop_equals_plain_autograd_full_cache(tiny_dirs):
         (lp * weights).sum().backward()
 
     ours = grads_of(policy, lambda: policy.replay_logprobs(
-        [prompt], [completion], loss_fn=lambda lp, a, b: (lp[0] * weights[a:b]).sum(), full_backprop=True))
+        [prompt], [completion], loss_fn=lambda lp, a, b: (lp[0] * weights[a:b]).sum(), backprop="full"))
     ref = grads_of(policy, plain)
     for a, b in zip(ours, ref, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

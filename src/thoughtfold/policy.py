@@ -189,20 +189,19 @@ class Policy:
         eviction_log: Sequence[Sequence[EvictionEvent]] | None = None,
         loss_fn: LossFn | None = None,
         temperature: float = 1.0,
-        full_backprop: bool = False,
-        state_backprop: bool = False,
+        backprop: str = "state",
         min_length: int = 0,
     ) -> list[torch.Tensor]:
         """Teacher-forced log-probs of `completion_ids` under this policy's cache, segment by
         segment. `eviction_log=None` uses the default oldest-block schedule. With `loss_fn(logprobs
-        [B, m], start, end)`, backward runs after each segment (memory bounded by the window);
-        `state_backprop=True` adds the exact gradient through the chain of encoder states (needed
-        for long-range recall, see benchmarks/replication), `full_backprop=True` keeps one graph.
-        `min_length` pads the batch to at least that many tokens (same segments on every process)."""
+        [B, m], start, end)`, backward runs after each segment (memory bounded by the window).
+        `backprop`: "state" (default: exact gradient through the chain of encoder states, what
+        recall across evictions needs), "truncated" (earlier states detached: cannot learn recall
+        across evictions) or "full" (one graph; memory grows with length). `min_length` pads the batch to at least that many tokens (same segments on every process)."""
         return replay(
             self.model, self.folder, prompt_ids, completion_ids, self.cache_config, eviction_log,
-            loss_fn=loss_fn, temperature=temperature, full_backprop=full_backprop, pad_id=self._pad_id(),
-            state_backprop=state_backprop, min_length=min_length,
+            loss_fn=loss_fn, temperature=temperature, backprop=backprop, pad_id=self._pad_id(),
+            min_length=min_length,
         )
 
     @property

@@ -5,8 +5,8 @@ Segment 0 is the prompt plus the thought tokens fed before the first eviction; t
 eviction event. A segment attends to the pinned prompt and the surviving window (K/V kept from
 earlier segments, detached) and runs with the state folded from everything evicted so far. With a
 `loss_fn`, backward runs after each segment, so the graph never spans more than one segment and
-peak memory depends on the window, not on the completion length. `full_backprop=True` keeps one
-graph over all segments (short sequences; exact gradients through the states and cached K/V).
+peak memory depends on the window, not on the completion length. How gradients cross eviction
+events is `backprop`: "state" (the default), "truncated" or "full" (see `replay`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ from .rollout import pad_prompts, prompt_positions
 
 LossFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 """loss_fn(logprobs [B, m], start, end) -> scalar, for completion tokens [start, end)."""
+
+BACKPROP = ("state", "truncated", "full")
+"""How replay gradients cross eviction events, the default first:
+
+* ``state``: the exact gradient through the chain of encoder states (the loss of a late token reaches
+  the encoding of every evicted block), cached K/V detached, backward per segment: the memory of
+  ``truncated`` plus the evicted K/V. What PTE needs to learn to use what it evicted.
+* ``truncated``: every state is detached at the next event, so a segment's loss reaches the encoder
+  only through the block evicted just before it. It cannot learn recall across evictions.
+* ``full``: one graph over all segments (states and cached K/V): exact, memory grows with length.
+"""
 
 
 class _SegmentLayer(CacheLayerMixin):
@@ -125,23 +136,21 @@ def replay(
     eviction_log: Sequence[Sequence[EvictionEvent]] | None = None,
     loss_fn: LossFn | None = None,
     temperature: float = 1.0,
-    full_backprop: bool = False,
+    backprop: str = "state",
     pad_id: int = 0,
-    state_backprop: bool = False,
     min_length: int = 0,
 ) -> list[torch.Tensor]:
     """Per-token log-probs (detached, one tensor per sequence) of `completion_ids` given the prompts,
     under the same cache and state history as the rollout that produced them.
 
-    Gradients (with `loss_fn`): truncated by default (each segment's loss reaches the encoder only
-    through the block evicted just before it); `state_backprop=True` adds the exact gradient through
-    the chain of encoder states (backprop through time over eviction events, cached K/V still
-    detached, backward still per segment; extra memory: the evicted K/V, no activations);
-    `full_backprop=True` keeps one graph over everything. `min_length` pads the batch (with
+    Gradients (with `loss_fn`) cross eviction events as `backprop` says (see BACKPROP): "state"
+    (default; backprop through time over the encoder states, cached K/V detached, backward still per
+    segment; extra memory: the evicted K/V, no activations), "truncated" or "full" (one graph over
+    everything). `min_length` pads the batch (with
     `pad_id`, after every sequence) to at least that many tokens and replays the default schedule
     over it: processes of a sharded model then run the same segments whatever their own lengths."""
-    if full_backprop and state_backprop:
-        raise ConfigError("choose one of full_backprop and state_backprop (full_backprop already includes it)")
+    if backprop not in BACKPROP:
+        raise ConfigError(f"backprop must be one of {', '.join(BACKPROP)}, got {backprop!r}")
     if len(prompt_ids) != len(completion_ids):
         raise ConfigError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     if any(len(c) == 0 for c in completion_ids):
@@ -156,13 +165,13 @@ def replay(
     common = _common_log(logs) if logs else []
     if common is None:  # per-sequence policies: replay each sequence on its own
         return [
-            replay(model, folder, [p], [c], cache_cfg, [log], loss_fn, temperature, full_backprop, pad_id,
-                   state_backprop, min_length)[0]
+            replay(model, folder, [p], [c], cache_cfg, [log], loss_fn, temperature, backprop, pad_id,
+                   min_length)[0]
             for p, c, log in zip(prompt_ids, completion_ids, logs, strict=True)
         ]
-    chain = _StateChain(folder) if state_backprop and loss_fn is not None and folder.active else None
+    chain = _StateChain(folder) if backprop == "state" and loss_fn is not None and folder.active else None
     out = _replay_batch(
-        model, chain or folder, prompt_ids, completion_ids, common, loss_fn, temperature, full_backprop, pad_id,
+        model, chain or folder, prompt_ids, completion_ids, common, loss_fn, temperature, backprop == "full", pad_id,
         min_length,
     )
     if chain is not None:

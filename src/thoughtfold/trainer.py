@@ -58,6 +58,7 @@ from .grpo import (
 )
 from .parallel import DataParallel, shard_base_model
 from .policy import GenerationResult, Policy
+from .replay import BACKPROP
 from .report import METRICS_NAME, plot_curves
 from .rewards import load_reward
 
@@ -65,7 +66,6 @@ log = logging.getLogger("thoughtfold")
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SFT_TARGETS = ("dataset", "full_cache")
-BACKPROP = ("truncated", "state", "full")  # replay gradients: see Policy.replay_logprobs
 REPORT_TO = ("tensorboard", "wandb")
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
@@ -130,7 +130,7 @@ class TrainConfig:
     mask_truncated_completions: bool = False
     num_iterations: int = 1
     sft_targets: str = "dataset"
-    backprop: str = "truncated"  # 'state': exact gradients through the encoder states (long-range recall)
+    backprop: str = "state"  # how replay gradients cross evictions (replay.BACKPROP); "truncated" cannot learn recall
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
     steps: int = 16
@@ -369,9 +369,9 @@ class _Trainer:
 
     # ---- replays (under FSDP in lockstep: every process runs the same forward/backward passes)
 
-    def _backprop_kwargs(self) -> dict[str, bool]:
+    def _backprop_kwargs(self) -> dict[str, str]:
         """How gradients cross eviction events in the replay (config.backprop)."""
-        return {"full_backprop": self.config.backprop == "full", "state_backprop": self.config.backprop == "state"}
+        return {"backprop": self.config.backprop}
 
     def lockstep_width(self, completions: Sequence[Sequence[int]]) -> int:
         """The width replays are padded to: the longest completion here, or over all processes
