@@ -36,7 +36,7 @@ demo: install
 	$(BIN)/thoughtfold train $(DEMO_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest

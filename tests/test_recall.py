@@ -1,16 +1,21 @@
-"""The delayed-recall task (generator + strict checker) and a toy-scale smoke test of the
-replication pipeline in benchmarks/replication/run.py."""
+"""The delayed-recall task (generator, strict checker, dataset, reward, tokenizer) and a toy-scale
+smoke test of the replication pipeline in benchmarks/replication/run.py, which trains through the
+shipped trainers."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from thoughtfold.recall import BOS, EOS, RecallTask
+from thoughtfold.data import load_dataset_by_name
+from thoughtfold.errors import ConfigError
+from thoughtfold.recall import BOS, EOS, RecallTask, recall_reward, recall_tokenizer
+from thoughtfold.rewards import load_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +84,47 @@ def test_checker_rejects_wrong_traces():
         task.check([BOS, 4], good)
 
 
+def test_dataset_rows_are_token_id_prompts_with_their_trace_and_task_columns():
+    rows = load_dataset_by_name("recall:steps=5,n=40")
+    assert len(rows) == 40 and rows == load_dataset_by_name("recall:steps=5,n=40")
+    assert load_dataset_by_name("recall:steps=5,n=40", limit=3) == rows[:3]
+    task = RecallTask(steps=5)
+    for row in rows:
+        assert task.check(row["prompt"], row["solution"]).correct
+        assert (row["recall_steps"], row["recall_combine"], row["loss_mask_prefix"]) == (5, "copy", 1)
+    assert len({row["solution"][0] for row in rows}) > 5  # the early values vary
+    test = load_dataset_by_name("recall:steps=5,n=40", split="test")
+    assert [r["solution"] for r in test] != [r["solution"] for r in rows]
+    assert load_dataset_by_name("recall")[0]["recall_steps"] == 31
+    for bad, words in [("recall:steps=x", "not a whole number"), ("recall:width=3", "bad option"),
+                       ("recall:n=0", "n must be >= 1"), ("recall:combine=mul", "combine must be")]:
+        with pytest.raises(ConfigError, match=words):
+            load_dataset_by_name(bad)
+
+
+def test_reward_is_the_strict_check_and_skips_other_rows():
+    reward = load_reward("recall")
+    task = RecallTask(steps=4)
+    prompt, good = task.prompt(1, 2), task.trace(1, 2, 6)
+    wrong = good[:-2] + [good[-2] + 1, EOS]
+    assert reward(prompts=[prompt, prompt, "text prompt"], completions=["", "", ""],
+                  completion_ids=[good, wrong, good], recall_steps=[4, 4, None],
+                  recall_combine=["copy", "copy", None]) == [1.0, 0.0, None]
+    with pytest.raises(ValueError, match="completion_ids"):
+        recall_reward(prompts=[prompt], completions=["x"])
+
+
+def test_tokenizer_ids_are_the_task_ids_and_round_trip():
+    task = RecallTask(steps=6)
+    tok = recall_tokenizer(task)
+    trace = task.trace(3, 4, 7)
+    text = tok.decode(trace)
+    assert text.split() == list(task.render(trace))
+    assert tok(text)["input_ids"] == trace
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (BOS, EOS, 0)
+    assert len(tok) == task.vocab_size
+
+
 def _load_run():
     """benchmarks/replication/run.py as the module `run`, importable by name, as its worker processes
     (spawned with this process's sys.path) need to unpickle their job function."""
@@ -104,58 +150,18 @@ def test_pipeline_smoke(tmp_path):
         assert r["rollout_peak_bytes"] > 0
     assert all(r["train_peak_bytes"] > 0 for r in results["rows"] if r["method"] != "bounded")
     assert "| pte | 3 |" in (tmp_path / "RESULTS.md").read_text()
-
-
-def test_pipeline_parallel_workers(tmp_path):
-    """The default path: training jobs in worker processes, rows in job order, longer-SFT rows named."""
-    run = _load_run()
-    config = run.merge(run.DEFAULT_CONFIG, run.QUICK_CONFIG)
-    config.update(windows=[3], methods=["lora_c"], ablations=["pte_truncated"], workers=2,
-                  sft_multiplier={"lora_c": 2})
-    results = run.run(config, tmp_path / "out", tmp_path / "results.json", tmp_path / "RESULTS.md")
-    rows = [(r["method"], r["window"], r.get("sft_steps")) for r in results["rows"]]
-    steps = config["sft"]["steps"]
-    assert rows == [("full", None, None), ("bounded", 3, None), ("lora_c", 3, 2 * steps), ("pte_truncated", 3, steps)]
-    assert "lora_c W=3 starts" in (tmp_path / "out" / "log.txt").read_text()
-
-
-def test_state_bptt_matches_full_graph_with_detached_kv(monkeypatch):
-    """Replay with state_backprop (segment-wise replay + a second pass through the state chain) gives
-    the gradients of one full graph in which only the cached K/V are detached."""
-    import copy
-
-    import torch
-
-    import thoughtfold.replay as replay_mod
-    from thoughtfold.config import AdapterConfig, CacheConfig
-    from thoughtfold.policy import Policy
-
-    run = _load_run()
-    task = RecallTask(steps=6)
-    model = run.build_model(task, run.QUICK_CONFIG["model"], seed=0)
-    prompts, traces = task.sample_traces(3, seed=0)
-    grads = {}
-    for mode in ("state", "reference"):
-        torch.manual_seed(0)
-        policy = Policy(copy.deepcopy(model), None, cache=CacheConfig(window=4),
-                        adapter=AdapterConfig(mode="pte", rank=4, alpha=8.0, global_tokens=2))
-        with torch.no_grad():  # a non-zero adapter, so that the states matter
-            for w in policy.wrappers:
-                w.lora_up.normal_(0, 0.1)
-        loss_fn = run.sft_loss_fn(sum(map(len, traces)))
-        if mode == "state":
-            run.replay(policy, prompts, traces, None, loss_fn, backprop="state")
-        else:
-            def append_detached(self, cache, tokens, valid, detach, append=replay_mod._Context.append):
-                return append(self, cache, tokens, valid, True)
-
-            monkeypatch.setattr(replay_mod._Context, "append", append_detached)
-            run.replay(policy, prompts, traces, None, loss_fn, backprop=True)
-            monkeypatch.undo()
-        grads[mode] = [p.grad.clone() for p in policy.trainable_parameters()]
-    assert grads["state"][-1].abs().sum() > 0  # the encoder gets gradients
-    for a, b in zip(grads["state"], grads["reference"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    pte = next(r for r in results["rows"] if r["method"] == "pte")
+    assert pte["backprop"] == "state" and pte["sft_steps"] == 3 * config["sft"]["max_steps"]
+    # every job ran through the trainers, which left their metrics, checkpoints and adapters
+    job = tmp_path / "out" / "jobs" / "pte-W3"
+    assert [r["step"] for r in run.read_metrics(job / "sft" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert (job / "grpo" / "adapter" / "adapter.safetensors").is_file()
+    # the base model is an ordinary model directory: the CLI generates from it
+    out = subprocess.run([sys.executable, "-m", "thoughtfold.cli", "generate", "--model", str(tmp_path / "out" / "base"),
+                          "--prompt", "^ 3 4", "--no-chat-template", "--max-new-tokens", "4", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["completion_ids"]) == 4
 
 
 def test_merge_rows_keeps_prose(tmp_path):

@@ -513,3 +513,55 @@ def test_bf16_model_trains_with_fp32_adapter_and_encoder(tmp_path, tiny_dirs):
     records = read_metrics(trainer.train()["metrics"])
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+
+
+# --------------------------------------------------------------------------- gradients across evictions
+
+
+def _last_token_only(tmp_path, tiny_dirs, backprop: str) -> GRPOTrainer:
+    """A GRPO trainer whose loss is the last completion token alone (`loss_mask_prefix` masks the
+    15 before it; the random model never ends early), under a 4-token window: that token is decoded
+    after 12 eviction events, long after the global tokens made the state before the first one.
+    The adapters' A matrices are made non-zero, as after some training."""
+    rows = [{"prompt": p, "answer": "", "loss_mask_prefix": 15} for p in PROMPTS]
+    config = _config(tmp_path, tiny_dirs["llama"], window=4, backprop=backprop, filter_zero_std=False)
+    trainer = GRPOTrainer(config, dataset=rows, reward_funcs=[low_bytes])
+    torch.manual_seed(1)
+    with torch.no_grad():  # A is zero at init, which gives the state no gradient at all
+        for w in trainer.policy.wrappers:
+            w.lora_up.normal_(0, 0.3)
+    return trainer
+
+
+def test_default_backprop_carries_the_last_tokens_loss_back_past_the_first_eviction(tmp_path, tiny_dirs):
+    """With the default `backprop` ("state") the loss of the last token reaches the encoder's
+    global tokens, which only the state before the first eviction reads directly; `truncated` cuts
+    the chain at every event, so they get exactly no gradient (it cannot learn recall)."""
+    assert TrainConfig().backprop == "state"
+    grads = {}
+    for backprop in ("state", "truncated"):
+        trainer = _last_token_only(tmp_path / backprop, tiny_dirs, backprop)
+        names = [n for n, _ in trainer.policy.encoder.named_parameters()]
+        grads[backprop] = dict(zip(names, one_step_gradients(trainer)[-len(names):], strict=True))
+    global_tokens = [n for n in grads["state"] if "global" in n]
+    assert global_tokens
+    for name in global_tokens:
+        assert grads["state"][name].abs().max() > 0, name
+        assert grads["truncated"][name].abs().max() == 0, name
+    assert any(g.abs().max() > 0 for g in grads["truncated"].values())  # it does train the last block's encoding
+
+
+def test_loss_mask_prefix_keeps_leading_tokens_out_of_the_loss(tmp_path, tiny_dirs):
+    def grads(prefix: int) -> list[torch.Tensor]:
+        rows = [{"prompt": p, "answer": "", "loss_mask_prefix": prefix} for p in PROMPTS]
+        config = _config(tmp_path / str(prefix), tiny_dirs["qwen2"], filter_zero_std=False)
+        return one_step_gradients(GRPOTrainer(config, dataset=rows, reward_funcs=[low_bytes]))
+
+    none, first, everything = grads(0), grads(1), grads(16)
+    assert all(g.abs().max() == 0 for g in everything)
+    assert any(g.abs().max() > 0 for g in first)
+    assert any(not torch.allclose(a, b) for a, b in zip(none, first, strict=True))
+    with pytest.raises(DataError, match="loss_mask_prefix must be a whole number"):
+        GRPOTrainer(_config(tmp_path / "bad", tiny_dirs["qwen2"]), reward_funcs=[low_bytes],
+                    dataset=[{"prompt": "x", "answer": "", "loss_mask_prefix": -1}]).train_step(
+                        [{"prompt": "x", "answer": "", "loss_mask_prefix": -1}])

@@ -1,20 +1,23 @@
-"""Small-scale replication of the PTE claim on delayed recall (issue 6). One command:
+"""Small-scale replication of the PTE claim on delayed recall, through the shipped trainers. One command:
 
-    python benchmarks/replication/run.py [--config overrides.json] [--base base_model.pt] [--out DIR]
+    python benchmarks/replication/run.py [--config overrides.json] [--base BASE_DIR] [--out DIR]
 
-1. trains a tiny Llama from scratch on full-cache traces of `thoughtfold.recall.RecallTask`;
+1. trains a tiny Llama from scratch on full-cache traces of the `recall` task (`thoughtfold.recall`)
+   and saves it, with the task's word-level tokenizer, as an ordinary HF model directory
+   (`<out>/base`: `thoughtfold generate --model <out>/base ...` works on it);
 2. evaluates it with the full cache and with bounded caches W in {D/8, D/4, D/2} (no adaptation);
-3. trains LoRA_c and PTE (gradients through the encoder states, 3x the SFT steps) under each bounded
-   cache -- supervised through the segment-wise replay on full-cache traces, then cache-aware GRPO
-   (a minimal loop here, on `generate` + the replay) -- and the PTE ablations at W = D/4 (truncated
-   and full backprop, global tokens, the paper-literal state update), in 2 worker processes;
+3. trains LoRA_c and PTE under each bounded cache, and the PTE ablations at W = D/4, each job with
+   `thoughtfold.SFTTrainer` (cross-entropy through the replay on full-cache traces, data
+   `recall:steps=N`) and then `thoughtfold.GRPOTrainer` (reward `recall`; the early value is kept
+   out of the loss by the data's `loss_mask_prefix`) with the library's defaults unless the config
+   below says otherwise -- in 2 worker processes;
 4. writes `results.json` (rows: method, window, accuracy, n, 95% Wilson interval, peak memory, ...)
-   and `RESULTS.md` (the table) next to this file, logs to `<out>/log.txt`.
+   and `RESULTS.md` (the table) next to this file, logs to `<out>/log.txt`, each job's trainer
+   output (metrics.jsonl, checkpoints, adapter) under `<out>/jobs/`.
 
 Accuracy is measured on `eval.n` fixed prompts, sampling at temperature 1 (the early value must be
-sampled: a greedy policy always picks the same value, which makes recall unnecessary). In GRPO the
-early-value token is masked out of the loss, so the policy cannot collapse the value's distribution
-to a constant (a shortcut that needs no recall); every row reports the value's entropy as a guard.
+sampled: a greedy policy always picks the same value, which makes recall unnecessary); every row
+reports the value's entropy as a guard against a policy that collapses the value.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import random
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,7 +38,8 @@ import torch
 from thoughtfold.config import AdapterConfig, CacheConfig
 from thoughtfold.memory import PeakMemory
 from thoughtfold.policy import Policy
-from thoughtfold.recall import BOS, EOS, PAD, RecallTask
+from thoughtfold.recall import BOS, EOS, PAD, RecallTask, recall_tokenizer
+from thoughtfold.trainer import DataConfig, GRPOTrainer, SFTTrainer, TrainConfig, read_metrics
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,19 +51,20 @@ DEFAULT_CONFIG: dict = {
     "pretrain": {"batch": 64, "lr": 3e-3, "max_steps": 1500, "eval_every": 100, "eval_n": 200,
                  "target": 0.97},
     "adapter": {"rank": 16, "alpha": 32.0, "global_tokens": 16},
-    "sft": {"steps": 160, "batch": 32, "lr": 2e-3},
-    "grpo": {"steps": 10, "group_size": 8, "prompts_per_step": 8, "lr": 1e-4},  # 5e-4 hurt saturated policies (RESULTS.md)
+    # TrainConfig fields of each stage (the rest are the library's defaults)
+    "sft": {"max_steps": 160, "per_step": 32, "learning_rate": 2e-3},
+    "grpo": {"max_steps": 10, "num_generations": 8, "per_step": 8, "learning_rate": 1e-4},  # 5e-4 hurt saturated policies (RESULTS.md)
+    "data_rows": 4096,
     "eval": {"n": 500, "batch": 250, "seed": 1234},
     "windows": None,  # default [D/8, D/4, D/2]
-    # at every window: PTE (with gradients through the states, the variant that reaches the goal, see
-    # RESULTS.md) and LoRA_c
+    # at every window: PTE (the library default, backprop "state") and LoRA_c
     "methods": ["pte", "lora_c"],
     # at ablation_window, with the base SFT budget: truncated vs full backprop, then the encoder
     # ablations on top of full backprop
     "ablations": ["pte_truncated", "pte_full_backprop", "pte_fb_global0", "pte_fb_global_only",
                   "pte_fb_paper_update"],
     "ablation_window": None,  # default D/4
-    "sft_multiplier": {"pte": 3},  # methods trained for k x sft.steps (each row records its sft_steps)
+    "sft_multiplier": {"pte": 3},  # methods trained for k x sft steps (each row records its sft_steps)
     "row_suffix": "",  # appended to the method names of the rows (variants with other settings)
     "jobs": None,  # explicit [[method, window], ...] (a priority order); default: methods x windows, ablations
     "workers": 2,  # training jobs run in this many processes (one torch thread each)
@@ -72,24 +78,23 @@ QUICK_CONFIG: dict = {
               "num_attention_heads": 2, "num_key_value_heads": 2},
     "pretrain": {"batch": 16, "lr": 3e-3, "max_steps": 4, "eval_every": 2, "eval_n": 8, "target": 1.1},
     "adapter": {"rank": 4, "alpha": 8.0, "global_tokens": 2},
-    "sft": {"steps": 2, "batch": 4, "lr": 1e-3},
-    "grpo": {"steps": 1, "group_size": 2, "prompts_per_step": 2, "lr": 1e-4},
+    "sft": {"max_steps": 2, "per_step": 4, "learning_rate": 1e-3},
+    "grpo": {"max_steps": 1, "num_generations": 2, "per_step": 2, "learning_rate": 1e-4},
+    "data_rows": 64,
     "eval": {"n": 8, "batch": 8, "seed": 1},
     "memory_probe": 2,
     "workers": 1,
 }
 
-METHODS = {  # name -> (adapter mode, adapter overrides, backprop: False truncated | True full | "state")
-    "lora_c": ("lora", {}, False),
-    # exact gradients through the chain of encoder states, K/V detached, bounded activations
-    # (replay state_backprop, trainer `backprop: state`)
-    "pte": ("pte", {}, "state"),
-    "pte_truncated": ("pte", {}, False),  # the engine's default backprop: earlier states detached
-    "pte_full_backprop": ("pte", {}, True),
+METHODS = {  # name -> (adapter mode, adapter overrides, TrainConfig.backprop)
+    "lora_c": ("lora", {}, "state"),  # (LoRA has no encoder states: backprop changes nothing)
+    "pte": ("pte", {}, "state"),  # the library default
+    "pte_truncated": ("pte", {}, "truncated"),
+    "pte_full_backprop": ("pte", {}, "full"),
     # ablations, on top of full backprop (it learns within the base SFT budget; see RESULTS.md)
-    "pte_fb_global0": ("pte", {"global_tokens": 0}, True),
-    "pte_fb_global_only": ("pte", {"global_only": True}, True),
-    "pte_fb_paper_update": ("pte", {"state_update": "paper"}, True),
+    "pte_fb_global0": ("pte", {"global_tokens": 0}, "full"),
+    "pte_fb_global_only": ("pte", {"global_only": True}, "full"),
+    "pte_fb_paper_update": ("pte", {"state_update": "paper"}, "full"),
 }
 
 
@@ -112,7 +117,7 @@ class Log:
             self.file.flush()
 
 
-# --------------------------------------------------------------------------- model
+# --------------------------------------------------------------------------- the base model
 
 
 def build_model(task: RecallTask, cfg: dict, seed: int):
@@ -123,6 +128,12 @@ def build_model(task: RecallTask, cfg: dict, seed: int):
                          **cfg)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).float()
+
+
+def save_base(model, task: RecallTask, directory: Path) -> None:
+    """The pretrained model and the task's tokenizer as an HF model directory."""
+    model.save_pretrained(directory)
+    recall_tokenizer(task).save_pretrained(directory)
 
 
 def pretrain(model, task: RecallTask, cfg: dict, ecfg: dict, seed: int, log: Log) -> dict:
@@ -157,8 +168,6 @@ def pretrain(model, task: RecallTask, cfg: dict, ecfg: dict, seed: int, log: Log
             if acc >= cfg["target"]:
                 break
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     return {"steps": step, "seconds": round(time.perf_counter() - start, 1), "final_accuracy": acc,
             "history": history}
 
@@ -183,7 +192,7 @@ def evaluate(policy: Policy, task: RecallTask, n: int, batch: int, seed: int) ->
     checks = []
     for i in range(0, n, batch):
         out = policy.generate(prompts[i : i + batch], max_new_tokens=task.completion_length, temperature=1.0,
-                              seed=seed + i)
+                              seed=seed + i, chat_template=False)
         checks += [task.check(p, c) for p, c in zip(out.prompt_ids, out.completion_ids, strict=True)]
     k = sum(c.correct for c in checks)
     chain = [c for c in checks if c.chain_ok]
@@ -199,110 +208,16 @@ def evaluate(policy: Policy, task: RecallTask, n: int, batch: int, seed: int) ->
     }
 
 
-# --------------------------------------------------------------------------- replay with gradients through the states
-
-
-def replay(policy: Policy, prompts, completions, logs, loss_fn, backprop: bool | str = False):
-    """`policy.replay_logprobs` with backprop False (truncated, the engine default), True (one full
-    graph) or "state" (exact gradients through the chain of encoder states, K/V detached)."""
-    return policy.replay_logprobs(prompts, completions, logs, loss_fn=loss_fn, full_backprop=backprop is True,
-                                  state_backprop=backprop == "state")
-
-
-# --------------------------------------------------------------------------- training under the bounded cache
-
-
-def sft_loss_fn(total_tokens: int):
-    def loss_fn(lp: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        return -lp.sum() / total_tokens
-
-    return loss_fn
-
-
-def sft(policy: Policy, task: RecallTask, cfg: dict, seed: int, backprop: bool | str, log: Log, name: str) -> dict:
-    """Cross-entropy through the replay on full-cache traces (pi^D imitates pi)."""
-    params = policy.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
-    start, losses = time.perf_counter(), []
-    for step in range(cfg["steps"]):
-        prompts, traces = task.sample_traces(cfg["batch"], seed=seed * 7919 + step)
-        opt.zero_grad(set_to_none=True)
-        lps = replay(policy, prompts, traces, None, loss_fn=sft_loss_fn(sum(map(len, traces))),
-                                     backprop=backprop)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        # answer-token NLL: the part of the loss that needs the evicted value
-        ans = -torch.stack([lp[task.completion_length - 2] for lp in lps]).mean().item()
-        losses.append((-torch.cat(lps).mean().item(), ans))
-        if (step + 1) % max(1, cfg["steps"] // 5) == 0 or step == cfg["steps"] - 1:
-            tail = losses[-10:]
-            log(f"  {name} sft step {step + 1}/{cfg['steps']} nll {sum(x for x, _ in tail) / len(tail):.4f} "
-                f"answer-nll {sum(a for _, a in tail) / len(tail):.3f} (ln10={math.log(10):.3f}) "
-                f"({time.perf_counter() - start:.0f}s)")
-    tail = losses[-10:]
-    return {"sft_steps": cfg["steps"], "sft_seconds": round(time.perf_counter() - start, 1),
-            "sft_final_nll": round(sum(x for x, _ in tail) / len(tail), 4),
-            "sft_final_answer_nll": round(sum(a for _, a in tail) / len(tail), 4)}
-
-
-def grpo(policy: Policy, task: RecallTask, cfg: dict, seed: int, backprop: bool | str, log: Log, name: str) -> dict:
-    """Cache-aware GRPO, minimal: rollouts under the bounded cache (one lockstep `generate` call),
-    group-normalised advantages (groups with zero reward spread dropped), token-level (DAPO)
-    clipped policy-gradient loss through the segment-wise replay, one update per batch. The
-    early-value token is masked out of the loss (see the module docstring). Written here rather than
-    with `thoughtfold.trainer.GRPOTrainer` because that trainer was being rewritten while this ran."""
-    params = policy.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
-    g, eps = cfg["group_size"], cfg.get("epsilon", 0.2)
-    start, rewards = time.perf_counter(), []
-    for step in range(cfg["steps"]):
-        prompts = [p for p in task.sample_prompts(cfg["prompts_per_step"], seed=seed * 104729 + step)
-                   for _ in range(g)]
-        out = policy.generate(prompts, max_new_tokens=task.completion_length, temperature=1.0,
-                              seed=seed * 7 + step)
-        r = torch.tensor(task.reward(prompts=out.prompt_ids, completion_ids=out.completion_ids)).view(-1, g)
-        rewards.append(r.mean().item())
-        std = r.std(-1, keepdim=True)
-        keep = (std[:, 0] > 0).repeat_interleave(g).nonzero().flatten().tolist()
-        if not keep:
-            continue
-        adv = ((r - r.mean(-1, keepdim=True)) / (std + 1e-4)).flatten()[keep]
-        comps = [out.completion_ids[i] for i in keep]
-        width = max(map(len, comps))
-        old = torch.zeros(len(keep), width)
-        mask = torch.zeros(len(keep), width)
-        for j, i in enumerate(keep):
-            old[j, : len(comps[j])] = torch.tensor(out.logprobs[i])
-            mask[j, 1 : len(comps[j])] = 1.0  # token 0 (the early value) is not trained
-        mask /= mask.sum()
-
-        def loss_fn(lp, a, b, old=old, adv=adv, mask=mask):
-            ratio = torch.exp(lp - old[:, a:b])
-            per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - eps, 1 + eps) * adv[:, None])
-            return (per_token * mask[:, a:b]).sum()
-
-        opt.zero_grad(set_to_none=True)
-        replay(policy, [out.prompt_ids[i] for i in keep], comps, [out.eviction_log[i] for i in keep],
-               loss_fn=loss_fn, backprop=backprop)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-    last = rewards[-5:]
-    log(f"  {name} grpo {len(rewards)} steps reward first {rewards[0]:.3f} last5 {sum(last) / len(last):.3f} "
-        f"({time.perf_counter() - start:.0f}s)")
-    return {"grpo_steps": len(rewards), "grpo_seconds": round(time.perf_counter() - start, 1),
-            "grpo_reward_first": rewards[0], "grpo_reward_last5": sum(last) / len(last)}
-
-
-def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool, backprop: bool | str) -> dict:
+def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool, backprop: str = "state") -> dict:
     """Peak tensor bytes (CPU) of one rollout and one replay+backward on `probe` sequences."""
     prompts, traces = task.sample_traces(probe, seed=777)
     with PeakMemory("cpu") as m:
-        policy.generate(prompts, max_new_tokens=task.completion_length, temperature=1.0, seed=0)
+        policy.generate(prompts, max_new_tokens=task.completion_length, temperature=1.0, seed=0, chat_template=False)
     out = {"rollout_peak_bytes": m.peak_bytes, "train_peak_bytes": None}
     if train:
+        total = sum(map(len, traces))
         with PeakMemory("cpu") as m:
-            replay(policy, prompts, traces, None, loss_fn=sft_loss_fn(sum(map(len, traces))),
-                   backprop=backprop)
+            policy.replay_logprobs(prompts, traces, loss_fn=lambda lp, a, b: -lp.sum() / total, backprop=backprop)
         for p in policy.trainable_parameters():
             p.grad = None
         out["train_peak_bytes"] = m.peak_bytes
@@ -326,40 +241,38 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
     t0 = time.perf_counter()
     log(f"task: delayed recall, D={d}, completion {task.completion_length} tokens, windows {windows}")
 
-    base = build_model(task, config["model"], seed)
-    n_params = sum(p.numel() for p in base.parameters())
-    log(f"model: Llama {config['model']} -> {n_params / 1e6:.2f}M parameters")
+    base_dir = out_dir / "base"
     if config.get("base_path"):  # reuse a base model trained by an earlier run of this script
-        base.load_state_dict(torch.load(config["base_path"]))
-        for p in base.parameters():
-            p.requires_grad_(False)
-        pre = {"loaded_from": str(config["base_path"])}
-        log(f"base model loaded from {config['base_path']}")
+        base_dir = Path(config["base_path"])
+        pre = {"loaded_from": str(base_dir)}
+        log(f"base model: {base_dir}")
     else:
+        base = build_model(task, config["model"], seed)
+        log(f"model: Llama {config['model']} -> {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters")
         pre = pretrain(base, task, config["pretrain"], ecfg, seed, log)
-    torch.save(base.state_dict(), out_dir / "base_model.pt")
+        save_base(base, task, base_dir)
+        log(f"base model saved to {base_dir}")
 
     rows: list[dict] = []
 
-    def add(method: str, window: int | None, policy: Policy, extra: dict) -> dict:
-        res = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])
-        row = {"method": method, "window": window, **res, **extra}
-        rows.append(row)
-        log(row_line(row))
-        write(config, task, n_params, pre, rows, time.perf_counter() - t0, results_path, table_path)
-        return row
+    def make(window: int | None, mode: str) -> Policy:
+        acfg = AdapterConfig(mode=mode, **config["adapter"])
+        return Policy.from_pretrained(str(base_dir), cache=CacheConfig(window=window), adapter=acfg)
 
-    def make(window: int | None, mode: str, overrides: dict | None = None) -> Policy:
-        acfg = AdapterConfig(mode=mode, **{**config["adapter"], **(overrides or {})})
-        return Policy(copy.deepcopy(base), None, cache=CacheConfig(window=window), adapter=acfg)
+    def add(method: str, window: int | None, policy: Policy, extra: dict) -> None:
+        res = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])
+        rows.append({"method": method, "window": window, **res, **extra})
+        log(row_line(rows[-1]))
 
     # reference rows: full cache (its training memory: a LoRA replay step under the full cache)
     probe = config["memory_probe"]
     full = make(None, "lora")
-    add("full", None, full, measure_memory(full, task, probe, train=True, backprop=False))
+    n_params = sum(p.numel() for p in full.model.parameters()) - sum(p.numel() for p in full.trainable_parameters())
+    add("full", None, full, measure_memory(full, task, probe, train=True))
     for w in windows:
         bounded = make(w, "none")
-        add("bounded", w, bounded, measure_memory(bounded, task, probe, train=False, backprop=False))
+        add("bounded", w, bounded, measure_memory(bounded, task, probe, train=False))
+    write(config, task, n_params, pre, rows, time.perf_counter() - t0, results_path, table_path)
 
     jobs = [(m, w) for m in config["methods"] for w in windows]
     jobs += [(a, abl_window) for a in config["ablations"]]
@@ -375,17 +288,16 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
         log(f"{row_line(row)} ({len(done)}/{len(jobs)} jobs, {time.perf_counter() - t0:.0f}s elapsed)")
         write(config, task, n_params, pre, rows, time.perf_counter() - t0, results_path, table_path)
 
-    base_path = out_dir / "base_model.pt"
+    job_args = [(config, base_dir, method, w, out_dir) for method, w in jobs]
     if config["workers"] <= 1:
-        for k, (method, w) in enumerate(jobs):
-            finished(k, train_job(config, base_path, method, w, out_dir / "log.txt"))
+        for k, args in enumerate(job_args):
+            finished(k, train_job(*args))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(config["workers"], mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(train_job, config, base_path, method, w, out_dir / "log.txt"): k
-                       for k, (method, w) in enumerate(jobs)}
+            futures = {pool.submit(train_job, *args): k for k, args in enumerate(job_args)}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
     log(f"done in {time.perf_counter() - t0:.0f}s")
@@ -398,33 +310,57 @@ def row_line(row: dict) -> str:
             f"rollout {row['rollout_peak_bytes'] / 1e6:.2f}MB train {(row.get('train_peak_bytes') or 0) / 1e6:.2f}MB")
 
 
-def train_job(config: dict, base_path: Path, method: str, window: int, log_path: Path) -> dict:
-    """One training row: the adapter of `method` on the saved base model under `window`, SFT through the
-    replay, then GRPO, evaluated after each. Runs in a worker process (or inline with one worker)."""
-    torch.set_num_threads(1)
-    log = Log(log_path)
-    seed, ecfg = config["seed"], config["eval"]
+def train_configs(config: dict, base_dir: Path, method: str, window: int, job_dir: Path) -> tuple[TrainConfig, TrainConfig]:
+    """The SFT and the GRPO TrainConfig of one job: the library's defaults, plus the task, the
+    adapter, the window and the stage's budget from `config`."""
+    mode, overrides, backprop = METHODS[method]
     task = RecallTask(**config["task"])
-    base = build_model(task, config["model"], seed)
-    base.load_state_dict(torch.load(base_path))
-    for p in base.parameters():
-        p.requires_grad_(False)
-    mode, overrides, full_bp = METHODS[method]
-    k = config["sft_multiplier"].get(method, 1)
+    s, g = config["sft"], config["grpo"]
+    sft = TrainConfig(
+        model=str(base_dir), cache=CacheConfig(window=window),
+        adapter=AdapterConfig(mode=mode, **{**config["adapter"], **overrides}),
+        data=DataConfig(dataset=f"recall:steps={task.steps},combine={task.combine},n={config['data_rows']}",
+                        chat_template=False),
+        rewards=["recall"], backprop=backprop, max_new_tokens=task.completion_length, temperature=1.0,
+        steps=s["max_steps"] * config["sft_multiplier"].get(method, 1), prompts_per_step=s["per_step"],
+        lr=s["learning_rate"], warmup_steps=0, save_every=0, seed=config["seed"],
+        output_dir=str(job_dir / "sft"), overwrite_output_dir=True, progress=False)
+    grpo = replace(sft, steps=g["max_steps"], group_size=g["num_generations"], prompts_per_step=g["per_step"],
+                   lr=g["learning_rate"], output_dir=str(job_dir / "grpo"))
+    return sft, grpo
+
+
+def train_job(config: dict, base_dir: Path, method: str, window: int, out_dir: Path) -> dict:
+    """One training row: the adapter of `method` under `window`, trained by SFTTrainer then
+    GRPOTrainer, evaluated after each. Runs in a worker process (or inline with one worker)."""
+    torch.set_num_threads(1)
+    log = Log(out_dir / "log.txt")
+    ecfg = config["eval"]
+    task = RecallTask(**config["task"])
     name = method + config.get("row_suffix", "")
-    log(f"== {name} W={window} starts")
-    torch.manual_seed(seed)
-    acfg = AdapterConfig(mode=mode, **{**config["adapter"], **overrides})
-    policy = Policy(base, None, cache=CacheConfig(window=window), adapter=acfg)
+    job_dir = out_dir / "jobs" / f"{name}-W{window}"
+    sft_cfg, grpo_cfg = train_configs(config, base_dir, method, window, job_dir)
+    log(f"== {name} W={window} starts ({sft_cfg.steps} SFT steps, backprop {sft_cfg.backprop})")
     start = time.perf_counter()
-    extra = {"adapter_mode": mode, "adapter_overrides": overrides, "backprop": full_bp,
-             **measure_memory(policy, task, config["memory_probe"], train=True, backprop=full_bp)}
-    sft_cfg = {**config["sft"], "steps": config["sft"]["steps"] * k}
-    extra.update(sft(policy, task, sft_cfg, seed, full_bp, log, f"{name} W={window}"))
+    sft = SFTTrainer(sft_cfg)
+    policy = sft.policy
+    extra = {"adapter_mode": sft_cfg.adapter.mode, "adapter": sft_cfg.adapter.to_dict(), "backprop": sft_cfg.backprop,
+             **measure_memory(policy, task, config["memory_probe"], train=True, backprop=sft_cfg.backprop)}
+    sft.train()
+    sft_log = read_metrics(Path(sft_cfg.output_dir) / "metrics.jsonl")
+    tail = [r["loss"] for r in sft_log[-10:]]
+    extra.update({"sft_steps": sft_cfg.steps, "sft_seconds": round(time.perf_counter() - start, 1),
+                  "sft_final_nll": round(sum(tail) / len(tail), 4)})
     extra["accuracy_after_sft"] = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])["accuracy"]
-    log(f"  {name} W={window} accuracy after SFT {extra['accuracy_after_sft']:.3f}")
-    if config["grpo"]["steps"] > 0:
-        extra.update(grpo(policy, task, config["grpo"], seed, full_bp, log, f"{name} W={window}"))
+    log(f"  {name} W={window} accuracy after SFT {extra['accuracy_after_sft']:.3f} "
+        f"(nll {extra['sft_final_nll']:.4f}, {extra['sft_seconds']:.0f}s)")
+    if grpo_cfg.steps > 0:
+        grpo_start = time.perf_counter()
+        GRPOTrainer(grpo_cfg, policy=policy).train()
+        rewards = [r["reward"] for r in read_metrics(Path(grpo_cfg.output_dir) / "metrics.jsonl")]
+        extra.update({"grpo_steps": len(rewards), "grpo_seconds": round(time.perf_counter() - grpo_start, 1),
+                      "grpo_reward_first": rewards[0], "grpo_reward_last5": sum(rewards[-5:]) / len(rewards[-5:])})
+        log(f"  {name} W={window} grpo reward first {rewards[0]:.3f} last5 {extra['grpo_reward_last5']:.3f}")
     extra["job_seconds"] = round(time.perf_counter() - start, 1)
     res = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])
     return {"method": name, "window": window, **res, **extra}
@@ -519,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="toy scale (seconds): a smoke test of the pipeline")
     ap.add_argument("--out", type=Path, default=HERE / "runs" / "latest", help="logs, checkpoints, base model")
     ap.add_argument("--results", type=Path, default=None, help="default: results.json next to this script")
-    ap.add_argument("--base", type=Path, default=None, help="skip pretraining: load this base_model.pt")
+    ap.add_argument("--base", type=Path, default=None, help="skip pretraining: use this base model directory")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="only merge the rows of these results.json files into --results (default results.json)")
     args = ap.parse_args(argv)

@@ -393,12 +393,26 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def split_dataset_list(value: str) -> list[str]:
+    """`gsm8k,arith:steps=2,digits=2,recall` -> ["gsm8k", "arith:steps=2,digits=2", "recall"]: a
+    comma-separated item that is a bare `key=value` continues the options of the spec before it."""
+    specs: list[str] = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        if specs and "=" in part and ":" not in part and ":" in specs[-1]:
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    return specs
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run `thoughtfold eval`."""
     from .config import CacheConfig
     from .evaluate import EvalConfig, evaluate, summary_table
 
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    datasets = split_dataset_list(args.datasets)
     windows, ratio = args.window, args.evict_ratio
     if args.adapter is not None:
         if not Path(args.adapter).is_dir():

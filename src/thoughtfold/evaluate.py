@@ -195,10 +195,11 @@ class Grader:
             self.fn = load_reward(spec)
             self._pool = None
 
-    def __call__(self, prompts: list[str], completions: list[str], examples: list[dict]) -> list[float | None]:
+    def __call__(self, prompts: list, completions: list[str], examples: list[dict],
+                 completion_ids: list[list[int]] | None = None) -> list[float | None]:
         keys = {k for e in examples for k in e if k != "prompt"}
         columns = {k: [e.get(k) for e in examples] for k in sorted(keys)}
-        scores = self.fn(prompts=prompts, completions=completions, **columns)
+        scores = self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         if len(scores) != len(completions):
             raise ConfigError(f"the reward returned {len(scores)} scores for {len(completions)} completions")
         return [None if s is None else float(s) for s in scores]
@@ -305,7 +306,7 @@ def _run_batch(policy, grader: Grader, c: EvalConfig, name: str, window: int | N
     res = policy.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                           top_k=c.top_k, seed=_batch_seed(c.seed, name, start), chat_template=c.chat_template,
                           system_prompt=c.system_prompt)
-    scores = grader(prompts, res.texts, examples)
+    scores = grader(prompts, res.texts, examples, res.completion_ids)
     records = []
     for j, (i, s) in enumerate(batch):
         score = scores[j]

@@ -1,5 +1,5 @@
 """Delayed recall with local reasoning: a procedural task whose answer provably depends on thought
-tokens that a bounded cache evicts (issue 6).
+tokens that a bounded cache evicts.
 
 A trace (the completion) is
 
@@ -26,15 +26,23 @@ can smuggle ``v`` past the window). A policy whose answer does not depend on ``v
 probability at most 1/10 whatever it does (``y`` is a bijection of ``v`` for a fixed chain):
 chance = 0.1.
 
-Token ids (no tokenizer needed; `Policy` takes token-id prompts): PAD 0, BOS 1, EOS 2, ``=`` 3,
-digits 4..13, value symbols 14..23, counters 24..24+N-1.
+Token ids (`Policy` and the trainers take token-id prompts and targets): PAD 0, BOS 1, EOS 2,
+``=`` 3, digits 4..13, value symbols 14..23, counters 24..24+N-1. :func:`recall_tokenizer` gives a
+word-level tokenizer over the same ids (saved with a model trained on the task, so the model
+directory loads like any other and completions decode to readable text).
+
+As data (``recall``, ``recall:steps=31,n=4096``, see :func:`recall_dataset`) every row is a token-id
+prompt, a correct trace as the SFT target (``solution``), and the columns the ``recall`` reward
+reads. ``loss_mask_prefix = 1`` keeps the early value out of the GRPO loss: it is a free choice,
+and rewarding it would let the policy collapse v to a constant, which needs no recall.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 PAD, BOS, EOS, EQ = 0, 1, 2, 3
 DIGIT0, VALUE0, COUNTER0 = 4, 14, 24
@@ -155,28 +163,98 @@ class RecallTask:
 
     # ---- display
 
+    def symbols(self) -> list[str]:
+        """One printable symbol per token id (index = id)."""
+        counters = [_COUNTER_CHARS[k] if k < len(_COUNTER_CHARS) else f"<{k}>" for k in range(self.steps)]
+        return ["_", "^", "$", "=", *"0123456789", *"abcdefghij", *counters]
+
     def render(self, ids: Sequence[int]) -> str:
         """A readable string of token ids (for logs)."""
-        out = []
-        for t in ids:
-            if t == PAD:
-                out.append("_")
-            elif t == BOS:
-                out.append("^")
-            elif t == EOS:
-                out.append("$")
-            elif t == EQ:
-                out.append("=")
-            elif DIGIT0 <= t < DIGIT0 + 10:
-                out.append(str(t - DIGIT0))
-            elif VALUE0 <= t < VALUE0 + NUM_VALUES:
-                out.append("abcdefghij"[t - VALUE0])
-            elif COUNTER0 <= t < COUNTER0 + self.steps:
-                k = t - COUNTER0
-                out.append(_COUNTER_CHARS[k] if k < len(_COUNTER_CHARS) else f"<{k}>")
-            else:
-                out.append("?")
-        return "".join(out)
+        symbols = self.symbols()
+        return "".join(symbols[t] if 0 <= t < len(symbols) else "?" for t in ids)
 
 
-__all__ = ["BOS", "EOS", "PAD", "Check", "RecallTask"]
+# --------------------------------------------------------------------------- as data
+
+
+@dataclass(frozen=True)
+class RecallData:
+    """The task as a dataset: ``n`` rows, row ``i`` a pure function of (seed, split, i)."""
+
+    steps: int = 31
+    combine: str = "copy"
+    n: int = 4096
+    seed: int = 0
+
+    @property
+    def task(self) -> RecallTask:
+        return RecallTask(self.steps, self.combine)
+
+
+def parse_recall_spec(spec: str) -> RecallData:
+    """``recall`` or ``recall:steps=31,combine=copy,n=4096,seed=0``; ValueError on a bad option."""
+    head, _, rest = spec.partition(":")
+    if head.strip() != "recall":
+        raise ValueError(f"not a recall spec: {spec!r}")
+    data = RecallData()
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or key not in ("steps", "combine", "n", "seed"):
+            raise ValueError(f"recall: bad option {part!r}; options: steps=, combine=, n=, seed=")
+        try:
+            data = replace(data, **{key: value if key == "combine" else int(value)})
+        except ValueError:
+            raise ValueError(f"recall: option {key}={value!r} is not a whole number") from None
+    if data.n < 1:
+        raise ValueError(f"recall: n must be >= 1, got {data.n}")
+    data.task  # noqa: B018 (validates steps and combine)
+    return data
+
+
+def recall_dataset(data: RecallData, split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows ``{"prompt": ids, "answer": "", "solution": ids, "recall_steps", "recall_combine",
+    "loss_mask_prefix": 1}``; the "test" split draws from another random stream than "train"."""
+    task = data.task
+    rows = []
+    for i in range(data.n if limit is None else min(limit, data.n)):
+        rng = random.Random(f"recall:{split}:{data.seed}:{i}")
+        a, b, v = rng.randrange(10), rng.randrange(10), rng.randrange(NUM_VALUES)
+        rows.append({"prompt": task.prompt(a, b), "answer": "", "solution": task.trace(a, b, v),
+                     "recall_steps": task.steps, "recall_combine": task.combine, "loss_mask_prefix": 1})
+    return rows
+
+
+def recall_reward(prompts: Sequence[Sequence[int]], completions: Sequence[Any] | None = None,
+                  completion_ids: Sequence[Sequence[int]] | None = None, recall_steps: Sequence[int] | None = None,
+                  recall_combine: Sequence[str] | None = None, **_: Any) -> list[float | None]:
+    """TRL-style reward of the ``recall`` data: 1.0 for the correct trace of its own early value,
+    else 0.0; None for a row that is not a recall row (no task columns or not a token-id prompt)."""
+    if completion_ids is None:
+        raise ValueError("the recall reward needs completion_ids (token ids of the completions)")
+    n = len(completion_ids)
+    steps, combine = recall_steps or [None] * n, recall_combine or ["copy"] * n
+    scores: list[float | None] = []
+    for prompt, ids, k, how in zip(prompts, completion_ids, steps, combine, strict=True):
+        try:
+            scores.append(float(RecallTask(int(k), how).check(prompt, ids).correct))
+        except (TypeError, ValueError):
+            scores.append(None)
+    return scores
+
+
+def recall_tokenizer(task: RecallTask):
+    """A word-level `PreTrainedTokenizerFast` whose ids are the task's token ids (whitespace-split
+    symbols; ``^`` BOS, ``$`` EOS, ``_`` PAD), so a model trained on the task saves and loads as an
+    ordinary HF model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(task.symbols())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="?" if "?" in vocab else None))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="^", eos_token="$", pad_token="_",
+                                   clean_up_tokenization_spaces=False)
+
+
+__all__ = ["BOS", "EOS", "PAD", "Check", "RecallData", "RecallTask", "parse_recall_spec", "recall_dataset",
+           "recall_reward", "recall_tokenizer"]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ThoughtfoldError
+from .recall import recall_reward
 
 RewardFn = Callable[..., list]
 
@@ -462,11 +463,12 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "accuracy": math_reward,
     "format": format_reward,
     "arith": arith_reward,
+    "recall": recall_reward,
 }
 
 
 def load_reward(spec: str | Callable) -> RewardFn:
-    """A reward function from a built-in name (``math``, ``accuracy``, ``format``, ``arith``), a dotted
+    """A reward function from a built-in name (``math``, ``accuracy``, ``format``, ``arith``, ``recall``), a dotted
     path (``pkg.module:function`` or ``pkg.module.function``) or a file (``path/to/file.py:function``)."""
     if callable(spec):
         return spec

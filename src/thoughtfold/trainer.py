@@ -561,8 +561,27 @@ def _padded(rows: Sequence[Sequence[float]] | Sequence[torch.Tensor], width: int
     return out
 
 
-def _length_mask(lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
-    return (torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]).float()
+def _length_mask(lengths: Sequence[int], width: int, device: torch.device,
+                 starts: Sequence[int] | None = None) -> torch.Tensor:
+    """[n, width] float mask of the tokens [starts[i], lengths[i]) of each row (starts default 0)."""
+    positions = torch.arange(width, device=device)[None]
+    mask = positions < torch.tensor(lengths, device=device, dtype=torch.long).reshape(-1, 1)
+    if starts is not None:
+        mask &= positions >= torch.tensor(starts, device=device, dtype=torch.long).reshape(-1, 1)
+    return mask.float()
+
+
+LOSS_MASK_PREFIX = "loss_mask_prefix"
+
+
+def loss_mask_prefix(example: dict) -> int:
+    """How many leading completion tokens of this row's rollouts stay out of the GRPO loss: the
+    dataset column `loss_mask_prefix` (0 when absent). For a free choice the reward must not shape,
+    such as the recall task's early value: training it would let the policy collapse the choice."""
+    value = example.get(LOSS_MASK_PREFIX, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"dataset column {LOSS_MASK_PREFIX} must be a whole number >= 0, got {value!r}")
+    return value
 
 
 def _spans(n: int, size: int | None) -> list[tuple[int, int]]:
@@ -638,13 +657,15 @@ class GRPOTrainer(_Trainer):
         filtering, loss weights and metrics are those of the global batch."""
         c, dp = self.config, self.dp
         prompts = [e["prompt"] for e in examples for _ in range(c.group_size)]
+        prefixes = [loss_mask_prefix(e) for e in examples for _ in range(c.group_size)]
         rollout = self.generate(prompts)
         local = (self._score(examples, prompts, rollout), rollout.completion_ids, rollout.truncated,
-                 rollout.evictions, rollout.stats["tokens_per_s"])
+                 rollout.evictions, rollout.stats["tokens_per_s"], prefixes)
         parts = dp.gather(local)
         scores = torch.cat([p[0] for p in parts])
         lengths = [len(ids) for p in parts for ids in p[1]]
         truncated = [t for p in parts for t in p[2]]
+        loss_lengths = [max(n - k, 0) for n, k in zip(lengths, (k for p in parts for k in p[5]), strict=True)]
         rewards = combine_rewards(scores, c.reward_weights)
         adv = group_advantages(rewards, c.group_size, c.scale_rewards)
         metrics = {f"rewards/{name}/mean": scores[:, j].nanmean().nan_to_num(0.0).item()
@@ -663,10 +684,11 @@ class GRPOTrainer(_Trainer):
         })
         keep = adv.keep_mask(c.filter_zero_std).tolist()
         kept = [i for i, k in enumerate(keep) if k]
-        tokens = sum(lengths[i] for i in kept if not (c.mask_truncated_completions and truncated[i]))
+        tokens = sum(loss_lengths[i] for i in kept if not (c.mask_truncated_completions and truncated[i]))
         offset = dp.rank * len(prompts)
         mine = [i - offset for i in kept if offset <= i < offset + len(prompts)]
-        batch = self._policy_batch(rollout, adv.advantages[offset : offset + len(prompts)], mine, len(kept), tokens)
+        batch = self._policy_batch(rollout, adv.advantages[offset : offset + len(prompts)], mine, len(kept), tokens,
+                                   [prefixes[i] for i in mine])
         metrics.update(self._update(batch))
         return metrics
 
@@ -698,15 +720,16 @@ class GRPOTrainer(_Trainer):
         return torch.stack(per_func, 1)
 
     def _policy_batch(self, rollout: GenerationResult, advantages: torch.Tensor, rows: list[int],
-                      num_sequences: int, num_tokens: int) -> PolicyBatch:
+                      num_sequences: int, num_tokens: int, prefixes: list[int]) -> PolicyBatch:
         """This process's kept rows with their masks and loss weights normalised by the global batch
-        (`num_sequences` kept rows, `num_tokens` loss tokens); old log-probs are the rollout's."""
+        (`num_sequences` kept rows, `num_tokens` loss tokens); old log-probs are the rollout's. The
+        first `prefixes[j]` tokens of row j are left out of the loss (`loss_mask_prefix`)."""
         c, device = self.config, self.policy.device
         completions = [rollout.completion_ids[i] for i in rows]
         width = self.lockstep_width(completions)
         truncated = torch.tensor([rollout.truncated[i] for i in rows], dtype=torch.bool, device=device)
-        mask = mask_truncated_completions(_length_mask([len(x) for x in completions], width, device), truncated,
-                                          c.mask_truncated_completions)
+        mask = _length_mask([len(x) for x in completions], width, device, starts=prefixes)
+        mask = mask_truncated_completions(mask, truncated, c.mask_truncated_completions)
         batch = PolicyBatch(
             [rollout.prompt_ids[i] for i in rows], completions, [rollout.eviction_log[i] for i in rows],
             _padded([rollout.logprobs[i] for i in rows], width, device), advantages[rows].to(device), mask,
@@ -784,8 +807,10 @@ class SFTTrainer(_Trainer):
         if self.config.sft_targets == "full_cache":
             return rows
         for i, row in enumerate(rows):
-            if not isinstance(row.get(field_name), str) or not row[field_name]:
-                raise DataError(f"dataset row {i} has no text in {field_name!r} (the SFT target; set "
+            target = row.get(field_name)
+            is_ids = isinstance(target, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in target)
+            if not (isinstance(target, str) or is_ids) or not target:
+                raise DataError(f"dataset row {i} has no text or token ids in {field_name!r} (the SFT target; set "
                                 "data.completion_field)")
         return rows
 
@@ -837,10 +862,13 @@ class SFTTrainer(_Trainer):
             policy.cache_config = bounded
         return result.completion_ids
 
-    def _target_ids(self, text: str) -> list[int]:
-        """The trace's tokens plus EOS (no EOS when cut at max_new_tokens: the trace goes on)."""
+    def _target_ids(self, target: str | list[int]) -> list[int]:
+        """The trace's tokens plus EOS (no EOS when cut at max_new_tokens: the trace goes on). A
+        token-id target is taken as it is (its own EOS included), cut at max_new_tokens."""
+        if isinstance(target, list):
+            return target[: self.config.max_new_tokens]
         tokenizer = self.policy.tokenizer
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = tokenizer.encode(target, add_special_tokens=False)
         if len(ids) >= self.config.max_new_tokens or tokenizer.eos_token_id is None:
             return ids[: self.config.max_new_tokens]
         return ids + [tokenizer.eos_token_id]
