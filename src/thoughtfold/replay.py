@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .adapter import wide_dtype
 from .cache import EvictionEvent, cache_kwarg
 from .config import CacheConfig
 from .encoder import EncoderState
@@ -247,7 +248,8 @@ def _replay_batch(
     min_length: int = 0,
 ) -> list[torch.Tensor]:
     """Replay sequences that share one eviction schedule (a lockstep batch)."""
-    device = next(model.parameters()).device
+    first_param = next(model.parameters())
+    device, dtype = first_param.device, wide_dtype(first_param.dtype)
     ids, valid = pad_prompts([list(p) for p in prompt_ids], pad_id, device)
     batch, width = ids.shape
     n = max(min_length, *(len(c) for c in completion_ids))
@@ -261,7 +263,7 @@ def _replay_batch(
 
     context = _Context(batch, device)
     state = folder.start(batch)
-    out_lp = torch.empty(batch, n, device=device)
+    out_lp = torch.empty(batch, n, device=device, dtype=dtype)
     total = None
     for k, (a, b) in enumerate(zip(starts, ends, strict=True)):
         if k > 0:
@@ -284,7 +286,7 @@ def _replay_batch(
         first = a if k == 0 else a + 1
         out = model(input_ids=seg_ids, attention_mask=mask, position_ids=seg_pos, use_cache=True,
                     logits_to_keep=b + 1 - first, **{kw: cache})
-        logits = out.logits.float() / temperature
+        logits = out.logits.to(dtype) / temperature
         lp = torch.log_softmax(logits, -1).gather(-1, comp[:, first : b + 1, None])[..., 0]
         out_lp[:, first : b + 1] = lp.detach()
         new_valid = torch.ones(batch, b - a, dtype=torch.bool, device=device)
