@@ -103,7 +103,7 @@ def two_segment_case(tiny_dirs, family, seed):
     prompt, completion, log = res.prompt_ids[0], res.completion_ids[0], res.eviction_log[0]
     weights = torch.randn(len(completion), generator=torch.Generator().manual_seed(seed))
 
-    def loss_fn(lp, start, end):
+    def loss_fn(lp, start, end, rows):
         return (lp[0] * weights[start:end]).sum()
 
     return policy, prompt, completion, log, weights, loss_fn
@@ -154,7 +154,7 @@ def test_full_backprop_equals_plain_autograd_full_cache(tiny_dirs):
         (lp * weights).sum().backward()
 
     ours = grads_of(policy, lambda: policy.replay_logprobs(
-        [prompt], [completion], loss_fn=lambda lp, a, b: (lp[0] * weights[a:b]).sum(), backprop="full"))
+        [prompt], [completion], loss_fn=lambda lp, a, b, rows: (lp[0] * weights[a:b]).sum(), backprop="full"))
     ref = grads_of(policy, plain)
     for a, b in zip(ours, ref, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

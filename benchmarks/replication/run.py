@@ -213,7 +213,7 @@ def replay(policy: Policy, prompts, completions, logs, loss_fn, backprop: bool |
 
 
 def sft_loss_fn(total_tokens: int):
-    def loss_fn(lp: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def loss_fn(lp: torch.Tensor, start: int, end: int, rows: list[int]) -> torch.Tensor:
         return -lp.sum() / total_tokens
 
     return loss_fn
@@ -276,10 +276,10 @@ def grpo(policy: Policy, task: RecallTask, cfg: dict, seed: int, backprop: bool 
             mask[j, 1 : len(comps[j])] = 1.0  # token 0 (the early value) is not trained
         mask /= mask.sum()
 
-        def loss_fn(lp, a, b, old=old, adv=adv, mask=mask):
-            ratio = torch.exp(lp - old[:, a:b])
-            per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - eps, 1 + eps) * adv[:, None])
-            return (per_token * mask[:, a:b]).sum()
+        def loss_fn(lp, a, b, rows, old=old, adv=adv, mask=mask):
+            ratio = torch.exp(lp - old[rows, a:b])
+            per_token = -torch.min(ratio * adv[rows, None], ratio.clamp(1 - eps, 1 + eps) * adv[rows, None])
+            return (per_token * mask[rows, a:b]).sum()
 
         opt.zero_grad(set_to_none=True)
         replay(policy, [out.prompt_ids[i] for i in keep], comps, [out.eviction_log[i] for i in keep],

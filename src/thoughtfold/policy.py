@@ -195,7 +195,9 @@ class Policy:
     ) -> list[torch.Tensor]:
         """Teacher-forced log-probs of `completion_ids` under this policy's cache, segment by
         segment. `eviction_log=None` uses the default oldest-block schedule. With `loss_fn(logprobs
-        [B, m], start, end)`, backward runs after each segment (memory bounded by the window).
+        [b, m], start, end, rows)` (see replay.LossFn: `rows` index the sequences of `logprobs`, a
+        subset when their eviction logs differ), backward runs after each segment (memory bounded
+        by the window).
         `backprop`: "state" (default: exact gradient through the chain of encoder states, what
         recall across evictions needs), "truncated" (earlier states detached: cannot learn recall
         across evictions) or "full" (one graph; memory grows with length). `min_length` pads the batch to at least that many tokens (same segments on every process)."""
