@@ -28,7 +28,7 @@ g = torch.Generator().manual_seed(0)
 prompt = torch.randint(0, 250, (12,), generator=g).tolist()
 completion = torch.randint(0, 250, (length,), generator=g).tolist()
 with PeakMemory("cpu") as m:
-    policy.replay_logprobs([prompt] * 2, [completion] * 2, loss_fn=lambda lp, a, b: -lp.sum())
+    policy.replay_logprobs([prompt] * 2, [completion] * 2, loss_fn=lambda lp, a, b, rows: -lp.sum())
 print(json.dumps({"peak": m.peak_bytes}))
 """
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from thoughtfold.checkpoint import latest_checkpoint, list_checkpoints, save_che
 from thoughtfold.config import AdapterConfig, CacheConfig
 from thoughtfold.data import SYSTEM_PROMPT
 from thoughtfold.errors import ConfigError, DataError
+from thoughtfold.parallel import DataParallel
+from thoughtfold.policy import Policy
 from thoughtfold.trainer import (
     DataConfig,
     GRPOTrainer,
@@ -565,3 +568,58 @@ def test_loss_mask_prefix_keeps_leading_tokens_out_of_the_loss(tmp_path, tiny_di
         GRPOTrainer(_config(tmp_path / "bad", tiny_dirs["qwen2"]), reward_funcs=[low_bytes],
                     dataset=[{"prompt": "x", "answer": "", "loss_mask_prefix": -1}]).train_step(
                         [{"prompt": "x", "answer": "", "loss_mask_prefix": -1}])
+
+
+class RandomBlock:
+    """Evicts a random run of `block` cached tokens. Its RNG advances across rollouts, so the
+    `generation_batch_size` chunks of one step record different eviction schedules."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def select(self, cached, block):
+        start = self.rng.randrange(len(cached) - block + 1)
+        return list(cached[start : start + block])
+
+
+def test_grpo_loss_with_per_row_eviction_schedules_equals_row_by_row(tmp_path, tiny_dirs):
+    """Rows whose logs differ are replayed group by group; the loss must index its per-row tensors
+    by the rows it is handed (it once broadcast one row against the whole batch)."""
+    policy = Policy.from_pretrained(tiny_dirs["llama"], cache=CacheConfig(window=6, evict_ratio=0.5),
+                                    adapter=AdapterConfig(mode="pte", rank=4, alpha=8.0, global_tokens=4),
+                                    eviction_policy=RandomBlock(0), dtype="float32", device="cpu")
+    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], generation_batch_size=2, prompts_per_step=1),
+                          policy=policy, dataset=_dataset(), reward_funcs=[low_bytes])
+    for w in policy.wrappers:
+        torch.nn.init.normal_(w.lora_up, std=0.1)
+    rollout = trainer.generate(["abc"] * 4)
+    logs = rollout.eviction_log
+    assert all(len(log) >= 2 for log in logs) and logs[0][:2] != logs[2][:2]
+    replayed = policy.replay_logprobs(rollout.prompt_ids, rollout.completion_ids, logs)
+    for ours, ref in zip(replayed, rollout.logprobs, strict=True):
+        assert (ours - torch.tensor(ref)).abs().max() <= 1e-4
+    lengths = [len(c) for c in rollout.completion_ids]
+    batch = trainer._policy_batch(rollout, torch.tensor([1.0, -0.5, 0.25, -2.0]), [0, 1, 2, 3], 4, sum(lengths),
+                                  [0] * 4)
+
+    def grads(spans):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss = sum(trainer._replay_loss(batch.rows(a, b))[0] for a, b in spans)
+        return loss, [p.grad.clone() for p in trainer.params]
+
+    loss, together = grads([(0, 4)])
+    loss_rows, by_row = grads([(i, i + 1) for i in range(4)])
+    assert loss == pytest.approx(loss_rows, rel=1e-5)
+    for a, b in zip(together, by_row, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_refuses_a_custom_eviction_policy(tmp_path, tiny_dirs, monkeypatch):
+    def two_processes(self):
+        self.rank, self.world = 0, 2
+
+    monkeypatch.setattr(DataParallel, "__init__", two_processes)
+    policy = Policy.from_pretrained(tiny_dirs["llama"], eviction_policy=RandomBlock(0), device="cpu")
+    with pytest.raises(ConfigError, match="custom eviction_policy: train without fsdp"):
+        GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], fsdp=True), policy=policy, dataset=_dataset(),
+                    reward_funcs=[low_bytes])

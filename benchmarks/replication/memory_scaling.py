@@ -41,7 +41,7 @@ def measure(steps_list=(31, 63, 127), window: int = 16, probe: int = 8) -> list[
             with PeakMemory("cpu") as roll:
                 policy.generate(prompts, max_new_tokens=task.completion_length, temperature=1.0, seed=0)
             with PeakMemory("cpu") as train:
-                policy.replay_logprobs(prompts, traces, loss_fn=lambda lp, a, b, n=total: -lp.sum() / n,
+                policy.replay_logprobs(prompts, traces, loss_fn=lambda lp, a, b, rows, n=total: -lp.sum() / n,
                                        backprop=backprop)
             rows.append({"D": task.distance, "method": name, "window": window_, "sequences": probe,
                          "rollout_peak_bytes": roll.peak_bytes, "train_peak_bytes": train.peak_bytes})

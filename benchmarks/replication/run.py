@@ -217,7 +217,7 @@ def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool, ba
     if train:
         total = sum(map(len, traces))
         with PeakMemory("cpu") as m:
-            policy.replay_logprobs(prompts, traces, loss_fn=lambda lp, a, b: -lp.sum() / total, backprop=backprop)
+            policy.replay_logprobs(prompts, traces, loss_fn=lambda lp, a, b, rows: -lp.sum() / total, backprop=backprop)
         for p in policy.trainable_parameters():
             p.grad = None
         out["train_peak_bytes"] = m.peak_bytes

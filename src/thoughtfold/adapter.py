@@ -31,6 +31,13 @@ _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for a half-precision model, else the model's own dtype (float32, float64): the dtype
+    of the trainable tensors, the encoder state and log-softmax. Half-precision updates would round
+    away; a float64 model stays float64 end to end (exactness checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class LowRankLinear(nn.Module):
     """A frozen base linear plus a (possibly state-modulated) low-rank update."""
 
@@ -40,9 +47,9 @@ class LowRankLinear(nn.Module):
         self.scaling = scaling
         self.dynamic = dynamic
         self.layer = layer
-        dev = base.weight.device
-        self.lora_down = nn.Parameter(torch.empty(rank, base.in_features, device=dev))
-        self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))
+        kw = {"device": base.weight.device, "dtype": wide_dtype(base.weight.dtype)}
+        self.lora_down = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))  # PEFT's lora_A init
         self.state: torch.Tensor | None = None  # [batch, r, r] in pte mode
         self.enabled = True

@@ -237,9 +237,9 @@ def replay_benchmark(shape: str, lengths: list[int], window: int, batch: int, de
             policy = Policy(model, None, cache=cache, adapter=AdapterConfig(mode=mode))
 
             def step(policy=policy, prompt=prompt, completion=completion):
-                policy.replay_logprobs([prompt] * batch, [completion] * batch, loss_fn=lambda lp, a, b: -lp.mean())
+                policy.replay_logprobs([prompt] * batch, [completion] * batch, loss_fn=lambda lp, a, b, rows: -lp.mean())
 
-            policy.replay_logprobs([prompt], [completion[: window + 8]], loss_fn=lambda lp, a, b: -lp.mean())  # warm-up
+            policy.replay_logprobs([prompt], [completion[: window + 8]], loss_fn=lambda lp, a, b, rows: -lp.mean())  # warm-up
             seconds, peak = _measure(step, device)
             res[name] = peak
             rows.append([n, name, f"{seconds:.2f}", f"{peak / 2**20:,.1f}"])

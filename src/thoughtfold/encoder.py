@@ -77,22 +77,22 @@ class ThoughtEncoder(nn.Module):
 
     def _scores_values(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """keys/values [L, B, n, d_kv] (position-free) -> scores [L, B, r, n], projected values [L, B, n, r]."""
-        k = torch.einsum("lbnd,lda->lbna", keys.float(), self.key_proj)
+        k = torch.einsum("lbnd,lda->lbna", keys.to(self.key_proj.dtype), self.key_proj)
         scores = torch.einsum("lra,lbna->lbrn", self.queries, k) / math.sqrt(self.attention_dim)
-        v = torch.einsum("lbnd,ldr->lbnr", values.float(), self.value_proj)
+        v = torch.einsum("lbnd,ldr->lbnr", values.to(self.value_proj.dtype), self.value_proj)
         return scores, v
 
     def initial_state(self, batch: int) -> EncoderState:
         """State before any eviction: attention over the global tokens (zero when there are none)."""
         num_layers, r = self.queries.shape[0], self.rank
-        dev = self.queries.device
+        kw = {"device": self.queries.device, "dtype": self.queries.dtype}
         if self.state_update == "paper":
-            empty = EncoderState(None, None, torch.zeros(num_layers, batch, r, r, device=dev))
+            empty = EncoderState(None, None, torch.zeros(num_layers, batch, r, r, **kw))
         else:
             empty = EncoderState(
-                torch.full((num_layers, batch, r), _NEG, device=dev),
-                torch.zeros(num_layers, batch, r, device=dev),
-                torch.zeros(num_layers, batch, r, r, device=dev),
+                torch.full((num_layers, batch, r), _NEG, **kw),
+                torch.zeros(num_layers, batch, r, **kw),
+                torch.zeros(num_layers, batch, r, r, **kw),
             )
         if self.num_global == 0:
             return empty

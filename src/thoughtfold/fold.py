@@ -45,10 +45,10 @@ class StateFolder:
         at `positions` [B, E]); returns the new state and hands it to the adapters."""
         if self.encoder is None:
             return state
-        probe = keys.new_empty(0, dtype=torch.float32)
-        cos, sin = self.rotary(probe, positions)
-        free = derotate_keys(keys.float(), cos, sin)  # [L, B, H, E, D]
-        state = self.encoder.absorb(state, _heads_last(free), _heads_last(values.float()))
+        dtype = self.encoder.queries.dtype
+        cos, sin = self.rotary(keys.new_empty(0, dtype=dtype), positions)
+        free = derotate_keys(keys.to(dtype), cos, sin)  # [L, B, H, E, D]
+        state = self.encoder.absorb(state, _heads_last(free), _heads_last(values.to(dtype)))
         self.apply(state)
         return state
 

@@ -35,6 +35,9 @@ DEFAULT_CACHE_SUBDIR = "models/smollm2-135m-instruct"
 _MARKER = "thoughtfold-source.json"
 
 _DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -84,18 +87,19 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
     """`None` -> float32 on CPU, bfloat16 on CUDA; names like 'bfloat16'/'bf16'; 'auto' = the
-    checkpoint's own dtype (returned as the string 'auto' for `from_pretrained`)."""
+    checkpoint's own dtype (returned as the string 'auto' for `from_pretrained`). float64 is for
+    exactness checks: the engine then computes everything in float64."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
-            raise ConfigError(f"dtype must be a floating type (float32, bfloat16, float16), got {dtype}")
+            raise ConfigError(f"dtype must be a floating type (float64, float32, bfloat16, float16), got {dtype}")
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
     if name == "auto":
         return "auto"
     if name not in _DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or auto")
+        raise ConfigError(f"unknown dtype {dtype!r}: use float64, float32, bfloat16, float16 or auto")
     return _DTYPES[name]
 
 
@@ -262,7 +266,7 @@ def load_model(
     """Load a supported causal LM and its tokenizer.
 
     `model`: a Hugging Face hub id, a local directory, or 'default' (the bundled SmolLM2-135M-Instruct).
-    `dtype`: 'float32', 'bfloat16', 'float16', 'auto' or a torch dtype; default float32 on CPU and
+    `dtype`: 'float64', 'float32', 'bfloat16', 'float16', 'auto' or a torch dtype; default float32 on CPU and
     bfloat16 on CUDA. `device`: default cuda if available, else cpu.
     Returns the model (eval mode, SDPA attention) and a tokenizer that has a pad token.
     Raises ModelLoadError, UnsupportedArchitectureError or ConfigError."""

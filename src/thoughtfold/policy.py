@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import LowRankLinear, attach_adapters
+from .adapter import LowRankLinear, attach_adapters, wide_dtype
 from .attention import use_grouped_decode
 from .cache import EvictionEvent, EvictionPolicy
 from .config import AdapterConfig, CacheConfig
@@ -82,7 +82,8 @@ class Policy:
             cfg = model.config
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             kv_dim = cfg.num_key_value_heads * head_dim
-            self.encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config).to(self.device)
+            dtype = wide_dtype(next(model.parameters()).dtype)
+            self.encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config).to(self.device, dtype)
         self.folder = StateFolder(model, self.wrappers, self.encoder)
         if cuda_graph and self.device.type != "cuda":
             raise ConfigError(f"cuda_graph=True needs the model on a CUDA device, but it is on {self.device}")
@@ -194,7 +195,9 @@ class Policy:
     ) -> list[torch.Tensor]:
         """Teacher-forced log-probs of `completion_ids` under this policy's cache, segment by
         segment. `eviction_log=None` uses the default oldest-block schedule. With `loss_fn(logprobs
-        [B, m], start, end)`, backward runs after each segment (memory bounded by the window).
+        [b, m], start, end, rows)` (see replay.LossFn: `rows` index the sequences of `logprobs`, a
+        subset when their eviction logs differ), backward runs after each segment (memory bounded
+        by the window).
         `backprop`: "state" (default: exact gradient through the chain of encoder states, what
         recall across evictions needs), "truncated" (earlier states detached: cannot learn recall
         across evictions) or "full" (one graph; memory grows with length). `min_length` pads the batch to at least that many tokens (same segments on every process)."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .adapter import wide_dtype
 from .cache import EvictionEvent, cache_kwarg
 from .config import CacheConfig
 from .encoder import EncoderState
@@ -24,8 +25,11 @@ from .errors import ConfigError
 from .fold import StateFolder
 from .rollout import pad_prompts, prompt_positions
 
-LossFn = Callable[[torch.Tensor, int, int], torch.Tensor]
-"""loss_fn(logprobs [B, m], start, end) -> scalar, for completion tokens [start, end)."""
+LossFn = Callable[[torch.Tensor, int, int, list[int]], torch.Tensor]
+"""loss_fn(logprobs [b, m], start, end, rows) -> scalar, for completion tokens [start, end) of the
+sequences `rows` (indices into the replayed batch, one per logprobs row). Sequences whose eviction
+logs differ (a custom eviction policy, rollouts made in separate chunks) are replayed group by
+group, so `rows` may be any subset: index per-sequence tensors with it."""
 
 BACKPROP = ("state", "truncated", "full")
 """How replay gradients cross eviction events, the default first:
@@ -78,10 +82,21 @@ def default_schedule(length: int, cache: CacheConfig) -> list[EvictionEvent]:
     return [EvictionEvent(step=s, tokens=tuple(range(s - w, s - w + e))) for s in range(w, length - 1, e)]
 
 
-def _common_log(logs: Sequence[Sequence[EvictionEvent]]) -> list[EvictionEvent] | None:
-    """The longest log if every other is a prefix of it (lockstep rollouts), else None."""
-    longest = max(logs, key=len)
-    return list(longest) if all(list(log) == list(longest[: len(log)]) for log in logs) else None
+def _schedule_groups(logs: Sequence[Sequence[EvictionEvent]]) -> list[tuple[list[int], list[EvictionEvent]]]:
+    """Sequences that can share one schedule: (rows, the longest log) where every row's log is a
+    prefix of it (the rows of one lockstep rollout form one group; events past a row's end do not
+    change its log-probs)."""
+    groups: list[tuple[list[int], list[EvictionEvent]]] = []
+    for i, log in enumerate(map(list, logs)):
+        for k, (rows, longest) in enumerate(groups):
+            shorter, longer = sorted((log, longest), key=len)
+            if longer[: len(shorter)] == shorter:
+                rows.append(i)
+                groups[k] = (rows, longer)
+                break
+        else:
+            groups.append(([i], log))
+    return groups
 
 
 class _Context:
@@ -162,21 +177,17 @@ def replay(
         raise ConfigError("min_length pads with the default eviction schedule: pass eviction_log=None")
     if len(logs) != len(completion_ids):
         raise ConfigError(f"{len(logs)} eviction logs for {len(completion_ids)} completions")
-    common = _common_log(logs) if logs else []
-    if common is None:  # per-sequence policies: replay each sequence on its own
-        return [
-            replay(model, folder, [p], [c], cache_cfg, [log], loss_fn, temperature, backprop, pad_id,
-                   min_length)[0]
-            for p, c, log in zip(prompt_ids, completion_ids, logs, strict=True)
-        ]
-    chain = _StateChain(folder) if backprop == "state" and loss_fn is not None and folder.active else None
-    out = _replay_batch(
-        model, chain or folder, prompt_ids, completion_ids, common, loss_fn, temperature, backprop == "full", pad_id,
-        min_length,
-    )
-    if chain is not None:
-        chain.backward()
-    return out
+    out: dict[int, torch.Tensor] = {}
+    for rows, log in _schedule_groups(logs):
+        chain = _StateChain(folder) if backprop == "state" and loss_fn is not None and folder.active else None
+        part = _replay_batch(
+            model, chain or folder, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], log, rows,
+            loss_fn, temperature, backprop == "full", pad_id, min_length,
+        )
+        if chain is not None:
+            chain.backward()
+        out.update(zip(rows, part, strict=True))
+    return [out[i] for i in range(len(completion_ids))]
 
 
 def _grad_leaf(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -240,14 +251,17 @@ def _replay_batch(
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
     log: list[EvictionEvent],
+    rows: list[int],
     loss_fn: LossFn | None,
     temperature: float,
     full_backprop: bool,
     pad_id: int,
     min_length: int = 0,
 ) -> list[torch.Tensor]:
-    """Replay sequences that share one eviction schedule (a lockstep batch)."""
-    device = next(model.parameters()).device
+    """Replay sequences that share one eviction schedule (a lockstep batch); `rows`: their indices
+    in the caller's batch, for `loss_fn`."""
+    first_param = next(model.parameters())
+    device, dtype = first_param.device, wide_dtype(first_param.dtype)
     ids, valid = pad_prompts([list(p) for p in prompt_ids], pad_id, device)
     batch, width = ids.shape
     n = max(min_length, *(len(c) for c in completion_ids))
@@ -261,7 +275,7 @@ def _replay_batch(
 
     context = _Context(batch, device)
     state = folder.start(batch)
-    out_lp = torch.empty(batch, n, device=device)
+    out_lp = torch.empty(batch, n, device=device, dtype=dtype)
     total = None
     for k, (a, b) in enumerate(zip(starts, ends, strict=True)):
         if k > 0:
@@ -284,7 +298,7 @@ def _replay_batch(
         first = a if k == 0 else a + 1
         out = model(input_ids=seg_ids, attention_mask=mask, position_ids=seg_pos, use_cache=True,
                     logits_to_keep=b + 1 - first, **{kw: cache})
-        logits = out.logits.float() / temperature
+        logits = out.logits.to(dtype) / temperature
         lp = torch.log_softmax(logits, -1).gather(-1, comp[:, first : b + 1, None])[..., 0]
         out_lp[:, first : b + 1] = lp.detach()
         new_valid = torch.ones(batch, b - a, dtype=torch.bool, device=device)
@@ -293,7 +307,7 @@ def _replay_batch(
             new_valid, new_tokens = torch.cat([valid, new_valid], 1), [-1] * width + new_tokens
         context.append(cache, new_tokens, new_valid, detach=not full_backprop)
         if loss_fn is not None:
-            loss = loss_fn(lp, first, b + 1)
+            loss = loss_fn(lp, first, b + 1, rows)
             if full_backprop:
                 total = loss if total is None else total + loss
             elif loss.requires_grad:

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .adapter import refresh_casts
+from .adapter import refresh_casts, wide_dtype
 from .cache import BoundedKVCache, EvictionEvent, EvictionPolicy, cache_kwarg
 from .config import CacheConfig
 from .errors import ConfigError
@@ -89,7 +89,7 @@ def sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next token per row; returns (tokens [B], logprobs [B]) with logprobs under the
     untruncated tempered distribution."""
-    logits = logits.float()
+    logits = logits.to(wide_dtype(logits.dtype))
     if cfg.temperature <= 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
@@ -166,13 +166,13 @@ def rollout(
     )
     logits = out.logits[:, -1]
     tokens = torch.empty(batch, n_new, dtype=torch.long, device=device)
-    logprobs = torch.empty(batch, n_new, device=device)
+    logprobs = torch.empty(batch, n_new, device=device, dtype=wide_dtype(folder.dtype))
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     kept_logits, events = [], []
     steps = 0
     for t in range(n_new):
         if keep_logits:
-            kept_logits.append(logits.float().clone())
+            kept_logits.append(logits.to(wide_dtype(logits.dtype)).clone())
         token, lp = sample(logits, sampling, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens[:, t], logprobs[:, t] = token, lp

@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from .adapter import adapters_disabled
+from .cache import OldestBlock
 from .checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -293,6 +294,9 @@ class _Trainer:
         self._check_output_dir()
         self.policy = policy if policy is not None else self._load_policy()
         self.fsdp = config.fsdp and self.dp.world > 1
+        if self.fsdp and type(self.policy.eviction_policy) not in (type(None), OldestBlock):
+            raise ConfigError("fsdp replays the default oldest-block eviction schedule on every process (all must "
+                              "run the same segments), but this policy has a custom eviction_policy: train without fsdp")
         if self.fsdp:
             shard_base_model(self.policy.model, self.policy.wrappers)
             # collectives run inside every forward: no graph capture, and every process stops together
@@ -389,14 +393,16 @@ class _Trainer:
             self.idle_replay(width, train)
 
     def replay_args(self, logs: list, width: int) -> dict:
-        """Eviction logs as recorded, or under FSDP the (identical) default schedule padded to `width`."""
+        """Eviction logs as recorded, or under FSDP the default schedule padded to `width`: the same
+        segments on every process, and the recorded logs themselves (FSDP refuses custom eviction
+        policies)."""
         return {"eviction_log": None, "min_length": width} if self.fsdp else {"eviction_log": logs}
 
     def idle_replay(self, width: int, train: bool) -> None:
         """Under FSDP, what a process with no rows left runs while the others replay: one padding
         sequence of `width` tokens with a zero loss, so its collectives match theirs."""
         pad = self.policy._pad_id()
-        kwargs = {"loss_fn": lambda lp, a, b: lp.sum() * 0.0, **self._backprop_kwargs()} if train else {}
+        kwargs = {"loss_fn": lambda lp, a, b, rows: lp.sum() * 0.0, **self._backprop_kwargs()} if train else {}
         self.policy.replay_logprobs([[pad]], [[pad] * max(width, 1)], None, min_length=width, **kwargs)
 
     # ---- data
@@ -771,11 +777,12 @@ class GRPOTrainer(_Trainer):
         c = self.config
         stats, loss = LossStats(), 0.0
 
-        def loss_fn(lp: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        def loss_fn(lp: torch.Tensor, start: int, end: int, rows: list[int]) -> torch.Tensor:
             nonlocal stats, loss
             terms, seg = token_loss_terms(
-                lp, batch.old[:, start:end], batch.advantages, batch.weights[:, start:end], batch.mask[:, start:end],
-                c.epsilon_low, c.epsilon_high, c.beta, None if batch.ref is None else batch.ref[:, start:end])
+                lp, batch.old[rows, start:end], batch.advantages[rows], batch.weights[rows, start:end],
+                batch.mask[rows, start:end], c.epsilon_low, c.epsilon_high, c.beta,
+                None if batch.ref is None else batch.ref[rows, start:end])
             total = terms.sum()
             stats, loss = stats + seg, loss + total.item()
             return total
@@ -836,9 +843,9 @@ class SFTTrainer(_Trainer):
         """Backward of the weighted NLL of one micro-batch, segment by segment; returns its value."""
         loss = 0.0
 
-        def loss_fn(lp: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        def loss_fn(lp: torch.Tensor, start: int, end: int, rows: list[int]) -> torch.Tensor:
             nonlocal loss
-            total = -(lp * weights[:, start:end]).sum()
+            total = -(lp * weights[rows, start:end]).sum()
             loss += total.item()
             return total
 

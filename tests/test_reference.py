@@ -1,0 +1,221 @@
+"""An independent reference for PTE under the bounded cache, sharing no engine code.
+
+Per sequence it runs the plain HF model once over prompt + completion with a per-query visibility
+mask (what each token saw when it was decoded: the prompt and the thought tokens not yet evicted)
+and per-token adapter states, each a one-shot softmax over the pre-RoPE K/V (captured by hooks on
+k_proj / k_norm and v_proj) of every token evicted before it. The low-rank update is applied by
+hooks on the reference model's own linears, reading only the policy's A/B and encoder tensors.
+Each token's K/V depend on the states before it, which depend on earlier K/V: the forward is
+iterated to its fixed point (one pass per segment; the dependency is strictly causal, so the
+unrolled passes equal the fixed point as functions, gradients included). In float64 the engine's
+rollout, replay and gradients must equal it to 1e-9.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from conftest import byte_tokenizer
+from thoughtfold import AdapterConfig, CacheConfig
+from thoughtfold.policy import Policy
+
+PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
+TOL = 1e-9
+RANK, ALPHA = 4, 8
+ATTENTION = "reference_detached_history"
+
+
+def attention_with_history(module, query, key, value, attention_mask, dropout=0.0, scaling=None, live=None,
+                           **kwargs):
+    """HF's SDPA, or with `live` [T, T] (query, key) pairs whose K/V keep their gradient: every other
+    visible key/value enters detached (what the replay's backprop="state" does to cached K/V)."""
+    if live is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    scores = torch.where(live, query @ key.transpose(-1, -2), query @ key.detach().transpose(-1, -2)) * scaling
+    p = scores.masked_fill(~attention_mask, -math.inf).softmax(-1)
+    out = (p * live) @ value + (p * ~live) @ value.detach()
+    return out.transpose(1, 2).contiguous(), None
+
+
+def float64_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' RMSNorm rounds its input to float32 whatever the model dtype: gradients through
+    it would carry float32 rounding (1e-7 relative, at different places in the engine and here).
+    Both sides run the same norm in float64 instead."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = types.MethodType(forward, m)
+    return model
+
+
+AttentionInterface.register(ATTENTION, attention_with_history)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+class Reference:
+    """The plain HF model of `directory` plus hooks that add (alpha/r) A (S_t (B x)) with a per-token S_t."""
+
+    def __init__(self, directory, policy: Policy, state_update: str):
+        self.model = float64_norms(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64,
+                                                                        attn_implementation=ATTENTION).eval())
+        self.model.requires_grad_(False)
+        self.exact = state_update == "exact"
+        self.encoder = dict(policy.encoder.named_parameters())
+        adapter = dict(policy.model.named_parameters())
+        self.states: torch.Tensor | None = None  # [layers, T, r, r] for the current pass
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> pre-RoPE keys [T, kv_dim] of the last pass
+        self.values: dict[int, torch.Tensor] = {}
+        for name, module in self.model.named_modules():
+            if f"{name}.lora_down" in adapter:
+                layer = int(name.split(".layers.")[1].split(".")[0])
+                module.register_forward_hook(self._low_rank(adapter[f"{name}.lora_down"], adapter[f"{name}.lora_up"],
+                                                            layer))
+        for i, layer in enumerate(self.model.model.layers):  # after the adapter hooks: K/V include the update
+            attn = layer.self_attn
+            getattr(attn, "k_norm", attn.k_proj).register_forward_hook(self._capture(self.keys, i))
+            attn.v_proj.register_forward_hook(self._capture(self.values, i))
+
+    def _low_rank(self, down: torch.Tensor, up: torch.Tensor, layer: int) -> Callable:
+        def hook(module, args, out):
+            u = torch.einsum("tij,btj->bti", self.states[layer], args[0] @ down.T)
+            return out + (ALPHA / RANK) * u @ up.T
+        return hook
+
+    @staticmethod
+    def _capture(store: dict, layer: int) -> Callable:
+        def hook(module, args, out):
+            store[layer] = out[0].flatten(1)  # [T, kv_heads * head_dim], batch of one
+        return hook
+
+    def _segment_states(self, blocks: list[list[int]], detach_kv: bool) -> torch.Tensor:
+        """[layers, segments, r, r]: the state each segment reads, from the last pass's K/V."""
+        e = self.encoder
+        out = []
+        for layer in range(e["queries"].shape[0]):
+            q, wk, wv = e["queries"][layer], e["key_proj"][layer], e["value_proj"][layer]
+
+            def attend(k, v):
+                return torch.softmax(q @ (k @ wk).T / math.sqrt(q.shape[-1]), -1) @ (v @ wv)  # noqa: B023
+
+            def rms(s):
+                return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+            keys, values = self.keys[layer], self.values[layer]
+            if detach_kv:
+                keys, values = keys.detach(), values.detach()
+            gk, gv = e["global_keys"][layer], e["global_values"][layer]
+            states = [attend(gk, gv) if self.exact else rms(attend(gk, gv))]
+            for k in range(len(blocks)):
+                if self.exact:  # one softmax over the global tokens and everything evicted so far
+                    gone = [i for b in blocks[: k + 1] for i in b]
+                    states.append(attend(torch.cat([gk, keys[gone]]), torch.cat([gv, values[gone]])))
+                else:
+                    states.append(rms(states[-1] + attend(keys[blocks[k]], values[blocks[k]])))
+            out.append(torch.stack(states))
+        return torch.stack(out)
+
+    def logprobs(self, prompt: list[int], completion: list[int], log: list, detach_kv: bool = False) -> torch.Tensor:
+        """Log-probs [n] of `completion`; `detach_kv`: K/V cached in an earlier segment and evicted K/V
+        enter without gradient (the states keep theirs)."""
+        p, n = len(prompt), len(completion)
+        t = p + n - 1
+        events = [e for e in log if e.step <= n - 2]
+        segment = torch.tensor([0] * p + [sum(e.step <= j for e in events) for j in range(n - 1)])
+        blocks = [[p + i for i in e.tokens] for e in events]
+        visible = torch.ones(t, t, dtype=torch.bool).tril()
+        for k, block in enumerate(blocks):  # evicted at event k: invisible to every later segment
+            visible[(segment > k).nonzero()[:, 0][:, None], torch.tensor(block)[None]] = False
+        ids = torch.tensor([prompt + completion[:-1]])
+        kwargs = {"live": segment[:, None] == segment[None]} if detach_kv else {}
+        layers = self.model.config.num_hidden_layers
+        width = self.encoder["value_proj"].shape[-1]
+        for key in range(layers):
+            self.keys[key] = self.values[key] = torch.zeros(t, self.encoder["key_proj"].shape[1], dtype=torch.float64)
+        for _ in range(len(blocks) + 1):  # each pass makes one more segment's K/V exact
+            states = self._segment_states(blocks, detach_kv)
+            self.states = states[:, segment].reshape(layers, t, width, width)
+            logits = self.model(input_ids=ids, attention_mask=visible[None, None],
+                                position_ids=torch.arange(t)[None], **kwargs).logits[0, p - 1:]
+        self.states = None
+        return F.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def case(tiny_dirs, family: str, state_update: str, window: int, ratio: float):
+    """A float64 pte policy with non-zero adapters, its reference, and a rollout of 3 left-padded
+    prompts cut to unequal lengths (each keeps >= 3 evictions; a row that stops early has the same
+    prefix, logs and log-probs as the lockstep rollout)."""
+    model = float64_norms(AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float64).eval())
+    adapter = AdapterConfig(mode="pte", rank=RANK, alpha=ALPHA, global_tokens=2, state_update=state_update)
+    policy = Policy(model, byte_tokenizer(), cache=CacheConfig(window=window, evict_ratio=ratio), adapter=adapter)
+    torch.manual_seed(3)
+    for w in policy.wrappers:
+        torch.nn.init.normal_(w.lora_up, std=0.3)
+    res = policy.generate(PROMPTS, max_new_tokens=window + 6 * policy.cache_config.evict_block + 6, seed=1)
+    n = len(res.completion_ids[0])
+    lengths = [n, n - 2, n - 5]
+    completions = [c[:m] for c, m in zip(res.completion_ids, lengths, strict=True)]
+    logs = [[e for e in log if e.step <= m - 2] for log, m in zip(res.eviction_log, lengths, strict=True)]
+    rollout_lp = [torch.tensor(lp[:m], dtype=torch.float64) for lp, m in zip(res.logprobs, lengths, strict=True)]
+    assert all(len(log) >= 3 for log in logs) and len(set(map(len, logs))) > 1
+    weights = torch.randn(len(PROMPTS), n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weights *= torch.arange(n)[None] < torch.tensor(lengths)[:, None]
+    return policy, Reference(tiny_dirs[family], policy, state_update), completions, logs, rollout_lp, weights
+
+
+CASES = [("llama", "exact", 6, 0.5), ("llama", "paper", 5, 0.4), ("qwen2", "exact", 5, 0.4),
+         ("qwen2", "paper", 8, 0.25), ("qwen3", "exact", 8, 0.25), ("qwen3", "paper", 6, 0.5)]
+
+
+def grads(policy: Policy, fn: Callable[[], None]) -> list[torch.Tensor]:
+    params = policy.trainable_parameters()
+    for p in params:
+        p.grad = None
+    fn()
+    return [p.grad.clone() for p in params]
+
+
+def assert_close(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    """Max abs difference <= TOL, relative to the largest reference entry when that exceeds 1."""
+    assert all(r.abs().max() > 0 for r in ref)
+    worst = max((a - b).abs().max().item() for a, b in zip(ours, ref, strict=True))
+    assert worst <= TOL * max(1.0, *(r.abs().max().item() for r in ref)), worst
+
+
+@pytest.mark.parametrize(("family", "state_update", "window", "ratio"), CASES)
+def test_rollout_and_replay_logprobs_equal_reference(tiny_dirs, family, state_update, window, ratio):
+    policy, ref, completions, logs, rollout_lp, _ = case(tiny_dirs, family, state_update, window, ratio)
+    replayed = policy.replay_logprobs(PROMPTS, completions, logs)
+    with torch.no_grad():
+        expected = [ref.logprobs(p, c, log) for p, c, log in zip(PROMPTS, completions, logs, strict=True)]
+    assert_close(rollout_lp, expected)
+    assert_close(replayed, expected)
+
+
+@pytest.mark.parametrize("backprop", ["full", "state"])
+@pytest.mark.parametrize(("family", "state_update", "window", "ratio"), CASES)
+def test_replay_gradients_equal_reference(tiny_dirs, family, state_update, window, ratio, backprop):
+    """"full": everything differentiated, under a window; "state": cached and evicted K/V detached."""
+    policy, ref, completions, logs, _, weights = case(tiny_dirs, family, state_update, window, ratio)
+
+    def replay() -> None:
+        policy.replay_logprobs(PROMPTS, completions, logs, backprop=backprop,
+                               loss_fn=lambda lp, a, b, rows: (lp * weights[rows, a:b]).sum())
+
+    def reference() -> None:
+        sum((ref.logprobs(p, c, log, detach_kv=backprop == "state") * w[: len(c)]).sum()
+            for p, c, log, w in zip(PROMPTS, completions, logs, weights, strict=True)).backward()
+
+    assert_close(grads(policy, replay), grads(policy, reference))
