@@ -3,8 +3,9 @@ and the thought encoder, with `generate` (constant-memory rollouts) and the repl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from .errors import ConfigError, PromptTooLongError
 from .fold import StateFolder
 from .models import encode_prompt, load_model, max_positions
 from .persist import load_adapter_weights, read_adapter_config, save_adapter
-from .replay import LossFn, replay
+from .replay import DistributionFn, LossFn, replay
 from .rollout import RawRollout, SamplingConfig, Streamer, rollout
 
 Prompt = str | Sequence[int]
@@ -126,6 +127,15 @@ class Policy:
         save_adapter(directory, self.model, self.wrappers, self.encoder, self.adapter_config,
                      self.cache_config, self.base_model)
 
+    @contextmanager
+    def using_cache(self, cache: CacheConfig) -> Iterator[Policy]:
+        """Decode and replay under `cache` inside the block, then restore the policy's own."""
+        previous, self.cache_config = self.cache_config, cache
+        try:
+            yield self
+        finally:
+            self.cache_config = previous
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -192,6 +202,7 @@ class Policy:
         temperature: float = 1.0,
         backprop: str = "state",
         min_length: int = 0,
+        distribution_fn: DistributionFn | None = None,
     ) -> list[torch.Tensor]:
         """Teacher-forced log-probs of `completion_ids` under this policy's cache, segment by
         segment. `eviction_log=None` uses the default oldest-block schedule. With `loss_fn(logprobs
@@ -200,11 +211,14 @@ class Policy:
         by the window).
         `backprop`: "state" (default: exact gradient through the chain of encoder states, what
         recall across evictions needs), "truncated" (earlier states detached: cannot learn recall
-        across evictions) or "full" (one graph; memory grows with length). `min_length` pads the batch to at least that many tokens (same segments on every process)."""
+        across evictions) or "full" (one graph; memory grows with length). `min_length` pads the batch
+        to at least that many tokens (same segments on every process). `distribution_fn(logprobs
+        [b, m, vocab], start, end, rows)` receives the full next-token log-distributions of each
+        segment (see replay.DistributionFn)."""
         return replay(
             self.model, self.folder, prompt_ids, completion_ids, self.cache_config, eviction_log,
             loss_fn=loss_fn, temperature=temperature, backprop=backprop, pad_id=self._pad_id(),
-            min_length=min_length,
+            min_length=min_length, distribution_fn=distribution_fn,
         )
 
     @property
@@ -273,3 +287,16 @@ class Policy:
             "seconds": raw.seconds,
         }
         return result
+
+
+def concat_rollouts(parts: list[GenerationResult]) -> GenerationResult:
+    """One GenerationResult from several generate calls (rows in order, token rate over all calls)."""
+    if len(parts) == 1:
+        return parts[0]
+    lists = {f.name: [x for p in parts for x in getattr(p, f.name)] for f in fields(GenerationResult)
+             if f.name != "stats"}
+    tokens = sum(p.stats["generated_tokens"] for p in parts)
+    seconds = sum(p.stats["seconds"] for p in parts)
+    stats = {"generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
+             "evictions": sum(p.stats["evictions"] for p in parts)}
+    return GenerationResult(**lists, stats=stats)

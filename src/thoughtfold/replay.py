@@ -31,6 +31,11 @@ sequences `rows` (indices into the replayed batch, one per logprobs row). Sequen
 logs differ (a custom eviction policy, rollouts made in separate chunks) are replayed group by
 group, so `rows` may be any subset: index per-sequence tensors with it."""
 
+DistributionFn = Callable[[torch.Tensor, int, int, list[int]], None]
+"""distribution_fn(logprobs [b, m, vocab], start, end, rows): the full next-token log-distribution
+(detached) at completion tokens [start, end) of the sequences `rows`, e.g. to compare a bounded policy
+with the full-cache model token by token."""
+
 BACKPROP = ("state", "truncated", "full")
 """How replay gradients cross eviction events, the default first:
 
@@ -154,6 +159,7 @@ def replay(
     backprop: str = "state",
     pad_id: int = 0,
     min_length: int = 0,
+    distribution_fn: DistributionFn | None = None,
 ) -> list[torch.Tensor]:
     """Per-token log-probs (detached, one tensor per sequence) of `completion_ids` given the prompts,
     under the same cache and state history as the rollout that produced them.
@@ -163,7 +169,8 @@ def replay(
     segment; extra memory: the evicted K/V, no activations), "truncated" or "full" (one graph over
     everything). `min_length` pads the batch (with
     `pad_id`, after every sequence) to at least that many tokens and replays the default schedule
-    over it: processes of a sharded model then run the same segments whatever their own lengths."""
+    over it: processes of a sharded model then run the same segments whatever their own lengths.
+    `distribution_fn` receives each segment's full next-token log-distributions."""
     if backprop not in BACKPROP:
         raise ConfigError(f"backprop must be one of {', '.join(BACKPROP)}, got {backprop!r}")
     if len(prompt_ids) != len(completion_ids):
@@ -182,7 +189,7 @@ def replay(
         chain = _StateChain(folder) if backprop == "state" and loss_fn is not None and folder.active else None
         part = _replay_batch(
             model, chain or folder, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], log, rows,
-            loss_fn, temperature, backprop == "full", pad_id, min_length,
+            loss_fn, temperature, backprop == "full", pad_id, min_length, distribution_fn,
         )
         if chain is not None:
             chain.backward()
@@ -257,6 +264,7 @@ def _replay_batch(
     full_backprop: bool,
     pad_id: int,
     min_length: int = 0,
+    distribution_fn: DistributionFn | None = None,
 ) -> list[torch.Tensor]:
     """Replay sequences that share one eviction schedule (a lockstep batch); `rows`: their indices
     in the caller's batch, for `loss_fn`."""
@@ -299,8 +307,12 @@ def _replay_batch(
         out = model(input_ids=seg_ids, attention_mask=mask, position_ids=seg_pos, use_cache=True,
                     logits_to_keep=b + 1 - first, **{kw: cache})
         logits = out.logits.to(dtype) / temperature
-        lp = torch.log_softmax(logits, -1).gather(-1, comp[:, first : b + 1, None])[..., 0]
+        logprobs = torch.log_softmax(logits, -1)
+        lp = logprobs.gather(-1, comp[:, first : b + 1, None])[..., 0]
         out_lp[:, first : b + 1] = lp.detach()
+        if distribution_fn is not None:
+            distribution_fn(logprobs.detach(), first, b + 1, rows)
+        del logprobs
         new_valid = torch.ones(batch, b - a, dtype=torch.bool, device=device)
         new_tokens = list(range(a, b))
         if k == 0:

@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,7 +58,7 @@ from .grpo import (
     token_loss_terms,
 )
 from .parallel import DataParallel, shard_base_model
-from .policy import GenerationResult, Policy
+from .policy import GenerationResult, Policy, concat_rollouts
 from .replay import BACKPROP
 from .report import METRICS_NAME, plot_curves
 from .rewards import load_reward
@@ -596,19 +596,6 @@ def _spans(n: int, size: int | None) -> list[tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def concat_rollouts(parts: list[GenerationResult]) -> GenerationResult:
-    """One GenerationResult from several generate calls (rows in order, token rate over all calls)."""
-    if len(parts) == 1:
-        return parts[0]
-    lists = {f.name: [x for p in parts for x in getattr(p, f.name)] for f in fields(GenerationResult)
-             if f.name != "stats"}
-    tokens = sum(p.stats["generated_tokens"] for p in parts)
-    seconds = sum(p.stats["seconds"] for p in parts)
-    stats = {"generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
-             "evictions": sum(p.stats["evictions"] for p in parts)}
-    return GenerationResult(**lists, stats=stats)
-
-
 @dataclass
 class PolicyBatch:
     """The rollouts that take part in an update, as padded tensors [n, T] with batch-wide loss
@@ -857,16 +844,11 @@ class SFTTrainer(_Trainer):
         """What the base model (adapters off) samples under a full cache: the behaviour the bounded
         policy should imitate. Seeds follow (seed, step, process), so a resumed run sees the same."""
         c, policy = self.config, self.policy
-        bounded = policy.cache_config
-        policy.cache_config = CacheConfig(window=None)
-        try:
-            with torch.no_grad(), adapters_disabled(policy.wrappers):
-                result = policy.generate(
-                    prompt_ids, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                    top_k=c.top_k, seed=random.Random(f"sft:{c.seed}:{self.step}:{self.dp.rank}").randrange(2**31),
-                    chat_template=False)
-        finally:
-            policy.cache_config = bounded
+        with torch.no_grad(), adapters_disabled(policy.wrappers), policy.using_cache(CacheConfig(window=None)):
+            result = policy.generate(
+                prompt_ids, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                top_k=c.top_k, seed=random.Random(f"sft:{c.seed}:{self.step}:{self.dp.rank}").randrange(2**31),
+                chat_template=False)
         return result.completion_ids
 
     def _target_ids(self, target: str | list[int]) -> list[int]:
