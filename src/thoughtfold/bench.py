@@ -1,20 +1,23 @@
 """Micro-benchmarks that print tables: decode throughput and memory vs generated length (bounded vs
 full cache vs HF `generate`), replay + backward and whole GRPO steps vs completion length (PTE
-bounded vs full-cache LoRA), and the encoder's cost per eviction event.
+bounded, once per backprop mode, vs full-cache LoRA), and the encoder's cost per eviction event.
 
-Random-init models of a chosen shape, so nothing is downloaded. Time and memory are measured in
-separate passes: the CPU memory tracker slows every op, so it never runs while timing.
+Random-init models of a chosen shape, so nothing is downloaded. On a CPU, time and memory are
+measured in separate passes: the memory tracker slows every op, so it never runs while timing.
 
-  thoughtfold bench [decode|replay|grpo|encoder|all] [--lengths ...] [--window 256] [--output DIR]
+  thoughtfold bench [decode|replay|grpo|encoder|all] [--lengths ...] [--window 256] [--backprop ...]
+                    [--output DIR]
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -23,6 +26,7 @@ from .adapter import AdapterGroup, detach_adapters
 from .config import AdapterConfig, CacheConfig
 from .memory import PeakMemory
 from .policy import Policy
+from .replay import BACKPROP
 
 SHAPES = {
     # a small CPU-friendly model; Qwen2.5-3B's real shape for GPU runs
@@ -64,18 +68,18 @@ def _seconds(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def _measure(fn: Callable[[], object], device: str) -> tuple[float, int]:
-    """(seconds, peak bytes allocated inside `fn`). On CUDA one run gives both (the allocator keeps
-    statistics); on CPU the memory tracker slows every op, so memory comes from a second, untimed
-    run. Callers warm up first."""
+def _measure(fn: Callable[[], object], device: str) -> tuple[float, int, int | None]:
+    """(seconds, peak bytes allocated inside `fn`, on CUDA the allocator's peak including what was
+    allocated before). On CUDA one run gives all three (the allocator keeps statistics); on CPU the
+    memory tracker slows every op, so memory comes from a second, untimed run. Callers warm up first."""
     if device.startswith("cuda"):
         with PeakMemory(device) as mem:
             seconds = _seconds(fn, device)
-        return seconds, mem.peak_bytes
+        return seconds, mem.peak_bytes, mem.total_peak_bytes
     seconds = _seconds(fn, device)
     with PeakMemory(device) as mem:
         fn()
-    return seconds, mem.peak_bytes
+    return seconds, mem.peak_bytes, None
 
 
 def copy_bandwidth(device: str, gib: float = 2.0) -> float:
@@ -164,7 +168,7 @@ def decode_benchmark(shape: str, lengths: list[int], window: int, batch: int, de
             for n in todo:
                 if method == "hf-static" or (method == "hf" and n == todo[0]):
                     run(n if method == "hf-static" else 16)  # compilation per static-cache length; first call
-                seconds, peak = _measure(lambda n=n, run=run: run(n), device)
+                seconds, peak, _ = _measure(lambda n=n, run=run: run(n), device)
                 speed[n, method], peaks[n, method] = batch * n / seconds, peak / 2**20
                 print(f"  decode {n} new tokens, {labels[method]}: {speed[n, method]:,.0f} tokens/s, "
                       f"peak {peaks[n, method]:,.1f} MiB", file=sys.stderr, flush=True)
@@ -221,39 +225,95 @@ def use_attention(model, name: str | None) -> Iterator[None]:
             model.set_attn_implementation(previous)
 
 
-def replay_benchmark(shape: str, lengths: list[int], window: int, batch: int, device: str,
-                     dtype: torch.dtype) -> list[list]:
-    """Peak memory and time of one replay + backward: PTE (bounded) vs LoRA (full cache)."""
-    model = random_model(shape, device, dtype)
-    vocab = SHAPES[shape]["vocab_size"]
+def _pte_vs_lora(model, lengths: list[int], window: int, adapter: AdapterConfig, backprops: tuple[str, ...],
+                 device: str, prepare: Callable[[Policy, int, str], Callable[[], object]],
+                 what: str) -> list[list]:
+    """Time and peak memory of one measured call per completion length: PTE under the bounded cache
+    once per `backprops` mode, LoRA with a full cache once (it never evicts, so every backprop mode
+    runs the same). `prepare(policy, n, backprop)` warms up and returns the call to measure. On
+    CUDA an out-of-memory call becomes a row saying so (the other rows still run)."""
+    pte = {f"PTE, bounded, {b} backprop": b for b in backprops}
+    lora = "LoRA, full cache (any backprop)"
+    variants = [(CacheConfig(window=window), replace(adapter, mode="pte"), pte),
+                (CacheConfig(window=None), replace(adapter, mode="lora"), {lora: BACKPROP[0]})]
+    results: dict[tuple[int, str], tuple[float, int, int | None] | None] = {}
+    for n in lengths:
+        for cache, config, modes in variants:
+            policy = Policy(model, None, cache=cache, adapter=config)
+            for label, backprop in modes.items():
+                try:
+                    results[n, label] = _measure(prepare(policy, n, backprop), device)
+                    seconds, peak = results[n, label][:2]
+                    print(f"  {what} {n} tokens, {label}: {seconds:.2f} s, peak {peak / 2**20:,.1f} MiB",
+                          file=sys.stderr, flush=True)
+                except torch.OutOfMemoryError:
+                    results[n, label] = None
+                    print(f"  {what} {n} tokens, {label}: out of memory", file=sys.stderr, flush=True)
+            detach_adapters(model, policy.wrappers)  # the next policy wraps a clean model
+            gc.collect()  # free this policy's trainers now: on CUDA their memory would count in the next total
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()  # and give back what an out-of-memory call left reserved
+    return _comparison_rows(results, lengths, list(pte), lora, device.startswith("cuda"))
+
+
+def _comparison_rows(results: dict, lengths: list[int], pte: list[str], lora: str, with_total: bool) -> list[list]:
+    """The measured rows, each PTE mode's peak against LoRA's per length, and (over several lengths)
+    each PTE mode's peak at the longest length against the shortest: 1.00x when it is flat. With
+    `with_total` (CUDA) a last column gives the allocator's peak including what the call found
+    allocated (weights, adapters, optimizer state)."""
+    def ratio(a, b, i: int) -> str:
+        return f"{a[i] / b[i]:.2f}x" if a is not None and b is not None else ""
+
     rows = []
     for n in lengths:
-        g = torch.Generator().manual_seed(n)
-        prompt = torch.randint(1, vocab, (32,), generator=g).tolist()
-        completion = torch.randint(1, vocab, (n,), generator=g).tolist()
-        res = {}
-        for name, cache, mode in (("PTE, bounded", CacheConfig(window=window), "pte"),
-                                  ("LoRA, full cache", CacheConfig(window=None), "lora")):
-            policy = Policy(model, None, cache=cache, adapter=AdapterConfig(mode=mode))
-
-            def step(policy=policy, prompt=prompt, completion=completion):
-                policy.replay_logprobs([prompt] * batch, [completion] * batch, loss_fn=lambda lp, a, b, rows: -lp.mean())
-
-            policy.replay_logprobs([prompt], [completion[: window + 8]], loss_fn=lambda lp, a, b, rows: -lp.mean())  # warm-up
-            seconds, peak = _measure(step, device)
-            res[name] = peak
-            rows.append([n, name, f"{seconds:.2f}", f"{peak / 2**20:,.1f}"])
-            detach_adapters(model, policy.wrappers)  # the next policy wraps a clean model
-        rows.append([n, "PTE / LoRA peak", "", f"{res['PTE, bounded'] / res['LoRA, full cache']:.2f}x"])
+        for label in [*pte, lora]:
+            r = results[n, label]
+            cells = ["out of memory", ""] if r is None else [f"{r[0]:.2f}", f"{r[1] / 2**20:,.1f}"]
+            if with_total:
+                cells.append("" if r is None else f"{r[2] / 2**20:,.1f}")
+            rows.append([n, label, *cells])
+        for label in pte:
+            a, b = results[n, label], results[n, lora]
+            rows.append([n, f"{label.removesuffix(' backprop')} / LoRA peak", "", ratio(a, b, 1),
+                         *([ratio(a, b, 2)] if with_total else [])])
+    first, last = lengths[0], lengths[-1]
+    if last != first:
+        for label in pte:
+            a, b = results[last, label], results[first, label]
+            rows.append([f"{last} vs {first}", f"{label}: peak at {last} / at {first} tokens", "", ratio(a, b, 1),
+                         *([ratio(a, b, 2)] if with_total else [])])
     return rows
 
 
+def replay_benchmark(shape: str, lengths: list[int], window: int, batch: int, device: str,
+                     dtype: torch.dtype, adapter: AdapterConfig, backprops: tuple[str, ...] = BACKPROP) -> list[list]:
+    """Peak memory and time of one replay + backward of `batch` equal completions: PTE (bounded) per
+    backprop mode vs LoRA (full cache)."""
+    model = random_model(shape, device, dtype)
+    vocab = SHAPES[shape]["vocab_size"]
+
+    def prepare(policy: Policy, n: int, backprop: str) -> Callable[[], object]:
+        g = torch.Generator().manual_seed(n)
+        prompt = torch.randint(1, vocab, (32,), generator=g).tolist()
+        completion = torch.randint(1, vocab, (n,), generator=g).tolist()
+
+        def replay(prompts: list[list[int]], completions: list[list[int]]) -> None:
+            policy.replay_logprobs(prompts, completions, loss_fn=lambda lp, a, b, rows: -lp.mean(), backprop=backprop)
+
+        replay([prompt], [completion[: window + 8]])  # warm-up: one eviction event
+        return lambda: replay([prompt] * batch, [completion] * batch)
+
+    return _pte_vs_lora(model, lengths, window, adapter, backprops, device, prepare, "replay")
+
+
 def grpo_benchmark(shape: str, lengths: list[int], window: int, batch: int, device: str,
-                   dtype: torch.dtype) -> list[list]:
-    """Peak memory and time of one GRPO step (rollouts of `batch` completions + reward + the replay
-    update) at forced completion lengths: PTE under the bounded cache vs LoRA with a full cache.
-    Runs the real `GRPOTrainer`; a random-init model never samples EOS, so every completion has
-    exactly the requested length, and a random reward keeps every group's advantages non-zero."""
+                   dtype: torch.dtype, adapter: AdapterConfig, backprops: tuple[str, ...] = BACKPROP,
+                   replay_batch: int | None = None) -> list[list]:
+    """Peak memory and time of one GRPO step (rollouts of one group of `batch` completions + reward +
+    the replay update, `replay_batch` rows per replay micro-batch) at forced completion lengths:
+    PTE under the bounded cache per backprop mode vs LoRA with a full cache. Runs the real
+    `GRPOTrainer` after a short warm-up step. The random-init model has no EOS token, so every completion
+    has exactly the requested length, and a random reward keeps the group's advantages non-zero."""
     import random
     import tempfile
 
@@ -264,28 +324,25 @@ def grpo_benchmark(shape: str, lengths: list[int], window: int, batch: int, devi
 
     model = random_model(shape, device, dtype)
     prompt = torch.randint(1, SHAPES[shape]["vocab_size"], (32,), generator=torch.Generator().manual_seed(0)).tolist()
-    rows = []
-    for n in lengths:
-        res = {}
-        for name, cache, mode in (("PTE, bounded", CacheConfig(window=window), "pte"),
-                                  ("LoRA, full cache", CacheConfig(window=None), "lora")):
-            policy = Policy(model, None, cache=cache, adapter=AdapterConfig(mode=mode))
-            with tempfile.TemporaryDirectory() as tmp:
-                config = TrainConfig(group_size=batch, prompts_per_step=1, max_new_tokens=n, steps=1,
-                                     save_every=0, output_dir=tmp, progress=False, rewards=["unused"])
-                trainer = GRPOTrainer(config, policy=policy, dataset=[{"prompt": prompt}],
-                                      reward_funcs=[random_reward])
-                trainer.train_step(trainer.next_examples(1))  # warm-up
-                seconds, peak = _measure(lambda t=trainer: t.train_step(t.next_examples(1)), device)
-            res[name] = peak
-            rows.append([n, name, f"{seconds:.2f}", f"{peak / 2**20:,.1f}"])
-            detach_adapters(model, policy.wrappers)  # the next policy wraps a clean model
-        rows.append([n, "PTE / LoRA peak", "", f"{res['PTE, bounded'] / res['LoRA, full cache']:.2f}x"])
-    return rows
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def prepare(policy: Policy, n: int, backprop: str) -> Callable[[], object]:
+            config = TrainConfig(group_size=batch, prompts_per_step=1, max_new_tokens=min(n, window + 8), steps=1,
+                                 save_every=0, output_dir=tempfile.mkdtemp(dir=tmp), progress=False,
+                                 rewards=["unused"], backprop=backprop, replay_batch_size=replay_batch)
+            trainer = GRPOTrainer(config, policy=policy, dataset=[{"prompt": prompt}], reward_funcs=[random_reward])
+            # warm-up: a short step (one eviction event) pays the one-time costs, optimizer state included,
+            # without doubling the run time at long lengths
+            trainer.train_step(trainer.next_examples(1))
+            trainer.config = replace(config, max_new_tokens=n)
+            return lambda: trainer.train_step(trainer.next_examples(1))
+
+        return _pte_vs_lora(model, lengths, window, adapter, backprops, device, prepare, "grpo step")
 
 
 def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: torch.dtype,
-                      tokens: int, compile_decode: bool = False, repeats: int = 3) -> list[list]:
+                      tokens: int, adapter: AdapterConfig, compile_decode: bool = False,
+                      repeats: int = 3) -> list[list]:
     """What PTE adds to decoding: the encoder's cost per eviction event against the decode time of
     the E tokens between events, and whole rollouts of `tokens` tokens with no adapter, a static
     LoRA, PTE, and PTE with one adapter GEMM per linear (no grouping of shared-input siblings). Each
@@ -306,7 +363,7 @@ def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: t
         print(f"  encoder bench: {label} rollout of {tokens} tokens: {times[label]:.2f} s", file=sys.stderr, flush=True)
 
     for mode in ("none", "lora", "pte"):
-        policy = Policy(model, None, cache=CacheConfig(window=window), adapter=AdapterConfig(mode=mode),
+        policy = Policy(model, None, cache=CacheConfig(window=window), adapter=replace(adapter, mode=mode),
                         compile_decode=compile_decode)
         timed(mode, policy)
         if mode == "pte":
@@ -340,9 +397,11 @@ DECODE_TITLE = "Decode: tokens/s and peak memory vs generated length"
 DECODE_HEADER = ["new tokens", "method", "tokens/s", "peak MiB"]
 REPLAY_TITLE = "Replay + backward: time and peak memory vs completion length"
 REPLAY_HEADER = ["completion tokens", "method", "seconds", "peak MiB"]
+TOTAL_PEAK = "peak MiB with weights"  # CUDA only: the allocator's peak including weights and optimizer state
 GRPO_TITLE = "One GRPO step (rollouts + rewards + replay update): time and peak memory vs completion length"
 ENCODER_TITLE = "Encoder overhead per eviction event"
 ENCODER_HEADER = ["measure", "value"]
+GRPO_NOTE = "For scale: the paper reports a PTE / LoRA peak of about 0.55x at 3K tokens with W = 1K (Qwen2.5-3B)."
 DEFAULT_LENGTHS = {"decode": [256, 1024, 4096], "replay": [512, 2048, 8192], "grpo": [512, 1024, 2048]}
 BENCHMARKS = ("decode", "replay", "grpo", "encoder")
 
@@ -408,11 +467,17 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[int] | None = None,
                    window: int = 256, batch: int = 4, tokens: int = 1024, device: str = "cpu",
                    dtype: torch.dtype | None = None, output_dir=None, baseline_max: int | None = None,
-                   decode_methods: tuple[str, ...] | None = None, compile_decode: bool = False) -> dict:
-    """Run decode / replay / encoder (or all), print their tables and, with `output_dir`, write
-    `bench.md` (the tables) and the plots `decode.png` (tokens/s and peak memory vs generated
-    length) and `replay.png` (peak memory and time vs completion length). Returns
+                   decode_methods: tuple[str, ...] | None = None, compile_decode: bool = False,
+                   adapter: AdapterConfig | None = None, backprops: tuple[str, ...] = BACKPROP,
+                   replay_batch: int | None = None) -> dict:
+    """Run decode / replay / grpo / encoder (or all), print their tables and, with `output_dir`,
+    write `bench.md` (the tables), `bench.json` (settings and tables, for scripts) and a plot per
+    length sweep (`decode.png`: tokens/s and peak memory vs generated length; `replay.png`,
+    `grpo.png`: peak memory and time vs completion length). `adapter` sets the rank and global
+    tokens of the adapters (its mode is set per row); `backprops` the PTE rows of replay and grpo;
+    `replay_batch` grpo's replay micro-batch rows (default: the whole group at once). Returns
     {"tables": {name: rows}, "plots": [paths], "markdown": text}."""
+    import json
     from pathlib import Path
 
     if which not in (*BENCHMARKS, "all"):
@@ -426,23 +491,31 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
     torch.set_grad_enabled(True)
     where = (f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda")
              else f"{device} ({torch.get_num_threads()} threads)")
-    header_line = f"shape={shape} batch={batch} window={window} dtype={dtype} device={where}"
+    adapter = adapter or AdapterConfig()
+    settings = {"shape": shape, "batch": batch, "window": window, "dtype": str(dtype), "device": where,
+                "rank": adapter.rank, "global_tokens": adapter.global_tokens}
+    if replay_batch is not None:
+        settings["replay_batch"] = replay_batch
+    header_line = " ".join(f"{k}={v}" for k, v in settings.items())
     print(header_line)
+    pte_vs_lora = {"adapter": adapter, "backprops": backprops}
+    replay_header = REPLAY_HEADER + ([TOTAL_PEAK] if device.startswith("cuda") else [])
     # name -> (run, title, header, plotted columns, x label)
     specs = {
         "decode": (partial(decode_benchmark, baseline_max=baseline_max, methods=decode_methods), DECODE_TITLE, DECODE_HEADER, {2: "tokens/s", 3: "peak memory (MiB)"},
                    "generated tokens"),
-        "replay": (replay_benchmark, REPLAY_TITLE, REPLAY_HEADER, {3: "peak memory (MiB)", 2: "seconds"},
-                   "completion tokens"),
-        "grpo": (grpo_benchmark, GRPO_TITLE, REPLAY_HEADER, {3: "peak memory (MiB)", 2: "seconds"},
-                 "completion tokens"),
+        "replay": (partial(replay_benchmark, **pte_vs_lora), REPLAY_TITLE, replay_header,
+                   {3: "peak memory (MiB)", 2: "seconds"}, "completion tokens"),
+        "grpo": (partial(grpo_benchmark, **pte_vs_lora, replay_batch=replay_batch), GRPO_TITLE, replay_header,
+                 {3: "peak memory (MiB)", 2: "seconds"}, "completion tokens"),
     }
     tables: dict[str, list[list]] = {}
+    records: dict[str, dict] = {}
     plots = []
     sections = ["# thoughtfold bench", "", header_line, ""]
     for name in BENCHMARKS if which == "all" else [which]:
         if name == "encoder":
-            rows = encoder_benchmark(shape, window, batch, device, dtype, tokens, compile_decode)
+            rows = encoder_benchmark(shape, window, batch, device, dtype, tokens, adapter, compile_decode)
             title, header = ENCODER_TITLE, ENCODER_HEADER
         else:
             run, title, header, columns, xlabel = specs[name]
@@ -451,14 +524,16 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
                 plots.append(plot_lengths(rows, columns, out / f"{name}.png",
                                           f"{title.split(':')[0]}, batch {batch}, W={window} ({shape}, {device})",
                                           xlabel))
-        table = markdown_table(header, rows)
+        table = markdown_table(header, rows) + (f"\n\n{GRPO_NOTE}" if name == "grpo" else "")
         print(f"\n{title}\n{table}", flush=True)
         tables[name] = rows
+        records[name] = {"title": title, "header": header, "rows": rows}
         sections += [f"### {title}", "", table, ""]
     sections += [f"![{p.stem}]({p.name})" for p in plots]
     markdown = "\n".join(sections).rstrip() + "\n"
     if out is not None:
         (out / "bench.md").write_text(markdown)
+        (out / "bench.json").write_text(json.dumps({"settings": settings, "tables": records}, indent=1) + "\n")
     return {"tables": tables, "plots": plots, "markdown": markdown}
 
 

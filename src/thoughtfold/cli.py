@@ -8,11 +8,12 @@ Every `ThoughtfoldError` (and every bad command-line value) ends the command wit
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -488,16 +489,22 @@ def _lengths_arg(value: str) -> list[int]:
     return lengths
 
 
-def _methods_arg(value: str) -> tuple[str, ...]:
-    from .bench import DECODE_METHODS
+def _names_arg(what: str, allowed: str) -> Callable[[str], tuple[str, ...]]:
+    """A comma list of names, in the order given, from the tuple `allowed` ("module.NAME" in this
+    package, imported only when parsing: building the parser must not import torch)."""
 
-    methods = tuple(m.strip() for m in value.split(",") if m.strip())
-    unknown = [m for m in methods if m not in DECODE_METHODS]
-    if not methods or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown decode method(s) {', '.join(unknown) or repr(value)}; choose from {', '.join(DECODE_METHODS)}"
-        )
-    return methods
+    def parse(value: str) -> tuple[str, ...]:
+        module, name = allowed.rsplit(".", 1)
+        choices = getattr(importlib.import_module(f".{module}", __package__), name)
+        names = tuple(m.strip() for m in value.split(",") if m.strip())
+        unknown = [m for m in names if m not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what}(s) {', '.join(unknown) or repr(value)}; choose from {', '.join(choices)}"
+            )
+        return names
+
+    return parse
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -506,10 +513,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "bench", help="decode / replay / grpo / encoder micro-benchmarks with tables and plots",
         description="Random-init models of a named shape (nothing is downloaded). decode: tokens/s and "
         "peak memory vs generated length (bounded vs full cache vs HF generate); replay: time and peak "
-        "memory of replay + backward vs completion length (PTE bounded vs full-cache LoRA); grpo: one whole "
-        "GRPO step vs completion length (same two); encoder: "
-        "encoder cost per eviction event. Prints the tables and writes bench.md and a PNG per length "
-        "sweep to --output.",
+        "memory of replay + backward vs completion length (PTE bounded, per --backprop mode, vs full-cache "
+        "LoRA); grpo: one whole GRPO step vs completion length (same rows); encoder: "
+        "encoder cost per eviction event. Prints the tables and writes bench.md, bench.json and a PNG per "
+        "length sweep to --output.",
     )
     p.add_argument("which", nargs="?", default="all", choices=["decode", "replay", "grpo", "encoder", "all"],
                    help="which benchmark [default: %(default)s]")
@@ -528,11 +535,20 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-max", type=_number(int, "baseline-max"), default=None, metavar="N",
                    help="decode: run the full-cache and HF baselines only up to N new tokens "
                    "[default: every length]")
-    p.add_argument("--methods", type=_methods_arg, default=None, metavar="M1,M2,...",
+    p.add_argument("--methods", type=_names_arg("decode method", "bench.DECODE_METHODS"), default=None, metavar="M1,M2,...",
                    help="decode: which of bounded, bounded-compiled, full, hf-static, hf to run "
                    "[default: all on CUDA; bounded,full,hf on CPU]")
     p.add_argument("--compile", action="store_true",
                    help="encoder: decode through torch.compile (compile_decode=True), as on a GPU run")
+    p.add_argument("--backprop", type=_names_arg("backprop mode", "replay.BACKPROP"), default=None,
+                   metavar="B1,B2,...", help="replay, grpo: a PTE row per backprop mode (state, truncated, full); "
+                   "LoRA's full cache never evicts, so its one row holds for every mode [default: all three]")
+    p.add_argument("--rank", type=_number(int, "rank"), default=32, help="adapter rank [default: %(default)s]")
+    p.add_argument("--global-tokens", type=_number(int, "global-tokens"), default=32,
+                   help="PTE global tokens [default: %(default)s]")
+    p.add_argument("--replay-batch", type=_number(int, "replay-batch"), default=None, metavar="N",
+                   help="grpo: rows per replay micro-batch (TrainConfig.replay_batch_size), the same for PTE "
+                   "and LoRA [default: the whole group]")
     p.add_argument("--output", default="runs/bench", metavar="DIR", help="[default: %(default)s]")
     p.set_defaults(func=cmd_bench)
 
@@ -542,12 +558,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import SHAPES, run_benchmarks
+    from .config import AdapterConfig
+    from .replay import BACKPROP
 
     if args.shape not in SHAPES:
         raise ConfigError(f"unknown shape {args.shape!r}; choose from {', '.join(sorted(SHAPES))}")
-    for name in ("window", "batch", "tokens"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("window", "batch", "tokens", "replay_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {args.device} requested but CUDA is not available")
     dtype = None
@@ -557,8 +576,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown dtype {args.dtype!r}; use float32, bfloat16 or float16")
     result = run_benchmarks(args.which, args.shape, args.lengths, args.window, args.batch, args.tokens,
                             args.device, dtype, args.output, args.baseline_max, args.methods,
-                            args.compile)
-    written = ", ".join(str(p) for p in [Path(args.output) / "bench.md", *result["plots"]])
+                            args.compile, AdapterConfig(rank=args.rank, global_tokens=args.global_tokens),
+                            args.backprop or BACKPROP, args.replay_batch)
+    written = ", ".join(str(p) for p in [Path(args.output) / "bench.md", Path(args.output) / "bench.json",
+                                          *result["plots"]])
     print(f"thoughtfold: wrote {written}", file=sys.stderr)
     return 0
 

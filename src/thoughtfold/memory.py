@@ -40,11 +40,14 @@ class _LiveBytes(TorchDispatchMode):
 
 class PeakMemory:
     """`with PeakMemory(device) as m: ...` then `m.peak_bytes`: the most bytes held at once by
-    tensors allocated inside the block."""
+    tensors allocated inside the block. On CUDA also `m.total_peak_bytes`: the allocator's peak
+    including what was allocated before the block (weights, optimizer state), for comparisons with
+    whole-process figures; None on CPU, where nothing tracks memory outside the block."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.peak_bytes = 0
+        self.total_peak_bytes: int | None = None
         self._mode: _LiveBytes | None = None
 
     def __enter__(self) -> PeakMemory:
@@ -59,7 +62,8 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            self.total_peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.peak_bytes = self.total_peak_bytes - self._start
         else:
             self._mode.__exit__(*exc)
             self.peak_bytes = self._mode.peak
