@@ -1,4 +1,4 @@
-"""Low-rank adapters on the target linears (DESIGN.md §1), attached by module replacement.
+"""Low-rank adapters on the target linears (docs/design.md §1), attached by module replacement.
 
   y = W x + (alpha / r) * A (S (B x)),   A: d_out x r (zero-init), B: r x d_in
 
@@ -8,7 +8,7 @@ A zero-init A makes every mode exactly the base model at step 0.
 
 Linears that read the same input (q/k/v; gate/up) share an `AdapterGroup`: their B's run as one
 GEMM and the layer's state is applied once, so a pte decode step launches 4 down-projections and 4
-state products per layer instead of 7 of each (DESIGN.md §3: a decode step is launch- and
+state products per layer instead of 7 of each (docs/design.md §3: a decode step is launch- and
 bandwidth-bound, and PTE should add little to it).
 """
 

@@ -1,5 +1,5 @@
 """Grouped-query attention for the one-token decode step, registered in transformers' attention
-registry as "thoughtfold_sdpa" (DESIGN.md §3: decode is memory-bound, so K/V must be read once).
+registry as "thoughtfold_sdpa" (docs/design.md §3: decode is memory-bound, so K/V must be read once).
 
 transformers' SDPA path repeats every K/V head for its query heads (`repeat_kv`) whenever a mask is
 given on CUDA, which multiplies the cache traffic of a decode step by the group size (8 for

@@ -93,7 +93,7 @@ def copy_bandwidth(device: str, gib: float = 2.0) -> float:
 
 
 def decode_floor_seconds(model, batch: int, cached_tokens: int, bandwidth: float) -> float:
-    """DESIGN.md §3's floor for one decode step: read every weight once (the input embedding table
+    """docs/design.md §3's floor for one decode step: read every weight once (the input embedding table
     only as the output projection) plus the K/V of `cached_tokens` per sequence."""
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -123,7 +123,7 @@ def decode_benchmark(shape: str, lengths: list[int], window: int, batch: int, de
     `hf-static`) run only up to `baseline_max` new tokens (a full cache is slow and large at long
     lengths). Each method is warmed up (compiled) and measured before the next starts; a progress
     line per measurement goes to stderr. On CUDA a row gives each bounded step's share of the
-    memory-bandwidth floor (DESIGN.md §3)."""
+    memory-bandwidth floor (docs/design.md §3)."""
     methods = tuple(methods or default_decode_methods(device))
     unknown = set(methods) - set(DECODE_METHODS)
     if unknown:

@@ -1,4 +1,4 @@
-"""Bounded KV cache (DESIGN.md §1): the prompt is pinned, thought tokens live in a window of at most
+"""Bounded KV cache (docs/design.md §1): the prompt is pinned, thought tokens live in a window of at most
 W slots, and a full window evicts a block of ceil(rho*W) tokens at once.
 
 Storage is preallocated (static shapes): one buffer per layer holding the P prompt slots followed by

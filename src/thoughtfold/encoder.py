@@ -1,4 +1,4 @@
-"""Thought encoder (DESIGN.md §1): per layer, r learnable queries attend over the global tokens and
+"""Thought encoder (docs/design.md §1): per layer, r learnable queries attend over the global tokens and
 every thought token evicted so far; the result is the r x r state S_l that modulates the adapter.
 
 The attention is kept exactly and in O(1) memory with online-softmax accumulators (running max m,

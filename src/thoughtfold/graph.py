@@ -1,4 +1,4 @@
-"""The one-token decode forward, eager or captured as a CUDA graph (DESIGN.md §3).
+"""The one-token decode forward, eager or captured as a CUDA graph (docs/design.md §3).
 
 Under the bounded cache every decode step has the same shapes and reads/writes the same buffers:
 the cache's K/V ring, its slot-validity mask and write index (updated in place between steps), the

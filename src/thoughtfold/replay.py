@@ -1,4 +1,4 @@
-"""Memory-bounded replay (DESIGN.md §1): teacher-forced log-probs of a rollout, recomputed with
+"""Memory-bounded replay (docs/design.md §1): teacher-forced log-probs of a rollout, recomputed with
 autograd one segment at a time.
 
 Segment 0 is the prompt plus the thought tokens fed before the first eviction; then one segment per
