@@ -1,4 +1,10 @@
-"""thoughtfold: reasoning LMs under a fixed-size KV cache with Progressive Thought Encoding."""
+"""thoughtfold: reasoning LMs under a fixed-size KV cache with Progressive Thought Encoding.
+
+The configs and errors import eagerly (they are light); the engine and the trainers load on first
+use (`from thoughtfold import Policy, GRPOTrainer`), so `import thoughtfold` stays fast."""
+
+from importlib import import_module
+from typing import Any
 
 from .config import AdapterConfig, CacheConfig
 from .errors import (
@@ -10,6 +16,27 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 
+_LAZY = {
+    "Policy": "policy",
+    "GenerationResult": "policy",
+    "EvictionPolicy": "cache",
+    "EvictionEvent": "cache",
+    "TrainConfig": "trainer",
+    "DataConfig": "trainer",
+    "GRPOTrainer": "trainer",
+    "SFTTrainer": "trainer",
+    "load_config": "trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'thoughtfold' has no attribute {name!r}")
+
+
 __all__ = [
     "AdapterConfig",
     "CacheConfig",
@@ -19,5 +46,6 @@ __all__ = [
     "PromptTooLongError",
     "ThoughtfoldError",
     "UnsupportedArchitectureError",
+    *_LAZY,
 ]
 __version__ = "0.1.0"
