@@ -205,8 +205,8 @@ def evaluate(policy: Policy, task: RecallTask, n: int, batch: int, seed: int) ->
 def replay(policy: Policy, prompts, completions, logs, loss_fn, backprop: bool | str = False):
     """`policy.replay_logprobs` with backprop False (truncated, the engine default), True (one full
     graph) or "state" (exact gradients through the chain of encoder states, K/V detached)."""
-    return policy.replay_logprobs(prompts, completions, logs, loss_fn=loss_fn, full_backprop=backprop is True,
-                                  state_backprop=backprop == "state")
+    mode = "state" if backprop == "state" else "full" if backprop is True else "truncated"
+    return policy.replay_logprobs(prompts, completions, logs, loss_fn=loss_fn, backprop=mode)
 
 
 # --------------------------------------------------------------------------- training under the bounded cache
