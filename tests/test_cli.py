@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import byte_tokenizer
+from conftest import assert_close_to_scale, byte_tokenizer
 from thoughtfold.cli import TerminalStreamer, main, read_prompts_file
 from thoughtfold.errors import DataError
 
@@ -98,7 +98,7 @@ def test_json_output_matches_the_api(tiny_dirs, two_prompts):
         assert r["text"] == res.texts[i]
         assert r["evictions"] == res.evictions[i]
         assert r["peak_cache_tokens"] == res.peak_cache_tokens[i]
-        assert r["logprobs"] == pytest.approx(res.logprobs[i], abs=1e-5)
+        assert_close_to_scale(r["logprobs"], res.logprobs[i], rel=1e-5)
 
 
 def test_single_prompt_streams_the_returned_text(tiny_dirs):
