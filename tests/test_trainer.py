@@ -514,3 +514,80 @@ def test_bf16_model_trains_with_fp32_adapter_and_encoder(tmp_path, tiny_dirs):
     records = read_metrics(trainer.train()["metrics"])
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+
+
+# --------------------------------------------------------------------------- what a paranoid user tries
+
+
+def test_two_runs_cannot_share_an_output_dir(tmp_path, tiny_dirs):
+    """A second process training into the same output_dir is refused before its model loads."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from thoughtfold.persist import lock_directory
+            lock = lock_directory({str(out)!r}, "training run")
+            print("locked", flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        config = _config(tmp_path, tmp_path / "no-such-model", steps=1)
+        with pytest.raises(ConfigError, match=rf"{out} is in use by another training run \(training run pid"):
+            GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+    finally:
+        holder.communicate("", timeout=60)
+    config = _config(tmp_path, tiny_dirs["llama"], steps=1)
+    GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()  # free again once it exits
+
+
+def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path):
+    (tmp_path / "file").write_text("")
+    config = _config(tmp_path, tmp_path / "no-such-model", output_dir=str(tmp_path / "file" / "run"))
+    with pytest.raises(ConfigError, match="cannot write to the output directory"):
+        GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_refuses_when_none_is_intact(tmp_path, tiny_dirs, caplog):
+    config = _config(tmp_path, tiny_dirs["llama"], steps=2, save_every=1)
+    GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    weights = checkpoints / "step-00000002" / "adapter" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    resume = _config(tmp_path, tiny_dirs["llama"], steps=3, save_every=1, resume=True)
+    trainer = GRPOTrainer(resume, dataset=_dataset(), reward_funcs=[low_bytes])
+    assert trainer.step == 1
+    assert "step-00000002 is unusable" in caplog.text and "truncated or corrupt" in caplog.text
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000001"]  # the bad one moved aside
+    (checkpoints / "step-00000001" / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="none of the 1 checkpoints .* is intact"):
+        GRPOTrainer(resume, dataset=_dataset(), reward_funcs=[low_bytes])
+
+
+def test_metrics_rewrite_at_resume_is_atomic(tmp_path, monkeypatch):
+    """A kill between writing the kept lines and replacing the file leaves the whole history."""
+    from thoughtfold.trainer import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLogger(tmp_path, [], start_step=2, config={})
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    monkeypatch.undo()
+    MetricsLogger(tmp_path, [], start_step=2, config={}).close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_reward_returning_strings_is_a_config_error(tmp_path, tiny_dirs):
+    def words(prompts, completions, **columns):
+        return ["good"] * len(completions)
+
+    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], steps=1), dataset=_dataset(), reward_funcs=[words])
+    with pytest.raises(ConfigError, match=r"reward words returned 'good' \(str\)"):
+        trainer.train()

@@ -469,6 +469,26 @@ def _as_number(text: str):
         return None
 
 
+def checked_scores(name: str, scores: Any, n: int) -> list[float | None]:
+    """A reward function's output as floats (None = skipped), or a one-line ConfigError: a reward
+    that returns strings or the wrong count is a bug in that function, not in the run."""
+    if not isinstance(scores, Sequence) or isinstance(scores, (str, bytes)):
+        raise ConfigError(f"reward {name} returned {type(scores).__name__}, not a list of {n} scores")
+    if len(scores) != n:
+        raise ConfigError(f"reward {name} returned {len(scores)} scores for {n} completions")
+    return [None if s is None else _score_value(name, s) for s in scores]
+
+
+def _score_value(name: str, score: Any) -> float:
+    try:
+        if isinstance(score, (str, bytes)):
+            raise TypeError
+        return float(score)  # also numpy scalars and one-element tensors
+    except (TypeError, ValueError):
+        raise ConfigError(f"reward {name} returned {score!r:.60} ({type(score).__name__}); "
+                          "scores must be numbers or None") from None
+
+
 # --------------------------------------------------------------------------- lookup by name
 
 BUILTIN_REWARDS: dict[str, RewardFn] = {

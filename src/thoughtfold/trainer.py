@@ -29,14 +29,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from .adapter import adapters_disabled
 from .checkpoint import (
     checkpoint_name,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     rng_state,
@@ -57,10 +56,11 @@ from .grpo import (
     token_loss_terms,
 )
 from .parallel import DataParallel, shard_base_model
+from .persist import atomic_write_text, lock_directory
 from .policy import GenerationResult, Policy
 from .replay import BACKPROP
 from .report import METRICS_NAME, plot_curves
-from .rewards import load_reward
+from .rewards import checked_scores, load_reward
 
 log = logging.getLogger("thoughtfold")
 
@@ -164,6 +164,11 @@ class TrainConfig:
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.rewards)} rewards")
 
     def _check_ranges(self) -> None:
+        # NaN passes every comparison below (nan <= 0 is False): refuse non-finite numbers first
+        for name, value in [(f.name, getattr(self, f.name)) for f in fields(self)] + [
+                ("reward_weights", w) for w in self.reward_weights or []]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         for name, low in (("group_size", 1), ("prompts_per_step", 1), ("max_new_tokens", 1),
                           ("num_iterations", 1), ("steps", 1), ("warmup_steps", 0), ("save_every", 0)):
             if getattr(self, name) < low:
@@ -187,7 +192,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {path} not found")
-            layers.append(OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
+                                  f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
+            layers.append(loaded)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. lr=1e-5)")
@@ -216,7 +225,7 @@ class MetricsLogger:
     def __init__(self, output_dir: Path, report_to: Sequence[str], start_step: int, config: dict):
         self.path = output_dir / METRICS_NAME
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
         self._tb = self._wandb = None
         if "tensorboard" in report_to:
@@ -290,6 +299,8 @@ class _Trainer:
         random.seed(config.seed)
         torch.manual_seed(config.seed)  # same adapter init on every process
         self.dataset = self._load_dataset(dataset)
+        # one run per output_dir, until train() ends; taken before the model loads
+        self._lock = lock_directory(self.output_dir, "training run") if self.dp.main else None
         self._check_output_dir()
         self.policy = policy if policy is not None else self._load_policy()
         self.fsdp = config.fsdp and self.dp.world > 1
@@ -358,14 +369,26 @@ class _Trainer:
             shutil.rmtree(checkpoints)
 
     def _resume(self) -> None:
-        """Continue from the newest complete checkpoint (a fresh start if there is none yet)."""
+        """Continue from the newest intact checkpoint (a fresh start if there is none yet). A corrupt
+        one (a disk that filled up, a truncated copy) is skipped with a warning and renamed aside,
+        so that checkpoint pruning and later resumes do not count it."""
         checkpoints = self.output_dir / CHECKPOINTS_DIR
-        latest = latest_checkpoint(checkpoints)
-        if latest is None:
+        found = list_checkpoints(checkpoints)
+        if not found:
             log.info("no checkpoint in %s: starting from step 0", checkpoints)
             return
-        self._restore(latest)
-        log.info("resumed from %s (step %d)", latest, self.step)
+        for path in reversed(found):
+            try:
+                self._restore(path)
+            except ConfigError as e:
+                log.warning("checkpoint %s is unusable, trying the one before: %s", path.name, e)
+                if self.dp.main:
+                    path.rename(path.with_name(path.name + ".corrupt"))
+                continue
+            log.info("resumed from %s (step %d)", path, self.step)
+            return
+        raise ConfigError(f"none of the {len(found)} checkpoints in {checkpoints} is intact (see the warnings); "
+                          "start over with overwrite_output_dir=true or restore them from a copy")
 
     # ---- replays (under FSDP in lockstep: every process runs the same forward/backward passes)
 
@@ -473,7 +496,14 @@ class _Trainer:
 
     def train(self) -> dict[str, Path | None]:
         """Run to `steps`, checkpointing every `save_every` steps and at the end; returns the paths
-        of the adapter, the metrics log and the plot."""
+        of the adapter, the metrics log and the plot. Releases the output directory's lock."""
+        try:
+            return self._train()
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+
+    def _train(self) -> dict[str, Path | None]:
         c = self.config
         logger = None
         if self.dp.main:
@@ -692,9 +722,8 @@ class GRPOTrainer(_Trainer):
         per_func = []
         for name, fn in zip(self.reward_names, self.reward_funcs, strict=True):
             scores = fn(prompts=prompts, completions=rollout.texts, completion_ids=rollout.completion_ids, **columns)
-            if len(scores) != len(prompts):
-                raise ConfigError(f"reward {name} returned {len(scores)} scores for {len(prompts)} completions")
-            per_func.append(torch.tensor([math.nan if s is None else float(s) for s in scores]))
+            scores = checked_scores(name, scores, len(prompts))
+            per_func.append(torch.tensor([math.nan if s is None else s for s in scores]))
         return torch.stack(per_func, 1)
 
     def _policy_batch(self, rollout: GenerationResult, advantages: torch.Tensor, rows: list[int],
