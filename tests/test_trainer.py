@@ -591,3 +591,40 @@ def test_reward_returning_strings_is_a_config_error(tmp_path, tiny_dirs):
     trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], steps=1), dataset=_dataset(), reward_funcs=[words])
     with pytest.raises(ConfigError, match=r"reward words returned 'good' \(str\)"):
         trainer.train()
+
+
+def flat_for_abc(prompts, completions, completion_ids, **columns):
+    """`low_bytes`, except that the "abc" group always scores 1: a zero-std group in every batch."""
+    return [1.0 if p == "abc" else r for p, r in zip(prompts, low_bytes(prompts, completions, completion_ids),
+                                                      strict=True)]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_zero_std_filter_normalised_over_kept_rows_or_as_trl(tmp_path, tiny_dirs, loss_type):
+    """With one of two groups at zero std, zero_std_norm="batch" gives TRL's gradient (no row
+    filtered: zero advantages add nothing but count in N and the token counts); "kept" scales it by
+    N / N_kept = 2 (grpo, dr_grpo) or by all tokens / kept tokens (dapo, bnpo)."""
+    data = [{"prompt": p, "answer": ""} for p in ("abc", "hello")]
+
+    def gradients(**overrides):
+        config = _config(tmp_path, tiny_dirs["llama"], loss_type=loss_type, **overrides)
+        trainer = GRPOTrainer(config, dataset=data, reward_funcs=[flat_for_abc])
+        lengths = {}
+        generate = trainer.generate
+
+        def recording(prompts):
+            out = generate(prompts)
+            lengths.update({p: lengths.get(p, 0) + len(c) for p, c in zip(prompts, out.completion_ids, strict=True)})
+            return out
+
+        trainer.generate = recording
+        return one_step_gradients(trainer), lengths
+
+    trl, lengths = gradients(filter_zero_std=False)
+    batch, _ = gradients(zero_std_norm="batch")
+    kept, _ = gradients()
+    assert any(g.abs().max() > 0 for g in trl)
+    scale = {"grpo": 2.0, "dr_grpo": 2.0}.get(loss_type, sum(lengths.values()) / lengths["hello"])
+    for a, b, c in zip(trl, batch, kept, strict=True):
+        assert_close_to_scale(b, a, rel=1e-5)
+        assert_close_to_scale(c, scale * a, rel=1e-5)

@@ -49,9 +49,9 @@ from .grpo import (
     LOSS_TYPES,
     SCALE_REWARDS,
     LossStats,
+    batch_loss_weights,
     combine_rewards,
     group_advantages,
-    loss_normalizer,
     mask_truncated_completions,
     token_loss_terms,
 )
@@ -67,6 +67,7 @@ log = logging.getLogger("thoughtfold")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SFT_TARGETS = ("dataset", "full_cache")
 REPORT_TO = ("tensorboard", "wandb")
+ZERO_STD_NORMS = ("kept", "batch")
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 
@@ -127,6 +128,7 @@ class TrainConfig:
     beta: float = 0.0
     scale_rewards: str = "group"
     filter_zero_std: bool = True
+    zero_std_norm: str = "kept"  # with filter_zero_std: normalise over the "kept" rows, or the "batch" (TRL)
     mask_truncated_completions: bool = False
     num_iterations: int = 1
     sft_targets: str = "dataset"
@@ -152,7 +154,8 @@ class TrainConfig:
                                      ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
                                      ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
                                      ("sft_targets", self.sft_targets, SFT_TARGETS),
-                                     ("backprop", self.backprop, BACKPROP)):
+                                     ("backprop", self.backprop, BACKPROP),
+                                     ("zero_std_norm", self.zero_std_norm, ZERO_STD_NORMS)):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         unknown = [r for r in self.report_to if r not in REPORT_TO]
@@ -691,12 +694,15 @@ class GRPOTrainer(_Trainer):
             "evictions_per_rollout": sum(e for p in parts for e in p[3]) / len(lengths),
             "rollout_tokens_per_s": sum(p[4] for p in parts),
         })
-        keep = adv.keep_mask(c.filter_zero_std).tolist()
-        kept = [i for i, k in enumerate(keep) if k]
-        tokens = sum(lengths[i] for i in kept if not (c.mask_truncated_completions and truncated[i]))
+        keep = adv.keep_mask(c.filter_zero_std)
+        mask = mask_truncated_completions(_length_mask(lengths, max(lengths), torch.device("cpu")),
+                                          torch.tensor(truncated), c.mask_truncated_completions)
+        weights = batch_loss_weights(mask, keep if c.zero_std_norm == "kept" else adv.valid, c.loss_type,
+                                     c.max_new_tokens, dp.world, _spans(len(prompts), c.replay_batch_size))
         offset = dp.rank * len(prompts)
-        mine = [i - offset for i in kept if offset <= i < offset + len(prompts)]
-        batch = self._policy_batch(rollout, adv.advantages[offset : offset + len(prompts)], mine, len(kept), tokens)
+        mine = [i - offset for i in keep.nonzero()[:, 0].tolist() if offset <= i < offset + len(prompts)]
+        local = slice(offset, offset + len(prompts))
+        batch = self._policy_batch(rollout, adv.advantages[local], mine, weights[local])
         metrics.update(self._update(batch))
         return metrics
 
@@ -727,9 +733,9 @@ class GRPOTrainer(_Trainer):
         return torch.stack(per_func, 1)
 
     def _policy_batch(self, rollout: GenerationResult, advantages: torch.Tensor, rows: list[int],
-                      num_sequences: int, num_tokens: int) -> PolicyBatch:
-        """This process's kept rows with their masks and loss weights normalised by the global batch
-        (`num_sequences` kept rows, `num_tokens` loss tokens); old log-probs are the rollout's."""
+                      weights: torch.Tensor) -> PolicyBatch:
+        """This process's kept rows with their masks and loss weights (`weights`: this process's rows
+        of :func:`batch_loss_weights`); old log-probs are the rollout's."""
         c, device = self.config, self.policy.device
         completions = [rollout.completion_ids[i] for i in rows]
         width = self.lockstep_width(completions)
@@ -739,8 +745,7 @@ class GRPOTrainer(_Trainer):
         batch = PolicyBatch(
             [rollout.prompt_ids[i] for i in rows], completions, [rollout.eviction_log[i] for i in rows],
             _padded([rollout.logprobs[i] for i in rows], width, device), advantages[rows].to(device), mask,
-            loss_normalizer(mask, c.loss_type, c.max_new_tokens, num_sequences=num_sequences,
-                            num_items_in_batch=num_tokens))
+            weights[rows, :width].to(device))
         if c.beta != 0 and (rows or self.fsdp):
             batch.ref = self._reference_logprobs(batch, width)
         return batch
