@@ -16,7 +16,7 @@ from .config import AdapterConfig, CacheConfig
 from .encoder import ThoughtEncoder
 from .errors import ConfigError, DataError, PromptTooLongError
 from .fold import StateFolder
-from .models import encode_prompt, load_model, max_positions
+from .models import check_rope, encode_prompt, load_model, max_positions
 from .persist import load_adapter_weights, read_adapter_config, save_adapter
 from .replay import LossFn, replay
 from .rollout import RawRollout, SamplingConfig, Streamer, rollout
@@ -69,6 +69,7 @@ class Policy:
         one)."""
         self.model = model
         self.base_model = base_model or getattr(model, "name_or_path", "") or "unknown"
+        check_rope(self.base_model, model.config.to_dict())
         self.tokenizer = tokenizer
         self.cache_config = cache or CacheConfig()
         self.adapter_config = adapter or AdapterConfig()
