@@ -82,3 +82,14 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny model directory per supported family."""
     root = tmp_path_factory.mktemp("tiny")
     return {f: make_tiny_model_dir(f, root / f) for f in FAMILIES}
+
+
+def assert_close_to_scale(actual, expected, rel: float) -> None:
+    """Max abs difference <= rel x the largest |expected|. Float rounding scales with the magnitude of
+    the values a result is summed from, not with each element, so a fixed absolute tolerance (or a
+    per-element relative one) passes or fails depending on the CPU's instruction set."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    assert err <= rel * scale, f"max abs diff {err:.3g} > {rel:g} x max |expected| {scale:.3g}"

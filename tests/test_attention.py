@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from conftest import FAMILIES
+from conftest import FAMILIES, assert_close_to_scale
 from thoughtfold.attention import NAME, grouped_decode_attention, use_grouped_decode
 
 
@@ -37,7 +37,7 @@ def test_grouped_decode_equals_repeated_kv(heads, kv_heads):
         q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask, scale=0.3
     ).transpose(1, 2)
     assert ours.shape == (b, 1, heads, d)
-    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    assert_close_to_scale(ours, ref, rel=1e-5)
 
 
 def test_longer_queries_use_transformers_sdpa():
@@ -66,7 +66,7 @@ def test_model_with_grouped_decode_matches_sdpa(tiny_dirs, family):
         ours = model.generate(**kw)
     assert torch.equal(ours.sequences, ref.sequences)
     for a, b in zip(ours.logits, ref.logits, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(a, b, rel=1e-5)
 
 
 def test_other_attention_implementations_are_left_alone(tiny_dirs):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import byte_tokenizer
+from conftest import assert_close_to_scale, byte_tokenizer
 from thoughtfold.cli import TerminalStreamer, main, read_prompts_file
 from thoughtfold.errors import DataError
 
@@ -98,7 +98,7 @@ def test_json_output_matches_the_api(tiny_dirs, two_prompts):
         assert r["text"] == res.texts[i]
         assert r["evictions"] == res.evictions[i]
         assert r["peak_cache_tokens"] == res.peak_cache_tokens[i]
-        assert r["logprobs"] == pytest.approx(res.logprobs[i], abs=1e-5)
+        assert_close_to_scale(r["logprobs"], res.logprobs[i], rel=1e-5)
 
 
 def test_single_prompt_streams_the_returned_text(tiny_dirs):
@@ -290,3 +290,73 @@ def test_train_bad_override_is_one_line():
     assert_one_line_error(run_cli("train", "steps"), "not KEY=VALUE")
     assert_one_line_error(run_cli("train", "cache.window=0"), "window must be >= 1")
     assert_one_line_error(run_cli("sft", "no_such_key=1"), "no_such_key")
+
+
+# --------------------------------------------------------------------------- what a paranoid user tries
+
+
+def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`main(args)` in this process (no interpreter start-up), as run_cli reports it."""
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+@pytest.mark.parametrize("option", ["--temperature", "--top-p"])
+def test_nan_sampling_settings_fail_before_the_model_loads(tmp_path, capsys, option):
+    proc = run_main(capsys, "generate", "--model", str(tmp_path / "no-model"), "--prompt", "hi", option, "nan")
+    assert_one_line_error(proc, option.lstrip("-").replace("-", "_"), "nan")
+
+
+def test_token_ids_outside_the_vocabulary(tiny_dirs, tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": [1, 2, 99999999]}\n')
+    proc = run_main(capsys, "generate", "--model", str(tiny_dirs["llama"]), "--prompts-file", str(f))
+    assert_one_line_error(proc, "token id 99999999", "0 to 258")
+
+
+def test_deeply_nested_json_line(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match="line 1: JSON nested too deeply"):
+        read_prompts_file(f)
+
+
+def test_prompt_plus_new_tokens_beyond_the_model_positions(tiny_dirs, capsys):
+    proc = run_main(capsys, "generate", "--model", str(tiny_dirs["llama"]), "--prompt", "x" * 500,
+                    "--no-chat-template", "--max-new-tokens", "20")
+    assert_one_line_error(proc, "500 tokens + max_new_tokens 20 = 520", "at most 512",
+                          "lower max_new_tokens to 12")
+
+
+@pytest.mark.parametrize("damage, needles", [
+    ("nan", ("holds NaN or infinite values",)),
+    ("truncate", ("truncated or corrupt",)),
+])
+def test_damaged_adapter_is_refused_at_load(tiny_dirs, tmp_path, capsys, damage, needles):
+    from safetensors.torch import load_file, save_file
+
+    from thoughtfold.config import AdapterConfig
+    from thoughtfold.policy import Policy
+
+    Policy.from_pretrained(str(tiny_dirs["llama"]), adapter=AdapterConfig(mode="pte", rank=4)).save_adapter(
+        str(tmp_path / "ad"))
+    weights = tmp_path / "ad" / "adapter.safetensors"
+    if damage == "nan":
+        tensors = load_file(weights)
+        next(iter(tensors.values()))[0, 0] = float("nan")
+        save_file(tensors, weights)
+    else:
+        weights.write_bytes(weights.read_bytes()[:-100])
+    proc = run_main(capsys, "generate", "--adapter", str(tmp_path / "ad"), "--prompt", "hi", "--json")
+    assert_one_line_error(proc, str(weights), *needles)
+
+
+def test_train_rejects_non_finite_numbers_and_a_list_config(tmp_path, capsys):
+    assert_one_line_error(run_main(capsys, "train", "lr=nan"), "lr must be a finite number, got nan")
+    assert_one_line_error(run_main(capsys, "train", "epsilon_high=inf"), "epsilon_high must be a finite number")
+    assert_one_line_error(run_main(capsys, "train", "adapter.alpha=nan"), "alpha must be a finite number")
+    config = tmp_path / "list.yaml"
+    config.write_text("- lr: 1.0e-3\n- steps: 2\n")
+    assert_one_line_error(run_main(capsys, "train", "--config", str(config)),
+                          "must be a mapping of settings (key: value), not a list")

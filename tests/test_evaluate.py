@@ -265,3 +265,54 @@ def test_eval_command_with_adapter_uses_its_window_and_mode(tiny_dirs, tmp_path,
     assert [r["window"] for r in summary["results"]] == [6]
     assert summary["results"][0]["mean_evictions"] > 0
     assert "| 6 " in capsys.readouterr().out
+
+
+def test_eval_refuses_samples_of_another_adapter_saved_at_the_same_path(tiny_dirs, tmp_path, capsys):
+    """Finished samples are reused only for the same adapter weights, not the same path."""
+    import torch
+
+    from thoughtfold.config import AdapterConfig, CacheConfig
+    from thoughtfold.policy import Policy
+
+    policy = Policy.from_pretrained(str(tiny_dirs["qwen2"]), cache=CacheConfig(window=6),
+                                    adapter=AdapterConfig(mode="lora", rank=4), device="cpu")
+    adapter, out = tmp_path / "adapter", tmp_path / "eval"
+    args = ["eval", "--adapter", str(adapter), "--dataset", str(PROBLEMS), "--limit", "1", "--max-new-tokens", "4",
+            "--reward", "arith", "--output", str(out), "--device", "cpu", "--no-progress"]
+    policy.save_adapter(str(adapter))
+    assert main(args) == 0, capsys.readouterr().err
+    policy.save_adapter(str(adapter))  # the same weights again: the finished samples are reused
+    assert main(args) == 0, capsys.readouterr().err
+    with torch.no_grad():
+        policy.wrappers[0].lora_up.add_(1.0)
+    policy.save_adapter(str(adapter))
+    assert main(args) == 2
+    assert "adapter_sha256" in capsys.readouterr().err
+
+
+def test_eval_with_an_unknown_reward_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--dataset", str(PROBLEMS), "--reward", "nosuch", "--output", str(out)]) == 2
+    assert "unknown reward 'nosuch'" in capsys.readouterr().err
+    assert not out.exists()  # so the next eval into it, with a real reward, is not refused
+
+
+def test_eval_into_an_unwritable_output_fails_before_the_model_loads(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--dataset", str(PROBLEMS), "--reward", "arith",
+                 "--output", str(blocker / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write to the output directory") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_eval_temperature_must_be_a_finite_number(value):
+    with pytest.raises(ConfigError, match="temperature must be a number >= 0"):
+        EvalConfig(datasets=["x.jsonl"], temperature=float(value))
+
+
+def test_grader_refuses_scores_that_are_not_numbers():
+    grader = Grader(lambda prompts, completions, **kw: ["1.0"] * len(completions))
+    with pytest.raises(ConfigError, match=r"returned '1.0' \(str\); scores must be numbers or None"):
+        grader(["p"], ["c"], [{"prompt": "p"}])

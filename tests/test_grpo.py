@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import assert_close_to_scale
 from thoughtfold.errors import ConfigError
 from thoughtfold.grpo import (
     LossStats,
@@ -135,8 +136,51 @@ def test_grpo_loss_value():
 def test_dapo_and_bnpo_loss_value():
     assert _loss("dapo")[0].item() == approx((sum(ROW0) + sum(ROW1)) / 5)
     assert _loss("bnpo")[0].item() == approx((sum(ROW0) + sum(ROW1)) / 5)
-    # the global token count of a bigger batch (e.g. across processes) is the normaliser when given
+    # dapo: the global token count of a bigger batch (e.g. across processes) is the normaliser when
+    # given; bnpo (TRL) always normalises by the tokens of its own micro-batch
     assert _loss("dapo", num_items_in_batch=10)[0].item() == approx((sum(ROW0) + sum(ROW1)) / 10)
+    with pytest.raises(ConfigError, match="bnpo normalises by its own micro-batch"):
+        _loss("bnpo", num_items_in_batch=10)
+
+
+# rows of lengths 2, 4, 3, 1 in groups of 2; the second group has zero reward std, so filtering
+# keeps rows 0 and 1. Each expected list is the weight of every loss token of each row, by hand.
+LENGTHS = [2, 4, 3, 1]
+KEPT = [True, True, False, False]
+
+
+@pytest.mark.parametrize("loss_type, norm, expected", [
+    ("grpo", "kept", [1 / (2 * 2), 1 / (2 * 4), 0, 0]),  # mean over 2 kept rows of per-row token means
+    ("grpo", "batch", [1 / (4 * 2), 1 / (4 * 4), 1 / (4 * 3), 1 / (4 * 1)]),  # TRL: N = 4
+    ("dr_grpo", "kept", [1 / (2 * 5)] * 2 + [0, 0]),  # N x max_completion_length (5)
+    ("dr_grpo", "batch", [1 / (4 * 5)] * 4),
+    ("dapo", "kept", [1 / 6] * 2 + [0, 0]),  # 6 kept tokens
+    ("dapo", "batch", [1 / 10] * 4),  # TRL: all 10 tokens of the batch
+    # 2 processes of 2 rows, one micro-batch each: each its own token count, then DDP's mean (/2)
+    ("bnpo", "kept", [1 / (6 * 2)] * 2 + [0, 0]),
+    ("bnpo", "batch", [1 / (6 * 2)] * 2 + [1 / (4 * 2)] * 2),
+])
+def test_batch_loss_weights_by_hand(loss_type, norm, expected):
+    from thoughtfold.grpo import batch_loss_weights
+
+    mask = (torch.arange(5)[None] < torch.tensor(LENGTHS)[:, None]).float()
+    counted = torch.tensor(KEPT) if norm == "kept" else torch.ones(4, dtype=torch.bool)
+    weights = batch_loss_weights(mask, counted, loss_type, max_completion_length=5, processes=2)
+    assert weights.tolist() == [approx([w] * n + [0.0] * (5 - n)) for w, n in zip(expected, LENGTHS, strict=True)]
+    if loss_type != "bnpo":  # one process or two: the same normalisation of the whole batch
+        assert torch.equal(weights, batch_loss_weights(mask, counted, loss_type, 5))
+
+
+def test_bnpo_normalises_each_micro_batch_then_averages():
+    """TRL: loss = mean over processes of (1/G) sum over the G micro-batches of the micro-batch's
+    token mean. Two processes, micro-batches of one row: each row's weight is 1/(n_i * 2 * 2)."""
+    from thoughtfold.grpo import batch_loss_weights
+
+    mask = (torch.arange(5)[None] < torch.tensor(LENGTHS)[:, None]).float()
+    weights = batch_loss_weights(mask, torch.ones(4, dtype=torch.bool), "bnpo", processes=2,
+                                 micro_batches=[(0, 1), (1, 2)])
+    assert weights.sum(1).tolist() == approx([1 / 4] * 4)  # every micro-batch's tokens: weight 1/(2 x 2) in all
+    assert weights[1, 0].item() == approx(1 / (4 * 2 * 2))
 
 
 def test_dr_grpo_loss_value():
@@ -225,7 +269,7 @@ def test_segment_sum_equals_one_shot_loss_and_grad(loss_type):
         total += terms.sum().detach()
         stats = stats + seg_stats
     assert total.item() == approx(full.item())
-    assert torch.allclose(seg_lp.grad, full_lp.grad, atol=1e-7)
+    assert_close_to_scale(seg_lp.grad, full_lp.grad, rel=1e-5)
     assert stats.metrics() == approx(full_metrics)
 
 

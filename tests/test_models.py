@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAMILIES, byte_tokenizer
+from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer, make_tiny_model_dir, tiny_config
 from thoughtfold.errors import ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError
 from thoughtfold.models import (
     SUPPORTED_MODEL_TYPES,
@@ -248,3 +248,84 @@ def test_default_model_is_a_working_instruct_model(default_cache):
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, len(ids):])
+
+
+# --------------------------------------------------------------------------- RoPE: exact or refused
+
+# what each rope type needs beyond rope_theta for a 512-position model (scaling past 128 positions)
+ROPE_CASES = {
+    "default": {},
+    "linear": {"factor": 2.0},
+    "dynamic": {"factor": 2.0},
+    "yarn": {"factor": 4.0, "original_max_position_embeddings": 128},
+    "longrope": {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "original_max_position_embeddings": 128},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+    "proportional": {"partial_rotary_factor": 0.5},
+}
+LENGTH_DEPENDENT = {"dynamic", "longrope"}
+
+
+def test_rope_cases_cover_every_type_transformers_offers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert set(ROPE_INIT_FUNCTIONS) | {"default"} == set(ROPE_CASES)
+
+
+@pytest.mark.parametrize("rope_type", sorted(ROPE_CASES))
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_every_rope_type_derotates_exactly_or_is_refused(tmp_path, family, rope_type):
+    """The keys the model caches, de-rotated as the folder does (the rotary at the keys'
+    positions, past the original context where the scaled types differ), are the keys before
+    rotation; types whose frequencies follow the sequence length are refused at load."""
+    from transformers import DynamicCache
+
+    from thoughtfold.cache import cache_kwarg
+    from thoughtfold.encoder import derotate_keys
+    from thoughtfold.fold import StateFolder
+
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, **ROPE_CASES[rope_type]}
+    path = make_tiny_model_dir(family, tmp_path / rope_type, rope_parameters=rope)
+    if rope_type in LENGTH_DEPENDENT:
+        with pytest.raises(UnsupportedArchitectureError, match=f"rope_type '{rope_type}'.*sequence length"):
+            load_model(str(path))
+        return
+    model, _ = load_model(str(path), dtype="float32", device="cpu")
+    attn = model.model.layers[0].self_attn
+    raw: list[torch.Tensor] = []
+    hook = (attn.k_norm if family == "qwen3" else attn.k_proj).register_forward_hook(lambda m, i, o: raw.append(o))
+    positions = torch.arange(300, 340)[None]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 250, (1, 40)), position_ids=positions, use_cache=True,
+              **{cache_kwarg(model): cache})
+    hook.remove()
+    cached = cache.layers[0].keys  # [1, kv_heads, 40, head_dim], rotated
+    before = raw[0].reshape(1, 40, -1, cached.shape[-1]).transpose(1, 2)
+    cos, sin = StateFolder(model, [], None).rotary(cached.new_empty(0), positions)
+    assert_close_to_scale(derotate_keys(cached, cos, sin), before, rel=1e-5)
+    assert (cached - before).abs().max() > 0.1  # the keys really were rotated
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "yarn", "llama3"])
+def test_partial_rotary_with_scaled_rope_is_refused(tmp_path, rope_type):
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, "partial_rotary_factor": 0.5, **ROPE_CASES[rope_type]}
+    path = make_tiny_model_dir("llama", tmp_path / rope_type, rope_parameters=rope)
+    with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor 0.5"):
+        load_model(str(path))
+
+
+def test_legacy_rope_scaling_and_model_objects_are_checked_too(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from thoughtfold.models import check_rope
+    from thoughtfold.policy import Policy
+
+    with pytest.raises(UnsupportedArchitectureError, match="rope_type 'dynamic'"):
+        check_rope("old", {"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(UnsupportedArchitectureError, match="rope_type 'ntk', which thoughtfold has not validated"):
+        check_rope("new", {"model_type": "llama", "rope_parameters": {"rope_type": "ntk"}})
+    check_rope("qwen2.5", {"model_type": "qwen2", "rope_scaling": None})
+    cfg = tiny_config("llama", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                **ROPE_CASES["longrope"]})
+    with pytest.raises(UnsupportedArchitectureError, match="rope_type 'longrope'"):
+        Policy(AutoModelForCausalLM.from_config(cfg), byte_tokenizer())

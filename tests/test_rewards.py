@@ -157,6 +157,36 @@ def test_default_math_reward_integers_fast_path():
         1.0, 0.0, 0.0]
 
 
+def test_integers_of_any_length_are_compared_exactly():
+    """Python's int() refuses over 4,300 digits; a boxed 5,000-digit integer is still graded."""
+    huge = "9" * 5000
+    completions = [f"\\boxed{{{huge}}}", f"\\boxed{{0{huge}}}", f"\\boxed{{{huge[:-1]}8}}", "\\boxed{3}"]
+    assert math_reward(None, completions, answer=[huge, huge, huge, "3"]) == [1.0, 1.0, 0.0, 1.0]
+    assert math_reward(None, ["\\boxed{-0}", "\\boxed{-7}"], answer=["0", "7"]) == [1.0, 0.0]
+    # the arith reward (small procedural numbers) skips such a gold and scores such a prediction 0
+    assert arith_reward(None, completions, answer=[huge, "3", "3", "3"]) == [None, 0.0, 0.0, 1.0]
+
+
+def test_arith_reward_is_bounded_on_huge_exponents():
+    """Fraction("1e100000000") computes 10**1e8: such numbers are not numbers to the arith reward."""
+    start = time.monotonic()
+    scores = arith_reward(None, ["\\boxed{1e100000000}", "\\boxed{1e-99999999}", "\\boxed{2.5e3}"],
+                          answer=["1e100000000", "3", "2500"])
+    assert scores == [None, 0.0, 1.0]
+    assert time.monotonic() - start < 1.0
+
+
+def test_boxes_are_found_in_linear_time():
+    """Rewards parse model output: nested or unclosed boxes by the ten thousand must stay cheap."""
+    start = time.monotonic()
+    assert format_reward(None, ["\\boxed{" * 20000, "\\boxed{" * 20000 + "}" * 20000]) == [0.0, 0.0]
+    assert last_boxed("\\boxed{" * 20000 + "7" + "}" * 20000) == "7"
+    assert extract_answer("\\boxed{" * 20000) is not None
+    assert time.monotonic() - start < 2.0
+    assert last_boxed("\\boxed{a} } {\\boxed{b}} \\fbox {c}") == "c"
+    assert format_reward(None, ["{ \\boxed{x} }", "\\boxed{\\boxed{x}}"]) == [1.0, 0.0]
+
+
 def test_format_reward():
     completions = [
         "reasoning... \\boxed{4}",

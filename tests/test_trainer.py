@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_close_to_scale
 from thoughtfold.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from thoughtfold.config import AdapterConfig, CacheConfig
 from thoughtfold.data import SYSTEM_PROMPT
@@ -232,7 +233,7 @@ def test_replay_micro_batches_accumulate_the_full_batch_gradient(tmp_path, tiny_
         grads.append(one_step_gradients(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])))
     assert any(g.abs().max() > 0 for g in grads[0])
     for full, micro in zip(*grads, strict=True):
-        torch.testing.assert_close(micro, full, rtol=1e-4, atol=1e-7)
+        assert_close_to_scale(micro, full, rel=1e-5)
 
 
 def test_num_iterations_and_warmup_tick_the_schedule_per_update(tmp_path, tiny_dirs):
@@ -335,7 +336,7 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, t
     for loss_type in DDP_LOSS_TYPES:
         single = GRPOTrainer(_config(tmp_path, model, prompts_per_step=4, loss_type=loss_type), dataset=_dataset(),
                              reward_funcs=[low_bytes])
-        assert_rank_gradients(out, f"grads-{loss_type}-{{rank}}.pt", one_step_gradients(single), atol=1e-7)
+        assert_rank_gradients(out, f"grads-{loss_type}-{{rank}}.pt", one_step_gradients(single), rel=1e-5)
 
 
 def _launch(script: str, world: int = 2) -> None:
@@ -356,13 +357,13 @@ def _launch(script: str, world: int = 2) -> None:
         assert proc.returncode == 0, err[-2000:]
 
 
-def assert_rank_gradients(out: Path, name: str, expected: list[torch.Tensor], atol: float) -> None:
+def assert_rank_gradients(out: Path, name: str, expected: list[torch.Tensor], rel: float) -> None:
     """Each process's saved gradients (`name` formatted with its rank) equal the expected ones."""
     assert any(g.abs().max() > 0 for g in expected)
     for rank in range(2):
         got = torch.load(out / name.format(rank=rank))
         for a, b in zip(got, expected, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
+            assert_close_to_scale(a, b, rel=rel)
 
 
 _FSDP_RANK = """
@@ -405,7 +406,7 @@ def test_fsdp_shards_the_base_and_matches_one_process(tmp_path, tiny_dirs, monke
     monkeypatch.setattr(GRPOTrainer, "generate", ragged_generate)
     single = GRPOTrainer(_config(tmp_path, model, prompts_per_step=4, replay_batch_size=2, beta=0.05,
                                  backprop="state"), dataset=_dataset(), reward_funcs=[low_bytes])
-    assert_rank_gradients(out, "grads-{rank}.pt", one_step_gradients(single), atol=1e-6)
+    assert_rank_gradients(out, "grads-{rank}.pt", one_step_gradients(single), rel=1e-5)
     # SFT: the sharded first-step loss over both processes' traces is one process's loss on both
     sft = SFTTrainer(_config(tmp_path, model, steps=1, prompts_per_step=2, max_new_tokens=24,
                              output_dir=str(tmp_path / "sft1")), dataset=SFT_TRACES).train()
@@ -599,8 +600,9 @@ def test_grpo_loss_with_per_row_eviction_schedules_equals_row_by_row(tmp_path, t
     for ours, ref in zip(replayed, rollout.logprobs, strict=True):
         assert (ours - torch.tensor(ref)).abs().max() <= 1e-4
     lengths = [len(c) for c in rollout.completion_ids]
-    batch = trainer._policy_batch(rollout, torch.tensor([1.0, -0.5, 0.25, -2.0]), [0, 1, 2, 3], 4, sum(lengths),
-                                  [0] * 4)
+    width = max(lengths)
+    weights = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).float() / sum(lengths)
+    batch = trainer._policy_batch(rollout, torch.tensor([1.0, -0.5, 0.25, -2.0]), [0, 1, 2, 3], weights, [0] * 4)
 
     def grads(spans):
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -623,3 +625,117 @@ def test_fsdp_refuses_a_custom_eviction_policy(tmp_path, tiny_dirs, monkeypatch)
     with pytest.raises(ConfigError, match="custom eviction_policy: train without fsdp"):
         GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], fsdp=True), policy=policy, dataset=_dataset(),
                     reward_funcs=[low_bytes])
+
+
+# --------------------------------------------------------------------------- what a paranoid user tries
+
+
+def test_two_runs_cannot_share_an_output_dir(tmp_path, tiny_dirs):
+    """A second process training into the same output_dir is refused before its model loads."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from thoughtfold.persist import lock_directory
+            lock = lock_directory({str(out)!r}, "training run")
+            print("locked", flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        config = _config(tmp_path, tmp_path / "no-such-model", steps=1)
+        with pytest.raises(ConfigError, match=rf"{out} is in use by another training run \(training run pid"):
+            GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+    finally:
+        holder.communicate("", timeout=60)
+    config = _config(tmp_path, tiny_dirs["llama"], steps=1)
+    GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()  # free again once it exits
+
+
+def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path):
+    (tmp_path / "file").write_text("")
+    config = _config(tmp_path, tmp_path / "no-such-model", output_dir=str(tmp_path / "file" / "run"))
+    with pytest.raises(ConfigError, match="cannot write to the output directory"):
+        GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_refuses_when_none_is_intact(tmp_path, tiny_dirs, caplog):
+    config = _config(tmp_path, tiny_dirs["llama"], steps=2, save_every=1)
+    GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    weights = checkpoints / "step-00000002" / "adapter" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    resume = _config(tmp_path, tiny_dirs["llama"], steps=3, save_every=1, resume=True)
+    trainer = GRPOTrainer(resume, dataset=_dataset(), reward_funcs=[low_bytes])
+    assert trainer.step == 1
+    assert "step-00000002 is unusable" in caplog.text and "truncated or corrupt" in caplog.text
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000001"]  # the bad one moved aside
+    (checkpoints / "step-00000001" / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="none of the 1 checkpoints .* is intact"):
+        GRPOTrainer(resume, dataset=_dataset(), reward_funcs=[low_bytes])
+
+
+def test_metrics_rewrite_at_resume_is_atomic(tmp_path, monkeypatch):
+    """A kill between writing the kept lines and replacing the file leaves the whole history."""
+    from thoughtfold.trainer import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLogger(tmp_path, [], start_step=2, config={})
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    monkeypatch.undo()
+    MetricsLogger(tmp_path, [], start_step=2, config={}).close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_reward_returning_strings_is_a_config_error(tmp_path, tiny_dirs):
+    def words(prompts, completions, **columns):
+        return ["good"] * len(completions)
+
+    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], steps=1), dataset=_dataset(), reward_funcs=[words])
+    with pytest.raises(ConfigError, match=r"reward words returned 'good' \(str\)"):
+        trainer.train()
+
+
+def flat_for_abc(prompts, completions, completion_ids, **columns):
+    """`low_bytes`, except that the "abc" group always scores 1: a zero-std group in every batch."""
+    return [1.0 if p == "abc" else r for p, r in zip(prompts, low_bytes(prompts, completions, completion_ids),
+                                                      strict=True)]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_zero_std_filter_normalised_over_kept_rows_or_as_trl(tmp_path, tiny_dirs, loss_type):
+    """With one of two groups at zero std, zero_std_norm="batch" gives TRL's gradient (no row
+    filtered: zero advantages add nothing but count in N and the token counts); "kept" scales it by
+    N / N_kept = 2 (grpo, dr_grpo) or by all tokens / kept tokens (dapo, bnpo)."""
+    data = [{"prompt": p, "answer": ""} for p in ("abc", "hello")]
+
+    def gradients(**overrides):
+        config = _config(tmp_path, tiny_dirs["llama"], loss_type=loss_type, **overrides)
+        trainer = GRPOTrainer(config, dataset=data, reward_funcs=[flat_for_abc])
+        lengths = {}
+        generate = trainer.generate
+
+        def recording(prompts):
+            out = generate(prompts)
+            lengths.update({p: lengths.get(p, 0) + len(c) for p, c in zip(prompts, out.completion_ids, strict=True)})
+            return out
+
+        trainer.generate = recording
+        return one_step_gradients(trainer), lengths
+
+    trl, lengths = gradients(filter_zero_std=False)
+    batch, _ = gradients(zero_std_norm="batch")
+    kept, _ = gradients()
+    assert any(g.abs().max() > 0 for g in trl)
+    scale = {"grpo": 2.0, "dr_grpo": 2.0}.get(loss_type, sum(lengths.values()) / lengths["hello"])
+    for a, b, c in zip(trl, batch, kept, strict=True):
+        assert_close_to_scale(b, a, rel=1e-5)
+        assert_close_to_scale(c, scale * a, rel=1e-5)

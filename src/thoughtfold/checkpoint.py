@@ -85,9 +85,14 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(path: str | os.PathLike, policy) -> dict[str, Any]:
-    """Copy the checkpoint's adapter into `policy` and return the trainer state saved with it."""
+    """Copy the checkpoint's adapter into `policy` and return the trainer state saved with it.
+    The state is read first, so a corrupt checkpoint raises ConfigError before changing `policy`."""
     path = Path(path)
     if not (path / STATE_NAME).is_file():
         raise ConfigError(f"{path} is not a thoughtfold checkpoint ({STATE_NAME} not found)")
+    try:
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbled pickle, ...: torch raises many types
+        raise ConfigError(f"{path / STATE_NAME} is truncated or corrupt ({type(e).__name__})") from None
     load_adapter_weights(path / ADAPTER_DIR, policy.model, policy.wrappers, policy.encoder)
-    return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    return state

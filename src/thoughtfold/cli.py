@@ -95,6 +95,8 @@ def read_prompts_file(path: str | Path) -> list[str | list[int]]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply") from None
         if isinstance(item, dict):
             if "prompt" not in item:
                 keys = ", ".join(map(str, item)) or "none"
@@ -274,12 +276,15 @@ def resolve_cache(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run `thoughtfold generate`."""
+    from .rollout import SamplingConfig
+
     # settings first (cheap), so bad values fail before the model loads
     cache = resolve_cache(args)
     if args.batch_size < 1:
         raise ConfigError(f"batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
         raise ConfigError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # range checks
     prompts = [args.prompt] if args.prompt is not None else read_prompts_file(args.prompts_file)
     if args.prompt is not None and not args.prompt.strip():
         raise DataError("the prompt is empty")
@@ -412,6 +417,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Run `thoughtfold eval`."""
     from .config import CacheConfig
     from .evaluate import EvalConfig, evaluate, summary_table
+    from .persist import lock_directory
 
     datasets = split_dataset_list(args.datasets)
     windows, ratio = args.window, args.evict_ratio
@@ -437,9 +443,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         output_dir=args.output or str(Path("runs") / "eval" / name), progress=not args.no_progress,
     )
 
-    policy = load_policy(args)
-    summary = evaluate(policy, config, model=policy.base_model,
-                       adapter=str(Path(args.adapter).resolve()) if args.adapter else None)
+    with lock_directory(config.output_dir, "evaluation"):  # also: a read-only --output fails here, not later
+        policy = load_policy(args)
+        summary = evaluate(policy, config, model=policy.base_model,
+                           adapter=str(Path(args.adapter).resolve()) if args.adapter else None)
     print(f"method: {summary['method']}  model: {summary['model']}  samples/problem: {config.n_samples}  "
           f"T={config.temperature} top-p={config.top_p} max-new-tokens={config.max_new_tokens}")
     print(summary_table(summary))

@@ -75,6 +75,8 @@ class AdapterConfig:
             raise ConfigError(f"global_tokens must be an integer >= 0, got {self.global_tokens!r}")
         if self.encoder_dim is not None and self.encoder_dim < 1:
             raise ConfigError(f"encoder_dim must be >= 1, got {self.encoder_dim}")
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"adapter alpha must be a finite number, got {self.alpha}")
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ConfigError("target_modules is empty: name at least one linear (e.g. q_proj)")

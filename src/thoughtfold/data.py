@@ -134,6 +134,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path.name} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path.name} line {lineno}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path.name} line {lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj

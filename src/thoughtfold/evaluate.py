@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -31,7 +32,8 @@ from typing import Any
 
 from .data import SYSTEM_PROMPT, load_dataset_by_name
 from .errors import ConfigError, DataError
-from .rewards import extract_answer, load_reward, make_math_reward
+from .persist import atomic_write_text, weights_digest
+from .rewards import checked_scores, extract_answer, load_reward, make_math_reward
 
 log = logging.getLogger("thoughtfold")
 
@@ -40,7 +42,7 @@ SUMMARY_NAME = "summary.json"
 CONFIG_NAME = "eval_config.json"
 
 # settings that change what a sample is: a resumed eval must use the same ones
-_SAMPLE_DEFINING = ("model", "adapter", "temperature", "top_p", "top_k", "max_new_tokens",
+_SAMPLE_DEFINING = ("model", "adapter", "adapter_sha256", "temperature", "top_p", "top_k", "max_new_tokens",
                     "evict_ratio", "seed", "system_prompt", "chat_template", "reward", "split")
 
 
@@ -112,12 +114,14 @@ class EvalConfig:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN too
+            raise ConfigError(f"temperature must be a number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
         if not 0 < self.evict_ratio <= 1:
             raise ConfigError(f"evict-ratio must be in (0, 1], got {self.evict_ratio}")
+        if isinstance(self.reward, str):
+            load_reward(self.reward)  # an unknown reward fails before a model loads or a file is written
 
 
 def method_label(policy, adapter: str | None = None) -> str:
@@ -175,9 +179,7 @@ def _check_resume(out: Path, settings: dict) -> None:
                     f"{out} holds an evaluation with other settings ({'; '.join(diffs)}); use another "
                     "--output or the same settings to resume it"
                 )
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- grading
@@ -188,6 +190,7 @@ class Grader:
     worker pool, stopped by :meth:`close`."""
 
     def __init__(self, spec: str | Callable = "math"):
+        self.name = spec if isinstance(spec, str) else getattr(spec, "__name__", "function")
         if spec in ("math", "accuracy"):
             self.fn = make_math_reward()
             self._pool = self.fn.grader  # type: ignore[attr-defined]
@@ -200,9 +203,7 @@ class Grader:
         keys = {k for e in examples for k in e if k != "prompt"}
         columns = {k: [e.get(k) for e in examples] for k in sorted(keys)}
         scores = self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-        if len(scores) != len(completions):
-            raise ConfigError(f"the reward returned {len(scores)} scores for {len(completions)} completions")
-        return [None if s is None else float(s) for s in scores]
+        return checked_scores(self.name, scores, len(completions))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -239,6 +240,7 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
     out.mkdir(parents=True, exist_ok=True)
     method = c.method or method_label(policy, adapter)
     settings = {"model": model or getattr(policy, "base_model", None), "adapter": adapter, "method": method,
+                "adapter_sha256": weights_digest(adapter) if adapter else None,
                 **{k: v for k, v in asdict(c).items() if k not in ("output_dir", "progress", "method")}}
     _check_resume(out, settings)
 
@@ -290,9 +292,7 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
     summary = {"method": method, "model": settings["model"], "adapter": adapter,
                "settings": {k: settings[k] for k in settings if k not in ("model", "adapter", "method")},
                "results": summary}
-    tmp = out / (SUMMARY_NAME + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / SUMMARY_NAME)
+    atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     log.info("eval: %d samples generated now, %d reused; wrote %s and %s", generated, already,
              samples_path, out / SUMMARY_NAME)
     return summary

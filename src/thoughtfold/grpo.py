@@ -154,8 +154,10 @@ def loss_normalizer(mask: torch.Tensor, loss_type: LossType = "grpo", max_comple
     """Per-token weights [N, T] (0 where masked) such that ``sum(weight * per_token_loss)`` is TRL's loss:
 
     * ``grpo``: mean over each sequence's tokens, then mean over sequences -> ``1 / (N * n_i)``;
-    * ``bnpo`` / ``dapo``: token-level mean over all tokens -> ``1 / num_items_in_batch``
-      (default: this mask's token count; pass the global count across micro-batches/processes);
+    * ``dapo``: token-level mean over all tokens -> ``1 / num_items_in_batch`` (default: this
+      mask's token count; pass the global count across micro-batches/processes);
+    * ``bnpo``: token-level mean over this mask's tokens, TRL's per-micro-batch normalisation
+      (:func:`batch_loss_weights` applies it to each micro-batch of a bigger batch);
     * ``dr_grpo``: ``1 / (N * max_completion_length)`` (default ``max_completion_length = T``).
 
     ``num_sequences`` overrides N: the global batch size when this mask is one micro-batch, or
@@ -172,8 +174,36 @@ def loss_normalizer(mask: torch.Tensor, loss_type: LossType = "grpo", max_comple
     if loss_type == "dr_grpo":
         length = max_completion_length if max_completion_length is not None else mask.shape[1]
         return mask / (n * length)
+    if loss_type == "bnpo" and num_items_in_batch is not None:
+        raise ConfigError("bnpo normalises by its own micro-batch's token count; num_items_in_batch is dapo's")
     total = num_items_in_batch if num_items_in_batch is not None else mask.sum().item()
     return mask / max(float(total), 1.0)
+
+
+def batch_loss_weights(mask: torch.Tensor, counted: torch.Tensor, loss_type: LossType = "grpo",
+                       max_completion_length: int | None = None, processes: int = 1,
+                       micro_batches: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Per-token weights [N, T] of a whole batch (every process's rows, in process order) such that
+    summing ``weight * per_token_loss`` over all rows is TRL's loss: N, the token counts and every
+    micro-batch count only the ``counted`` rows [N] bool (others get weight 0).
+
+    ``grpo``, ``dr_grpo`` and ``dapo`` normalise by the whole batch (TRL: global token count for
+    ``dapo``; a mean over equal micro-batches and processes for the others). ``bnpo`` normalises
+    each micro-batch by its own token count, then by the number of micro-batches (TRL's gradient
+    accumulation) and of processes (DDP's average): ``micro_batches`` are the [start, end) row
+    spans of one process's rows (default: all of them, one micro-batch).
+    """
+    mask = mask.float() * counted.to(mask.device).unsqueeze(1)
+    if loss_type != "bnpo":
+        return loss_normalizer(mask, loss_type, max_completion_length, num_sequences=max(int(counted.sum()), 1))
+    local = mask.shape[0] // processes
+    spans = micro_batches if micro_batches is not None else [(0, local)]
+    weights = torch.zeros_like(mask)
+    for p in range(processes):
+        for a, b in spans:
+            rows = slice(p * local + a, p * local + b)
+            weights[rows] = loss_normalizer(mask[rows], "bnpo") / (len(spans) * processes)
+    return weights
 
 
 @dataclass

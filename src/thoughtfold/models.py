@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# RoPE types whose cos/sin are a fixed function of the position, so that an evicted key is
+# de-rotated exactly with the frequencies it was rotated with (yarn's attention factor scales cos
+# and sin alike and is divided out; proportional leaves its non-rotated dimensions at angle 0)
+EXACT_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "proportional")
+# the types that rotate whole heads even with a partial_rotary_factor, as these models apply them
+FULL_HEAD_ROPE_TYPES = ("default", "proportional")
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -255,7 +261,38 @@ def check_architecture(model: str, source: str) -> dict[str, Any]:
             f"model {model!r} has architecture {found}; thoughtfold supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama/SmolLM2/DeepSeek-R1-Distill-Llama, Qwen2/Qwen2.5, Qwen3)"
         )
+    check_rope(model, config_dict)
     return config_dict
+
+
+def check_rope(model: str, config_dict: dict[str, Any]) -> None:
+    """Raise UnsupportedArchitectureError unless the model's RoPE lets evicted keys be de-rotated
+    exactly. `dynamic` and `longrope` recompute their frequencies from the current sequence length,
+    so a key cached at one length cannot be de-rotated at another; a partial_rotary_factor with a
+    scaled type gives cos/sin narrower than the heads these models rotate (their forward fails)."""
+    params = config_dict.get("rope_parameters") or config_dict.get("rope_scaling") or {}
+    per_layer = params.values() if params and all(isinstance(v, dict) for v in params.values()) else [params]
+    for p in per_layer:
+        rope_type = p.get("rope_type", p.get("type", "default"))
+        if rope_type in ("dynamic", "longrope"):
+            raise UnsupportedArchitectureError(
+                f"model {model!r} uses rope_type {rope_type!r}, whose frequencies change with the sequence "
+                "length: keys evicted from the bounded cache could not be de-rotated exactly. Remove the "
+                "rope scaling from its config.json (the model then runs within its original context) or "
+                f"use a checkpoint with rope_type {', '.join(EXACT_ROPE_TYPES)}"
+            )
+        if rope_type not in EXACT_ROPE_TYPES:
+            raise UnsupportedArchitectureError(
+                f"model {model!r} uses rope_type {rope_type!r}, which thoughtfold has not validated for "
+                f"de-rotating evicted keys; supported: {', '.join(EXACT_ROPE_TYPES)}"
+            )
+        partial = p.get("partial_rotary_factor", config_dict.get("partial_rotary_factor")) or 1.0
+        if partial != 1.0 and rope_type not in FULL_HEAD_ROPE_TYPES:
+            raise UnsupportedArchitectureError(
+                f"model {model!r} combines rope_type {rope_type!r} with partial_rotary_factor {partial}, "
+                f"which {config_dict.get('model_type')} models cannot run (they rotate whole heads); "
+                "remove partial_rotary_factor from its config.json"
+            )
 
 
 def load_model(

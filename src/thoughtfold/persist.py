@@ -5,6 +5,9 @@ A `lora`-mode adapter is also exported in PEFT's format (`peft/`), loadable with
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +29,62 @@ from .errors import ConfigError
 CONFIG_NAME = "thoughtfold_adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PEFT_DIR = "peft"
+LOCK_NAME = ".lock"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` through a temporary sibling and os.replace: a kill at any moment
+    leaves the old content or the new, never a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def lock_directory(directory: str | os.PathLike, owner: str) -> IO[str]:
+    """Create `directory` and hold an exclusive lock on it for as long as the returned file stays
+    open (closed, or its process gone: released). Two runs writing one directory would interleave
+    their logs and checkpoints; this also finds a read-only or full directory before a model loads.
+    A POSIX record lock (lockf) is per process: runs are processes, and one process may build
+    several trainers on one directory (one after the other) without deadlocking itself."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = (directory / LOCK_NAME).open("a+", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot write to the output directory {directory}: {e.strerror or e}") from None
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            handle.close()
+            raise ConfigError(f"cannot lock the output directory {directory}: {e.strerror or e}") from None
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"{directory} is in use by another {owner} ({holder}); wait for it to end or "
+                          "pick another output directory") from None
+    try:
+        handle.truncate(0)
+        handle.write(f"{owner} pid {os.getpid()}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    except OSError as e:
+        handle.close()
+        raise ConfigError(f"cannot write to the output directory {directory}: {e.strerror or e}") from None
+    return handle
+
+
+def weights_digest(directory: str | os.PathLike) -> str | None:
+    """SHA-256 of an adapter's weights file (None if it has none): what identifies an adapter,
+    since a path can be re-saved with other weights."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextmanager
@@ -90,8 +150,16 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, Ca
 def load_adapter_weights(
     directory: str | os.PathLike, model: nn.Module, wrappers: list[LowRankLinear], encoder: ThoughtEncoder | None
 ) -> None:
-    """Copy saved tensors into the attached wrappers/encoder; every tensor must match."""
-    tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
+    """Copy saved tensors into the attached wrappers/encoder; every tensor must match and be finite
+    (NaN weights would load silently and turn every output into NaN)."""
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: the adapter directory is incomplete") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise ConfigError(f"{path} is truncated or corrupt ({' '.join(str(e).split())[:200]}); "
+                          "re-save or re-download the adapter") from None
     expected = adapter_state_dict(wrappers, model)
     if encoder is not None:
         expected.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
@@ -101,11 +169,15 @@ def load_adapter_weights(
             f"adapter in {directory} does not fit this model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(extra)[:3]}); load it onto the base model it was trained on"
         )
+    for name, target in expected.items():  # all checked before any is copied
+        if tensors[name].shape != target.shape:
+            raise ConfigError(f"adapter tensor {name} has shape {tuple(tensors[name].shape)}, "
+                              f"expected {tuple(target.shape)}: wrong base model or rank")
+        if not torch.isfinite(tensors[name]).all():
+            raise ConfigError(f"adapter tensor {name} in {path} holds NaN or infinite values: "
+                              "the training that saved it diverged; use an earlier checkpoint")
     with torch.no_grad():
         for name, target in expected.items():
-            if tensors[name].shape != target.shape:
-                raise ConfigError(f"adapter tensor {name} has shape {tuple(tensors[name].shape)}, "
-                                  f"expected {tuple(target.shape)}: wrong base model or rank")
             target.copy_(tensors[name].to(target.device, target.dtype))
 
 

@@ -15,9 +15,9 @@ from .attention import use_grouped_decode
 from .cache import EvictionEvent, EvictionPolicy
 from .config import AdapterConfig, CacheConfig
 from .encoder import ThoughtEncoder
-from .errors import ConfigError, PromptTooLongError
+from .errors import ConfigError, DataError, PromptTooLongError
 from .fold import StateFolder
-from .models import encode_prompt, load_model, max_positions
+from .models import check_rope, encode_prompt, load_model, max_positions
 from .persist import load_adapter_weights, read_adapter_config, save_adapter
 from .replay import DistributionFn, LossFn, replay
 from .rollout import RawRollout, SamplingConfig, Streamer, rollout
@@ -70,6 +70,7 @@ class Policy:
         one)."""
         self.model = model
         self.base_model = base_model or getattr(model, "name_or_path", "") or "unknown"
+        check_rope(self.base_model, model.config.to_dict())
         self.tokenizer = tokenizer
         self.cache_config = cache or CacheConfig()
         self.adapter_config = adapter or AdapterConfig()
@@ -152,9 +153,13 @@ class Policy:
         """Token ids of each prompt (chat template applied to strings when asked and available)."""
         ids = [encode_prompt(self.tokenizer, p, chat_template, system_prompt) for p in _as_prompt_list(prompts)]
         limit = max_positions(self.model)
+        vocab = self.model.get_input_embeddings().num_embeddings
         for i, p in enumerate(ids):
             if not p:
                 raise ConfigError(f"prompt {i} is empty: give at least one token")
+            if max(p) >= vocab:
+                raise DataError(f"prompt {i} has token id {max(p)}, but the model's vocabulary has ids 0 to "
+                                f"{vocab - 1}: use token ids of this model's tokenizer")
             if limit is not None and len(p) >= limit:
                 raise PromptTooLongError(
                     f"prompt {i} has {len(p)} tokens but the model handles at most {limit} positions; shorten it"
@@ -179,6 +184,13 @@ class Policy:
         eviction log of each prompt."""
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
         prompt_ids = self.encode(prompts, chat_template, system_prompt)
+        limit, longest = max_positions(self.model), max(map(len, prompt_ids))
+        if limit is not None and longest + max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
+                f"positions, but the model handles at most {limit}: lower max_new_tokens to "
+                f"{limit - longest} or shorten the prompt"
+            )
         stop = [s for s in (stop or []) if s]
         stop_check = None
         if stop:

@@ -42,8 +42,11 @@ RewardFn = Callable[..., list]
 DEFAULT_TIMEOUT_S = 5.0
 _STARTUP_TIMEOUT_S = 120.0
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE_RE = re.compile(r"[{}]")
 _BOXED_NOBRACE_RE = re.compile(r"\\boxed +([^\s$]+)")
 _ANSWER_MARKER_RE = re.compile(r"(?:final answer|answer is|answer\s*:|####)\s*:?\s*", re.IGNORECASE)
+_EXPONENT_RE = re.compile(r"[eE][+-]?0*(\d+)$")
+MAX_EXPONENT = 10_000
 _INT_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+$|^[+-]?\d+$")
 _NUMBER_RE = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?")
 
@@ -72,30 +75,31 @@ def final_section(text: str) -> str | None:
     return text
 
 
-def boxed_contents(text: str) -> list[str]:
-    """Contents of every complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces matched), in order.
-    A truncated box with unbalanced braces is not returned."""
-    found: list[str] = []
-    for match in _BOXED_RE.finditer(text):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            ch = text[i]
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    found.append(text[start:i])
-                    break
-    if not found:  # "\boxed 5" (no braces) is rare but valid LaTeX
-        found = [m.group(1) for m in _BOXED_NOBRACE_RE.finditer(text)]
-    return found
+def boxed_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of the contents of every complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces
+    matched), in order of their start. A truncated box with unbalanced braces is not returned.
+    One pass over the braces, and spans rather than strings: rewards run on untrusted model output,
+    where ``"\\boxed{" * 20000`` must not cost quadratic time or memory."""
+    box_starts = {m.end() for m in _BOXED_RE.finditer(text)}  # just after each box's "{"
+    spans: list[tuple[int, int]] = []
+    open_braces: list[int | None] = []  # per open "{": its box's content start, None if not a box
+    for brace in _BRACE_RE.finditer(text):
+        i = brace.start()
+        if text[i] == "{":
+            open_braces.append(i + 1 if i + 1 in box_starts else None)
+        elif open_braces:
+            start = open_braces.pop()
+            if start is not None:
+                spans.append((start, i))
+    if not spans:  # "\boxed 5" (no braces) is rare but valid LaTeX
+        spans = [m.span(1) for m in _BOXED_NOBRACE_RE.finditer(text)]
+    return sorted(spans)
 
 
 def last_boxed(text: str) -> str | None:
     """The content of the last complete ``\\boxed{}`` in ``text``, or None."""
-    boxes = boxed_contents(text)
-    return boxes[-1] if boxes else None
+    spans = boxed_spans(text)
+    return text[slice(*spans[-1])] if spans else None
 
 
 def extract_answer(completion: Any) -> str | None:
@@ -122,12 +126,17 @@ def last_number(text: str) -> str | None:
     return numbers[-1].rstrip(",") if numbers else None
 
 
-def _as_int(text: str) -> int | None:
-    """``text`` as an integer if it is a plain integer literal ("1,000" allowed), else None."""
+def _int_literal(text: str) -> str | None:
+    """``text`` in canonical form (sign, digits, no commas or leading zeros) if it is a plain integer
+    literal ("1,000" allowed), else None. Compared as strings, not int(): Python refuses to parse
+    integers over 4,300 digits, and a model can box one."""
     text = text.strip().strip("$").strip()
     if text.startswith("\\boxed{") and text.endswith("}"):
         text = text[len("\\boxed{"):-1].strip()
-    return int(text.replace(",", "")) if _INT_RE.match(text) else None
+    if not _INT_RE.match(text):
+        return None
+    digits = text.lstrip("+-").replace(",", "").lstrip("0")
+    return ("-" if text.startswith("-") and digits else "") + (digits or "0")
 
 
 # --------------------------------------------------------------------------- grading (worker side)
@@ -265,7 +274,7 @@ class MathGrader:
         results: list[float | None] = [None] * len(pairs)
         pending: deque[int] = deque()
         for i, (pred, gold) in enumerate(pairs):
-            gold_int, pred_int = _as_int(gold), (_as_int(pred) if pred is not None else None)
+            gold_int, pred_int = _int_literal(gold), (_int_literal(pred) if pred is not None else None)
             if gold_int is not None and (pred is None or pred_int is not None):
                 results[i] = float(pred_int == gold_int)  # exact; no need for sympy
             else:
@@ -422,8 +431,8 @@ def format_reward(prompts: Sequence[Any] | None, completions: Sequence[Any], **c
     scores = []
     for completion in completions:
         text = final_section(completion_text(completion))
-        boxes = boxed_contents(text) if text is not None else []
-        scores.append(1.0 if len(boxes) == 1 and boxes[0].strip() else 0.0)
+        boxes = boxed_spans(text) if text is not None else []
+        scores.append(1.0 if len(boxes) == 1 and text[slice(*boxes[0])].strip() else 0.0)
     return scores
 
 
@@ -446,14 +455,39 @@ def arith_reward(prompts: Sequence[Any] | None, completions: Sequence[Any],
 
 
 def _as_number(text: str):
-    """``text`` as an exact Fraction if it is a plain integer, decimal or a/b, else None."""
+    """``text`` as an exact Fraction if it is a plain integer, decimal or a/b, else None. A decimal
+    exponent beyond +-MAX_EXPONENT is not a number here: Fraction("1e100000000") computes 10**1e8 for
+    minutes, and the reward must stay cheap whatever the model (or the data) writes."""
     from fractions import Fraction
 
     text = text.strip().strip("$").replace(",", "").replace(" ", "")
+    exponent = _EXPONENT_RE.search(text)
+    if exponent and (len(exponent.group(1)) > 6 or int(exponent.group(1)) > MAX_EXPONENT):
+        return None
     try:
         return Fraction(text)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError):  # also integers over 4,300 digits, which int() refuses
         return None
+
+
+def checked_scores(name: str, scores: Any, n: int) -> list[float | None]:
+    """A reward function's output as floats (None = skipped), or a one-line ConfigError: a reward
+    that returns strings or the wrong count is a bug in that function, not in the run."""
+    if not isinstance(scores, Sequence) or isinstance(scores, (str, bytes)):
+        raise ConfigError(f"reward {name} returned {type(scores).__name__}, not a list of {n} scores")
+    if len(scores) != n:
+        raise ConfigError(f"reward {name} returned {len(scores)} scores for {n} completions")
+    return [None if s is None else _score_value(name, s) for s in scores]
+
+
+def _score_value(name: str, score: Any) -> float:
+    try:
+        if isinstance(score, (str, bytes)):
+            raise TypeError
+        return float(score)  # also numpy scalars and one-element tensors
+    except (TypeError, ValueError):
+        raise ConfigError(f"reward {name} returned {score!r:.60} ({type(score).__name__}); "
+                          "scores must be numbers or None") from None
 
 
 # --------------------------------------------------------------------------- lookup by name

@@ -24,12 +24,12 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
@@ -37,7 +37,6 @@ from .adapter import adapters_disabled
 from .cache import OldestBlock
 from .checkpoint import (
     checkpoint_name,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     rng_state,
@@ -51,23 +50,25 @@ from .grpo import (
     LOSS_TYPES,
     SCALE_REWARDS,
     LossStats,
+    batch_loss_weights,
     combine_rewards,
     group_advantages,
-    loss_normalizer,
     mask_truncated_completions,
     token_loss_terms,
 )
 from .parallel import DataParallel, shard_base_model
+from .persist import atomic_write_text, lock_directory
 from .policy import GenerationResult, Policy, concat_rollouts
 from .replay import BACKPROP
 from .report import METRICS_NAME, plot_curves
-from .rewards import load_reward
+from .rewards import checked_scores, load_reward
 
 log = logging.getLogger("thoughtfold")
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SFT_TARGETS = ("dataset", "full_cache")
 REPORT_TO = ("tensorboard", "wandb")
+ZERO_STD_NORMS = ("kept", "batch")
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 
@@ -128,6 +129,7 @@ class TrainConfig:
     beta: float = 0.0
     scale_rewards: str = "group"
     filter_zero_std: bool = True
+    zero_std_norm: str = "kept"  # with filter_zero_std: normalise over the "kept" rows, or the "batch" (TRL)
     mask_truncated_completions: bool = False
     num_iterations: int = 1
     sft_targets: str = "dataset"
@@ -153,7 +155,8 @@ class TrainConfig:
                                      ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
                                      ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
                                      ("sft_targets", self.sft_targets, SFT_TARGETS),
-                                     ("backprop", self.backprop, BACKPROP)):
+                                     ("backprop", self.backprop, BACKPROP),
+                                     ("zero_std_norm", self.zero_std_norm, ZERO_STD_NORMS)):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         unknown = [r for r in self.report_to if r not in REPORT_TO]
@@ -165,6 +168,11 @@ class TrainConfig:
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.rewards)} rewards")
 
     def _check_ranges(self) -> None:
+        # NaN passes every comparison below (nan <= 0 is False): refuse non-finite numbers first
+        for name, value in [(f.name, getattr(self, f.name)) for f in fields(self)] + [
+                ("reward_weights", w) for w in self.reward_weights or []]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         for name, low in (("group_size", 1), ("prompts_per_step", 1), ("max_new_tokens", 1),
                           ("num_iterations", 1), ("steps", 1), ("warmup_steps", 0), ("save_every", 0)):
             if getattr(self, name) < low:
@@ -188,7 +196,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {path} not found")
-            layers.append(OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
+                                  f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
+            layers.append(loaded)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. lr=1e-5)")
@@ -217,7 +229,7 @@ class MetricsLogger:
     def __init__(self, output_dir: Path, report_to: Sequence[str], start_step: int, config: dict):
         self.path = output_dir / METRICS_NAME
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
         self._tb = self._wandb = None
         if "tensorboard" in report_to:
@@ -291,6 +303,8 @@ class _Trainer:
         random.seed(config.seed)
         torch.manual_seed(config.seed)  # same adapter init on every process
         self.dataset = self._load_dataset(dataset)
+        # one run per output_dir, until train() ends; taken before the model loads
+        self._lock = lock_directory(self.output_dir, "training run") if self.dp.main else None
         self._check_output_dir()
         self.policy = policy if policy is not None else self._load_policy()
         self.fsdp = config.fsdp and self.dp.world > 1
@@ -362,14 +376,26 @@ class _Trainer:
             shutil.rmtree(checkpoints)
 
     def _resume(self) -> None:
-        """Continue from the newest complete checkpoint (a fresh start if there is none yet)."""
+        """Continue from the newest intact checkpoint (a fresh start if there is none yet). A corrupt
+        one (a disk that filled up, a truncated copy) is skipped with a warning and renamed aside,
+        so that checkpoint pruning and later resumes do not count it."""
         checkpoints = self.output_dir / CHECKPOINTS_DIR
-        latest = latest_checkpoint(checkpoints)
-        if latest is None:
+        found = list_checkpoints(checkpoints)
+        if not found:
             log.info("no checkpoint in %s: starting from step 0", checkpoints)
             return
-        self._restore(latest)
-        log.info("resumed from %s (step %d)", latest, self.step)
+        for path in reversed(found):
+            try:
+                self._restore(path)
+            except ConfigError as e:
+                log.warning("checkpoint %s is unusable, trying the one before: %s", path.name, e)
+                if self.dp.main:
+                    path.rename(path.with_name(path.name + ".corrupt"))
+                continue
+            log.info("resumed from %s (step %d)", path, self.step)
+            return
+        raise ConfigError(f"none of the {len(found)} checkpoints in {checkpoints} is intact (see the warnings); "
+                          "start over with overwrite_output_dir=true or restore them from a copy")
 
     # ---- replays (under FSDP in lockstep: every process runs the same forward/backward passes)
 
@@ -479,7 +505,14 @@ class _Trainer:
 
     def train(self) -> dict[str, Path | None]:
         """Run to `steps`, checkpointing every `save_every` steps and at the end; returns the paths
-        of the adapter, the metrics log and the plot."""
+        of the adapter, the metrics log and the plot. Releases the output directory's lock."""
+        try:
+            return self._train()
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+
+    def _train(self) -> dict[str, Path | None]:
         c = self.config
         logger = None
         if self.dp.main:
@@ -658,7 +691,6 @@ class GRPOTrainer(_Trainer):
         scores = torch.cat([p[0] for p in parts])
         lengths = [len(ids) for p in parts for ids in p[1]]
         truncated = [t for p in parts for t in p[2]]
-        loss_lengths = [max(n - k, 0) for n, k in zip(lengths, (k for p in parts for k in p[5]), strict=True)]
         rewards = combine_rewards(scores, c.reward_weights)
         adv = group_advantages(rewards, c.group_size, c.scale_rewards)
         metrics = {f"rewards/{name}/mean": scores[:, j].nanmean().nan_to_num(0.0).item()
@@ -675,13 +707,16 @@ class GRPOTrainer(_Trainer):
             "evictions_per_rollout": sum(e for p in parts for e in p[3]) / len(lengths),
             "rollout_tokens_per_s": sum(p[4] for p in parts),
         })
-        keep = adv.keep_mask(c.filter_zero_std).tolist()
-        kept = [i for i, k in enumerate(keep) if k]
-        tokens = sum(loss_lengths[i] for i in kept if not (c.mask_truncated_completions and truncated[i]))
+        keep = adv.keep_mask(c.filter_zero_std)
+        starts = [k for p in parts for k in p[5]]  # loss_mask_prefix of every row
+        mask = mask_truncated_completions(_length_mask(lengths, max(lengths), torch.device("cpu"), starts=starts),
+                                          torch.tensor(truncated), c.mask_truncated_completions)
+        weights = batch_loss_weights(mask, keep if c.zero_std_norm == "kept" else adv.valid, c.loss_type,
+                                     c.max_new_tokens, dp.world, _spans(len(prompts), c.replay_batch_size))
         offset = dp.rank * len(prompts)
-        mine = [i - offset for i in kept if offset <= i < offset + len(prompts)]
-        batch = self._policy_batch(rollout, adv.advantages[offset : offset + len(prompts)], mine, len(kept), tokens,
-                                   [prefixes[i] for i in mine])
+        mine = [i - offset for i in keep.nonzero()[:, 0].tolist() if offset <= i < offset + len(prompts)]
+        local = slice(offset, offset + len(prompts))
+        batch = self._policy_batch(rollout, adv.advantages[local], mine, weights[local], [prefixes[i] for i in mine])
         metrics.update(self._update(batch))
         return metrics
 
@@ -707,16 +742,15 @@ class GRPOTrainer(_Trainer):
         per_func = []
         for name, fn in zip(self.reward_names, self.reward_funcs, strict=True):
             scores = fn(prompts=prompts, completions=rollout.texts, completion_ids=rollout.completion_ids, **columns)
-            if len(scores) != len(prompts):
-                raise ConfigError(f"reward {name} returned {len(scores)} scores for {len(prompts)} completions")
-            per_func.append(torch.tensor([math.nan if s is None else float(s) for s in scores]))
+            scores = checked_scores(name, scores, len(prompts))
+            per_func.append(torch.tensor([math.nan if s is None else s for s in scores]))
         return torch.stack(per_func, 1)
 
     def _policy_batch(self, rollout: GenerationResult, advantages: torch.Tensor, rows: list[int],
-                      num_sequences: int, num_tokens: int, prefixes: list[int]) -> PolicyBatch:
-        """This process's kept rows with their masks and loss weights normalised by the global batch
-        (`num_sequences` kept rows, `num_tokens` loss tokens); old log-probs are the rollout's. The
-        first `prefixes[j]` tokens of row j are left out of the loss (`loss_mask_prefix`)."""
+                      weights: torch.Tensor, prefixes: list[int]) -> PolicyBatch:
+        """This process's kept rows with their masks and loss weights (`weights`: this process's rows
+        of :func:`batch_loss_weights`); old log-probs are the rollout's. The first `prefixes[j]`
+        tokens of row j are left out of the loss (`loss_mask_prefix`)."""
         c, device = self.config, self.policy.device
         completions = [rollout.completion_ids[i] for i in rows]
         width = self.lockstep_width(completions)
@@ -726,8 +760,7 @@ class GRPOTrainer(_Trainer):
         batch = PolicyBatch(
             [rollout.prompt_ids[i] for i in rows], completions, [rollout.eviction_log[i] for i in rows],
             _padded([rollout.logprobs[i] for i in rows], width, device), advantages[rows].to(device), mask,
-            loss_normalizer(mask, c.loss_type, c.max_new_tokens, num_sequences=num_sequences,
-                            num_items_in_batch=num_tokens))
+            weights[rows, :width].to(device))
         if c.beta != 0 and (rows or self.fsdp):
             batch.ref = self._reference_logprobs(batch, width)
         return batch
