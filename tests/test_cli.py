@@ -273,7 +273,7 @@ def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path):
     common = [f"model={tiny_dirs['llama']}", "dtype=float32", "device=cpu", "cache.window=8",
               "adapter.rank=4", "adapter.global_tokens=2", "group_size=2", "prompts_per_step=2",
               "max_new_tokens=12", "save_every=1", f"output_dir={out}", "progress=false"]
-    first = run_cli("train", *common, "steps=1")
+    first = run_cli("grpo", *common, "steps=1")
     assert first.returncode == 0, first.stderr
     assert "adapter:" in first.stderr and (out / "metrics.jsonl").is_file()
     again = run_cli("train", "--resume", *common, "steps=2")

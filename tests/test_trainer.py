@@ -123,7 +123,9 @@ def test_load_config_yaml_then_overrides(tmp_path):
 @pytest.mark.parametrize("override, words", [
     ("loss_type=ppo", "loss_type must be one of"),
     ("backprop=bogus", "backprop must be one of"),
-    ("lrr=1", "'lrr'"),
+    ("lrr=1", "unknown setting 'lrr'; did you mean 'lr'"),
+    ("learnin_rate=1e-5", "did you mean 'learning_rate'"),
+    ("max_steps=2 steps=3", "'max_steps' and 'steps' set the same thing"),
     ("lr=fast", "could not be converted"),
     ("lr", "key=value"),
     ("adapter.mode=dora", "adapter mode must be one of"),
@@ -132,8 +134,20 @@ def test_load_config_yaml_then_overrides(tmp_path):
 ])
 def test_bad_config_is_one_line_config_error(override, words):
     with pytest.raises(ConfigError, match=words) as info:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert "\n" not in str(info.value)
+
+
+def test_trl_grpo_config_names_load(tmp_path):
+    """A TRL user's GRPOConfig field names work in YAML and overrides, next to ours."""
+    yaml_file = tmp_path / "trl.yaml"
+    yaml_file.write_text("num_generations: 4\nlearning_rate: 1.0e-5\nmax_completion_length: 64\n"
+                         "lr_scheduler_type: cosine\nepsilon: 0.1\nepsilon_high: 0.28\nbeta: 0.04\n")
+    config = load_config(yaml_file, ["max_steps=3", "save_steps=2", "cache.window=8"])
+    assert (config.group_size, config.lr, config.max_new_tokens, config.lr_scheduler) == (4, 1e-5, 64, "cosine")
+    assert (config.epsilon_low, config.epsilon_high, config.beta, config.steps, config.save_every) == (
+        0.1, 0.28, 0.04, 3, 2)
+    assert load_config(yaml_file, ["learning_rate=3e-4"]).lr == 3e-4  # a later layer wins across spellings
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

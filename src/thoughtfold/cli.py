@@ -595,12 +595,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_train_parsers(sub) -> None:
-    """`thoughtfold train` (cache-aware GRPO) and `thoughtfold sft` (supervised, through the replay)."""
-    for name, helptext in (
-        ("train", "RL-train with cache-aware GRPO; no arguments = the quickstart run on the bundled model"),
-        ("sft", "supervised training through the replay (imitate dataset solutions or full-cache traces)"),
+    """`thoughtfold grpo` (cache-aware GRPO; `train` is an alias) and `thoughtfold sft` (supervised,
+    through the replay), as TRL names its `trl grpo` / `trl sft` commands."""
+    for name, aliases, helptext in (
+        ("grpo", ["train"], "RL-train with cache-aware GRPO; no arguments = the quickstart run on the bundled model"),
+        ("sft", [], "supervised training through the replay (imitate dataset solutions or full-cache traces)"),
     ):
-        p = sub.add_parser(name, help=helptext, description=helptext)
+        p = sub.add_parser(name, aliases=aliases, help=helptext, description=helptext)
         p.add_argument("--config", default=None, metavar="FILE",
                        help="YAML config (see configs/); default: the built-in quickstart settings")
         p.add_argument("--resume", action="store_true",
@@ -611,7 +612,7 @@ def add_train_parsers(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Run `thoughtfold train` / `thoughtfold sft`."""
+    """Run `thoughtfold grpo` (alias `train`) / `thoughtfold sft`."""
     from .trainer import GRPOTrainer, SFTTrainer, load_config
 
     bad = [o for o in args.overrides if "=" not in o]
@@ -619,7 +620,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"override {bad[0]!r} is not KEY=VALUE (e.g. cache.window=64)")
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
     config = load_config(args.config, overrides)
-    trainer = (GRPOTrainer if args.trainer == "train" else SFTTrainer)(config)
+    trainer = (GRPOTrainer if args.trainer == "grpo" else SFTTrainer)(config)
     trainer.train()
     return 0
 

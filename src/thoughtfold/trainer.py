@@ -14,6 +14,7 @@ Checkpoints (checkpoint.py) make a run resumable exactly, even after a SIGKILL.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -188,9 +189,39 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
 
 
+TRL_NAMES = {
+    "num_generations": "group_size",
+    "max_completion_length": "max_new_tokens",
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "save_steps": "save_every",
+    "lr_scheduler_type": "lr_scheduler",
+    "epsilon": "epsilon_low",
+}
+"""TRL GRPOConfig / SFTConfig names accepted as spellings of TrainConfig fields."""
+
+
+def _with_our_names(layer: DictConfig, source: str) -> DictConfig:
+    """`layer` with TRL's names renamed to ours; an unknown top-level key is a ConfigError that
+    suggests the closest known name."""
+    known = {f.name for f in fields(TrainConfig)}
+    out, spelled = {}, {}
+    for key in layer:
+        name = TRL_NAMES.get(str(key), str(key))
+        if name not in known:
+            close = difflib.get_close_matches(str(key), sorted(known | set(TRL_NAMES)), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+        if name in out:
+            raise ConfigError(f"{source}: {spelled[name]!r} and {key!r} set the same thing; keep one")
+        out[name], spelled[name] = layer[key], key
+    return OmegaConf.create(out)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """A TrainConfig from defaults < YAML file < ``key=value`` overrides (dotted keys, e.g.
-    ``cache.window=256 adapter.mode=lora``); unknown keys and bad types raise ConfigError."""
+    ``cache.window=256 adapter.mode=lora``); TRL's names (`num_generations`, `learning_rate`,
+    `max_steps`, ... see TRL_NAMES) work too. Unknown keys and bad types raise ConfigError."""
     layers = [OmegaConf.structured(TrainConfig)]
     try:
         if path is not None:
@@ -200,11 +231,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
                                   f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
-            layers.append(loaded)
+            layers.append(_with_our_names(loaded, f"config file {path}"))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. lr=1e-5)")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_with_our_names(OmegaConf.from_dotlist(list(overrides)), "override"))
         return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
