@@ -38,12 +38,12 @@ BENCH="python -m thoughtfold.bench --shape qwen2.5-3b --device cuda --window 102
 for step in $STEPS; do
   case $step in
     tests) timeout 150 python -m pytest -q -p no:cacheprovider tests/test_graph.py tests/test_attention.py ;;
-    decode) timeout 330 $BENCH decode --batch 32 --lengths 1024 --methods bounded-compiled,hf-static,bounded \
+    decode) timeout 330 $BENCH decode --batch-size 32 --lengths 1024 --methods bounded-compiled,hf-static,bounded \
               --output "$OUT/decode" ;;
-    encoder) timeout 420 $BENCH encoder --batch 32 --tokens 2048 --compile --output "$OUT/encoder" ;;
+    encoder) timeout 420 $BENCH encoder --batch-size 32 --tokens 2048 --compile --output "$OUT/encoder" ;;
     profile) for mode in none pte; do timeout 150 python benchmarks/gpu/profile_step.py --mode $mode; done ;;
-    long) timeout 420 $BENCH decode --batch 32 --lengths 1024,32768 --methods bounded-compiled --output "$OUT/long" ;;
-    train) timeout 570 $BENCH grpo --batch 8 --lengths 3072,6144 --rank 32 --global-tokens 32 --backprop state \
+    long) timeout 420 $BENCH decode --batch-size 32 --lengths 1024,32768 --methods bounded-compiled --output "$OUT/long" ;;
+    train) timeout 570 $BENCH grpo --batch-size 8 --lengths 3072,6144 --rank 32 --global-tokens 32 --backprop state \
              --replay-batch 1 --output "$OUT/train" ;;
     *) echo "unknown step $step (tests, encoder, long, decode, profile, train)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log"

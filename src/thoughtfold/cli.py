@@ -533,7 +533,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="generated / completion lengths [default: 256,1024,4096 decode; 512,2048,8192 replay; "
                    "512,1024,2048 grpo]")
     p.add_argument("--window", type=_number(int, "window"), default=256, metavar="W", help="[default: %(default)s]")
-    p.add_argument("--batch", type=_number(int, "batch"), default=4, help="[default: %(default)s]")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=_number(int, "batch-size"), default=4,
+                   help="sequences per batch [default: %(default)s]")
     p.add_argument("--tokens", type=_number(int, "tokens"), default=1024,
                    help="encoder: tokens decoded [default: %(default)s]")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N [default: %(default)s]")

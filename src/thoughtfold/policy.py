@@ -199,7 +199,7 @@ class Policy:
                 return torch.tensor([any(s in t for s in stop) for t in tails], device=tokens.device)
         raw = rollout(
             self.model, self.folder, prompt_ids, self.cache_config, sampling,
-            eos_ids=self.eos_token_ids, pad_id=self._pad_id(), streamer=streamer,
+            eos_ids=self.eos_token_ids, pad_id=self.pad_token_id, streamer=streamer,
             policy=self.eviction_policy, stop_check=stop_check, cuda_graph=self.cuda_graph,
             compile_step=self.compile_decode, lockstep=self.lockstep,
         )
@@ -229,7 +229,7 @@ class Policy:
         segment (see replay.DistributionFn)."""
         return replay(
             self.model, self.folder, prompt_ids, completion_ids, self.cache_config, eviction_log,
-            loss_fn=loss_fn, temperature=temperature, backprop=backprop, pad_id=self._pad_id(),
+            loss_fn=loss_fn, temperature=temperature, backprop=backprop, pad_id=self.pad_token_id,
             min_length=min_length, distribution_fn=distribution_fn,
         )
 
@@ -242,7 +242,9 @@ class Policy:
             ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
         return ids
 
-    def _pad_id(self) -> int:
+    @property
+    def pad_token_id(self) -> int:
+        """The id that pads prompts and replays: the tokenizer's, else the model's, else an EOS id."""
         for source in (self.tokenizer, self.model.generation_config, self.model.config):
             pad = getattr(source, "pad_token_id", None)
             if pad is not None:

@@ -458,7 +458,7 @@ class _Trainer:
     def idle_replay(self, width: int, train: bool) -> None:
         """Under FSDP, what a process with no rows left runs while the others replay: one padding
         sequence of `width` tokens with a zero loss, so its collectives match theirs."""
-        pad = self.policy._pad_id()
+        pad = self.policy.pad_token_id
         kwargs = {"loss_fn": lambda lp, a, b, rows: lp.sum() * 0.0, **self._backprop_kwargs()} if train else {}
         self.policy.replay_logprobs([[pad]], [[pad] * max(width, 1)], None, min_length=width, **kwargs)
 
