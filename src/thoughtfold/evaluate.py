@@ -259,7 +259,6 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
     if already:
         log.info("resuming %s: %d of %d samples already done", out, already, total)
     grader = Grader(c.reward)
-    saved_cache = policy.cache_config
     bar = tqdm(total=total, initial=already, desc="eval", unit="sample", disable=not c.progress,
                dynamic_ncols=True)
     generated = 0
@@ -268,25 +267,24 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
             for name, rows in loaded.items():
                 items = [(i, s) for i in range(len(rows)) for s in range(K)]
                 for window in c.windows:
-                    policy.cache_config = CacheConfig(window=window, evict_ratio=c.evict_ratio)
-                    bar.set_postfix_str(f"{name} W={'full' if window is None else window}", refresh=False)
-                    for start in range(0, len(items), c.batch_size):
-                        batch = items[start : start + c.batch_size]
-                        todo = [j for j, (i, s) in enumerate(batch) if (name, window, i, s) not in done]
-                        if not todo:
-                            continue
-                        records = _run_batch(policy, grader, c, name, window, rows, batch, start)
-                        for j in todo:
-                            f.write(json.dumps(records[j], ensure_ascii=False) + "\n")
-                            done[_key(records[j])] = records[j]
-                        f.flush()
-                        os.fsync(f.fileno())
-                        generated += len(todo)
-                        bar.update(len(todo))
+                    with policy.using_cache(CacheConfig(window=window, evict_ratio=c.evict_ratio)):
+                        bar.set_postfix_str(f"{name} W={'full' if window is None else window}", refresh=False)
+                        for start in range(0, len(items), c.batch_size):
+                            batch = items[start : start + c.batch_size]
+                            todo = [j for j, (i, s) in enumerate(batch) if (name, window, i, s) not in done]
+                            if not todo:
+                                continue
+                            records = _run_batch(policy, grader, c, name, window, rows, batch, start)
+                            for j in todo:
+                                f.write(json.dumps(records[j], ensure_ascii=False) + "\n")
+                                done[_key(records[j])] = records[j]
+                            f.flush()
+                            os.fsync(f.fileno())
+                            generated += len(todo)
+                            bar.update(len(todo))
     finally:
         bar.close()
         grader.close()
-        policy.cache_config = saved_cache
 
     summary = summarize(done, loaded, c.windows, K)
     summary = {"method": method, "model": settings["model"], "adapter": adapter,
