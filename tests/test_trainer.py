@@ -21,20 +21,15 @@ from safetensors.torch import load_file
 
 from conftest import assert_close_to_scale
 from thoughtfold.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from thoughtfold.cli import eval_command
 from thoughtfold.config import AdapterConfig, CacheConfig
 from thoughtfold.data import SYSTEM_PROMPT
 from thoughtfold.errors import ConfigError, DataError
+from thoughtfold.metrics import MetricsLogger, read_metrics
 from thoughtfold.parallel import DataParallel
-from thoughtfold.policy import Policy
-from thoughtfold.trainer import (
-    DataConfig,
-    GRPOTrainer,
-    SFTTrainer,
-    TrainConfig,
-    concat_rollouts,
-    load_config,
-    read_metrics,
-)
+from thoughtfold.policy import Policy, concat_rollouts
+from thoughtfold.train_config import DataConfig, TrainConfig, load_config
+from thoughtfold.trainer import GRPOTrainer, SFTTrainer
 
 PROMPTS = ["abc", "hello", "xyz", "12+3"]
 
@@ -171,8 +166,7 @@ def test_paper_configs(name, mode, window):
 
 
 def test_eval_command_mirrors_the_training_settings(tmp_path, tiny_dirs):
-    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], rewards=["arith"]), dataset=_dataset())
-    command = trainer.eval_command(tmp_path / "run" / "adapter")
+    command = eval_command(_config(tmp_path, tiny_dirs["llama"], rewards=["arith"]), tmp_path / "run" / "adapter")
     assert command == (f"thoughtfold eval --adapter {tmp_path / 'run' / 'adapter'} --data arith:tiny "
                        "--reward arith --max-new-tokens 16 --no-system-prompt")
 
@@ -692,8 +686,6 @@ def test_resume_skips_a_corrupt_checkpoint_and_refuses_when_none_is_intact(tmp_p
 
 def test_metrics_rewrite_at_resume_is_atomic(tmp_path, monkeypatch):
     """A kill between writing the kept lines and replacing the file leaves the whole history."""
-    from thoughtfold.trainer import MetricsLogger
-
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)))
 

@@ -39,7 +39,8 @@ import torch
 from thoughtfold.data import SYSTEM_PROMPT, load_dataset_by_name
 from thoughtfold.fidelity import answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
-from thoughtfold.trainer import SFTTrainer, load_config
+from thoughtfold.train_config import load_config
+from thoughtfold.trainer import SFTTrainer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

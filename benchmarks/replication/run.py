@@ -38,9 +38,11 @@ import torch
 
 from thoughtfold.config import AdapterConfig, CacheConfig
 from thoughtfold.memory import PeakMemory
+from thoughtfold.metrics import read_metrics
 from thoughtfold.policy import Policy
 from thoughtfold.recall import BOS, EOS, PAD, RecallTask, recall_tokenizer
-from thoughtfold.trainer import DataConfig, GRPOTrainer, SFTTrainer, TrainConfig, read_metrics
+from thoughtfold.train_config import DataConfig, TrainConfig
+from thoughtfold.trainer import GRPOTrainer, SFTTrainer
 
 HERE = Path(__file__).resolve().parent
 

@@ -21,11 +21,11 @@ _LAZY = {
     "GenerationResult": "policy",
     "EvictionPolicy": "cache",
     "EvictionEvent": "cache",
-    "TrainConfig": "trainer",
-    "DataConfig": "trainer",
+    "TrainConfig": "train_config",
+    "DataConfig": "train_config",
     "GRPOTrainer": "trainer",
     "SFTTrainer": "trainer",
-    "load_config": "trainer",
+    "load_config": "train_config",
 }
 
 

@@ -317,7 +317,8 @@ def grpo_benchmark(shape: str, lengths: list[int], window: int, batch: int, devi
     import random
     import tempfile
 
-    from .trainer import GRPOTrainer, TrainConfig
+    from .train_config import TrainConfig
+    from .trainer import GRPOTrainer
 
     def random_reward(prompts, completions, **_):
         return [random.random() for _ in prompts]

@@ -12,13 +12,17 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .errors import ConfigError, DataError, ThoughtfoldError
+
+if TYPE_CHECKING:
+    from .train_config import TrainConfig
 
 EXIT_USAGE = 2
 
@@ -613,8 +617,10 @@ def add_train_parsers(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Run `thoughtfold grpo` (alias `train`) / `thoughtfold sft`."""
-    from .trainer import GRPOTrainer, SFTTrainer, load_config
+    """Run `thoughtfold grpo` (alias `train`) / `thoughtfold sft`, then say where the results are
+    and how to evaluate them."""
+    from .train_config import load_config
+    from .trainer import GRPOTrainer, SFTTrainer
 
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
@@ -622,8 +628,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
     config = load_config(args.config, overrides)
     trainer = (GRPOTrainer if args.trainer == "grpo" else SFTTrainer)(config)
-    trainer.train()
+    paths = trainer.train()
+    if trainer.dp.main:
+        plot = paths["plot"] if paths["plot"] is not None else "(no data)"
+        print("\n".join([
+            f"thoughtfold: {trainer.kind} finished after {trainer.step} steps",
+            f"  adapter:  {paths['adapter']}",
+            f"  logs:     {paths['metrics']}",
+            f"  plot:     {plot}",
+            f"  evaluate: {eval_command(config, paths['adapter'])}",
+        ]), file=sys.stderr)
     return 0
+
+
+def eval_command(config: TrainConfig, adapter: Path) -> str:
+    """`thoughtfold eval` of the trained task with the training prompts, grader and token budget
+    (the window comes from the adapter's saved cache settings)."""
+    from .data import SYSTEM_PROMPT
+
+    data = config.data
+    args = ["thoughtfold", "eval", "--adapter", str(adapter), "--data", data.dataset,
+            "--reward", config.rewards[0], "--max-new-tokens", str(config.max_new_tokens)]
+    if data.system_prompt is None:
+        args.append("--no-system-prompt")
+    elif data.system_prompt != SYSTEM_PROMPT:
+        args += ["--system-prompt", data.system_prompt]
+    if not data.chat_template:
+        args.append("--no-chat-template")
+    return shlex.join(args)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -21,8 +21,8 @@ from typing import Any
 
 from .errors import DataError
 from .evaluate import SUMMARY_NAME, markdown_table, pct, window_name
+from .metrics import METRICS_NAME, read_metrics
 
-METRICS_NAME = "metrics.jsonl"  # the trainer's metrics log, one JSON object per step
 REPORT_NAME = "report.md"
 
 
@@ -49,19 +49,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics.jsonl; a line cut short by a kill is skipped."""
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
 
 
 def _read_config(run_dir: Path) -> dict:

@@ -8,30 +8,23 @@ never spans more than one segment: memory is bounded by the cache window, not by
 length. Under `torchrun` each process takes its share of the prompts; with `fsdp` the frozen base
 weights are sharded too (parallel.py).
 
-Configs are dataclasses loaded from YAML plus ``key=value`` overrides through OmegaConf.
+The settings are a `TrainConfig` (train_config.py); each step's metrics go to metrics.py's log.
 Checkpoints (checkpoint.py) make a run resumable exactly, even after a SIGKILL.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
 import math
 import random
-import resource
-import shlex
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from .adapter import adapters_disabled
@@ -44,12 +37,10 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import AdapterConfig, CacheConfig
-from .data import SYSTEM_PROMPT, load_dataset_by_name
+from .config import CacheConfig
+from .data import load_dataset_by_name
 from .errors import ConfigError, DataError
 from .grpo import (
-    LOSS_TYPES,
-    SCALE_REWARDS,
     LossStats,
     batch_loss_weights,
     combine_rewards,
@@ -57,263 +48,18 @@ from .grpo import (
     mask_truncated_completions,
     token_loss_terms,
 )
+from .metrics import METRICS_NAME, MetricsLogger, peak_memory_gb, read_metrics
 from .parallel import DataParallel, shard_base_model
-from .persist import atomic_write_text, lock_directory
+from .persist import lock_directory
 from .policy import GenerationResult, Policy, concat_rollouts
-from .replay import BACKPROP
-from .report import METRICS_NAME, plot_curves
+from .report import plot_curves
 from .rewards import checked_scores, load_reward
+from .train_config import TrainConfig, config_to_yaml
 
 log = logging.getLogger("thoughtfold")
 
-LR_SCHEDULERS = ("constant", "linear", "cosine")
-SFT_TARGETS = ("dataset", "full_cache")
-REPORT_TO = ("tensorboard", "wandb")
-ZERO_STD_NORMS = ("kept", "batch")
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class DataConfig:
-    """Where prompts come from (any spec `data.load_dataset_by_name` accepts) and how they are
-    templated. `completion_field` is the column holding the target trace for SFT. The defaults are
-    the quickstart task (one-step arithmetic, no system prompt: a 135M model answers best directly);
-    math sets want `system_prompt` = `data.SYSTEM_PROMPT`, which asks for a \\boxed{} answer."""
-
-    dataset: str = "arith:tiny"
-    split: str | None = None
-    limit: int | None = None
-    prompt_field: str | None = None
-    answer_field: str | None = None
-    completion_field: str = "solution"
-    system_prompt: str | None = None
-    chat_template: bool = True
-    shuffle: bool = True
-
-
-@dataclass
-class TrainConfig:
-    """Everything a GRPO or SFT run needs. Names follow TRL's GRPOConfig where one exists
-    (`num_iterations`, `epsilon_high`, `loss_type`, `scale_rewards`, `mask_truncated_completions`, ...).
-    The defaults are the quickstart run (configs/quickstart.yaml): PTE on the bundled small model."""
-
-    model: str = "default"
-    dtype: str | None = None
-    device: str | None = None
-    compile_decode: bool = False  # torch.compile the rollouts' decode step (worth it on CUDA)
-    fsdp: bool = False  # under torchrun: also shard the frozen base weights over the processes (FSDP2)
-    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=16))
-    adapter: AdapterConfig = field(
-        default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
-    )
-    data: DataConfig = field(default_factory=DataConfig)
-    rewards: list[str] = field(default_factory=lambda: ["arith"])
-    reward_weights: list[float] | None = None
-    group_size: int = 8
-    prompts_per_step: int = 4
-    max_new_tokens: int = 24
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 1
-    max_grad_norm: float = 1.0
-    loss_type: str = "dapo"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    beta: float = 0.0
-    scale_rewards: str = "group"
-    filter_zero_std: bool = True
-    zero_std_norm: str = "kept"  # with filter_zero_std: normalise over the "kept" rows, or the "batch" (TRL)
-    mask_truncated_completions: bool = False
-    num_iterations: int = 1
-    sft_targets: str = "dataset"
-    backprop: str = "state"  # how replay gradients cross evictions (replay.BACKPROP); "truncated" cannot learn recall
-    generation_batch_size: int | None = None
-    replay_batch_size: int | None = None
-    steps: int = 16
-    save_every: int = 8
-    save_total_limit: int | None = 2
-    output_dir: str = "runs/quickstart"
-    overwrite_output_dir: bool = False
-    resume: bool = False
-    seed: int = 0
-    report_to: list[str] = field(default_factory=list)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self._check_choices()
-        self._check_ranges()
-
-    def _check_choices(self) -> None:
-        for name, value, allowed in (("loss_type", self.loss_type, LOSS_TYPES),
-                                     ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
-                                     ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
-                                     ("sft_targets", self.sft_targets, SFT_TARGETS),
-                                     ("backprop", self.backprop, BACKPROP),
-                                     ("zero_std_norm", self.zero_std_norm, ZERO_STD_NORMS)):
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        unknown = [r for r in self.report_to if r not in REPORT_TO]
-        if unknown:
-            raise ConfigError(f"report_to accepts {', '.join(REPORT_TO)}, got {unknown[0]!r}")
-        if not self.rewards:
-            raise ConfigError("rewards is empty: name at least one reward (e.g. arith, math, format)")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.rewards)} rewards")
-
-    def _check_ranges(self) -> None:
-        # NaN passes every comparison below (nan <= 0 is False): refuse non-finite numbers first
-        for name, value in [(f.name, getattr(self, f.name)) for f in fields(self)] + [
-                ("reward_weights", w) for w in self.reward_weights or []]:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value}")
-        for name, low in (("group_size", 1), ("prompts_per_step", 1), ("max_new_tokens", 1),
-                          ("num_iterations", 1), ("steps", 1), ("warmup_steps", 0), ("save_every", 0)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0 for training (log-probs need a distribution), got {self.temperature}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.epsilon_low < 0 or self.epsilon_high < 0:
-            raise ConfigError("epsilon_low and epsilon_high must be >= 0")
-        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
-
-
-TRL_NAMES = {
-    "num_generations": "group_size",
-    "max_completion_length": "max_new_tokens",
-    "learning_rate": "lr",
-    "max_steps": "steps",
-    "save_steps": "save_every",
-    "lr_scheduler_type": "lr_scheduler",
-    "epsilon": "epsilon_low",
-}
-"""TRL GRPOConfig / SFTConfig names accepted as spellings of TrainConfig fields."""
-
-
-def _with_our_names(layer: DictConfig, source: str) -> DictConfig:
-    """`layer` with TRL's names renamed to ours; an unknown top-level key is a ConfigError that
-    suggests the closest known name."""
-    known = {f.name for f in fields(TrainConfig)}
-    out, spelled = {}, {}
-    for key in layer:
-        name = TRL_NAMES.get(str(key), str(key))
-        if name not in known:
-            close = difflib.get_close_matches(str(key), sorted(known | set(TRL_NAMES)), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
-        if name in out:
-            raise ConfigError(f"{source}: {spelled[name]!r} and {key!r} set the same thing; keep one")
-        out[name], spelled[name] = layer[key], key
-    return OmegaConf.create(out)
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """A TrainConfig from defaults < YAML file < ``key=value`` overrides (dotted keys, e.g.
-    ``cache.window=256 adapter.mode=lora``); TRL's names (`num_generations`, `learning_rate`,
-    `max_steps`, ... see TRL_NAMES) work too. Unknown keys and bad types raise ConfigError."""
-    layers = [OmegaConf.structured(TrainConfig)]
-    try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} not found")
-            loaded = OmegaConf.load(path)
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
-                                  f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
-            layers.append(_with_our_names(loaded, f"config file {path}"))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. lr=1e-5)")
-        layers.append(_with_our_names(OmegaConf.from_dotlist(list(overrides)), "override"))
-        return OmegaConf.to_object(OmegaConf.merge(*layers))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        message = str(e).splitlines()[0]
-        raise ConfigError(f"config{f' key {key!r}' if key else ''}: {message}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-
-
-def config_to_yaml(config: TrainConfig) -> str:
-    """The resolved config, as saved next to the run (reload it with `load_config`)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-# --------------------------------------------------------------------------- logging
-
-
-class MetricsLogger:
-    """One JSON line per step in `metrics.jsonl` (always), plus TensorBoard / W&B when asked.
-    On resume the lines after the checkpoint's step are dropped, so the log matches the state."""
-
-    def __init__(self, output_dir: Path, report_to: Sequence[str], start_step: int, config: dict):
-        self.path = output_dir / METRICS_NAME
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = self.path.open("a")
-        self._tb = self._wandb = None
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
-        if "wandb" in report_to:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("report_to wandb needs the wandb package: pip install wandb") from None
-            self._wandb = wandb.init(project="thoughtfold", dir=str(output_dir), config=config, resume="allow")
-
-    def log(self, metrics: dict[str, float]) -> None:
-        """Append one step's metrics everywhere."""
-        self._file.write(json.dumps(metrics) + "\n")
-        self._file.flush()
-        step = int(metrics["step"])
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if key != "step":
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
-        if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl (a line cut short by a kill is skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory since the last reset, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 # --------------------------------------------------------------------------- shared loop
@@ -591,32 +337,8 @@ class _Trainer:
             self.policy.save_adapter(adapter)
             plot_path = plot_curves({self.kind: read_metrics(metrics_path)}, self.plot_key, plot_path,
                                     self.output_dir.name)
-            print(self._summary(adapter, metrics_path, plot_path), file=sys.stderr)
         self.dp.barrier()
         return {"adapter": adapter, "metrics": metrics_path, "plot": plot_path}
-
-    def _summary(self, adapter: Path, metrics_path: Path, plot: Path | None) -> str:
-        return "\n".join([
-            f"thoughtfold: {self.kind} finished after {self.step} steps",
-            f"  adapter:  {adapter}",
-            f"  logs:     {metrics_path}",
-            f"  plot:     {plot if plot is not None else '(no data)'}",
-            f"  evaluate: {self.eval_command(adapter)}",
-        ])
-
-    def eval_command(self, adapter: Path) -> str:
-        """`thoughtfold eval` of the trained task with the training prompts, grader and token budget
-        (the window comes from the adapter's saved cache settings)."""
-        c = self.config
-        args = ["thoughtfold", "eval", "--adapter", str(adapter), "--data", c.data.dataset,
-                "--reward", c.rewards[0], "--max-new-tokens", str(c.max_new_tokens)]
-        if c.data.system_prompt is None:
-            args.append("--no-system-prompt")
-        elif c.data.system_prompt != SYSTEM_PROMPT:
-            args += ["--system-prompt", c.data.system_prompt]
-        if not c.data.chat_template:
-            args.append("--no-chat-template")
-        return shlex.join(args)
 
 
 # --------------------------------------------------------------------------- GRPO
@@ -927,4 +649,4 @@ class SFTTrainer(_Trainer):
         return ids + [tokenizer.eos_token_id]
 
 
-__all__ = ["DataConfig", "GRPOTrainer", "MetricsLogger", "SFTTrainer", "TrainConfig", "load_config"]
+__all__ = ["GRPOTrainer", "PolicyBatch", "SFTTrainer"]
