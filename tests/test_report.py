@@ -77,6 +77,8 @@ class StubPolicy:
     def __init__(self, answers):
         self.answers, self.cache_config, self.base_model = answers, CacheConfig(), "stub"
 
+    using_cache = Policy.using_cache  # evaluate() switches windows through it
+
     def generate(self, prompts, **kwargs):
         w = self.cache_config.window
         texts = [f"\\boxed{{{self.answers.get(p, 0)}}}" for p in prompts]
