@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from thoughtfold.answers import last_boxed
 from thoughtfold.data import (
     ARITH_PRESETS,
     SYSTEM_PROMPT,
@@ -21,7 +22,6 @@ from thoughtfold.data import (
     parse_arith_spec,
 )
 from thoughtfold.errors import ConfigError, DataError
-from thoughtfold.rewards import last_boxed
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

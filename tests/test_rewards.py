@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from thoughtfold.answers import extract_answer, last_boxed
 from thoughtfold.errors import ConfigError
 from thoughtfold.rewards import (
     arith_reward,
-    extract_answer,
     format_reward,
     grade_answer,
-    last_boxed,
     load_reward,
     make_math_reward,
     math_reward,

@@ -39,6 +39,7 @@ import torch
 from thoughtfold.data import SYSTEM_PROMPT, load_dataset_by_name
 from thoughtfold.fidelity import answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
+from thoughtfold.render import pyplot
 from thoughtfold.train_config import load_config
 from thoughtfold.trainer import SFTTrainer
 
@@ -221,11 +222,7 @@ def recall(out: Path, settings: dict, log: Log) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [(e, m) for e in results["experiments"] for m in dict.fromkeys(r["metric"] for r in e["rows"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
     for ax, (exp, metric) in zip(axes, panels, strict=True):

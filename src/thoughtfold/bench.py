@@ -25,7 +25,9 @@ import torch
 from .adapter import AdapterGroup, detach_adapters
 from .config import AdapterConfig, CacheConfig
 from .memory import PeakMemory
+from .models import head_dim
 from .policy import Policy
+from .render import markdown_table, pyplot
 from .replay import BACKPROP
 
 SHAPES = {
@@ -97,9 +99,8 @@ def decode_floor_seconds(model, batch: int, cached_tokens: int, bandwidth: float
     only as the output projection) plus the K/V of `cached_tokens` per sequence."""
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     element = next(model.parameters()).element_size()
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element * cached_tokens * batch
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * element * cached_tokens * batch
     return (weights + kv) / bandwidth
 
 
@@ -429,11 +430,7 @@ def _series(rows: list[list], column: int) -> dict[str, list[tuple[float, float]
 def plot_lengths(rows: list[list], columns: dict[int, str], path, title: str, xlabel: str):
     """One panel per (column index -> y label) of a decode/replay table, value vs length per method
     (log2 length axis). Returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.8), squeeze=False)
     for ax, (column, ylabel) in zip(axes[0], columns.items(), strict=True):
         for method, points in _series(rows, column).items():
@@ -453,16 +450,6 @@ def plot_lengths(rows: list[list], columns: dict[int, str], path, title: str, xl
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    """An aligned markdown table (printed to the terminal and written to bench.md alike)."""
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-
-    def line(cells: list) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[int] | None = None,

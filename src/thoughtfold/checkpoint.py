@@ -21,7 +21,7 @@ import torch
 from .errors import ConfigError
 from .persist import atomic_dir, load_adapter_weights
 
-ADAPTER_DIR = "adapter"
+ADAPTER_DIR = "adapter"  # the adapter inside a checkpoint, and the final one in the output directory
 STATE_NAME = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

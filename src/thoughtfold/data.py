@@ -24,9 +24,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .answers import last_boxed
 from .errors import ConfigError, DataError
 from .recall import parse_recall_spec, recall_dataset
-from .rewards import last_boxed
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant that solves math problems. Reason step by step, then write the "

@@ -30,10 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .answers import extract_answer
 from .data import SYSTEM_PROMPT, load_dataset_by_name
 from .errors import ConfigError, DataError
 from .persist import atomic_write_text, weights_digest
-from .rewards import checked_scores, extract_answer, load_reward, make_math_reward
+from .render import markdown_table
+from .rewards import load_reward, make_math_reward, score_completions
 
 log = logging.getLogger("thoughtfold")
 
@@ -200,10 +202,7 @@ class Grader:
 
     def __call__(self, prompts: list, completions: list[str], examples: list[dict],
                  completion_ids: list[list[int]] | None = None) -> list[float | None]:
-        keys = {k for e in examples for k in e if k != "prompt"}
-        columns = {k: [e.get(k) for e in examples] for k in sorted(keys)}
-        scores = self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-        return checked_scores(self.name, scores, len(completions))
+        return score_completions(self.name, self.fn, prompts, completions, completion_ids, examples)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -360,15 +359,6 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def window_name(window: int | None) -> str:
     return "full" if window is None else str(window)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table with padded columns."""
-    cells = [[str(h) for h in header]] + [[str(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def pct(value: float | None) -> str:

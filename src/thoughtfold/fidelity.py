@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import adapters_disabled
+from .answers import extract_answer
 from .config import CacheConfig
 from .policy import GenerationResult, Policy, concat_rollouts
 from .replay import default_schedule
-from .rewards import extract_answer, make_math_reward
+from .rewards import make_math_reward
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from .errors import ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -386,6 +386,12 @@ def encode_prompt(
     if not ids:
         raise DataError("empty prompt: it encodes to no tokens")
     return ids
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    """Width of one attention head: the config's `head_dim` where it sets one (Qwen3 decouples it
+    from the hidden size), else hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def max_positions(model: PreTrainedModel) -> int | None:

@@ -17,7 +17,7 @@ from .config import AdapterConfig, CacheConfig
 from .encoder import ThoughtEncoder
 from .errors import ConfigError, DataError, PromptTooLongError
 from .fold import StateFolder
-from .models import check_rope, encode_prompt, load_model, max_positions
+from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
 from .persist import load_adapter_weights, read_adapter_config, save_adapter
 from .replay import DistributionFn, LossFn, replay
 from .rollout import RawRollout, SamplingConfig, Streamer, rollout
@@ -82,8 +82,7 @@ class Policy:
         self.encoder: ThoughtEncoder | None = None
         if self.adapter_config.mode == "pte":
             cfg = model.config
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            kv_dim = cfg.num_key_value_heads * head_dim
+            kv_dim = cfg.num_key_value_heads * head_dim(cfg)
             dtype = wide_dtype(next(model.parameters()).dtype)
             self.encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config).to(self.device, dtype)
         self.folder = StateFolder(model, self.wrappers, self.encoder)

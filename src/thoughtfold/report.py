@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
-from .evaluate import SUMMARY_NAME, markdown_table, pct, window_name
+from .evaluate import SUMMARY_NAME, pct, window_name
 from .metrics import METRICS_NAME, read_metrics
+from .render import markdown_table, pyplot
 
 REPORT_NAME = "report.md"
 
@@ -199,7 +200,7 @@ def plot_accuracy(series: dict[str, dict[int | None, dict]], windows: list[int |
                   title: str) -> Path:
     """pass@1 (%) against the window (log2 axis), one line per method; the full cache sits at the
     right end, labelled 'full'."""
-    plt = _pyplot()
+    plt = pyplot()
     finite = [w for w in windows if w is not None]
     full_x = (max(finite) * 2) if finite else 1
     fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -286,7 +287,7 @@ def plot_curves(runs: dict[str, list[dict]], key: str, path: Path, title: str) -
             curves[label] = points
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for label, points in curves.items():
         steps, values = zip(*points, strict=True)
@@ -310,17 +311,8 @@ def _save(fig, ax, path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # --------------------------------------------------------------------------- the report

@@ -34,6 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .answers import boxed_spans, completion_text, extract_answer, final_section, last_boxed, last_number
 from .errors import ConfigError, ThoughtfoldError
 from .recall import recall_reward
 
@@ -41,89 +42,9 @@ RewardFn = Callable[..., list]
 
 DEFAULT_TIMEOUT_S = 5.0
 _STARTUP_TIMEOUT_S = 120.0
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_BRACE_RE = re.compile(r"[{}]")
-_BOXED_NOBRACE_RE = re.compile(r"\\boxed +([^\s$]+)")
-_ANSWER_MARKER_RE = re.compile(r"(?:final answer|answer is|answer\s*:|####)\s*:?\s*", re.IGNORECASE)
 _EXPONENT_RE = re.compile(r"[eE][+-]?0*(\d+)$")
 MAX_EXPONENT = 10_000
 _INT_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+$|^[+-]?\d+$")
-_NUMBER_RE = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?")
-
-
-# --------------------------------------------------------------------------- answer extraction
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: a string, or TRL's conversational form (list of messages)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, Sequence) and completion:
-        return completion_text(completion[-1])
-    return "" if completion is None else str(completion)
-
-
-def final_section(text: str) -> str | None:
-    """The part after the last ``</think>``; None when a ``<think>`` was opened and never closed
-    (the model was still thinking, so it gave no final answer)."""
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1]
-    if "<think>" in text:
-        return None
-    return text
-
-
-def boxed_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of the contents of every complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces
-    matched), in order of their start. A truncated box with unbalanced braces is not returned.
-    One pass over the braces, and spans rather than strings: rewards run on untrusted model output,
-    where ``"\\boxed{" * 20000`` must not cost quadratic time or memory."""
-    box_starts = {m.end() for m in _BOXED_RE.finditer(text)}  # just after each box's "{"
-    spans: list[tuple[int, int]] = []
-    open_braces: list[int | None] = []  # per open "{": its box's content start, None if not a box
-    for brace in _BRACE_RE.finditer(text):
-        i = brace.start()
-        if text[i] == "{":
-            open_braces.append(i + 1 if i + 1 in box_starts else None)
-        elif open_braces:
-            start = open_braces.pop()
-            if start is not None:
-                spans.append((start, i))
-    if not spans:  # "\boxed 5" (no braces) is rare but valid LaTeX
-        spans = [m.span(1) for m in _BOXED_NOBRACE_RE.finditer(text)]
-    return sorted(spans)
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last complete ``\\boxed{}`` in ``text``, or None."""
-    spans = boxed_spans(text)
-    return text[slice(*spans[-1])] if spans else None
-
-
-def extract_answer(completion: Any) -> str | None:
-    """The final answer as a string for math-verify: ``\\boxed{<last box>}`` if there is one, else the
-    text after the last "answer is / Answer: / ####" marker, else the tail of the completion (where
-    math-verify takes the last number or expression). None when there is no final section."""
-    text = final_section(completion_text(completion))
-    if text is None or not text.strip():
-        return None
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return "\\boxed{" + boxed + "}" if boxed.strip() else None
-    markers = list(_ANSWER_MARKER_RE.finditer(text))
-    if markers:
-        tail = text[markers[-1].end():].strip().split("\n", 1)[0][:200]
-        if tail:
-            return tail
-    return text[-300:]
-
-
-def last_number(text: str) -> str | None:
-    """The last number in ``text`` (commas as thousands separators allowed), or None."""
-    numbers = _NUMBER_RE.findall(text)
-    return numbers[-1].rstrip(",") if numbers else None
 
 
 def _int_literal(text: str) -> str | None:
@@ -468,6 +389,17 @@ def _as_number(text: str):
         return Fraction(text)
     except (ValueError, ZeroDivisionError):  # also integers over 4,300 digits, which int() refuses
         return None
+
+
+def score_completions(name: str, fn: RewardFn, prompts: list, completions: list, completion_ids: list | None,
+                      examples: Sequence[dict], repeat: int = 1) -> list[float | None]:
+    """`fn`'s checked scores, called the TRL way: prompts, completions, completion_ids and every
+    dataset column but the prompt as a keyword list aligned with the completions (each example
+    stands for `repeat` consecutive completions: a GRPO group)."""
+    keys = sorted({k for e in examples for k in e if k != "prompt"})
+    columns = {k: [e.get(k) for e in examples for _ in range(repeat)] for k in keys}
+    scores = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    return checked_scores(name, scores, len(completions))
 
 
 def checked_scores(name: str, scores: Any, n: int) -> list[float | None]:

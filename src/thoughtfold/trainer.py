@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .adapter import adapters_disabled
 from .cache import OldestBlock
 from .checkpoint import (
+    ADAPTER_DIR,
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
@@ -53,13 +54,12 @@ from .parallel import DataParallel, shard_base_model
 from .persist import lock_directory
 from .policy import GenerationResult, Policy, concat_rollouts
 from .report import plot_curves
-from .rewards import checked_scores, load_reward
+from .rewards import load_reward, score_completions
 from .train_config import TrainConfig, config_to_yaml
 
 log = logging.getLogger("thoughtfold")
 
 CHECKPOINTS_DIR = "checkpoints"
-ADAPTER_DIR = "adapter"
 
 
 # --------------------------------------------------------------------------- shared loop
@@ -489,13 +489,10 @@ class GRPOTrainer(_Trainer):
     def _score(self, examples: list[dict], prompts: list[str], rollout: GenerationResult) -> torch.Tensor:
         """[n, F] scores of each reward function (TRL's call: prompts, completions, completion_ids and
         the dataset columns as keywords); None scores become NaN and are skipped downstream."""
-        g = self.config.group_size
-        keys = {k for e in examples for k in e if k != "prompt"}
-        columns = {k: [e.get(k) for e in examples for _ in range(g)] for k in sorted(keys)}
         per_func = []
         for name, fn in zip(self.reward_names, self.reward_funcs, strict=True):
-            scores = fn(prompts=prompts, completions=rollout.texts, completion_ids=rollout.completion_ids, **columns)
-            scores = checked_scores(name, scores, len(prompts))
+            scores = score_completions(name, fn, prompts, rollout.texts, rollout.completion_ids, examples,
+                                       repeat=self.config.group_size)
             per_func.append(torch.tensor([math.nan if s is None else s for s in scores]))
         return torch.stack(per_func, 1)
 
