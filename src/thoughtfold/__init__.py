@@ -19,8 +19,8 @@ from .errors import (
 _LAZY = {
     "Policy": "policy",
     "GenerationResult": "policy",
-    "EvictionPolicy": "cache",
-    "EvictionEvent": "cache",
+    "EvictionPolicy": "eviction",
+    "EvictionEvent": "eviction",
     "TrainConfig": "train_config",
     "DataConfig": "train_config",
     "GRPOTrainer": "trainer",

@@ -12,42 +12,11 @@ from __future__ import annotations
 
 import bisect
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-
-@dataclass(frozen=True)
-class EvictionEvent:
-    """One eviction: before thought token `step` was processed, the thought tokens `tokens`
-    (indices into the completion, 0 = first generated token) left the cache."""
-
-    step: int
-    tokens: tuple[int, ...]
-
-    def to_dict(self) -> dict:
-        return {"step": self.step, "tokens": list(self.tokens)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EvictionEvent:
-        return cls(step=int(d["step"]), tokens=tuple(int(t) for t in d["tokens"]))
-
-
-class EvictionPolicy(Protocol):
-    """Chooses which cached thought tokens leave at an eviction event. The rollout records the
-    choice in the eviction log; the replay only reads the log, so any policy replays exactly."""
-
-    def select(self, cached: Sequence[int], block: int) -> list[int]: ...
-
-
-class OldestBlock:
-    """The paper's policy: evict the `block` oldest thought tokens."""
-
-    def select(self, cached: Sequence[int], block: int) -> list[int]:
-        return list(cached[:block])
+from .eviction import EvictionEvent, EvictionPolicy, OldestBlock
 
 
 class ThoughtWindow:
@@ -58,10 +27,10 @@ class ThoughtWindow:
     t mod W), but any policy works because freed slots are reused in order.
     """
 
-    def __init__(self, capacity: int, block: int, policy: EvictionPolicy | None = None):
+    def __init__(self, capacity: int, block: int, eviction_policy: EvictionPolicy | None = None):
         self.capacity = capacity
         self.block = block
-        self.policy = policy or OldestBlock()
+        self.eviction_policy = eviction_policy or OldestBlock()
         self.cached: list[int] = []  # thought indices, ascending
         self.slot_of: dict[int, int] = {}
         self._free = list(range(capacity))[::-1]  # a stack; pop() gives the lowest slot first
@@ -72,7 +41,7 @@ class ThoughtWindow:
 
     def evict(self, step: int) -> tuple[EvictionEvent, list[int]]:
         """Remove a block chosen by the policy; returns the event and the freed slots."""
-        chosen = sorted(self.policy.select(self.cached, self.block))
+        chosen = sorted(self.eviction_policy.select(self.cached, self.block))
         if not chosen or any(t not in self.slot_of for t in chosen):
             raise RuntimeError(f"eviction policy returned tokens that are not cached: {chosen}")
         slots = [self.slot_of.pop(t) for t in chosen]
@@ -151,11 +120,11 @@ class BoundedKVCache(Cache):
         prompt_valid: torch.Tensor,
         window: int,
         block: int,
-        policy: EvictionPolicy | None = None,
+        eviction_policy: EvictionPolicy | None = None,
     ):
         self.cursor = _Cursor()
         self.prompt_len = prompt_valid.shape[1]
-        self.window = ThoughtWindow(window, block, policy)
+        self.window = ThoughtWindow(window, block, eviction_policy)
         num_slots = self.prompt_len + window
         super().__init__(layers=[RingLayer(self.cursor, num_slots) for _ in range(num_layers)])
         self.prompt_valid = prompt_valid.bool()

@@ -12,10 +12,10 @@ from torch import nn
 
 from .adapter import LowRankLinear, attach_adapters, wide_dtype
 from .attention import use_grouped_decode
-from .cache import EvictionEvent, EvictionPolicy
 from .config import AdapterConfig, CacheConfig
 from .encoder import ThoughtEncoder
 from .errors import ConfigError, DataError, PromptTooLongError
+from .eviction import EvictionEvent, EvictionPolicy
 from .fold import StateFolder
 from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
 from .persist import load_adapter_weights, read_adapter_config, save_adapter
@@ -199,7 +199,7 @@ class Policy:
         raw = rollout(
             self.model, self.folder, prompt_ids, self.cache_config, sampling,
             eos_ids=self.eos_token_ids, pad_id=self.pad_token_id, streamer=streamer,
-            policy=self.eviction_policy, stop_check=stop_check, cuda_graph=self.cuda_graph,
+            eviction_policy=self.eviction_policy, stop_check=stop_check, cuda_graph=self.cuda_graph,
             compile_step=self.compile_decode, lockstep=self.lockstep,
         )
         return self._finish(raw, prompt_ids, stop)

@@ -18,10 +18,11 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .adapter import wide_dtype
-from .cache import EvictionEvent, cache_kwarg
+from .cache import cache_kwarg
 from .config import CacheConfig
 from .encoder import EncoderState
 from .errors import ConfigError
+from .eviction import EvictionEvent
 from .fold import StateFolder
 from .rollout import pad_prompts, prompt_positions
 

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from .adapter import refresh_casts, wide_dtype
-from .cache import BoundedKVCache, EvictionEvent, EvictionPolicy, cache_kwarg
+from .cache import BoundedKVCache, cache_kwarg
 from .config import CacheConfig
 from .errors import ConfigError
+from .eviction import EvictionEvent, EvictionPolicy
 from .fold import StateFolder
 from .graph import DecodeStep
 
@@ -126,7 +127,7 @@ def rollout(
     eos_ids: set[int],
     pad_id: int,
     streamer: Streamer | None = None,
-    policy: EvictionPolicy | None = None,
+    eviction_policy: EvictionPolicy | None = None,
     keep_logits: bool = False,
     stop_check=None,
     cuda_graph: bool = False,
@@ -146,7 +147,7 @@ def rollout(
     batch, n_new = ids.shape[0], sampling.max_new_tokens
     window = cache_cfg.window if cache_cfg.bounded else max(1, n_new)
     block = cache_cfg.evict_block if cache_cfg.bounded else 1
-    cache = BoundedKVCache(model.config.num_hidden_layers, valid, window, block, policy)
+    cache = BoundedKVCache(model.config.num_hidden_layers, valid, window, block, eviction_policy)
     prompt_len = valid.sum(-1)  # true prompt lengths [B]
     generator = None
     if sampling.seed is not None:

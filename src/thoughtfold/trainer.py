@@ -28,7 +28,6 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from .adapter import adapters_disabled
-from .cache import OldestBlock
 from .checkpoint import (
     ADAPTER_DIR,
     checkpoint_name,
@@ -41,6 +40,7 @@ from .checkpoint import (
 from .config import CacheConfig
 from .data import load_dataset_by_name
 from .errors import ConfigError, DataError
+from .eviction import OldestBlock
 from .grpo import (
     LossStats,
     batch_loss_weights,
