@@ -29,7 +29,7 @@ OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 STEPS=${*:-tests encoder long decode train}
-BENCH="python -m thoughtfold.bench --shape qwen2.5-3b --device cuda --window 1024"
+BENCH="python -m thoughtfold.cli bench --shape qwen2.5-3b --device cuda --window 1024"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -523,14 +523,3 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
         (out / "bench.md").write_text(markdown)
         (out / "bench.json").write_text(json.dumps({"settings": settings, "tables": records}, indent=1) + "\n")
     return {"tables": tables, "plots": plots, "markdown": markdown}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m thoughtfold.bench` is `thoughtfold bench`."""
-    from .cli import main as cli_main
-
-    raise SystemExit(cli_main(["bench", *(sys.argv[1:] if argv is None else argv)]))
-
-
-if __name__ == "__main__":
-    main()
