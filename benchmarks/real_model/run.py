@@ -46,7 +46,7 @@ ROOT = HERE.parents[1]
 CONFIGS = ROOT / "configs" / "real-model"
 
 SETTINGS = {
-    "gsm8k": {"train": 32, "test": 100, "batch": 25},
+    "gsm8k": {"train": 32, "test": 100, "batch": 50},
     "recall": {"count_to": 12, "train_rows": 2000, "n": 200, "batch": 50},
     "sft_steps": None,  # None: the configs' steps
     "workers": 2,  # the two experiments run side by side, one torch thread each
@@ -243,11 +243,16 @@ def plot(results: dict, path: Path) -> None:
 
 
 def experiment(name: str, out: Path, settings: dict, log_path: Path) -> dict:
-    """One experiment by name, in this process or a worker (one torch thread in a worker)."""
+    """One experiment by name, in this process or a worker (one torch thread in a worker); its rows
+    are also written to `<out>/<name>.json` as soon as it ends."""
     if settings["workers"] > 1:
         torch.set_num_threads(1)
     torch.manual_seed(0)
-    return {"gsm8k-fidelity": gsm8k_fidelity, "recall": recall}[name](out, settings, Log(log_path))
+    start = time.perf_counter()
+    result = {"gsm8k-fidelity": gsm8k_fidelity, "recall": recall}[name](out, settings, Log(log_path))
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def run_experiments(out: Path, settings: dict, log: Log) -> list[dict]:
