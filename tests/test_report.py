@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,14 @@ class StubPolicy:
 
     def __init__(self, answers):
         self.answers, self.cache_config, self.base_model = answers, CacheConfig(), "stub"
+
+    @contextmanager
+    def using_cache(self, cache):
+        previous, self.cache_config = self.cache_config, cache
+        try:
+            yield self
+        finally:
+            self.cache_config = previous
 
     def generate(self, prompts, **kwargs):
         w = self.cache_config.window
