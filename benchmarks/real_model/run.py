@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from thoughtfold.data import SYSTEM_PROMPT, load_dataset_by_name
+from thoughtfold.evaluate import wilson_interval
 from thoughtfold.fidelity import answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
 from thoughtfold.trainer import SFTTrainer, load_config
@@ -68,14 +69,6 @@ class Log:
         print(line, flush=True)
         self.file.write(line + "\n")
         self.file.flush()
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p, den = k / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / den, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -187,7 +180,7 @@ def sample_accuracy(policy: Policy, task: ChatRecall, n: int, batch: int) -> dic
     values = Counter(v for _, v in checks if v is not None)
     total = sum(values.values())
     entropy = -sum(c / total * math.log2(c / total) for c in values.values()) if total else 0.0
-    return {"accuracy": k / n, "k": k, "n": n, "ci95": wilson(k, n), "number_entropy_bits": entropy,
+    return {"accuracy": k / n, "k": k, "n": n, "ci95": wilson_interval(k, n), "number_entropy_bits": entropy,
             "formatted": sum(v is not None for _, v in checks) / n}
 
 

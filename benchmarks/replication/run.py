@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from thoughtfold.config import AdapterConfig, CacheConfig
+from thoughtfold.evaluate import wilson_interval
 from thoughtfold.memory import PeakMemory
 from thoughtfold.policy import Policy
 from thoughtfold.recall import BOS, EOS, PAD, RecallTask, recall_tokenizer
@@ -176,16 +177,6 @@ def pretrain(model, task: RecallTask, cfg: dict, ecfg: dict, seed: int, log: Log
 # --------------------------------------------------------------------------- evaluation
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 @torch.no_grad()
 def evaluate(policy: Policy, task: RecallTask, n: int, batch: int, seed: int) -> dict:
     """Sample (temperature 1) on `n` fixed prompts; strict check of every trace."""
@@ -200,7 +191,7 @@ def evaluate(policy: Policy, task: RecallTask, n: int, batch: int, seed: int) ->
     values = Counter(c.value for c in checks if c.value is not None)
     total = sum(values.values())
     entropy = -sum(v / total * math.log2(v / total) for v in values.values()) if total else 0.0
-    lo, hi = wilson(k, n)
+    lo, hi = wilson_interval(k, n)
     return {
         "accuracy": k / n, "n": n, "ci95": [round(lo, 4), round(hi, 4)],
         "chain_accuracy": len(chain) / n,
