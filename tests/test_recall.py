@@ -180,3 +180,19 @@ def test_merge_rows_keeps_prose(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.startswith("intro\n") and text.endswith("notes\n") and "old" not in text
     assert "| pte_state_bptt | 3 | 0.900 |" in text
+
+
+def test_readme_table_is_rendered_from_results(tmp_path):
+    run = _load_run()
+    row = {"method": "pte", "window": 3, "accuracy": 0.5, "n": 10, "train_peak_bytes": 2**21}
+    results = {"task": {"D": 12}, "rows": [{**row, "method": "full", "window": None, "accuracy": 0.9}, row,
+                                          {**row, "method": "lora_c", "window": 6, "accuracy": 0.1}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{run.README_BEGIN}\nold\n{run.README_END}\nafter\n")
+    run.main(["--results", str(tmp_path / "results.json"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
+    assert "| method | W = 3 (D/4) | W = 6 (D/2) | train peak (W = 3) |" in text
+    assert "| full cache (reference) | 0.900 | 0.900 | 2.0 MiB |" in text
+    assert "| LoRA_c |  | 0.100 | - |" in text

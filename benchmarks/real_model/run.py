@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from thoughtfold.data import SYSTEM_PROMPT, load_dataset_by_name
+from thoughtfold.evaluate import wilson_interval
 from thoughtfold.fidelity import answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
 from thoughtfold.render import pyplot
@@ -48,7 +49,7 @@ ROOT = HERE.parents[1]
 CONFIGS = ROOT / "configs" / "real-model"
 
 SETTINGS = {
-    "gsm8k": {"train": 32, "test": 100, "batch": 25},
+    "gsm8k": {"train": 32, "test": 100, "batch": 50},
     "recall": {"count_to": 12, "train_rows": 2000, "n": 200, "batch": 50},
     "sft_steps": None,  # None: the configs' steps
     "workers": 2,  # the two experiments run side by side, one torch thread each
@@ -70,14 +71,6 @@ class Log:
         print(line, flush=True)
         self.file.write(line + "\n")
         self.file.flush()
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p, den = k / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / den, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -189,7 +182,7 @@ def sample_accuracy(policy: Policy, task: ChatRecall, n: int, batch: int) -> dic
     values = Counter(v for _, v in checks if v is not None)
     total = sum(values.values())
     entropy = -sum(c / total * math.log2(c / total) for c in values.values()) if total else 0.0
-    return {"accuracy": k / n, "k": k, "n": n, "ci95": wilson(k, n), "number_entropy_bits": entropy,
+    return {"accuracy": k / n, "k": k, "n": n, "ci95": wilson_interval(k, n), "number_entropy_bits": entropy,
             "formatted": sum(v is not None for _, v in checks) / n}
 
 
@@ -241,11 +234,16 @@ def plot(results: dict, path: Path) -> None:
 
 
 def experiment(name: str, out: Path, settings: dict, log_path: Path) -> dict:
-    """One experiment by name, in this process or a worker (one torch thread in a worker)."""
+    """One experiment by name, in this process or a worker (one torch thread in a worker); its rows
+    are also written to `<out>/<name>.json` as soon as it ends."""
     if settings["workers"] > 1:
         torch.set_num_threads(1)
     torch.manual_seed(0)
-    return {"gsm8k-fidelity": gsm8k_fidelity, "recall": recall}[name](out, settings, Log(log_path))
+    start = time.perf_counter()
+    result = {"gsm8k-fidelity": gsm8k_fidelity, "recall": recall}[name](out, settings, Log(log_path))
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def run_experiments(out: Path, settings: dict, log: Log) -> list[dict]:

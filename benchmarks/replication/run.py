@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from thoughtfold.config import AdapterConfig, CacheConfig
+from thoughtfold.evaluate import wilson_interval
 from thoughtfold.memory import PeakMemory
 from thoughtfold.metrics import read_metrics
 from thoughtfold.policy import Policy
@@ -178,16 +179,6 @@ def pretrain(model, task: RecallTask, cfg: dict, ecfg: dict, seed: int, log: Log
 # --------------------------------------------------------------------------- evaluation
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 @torch.no_grad()
 def evaluate(policy: Policy, task: RecallTask, n: int, batch: int, seed: int) -> dict:
     """Sample (temperature 1) on `n` fixed prompts; strict check of every trace."""
@@ -202,7 +193,7 @@ def evaluate(policy: Policy, task: RecallTask, n: int, batch: int, seed: int) ->
     values = Counter(c.value for c in checks if c.value is not None)
     total = sum(values.values())
     entropy = -sum(v / total * math.log2(v / total) for v in values.values()) if total else 0.0
-    lo, hi = wilson(k, n)
+    lo, hi = wilson_interval(k, n)
     return {
         "accuracy": k / n, "n": n, "ci95": [round(lo, 4), round(hi, 4)],
         "chain_accuracy": len(chain) / n,
@@ -453,6 +444,48 @@ def render_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_NAMES = {
+    "full": "full cache (reference)",
+    "bounded": "bounded cache, no adaptation",
+    "lora_c": "LoRA_c",
+    "pte": "**PTE** (library defaults: `backprop: state`), 3x SFT steps + GRPO",
+    "pte_truncated": "PTE, `backprop: truncated`",
+    "pte_full_backprop": "PTE, `backprop: full`",
+    "pte_fb_global0": "ablation: no global tokens (full backprop)",
+    "pte_fb_global_only": "ablation: global tokens only (full backprop)",
+    "pte_fb_paper_update": "ablation: paper-literal state update (full backprop)",
+}
+
+
+def summary_table(results: dict) -> str:
+    """The README's table: accuracy per method and window, and the training peak at D/4."""
+    d = results["task"]["D"]
+    windows = sorted({r["window"] for r in results["rows"] if r["window"] is not None})
+    names = [f"W = {w} (D/{d // w})" if d % w == 0 else f"W = {w}" for w in windows]
+    lines = [f"| method | {' | '.join(names)} | train peak (W = {d // 4}) |", "|---" * (len(windows) + 2) + "|"]
+    for method, label in SUMMARY_NAMES.items():
+        rows = {r["window"]: r for r in results["rows"] if r["method"] == method}
+        if not rows:
+            continue
+        cells = [f"{rows[None]['accuracy']:.3f}"] * len(windows) if None in rows else [
+            f"{rows[w]['accuracy']:.3f}" if w in rows else "" for w in windows]
+        peak = (rows.get(d // 4) or rows.get(None) or {}).get("train_peak_bytes")
+        lines.append(f"| {label} | {' | '.join(cells)} | {'-' if not peak else f'{peak / 2**20:.1f} MiB'} |")
+    return "\n".join(lines) + "\n"
+
+
+README_BEGIN, README_END = "<!-- replication table: run.py --readme -->", "<!-- end of replication table -->"
+
+
+def write_readme_table(readme: Path, results: dict) -> None:
+    """Replace the table between the README's markers with :func:`summary_table`."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no {README_BEGIN} ... {README_END} markers")
+    head, rest = text.split(README_BEGIN, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{summary_table(results)}{README_END}{rest.split(README_END, 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=None, help="JSON overrides of the default config")
@@ -462,7 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", type=Path, default=None, help="skip pretraining: use this base model directory")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="only merge the rows of these results.json files into --results (default results.json)")
+    ap.add_argument("--readme", type=Path, default=None,
+                    help="only rewrite the summary table in this README from --results (default results.json)")
     args = ap.parse_args(argv)
+    if args.readme:
+        write_readme_table(args.readme, json.loads((args.results or HERE / "results.json").read_text()))
+        return 0
     if args.merge:
         merge_rows(args.results or HERE / "results.json", args.merge)
         return 0
