@@ -35,9 +35,12 @@ ATTENTION = "reference_detached_history"
 
 
 def attention_with_history(module, query, key, value, attention_mask, dropout=0.0, scaling=None, live=None,
-                           **kwargs):
+                           layer_visible=None, **kwargs):
     """HF's SDPA, or with `live` [T, T] (query, key) pairs whose K/V keep their gradient: every other
-    visible key/value enters detached (what the replay's backprop="state" does to cached K/V)."""
+    visible key/value enters detached (what the replay's backprop="state" does to cached K/V).
+    `layer_visible` [layers, T, T] replaces the mask by the layer's own (per-layer eviction)."""
+    if layer_visible is not None:
+        attention_mask = layer_visible[module.layer_idx][None, None]
     if live is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -100,8 +103,9 @@ class Reference:
             store[layer] = out[0].flatten(1)  # [T, kv_heads * head_dim], batch of one
         return hook
 
-    def _segment_states(self, blocks: list[list[int]], detach_kv: bool) -> torch.Tensor:
-        """[layers, segments, r, r]: the state each segment reads, from the last pass's K/V."""
+    def _segment_states(self, layer_blocks: list[list[list[int]]], detach_kv: bool) -> torch.Tensor:
+        """[layers, segments, r, r]: the state each segment reads, from the last pass's K/V
+        (`layer_blocks[layer][k]`: what event k evicted from that layer)."""
         e = self.encoder
         out = []
         for layer in range(e["queries"].shape[0]):
@@ -113,7 +117,7 @@ class Reference:
             def rms(s):
                 return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)
 
-            keys, values = self.keys[layer], self.values[layer]
+            keys, values, blocks = self.keys[layer], self.values[layer], layer_blocks[layer]
             if detach_kv:
                 keys, values = keys.detach(), values.detach()
             gk, gv = e["global_keys"][layer], e["global_values"][layer]
@@ -133,33 +137,37 @@ class Reference:
         p, n = len(prompt), len(completion)
         t = p + n - 1
         events = [e for e in log if e.step <= n - 2]
-        segment = torch.tensor([0] * p + [sum(e.step <= j for e in events) for j in range(n - 1)])
-        blocks = [[p + i for i in e.tokens] for e in events]
-        visible = torch.ones(t, t, dtype=torch.bool).tril()
-        for k, block in enumerate(blocks):  # evicted at event k: invisible to every later segment
-            visible[(segment > k).nonzero()[:, 0][:, None], torch.tensor(block)[None]] = False
-        ids = torch.tensor([prompt + completion[:-1]])
-        kwargs = {"live": segment[:, None] == segment[None]} if detach_kv else {}
         layers = self.model.config.num_hidden_layers
+        segment = torch.tensor([0] * p + [sum(e.step <= j for e in events) for j in range(n - 1)])
+        blocks = [[[p + i for i in e.by_layer(layers)[layer]] for e in events] for layer in range(layers)]
+        visible = torch.ones(layers, t, t, dtype=torch.bool).tril()
+        for layer in range(layers):
+            for k, block in enumerate(blocks[layer]):  # evicted at event k: invisible to every later segment
+                visible[layer, (segment > k).nonzero()[:, 0][:, None], torch.tensor(block)[None]] = False
+        ids = torch.tensor([prompt + completion[:-1]])
+        kwargs = {"layer_visible": visible}
+        if detach_kv:
+            kwargs["live"] = segment[:, None] == segment[None]
         width = self.encoder["value_proj"].shape[-1]
         for key in range(layers):
             self.keys[key] = self.values[key] = torch.zeros(t, self.encoder["key_proj"].shape[1], dtype=torch.float64)
-        for _ in range(len(blocks) + 1):  # each pass makes one more segment's K/V exact
+        for _ in range(len(events) + 1):  # each pass makes one more segment's K/V exact
             states = self._segment_states(blocks, detach_kv)
             self.states = states[:, segment].reshape(layers, t, width, width)
-            logits = self.model(input_ids=ids, attention_mask=visible[None, None],
+            logits = self.model(input_ids=ids, attention_mask=visible[:1, None],
                                 position_ids=torch.arange(t)[None], **kwargs).logits[0, p - 1:]
         self.states = None
         return F.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
 
-def case(tiny_dirs, family: str, state_update: str, window: int, ratio: float):
+def case(tiny_dirs, family: str, state_update: str, window: int, ratio: float, eviction: str = "oldest"):
     """A float64 pte policy with non-zero adapters, its reference, and a rollout of 3 left-padded
     prompts cut to unequal lengths (each keeps >= 3 evictions; a row that stops early has the same
     prefix, logs and log-probs as the lockstep rollout)."""
     model = float64_norms(AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float64).eval())
     adapter = AdapterConfig(mode="pte", rank=RANK, alpha=ALPHA, global_tokens=2, state_update=state_update)
-    policy = Policy(model, byte_tokenizer(), cache=CacheConfig(window=window, evict_ratio=ratio), adapter=adapter)
+    cache = CacheConfig(window=window, evict_ratio=ratio, eviction=eviction)
+    policy = Policy(model, byte_tokenizer(), cache=cache, adapter=adapter)
     torch.manual_seed(3)
     for w in policy.wrappers:
         torch.nn.init.normal_(w.lora_up, std=0.3)
@@ -216,6 +224,34 @@ def test_replay_gradients_equal_reference(tiny_dirs, family, state_update, windo
 
     def reference() -> None:
         sum((ref.logprobs(p, c, log, detach_kv=backprop == "state") * w[: len(c)]).sum()
+            for p, c, log, w in zip(PROMPTS, completions, logs, weights, strict=True)).backward()
+
+    assert_close(grads(policy, replay), grads(policy, reference))
+
+
+SCORED = [("llama", "exact", 6, 0.5, "h2o"), ("qwen2", "paper", 8, 0.25, "snapkv"),
+          ("qwen3", "exact", 8, 0.25, "headkv")]
+
+
+@pytest.mark.parametrize(("family", "state_update", "window", "ratio", "eviction"), SCORED)
+def test_scored_eviction_equals_reference(tiny_dirs, family, state_update, window, ratio, eviction):
+    """Per-layer, per-sequence choices: rollout and replay log-probs and the state gradient equal the
+    reference run with each layer's own visibility and evicted blocks."""
+    policy, ref, completions, logs, rollout_lp, weights = case(tiny_dirs, family, state_update, window, ratio,
+                                                               eviction)
+    chosen = {e.layers for log in logs for e in log}
+    assert None not in chosen and any(len(set(layers)) > 1 for layers in chosen)  # layers chose differently
+    assert any(len({log[k].layers for log in logs}) > 1 for k in range(3))  # and so did sequences
+    with torch.no_grad():
+        expected = [ref.logprobs(p, c, log) for p, c, log in zip(PROMPTS, completions, logs, strict=True)]
+    assert_close(rollout_lp, expected)
+    assert_close(policy.replay_logprobs(PROMPTS, completions, logs), expected)
+
+    def replay() -> None:
+        policy.replay_logprobs(PROMPTS, completions, logs, loss_fn=lambda lp, a, b, rows: (lp * weights[rows, a:b]).sum())
+
+    def reference() -> None:
+        sum((ref.logprobs(p, c, log, detach_kv=True) * w[: len(c)]).sum()
             for p, c, log, w in zip(PROMPTS, completions, logs, weights, strict=True)).backward()
 
     assert_close(grads(policy, replay), grads(policy, reference))

@@ -7,9 +7,15 @@ Qwen2.5-3B). Our decode always passes a mask (the bounded cache's slot validity)
 query token we fold the group's query heads into the query-length axis instead:
 [B, H, 1, D] -> [B, H_kv, H/H_kv, D]; every query of a group attends the same K/V head under the
 same per-sequence mask. Longer queries (prefill, replay) go to transformers' own SDPA function.
+
+During a rollout under a scored eviction policy, each attention module also carries the rollout's
+`AttentionStats`, and the decode step records the attention every cached slot received.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -17,6 +23,8 @@ from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention_stats import STATS_ATTR, AttentionStats
 
 NAME = "thoughtfold_sdpa"
 
@@ -34,6 +42,9 @@ def grouped_decode_attention(
     """query [B, H, T, D], key/value [B, H_kv, S, D] -> (output [B, T, H, D], None)."""
     batch, heads, q_len, _ = query.shape
     kv_heads = key.shape[1]
+    stats = getattr(module, STATS_ATTR, None)
+    if stats is not None and q_len == 1:
+        stats.observe(module.layer_idx, query, key, attention_mask, scaling)
     masked_per_sequence = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
     if q_len != 1 or heads == kv_heads or not masked_per_sequence or kwargs.get("softcap") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -46,6 +57,30 @@ def grouped_decode_attention(
 
 AttentionInterface.register(NAME, grouped_decode_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # 2D masks from other callers build as for "sdpa"
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    return [layer.self_attn for layer in model.get_decoder().layers]
+
+
+@contextmanager
+def observing(model: nn.Module, stats: AttentionStats | None) -> Iterator[None]:
+    """Within the block, decode steps record their attention into `stats` (None: nothing to do)."""
+    if stats is None:
+        yield
+        return
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        raise ValueError(f"scored eviction reads attention weights in the {NAME!r} attention function, but the "
+                         f"model uses {model.config._attn_implementation!r}: load it with attn_implementation='sdpa'")
+    modules = attention_modules(model)
+    for module in modules:
+        setattr(module, STATS_ATTR, stats)
+    try:
+        yield
+    finally:
+        for module in modules:
+            delattr(module, STATS_ATTR)
 
 
 def use_grouped_decode(model: nn.Module) -> None:

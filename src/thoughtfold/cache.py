@@ -6,6 +6,11 @@ the W window slots, used as a ring. Which thought token sits in which slot is ho
 (`ThoughtWindow`), so the decode step does no host sync; the device only sees the slot to write and
 a validity mask. Positions are never stored: keys are cached already rotated at their true absolute
 positions, exactly as the model's own cache does, so attention is order-free over the slots.
+
+A scored eviction policy chooses different tokens per sequence and per layer. The slots the host
+frees stay the ring's (the oldest block's slots), and on the device every (layer, sequence) moves
+the tokens it keeps out of those slots into the slots of the tokens it evicts: one gather per layer
+per event, after which the batch again shares one set of free slots and one validity mask.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .eviction import EvictionEvent, EvictionPolicy, OldestBlock
+from .attention_stats import AttentionStats
+from .eviction import EvictionEvent, EvictionPolicy, OldestBlock, ScoredEviction
 
 
 class ThoughtWindow:
@@ -56,6 +62,24 @@ class ThoughtWindow:
         self.slot_of[token] = slot
         bisect.insort(self.cached, token)
         return slot
+
+
+def _relocation(chosen: torch.Tensor, freed: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The slot permutation that makes a per-(layer, sequence) choice free the shared slots `freed`:
+    order [layers, batch, capacity] such that slot s takes the content of slot order[..., s]. A kept
+    token sitting in a freed slot moves to a chosen slot outside `freed` (pairs in ascending order);
+    every other slot keeps its content."""
+    slots = torch.arange(capacity, device=chosen.device)
+    in_freed = torch.zeros(capacity, dtype=torch.bool, device=chosen.device).index_fill_(0, freed, True)
+    in_chosen = torch.zeros(*chosen.shape[:2], capacity, dtype=torch.bool, device=chosen.device)
+    in_chosen.scatter_(-1, chosen, True)
+    movers, holes = in_freed & ~in_chosen, in_chosen & ~in_freed
+    movers_first = (slots + capacity * ~movers).argsort(-1)  # movers ascending, then the rest
+    holes_first = (slots + capacity * ~holes).argsort(-1)
+    pair = slots < movers.sum(-1, keepdim=True)
+    order = slots.expand_as(in_chosen).clone()
+    # hole i takes mover i; past the last pair, a non-hole slot is written with itself
+    return order.scatter_(-1, holes_first, torch.where(pair, movers_first, holes_first))
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -120,11 +144,17 @@ class BoundedKVCache(Cache):
         prompt_valid: torch.Tensor,
         window: int,
         block: int,
-        eviction_policy: EvictionPolicy | None = None,
+        eviction_policy: EvictionPolicy | ScoredEviction | None = None,
+        stats: AttentionStats | None = None,
+        protect: int = 0,
     ):
         self.cursor = _Cursor()
         self.prompt_len = prompt_valid.shape[1]
-        self.window = ThoughtWindow(window, block, eviction_policy)
+        self.scored = eviction_policy if isinstance(eviction_policy, ScoredEviction) else None
+        if self.scored is not None and stats is None:
+            raise ValueError("a scored eviction policy needs the attention statistics of the rollout")
+        self.stats, self.protect = stats, protect
+        self.window = ThoughtWindow(window, block, None if self.scored else eviction_policy)
         num_slots = self.prompt_len + window
         super().__init__(layers=[RingLayer(self.cursor, num_slots) for _ in range(num_layers)])
         self.prompt_valid = prompt_valid.bool()
@@ -133,7 +163,12 @@ class BoundedKVCache(Cache):
         self.slot_valid = torch.zeros(b, 1, 1, num_slots, dtype=torch.bool, device=device)
         self.slot_valid[:, 0, 0, : self.prompt_len] = self.prompt_valid
         self._write = torch.zeros(1, dtype=torch.long, device=device)
+        self._write_window = torch.zeros(1, dtype=torch.long, device=device)
         self.attention_mask: torch.Tensor | None = None
+        # under a scored policy: the thought token in each (layer, sequence, window slot)
+        self.slot_token = None
+        if self.scored is not None:
+            self.slot_token = torch.full((num_layers, b, window), -1, dtype=torch.long, device=device)
 
     @property
     def num_slots(self) -> int:
@@ -159,9 +194,36 @@ class BoundedKVCache(Cache):
         self.slot_valid.index_fill_(3, idx, False)
         return event, idx
 
+    def evict_scored(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Evict before thought token `step` what the scored policy chooses per (layer, sequence);
+        returns the evicted thought tokens [layers, batch, E] and their K/V [layers, batch,
+        kv_heads, E, head_dim] (keys as cached, rotated)."""
+        _, freed = self.window.evict(step)  # the ring's slots, freed for the whole batch
+        chosen = self.scored.select(self.stats, self.slot_token, step, self.window.block, self.protect)
+        tokens, ascending = self.slot_token.gather(-1, chosen).sort(-1)  # fold in token order, as the replay
+        chosen = chosen.gather(-1, ascending)
+        order = _relocation(chosen, torch.tensor(freed, device=chosen.device), self.window.capacity)
+        p, keys, values = self.prompt_len, [], []
+        for layer, pick, move in zip(self.layers, chosen, order, strict=True):
+            for buffer, out in ((layer.keys, keys), (layer.values, values)):
+                window = buffer[:, :, p:]
+                shape = (*window.shape[:2], -1, window.shape[-1])
+                out.append(window.gather(2, pick[:, None, :, None].expand(shape)))
+                window.copy_(window.gather(2, move[:, None, :, None].expand(shape)))
+        self.slot_token = self.slot_token.gather(-1, order)
+        self.stats.permute(order)
+        self.slot_valid.index_fill_(3, torch.tensor(freed, device=chosen.device) + p, False)
+        return tokens, torch.stack(keys), torch.stack(values)
+
     def admit(self, step: int) -> torch.Tensor:
         """Reserve a slot for thought token `step` and make it visible; returns the decode mask."""
-        slot = self.prompt_len + self.window.admit(step)
+        slot = self.window.admit(step)
+        if self.stats is not None:
+            self._write_window.fill_(slot)
+            self.stats.admit(self._write_window)
+        if self.slot_token is not None:
+            self.slot_token[:, :, slot] = step
+        slot += self.prompt_len
         self._write.fill_(slot)
         self.cursor.index = self._write
         self.slot_valid.index_fill_(3, self._write, True)

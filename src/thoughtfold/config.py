@@ -10,17 +10,27 @@ from .errors import ConfigError
 
 ADAPTER_MODES = ("none", "lora", "pte")
 STATE_UPDATES = ("exact", "paper")
+EVICTIONS = ("oldest", "h2o", "snapkv", "headkv")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class CacheConfig:
     """Bounded KV cache: the prompt is pinned, at most `window` thought tokens are kept, and when the
-    window is full the oldest ceil(evict_ratio * window) are evicted in one block.
-    `window=None` keeps everything (full cache)."""
+    window is full ceil(evict_ratio * window) of them are evicted in one block. `window=None` keeps
+    everything (full cache).
+
+    `eviction` chooses the block: "oldest" (the paper's sliding window, the default) or a scored
+    policy choosing per sequence and per layer from the attention the tokens received: "h2o"
+    (accumulated attention), "snapkv" (attention from the last `observe_window` queries) or
+    "headkv" (snapkv with calibrated per-head weights). Scored policies never evict the newest
+    `observe_window` thought tokens (at most W - E of them); `observe_window=None` takes
+    min(32, (W - E) // 2), at least 1."""
 
     window: int | None = None
     evict_ratio: float = 0.25
+    eviction: str = "oldest"
+    observe_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.window is not None:
@@ -31,6 +41,10 @@ class CacheConfig:
         if not isinstance(self.evict_ratio, (int, float)) or not 0.0 < float(self.evict_ratio) <= 1.0:
             raise ConfigError(f"evict_ratio must be in (0, 1], got {self.evict_ratio!r}")
         self.evict_ratio = float(self.evict_ratio)
+        if self.eviction not in EVICTIONS:
+            raise ConfigError(f"eviction must be one of {', '.join(EVICTIONS)}, got {self.eviction!r}")
+        if self.observe_window is not None and (not isinstance(self.observe_window, int) or self.observe_window < 1):
+            raise ConfigError(f"observe_window must be an integer >= 1 or None (automatic), got {self.observe_window!r}")
 
     @property
     def bounded(self) -> bool:
@@ -43,6 +57,16 @@ class CacheConfig:
             raise ConfigError("a full cache (window=None) never evicts")
         # round() guards against float noise such as 0.25 * 12 = 3.0000000000000004
         return max(1, math.ceil(round(self.evict_ratio * self.window, 9)))
+
+    @property
+    def observed_queries(self) -> int:
+        """How many recent decode queries a scored policy observes."""
+        return self.observe_window or max(1, min(32, (self.window - self.evict_block) // 2))
+
+    @property
+    def protected(self) -> int:
+        """How many of the newest thought tokens a scored policy never evicts."""
+        return min(self.observed_queries, self.window - self.evict_block)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -42,11 +42,13 @@ class StateFolder:
         self, state: EncoderState | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     ) -> EncoderState | None:
         """Absorb an evicted block. keys/values [L, B, kv_heads, E, head_dim] as cached (keys rotated
-        at `positions` [B, E]); returns the new state and hands it to the adapters."""
+        at `positions`: [B, E] when every layer evicted the same tokens, else [L, B, E]); returns the
+        new state and hands it to the adapters."""
         if self.encoder is None:
             return state
         dtype = self.encoder.queries.dtype
-        cos, sin = self.rotary(keys.new_empty(0, dtype=dtype), positions)
+        cos, sin = self.rotary(keys.new_empty(0, dtype=dtype), positions.flatten(0, -2))
+        cos, sin = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
         free = derotate_keys(keys.to(dtype), cos, sin)  # [L, B, H, E, D]
         state = self.encoder.absorb(state, _heads_last(free), _heads_last(values.to(dtype)))
         self.apply(state)

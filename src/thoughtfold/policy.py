@@ -15,7 +15,13 @@ from .attention import use_grouped_decode
 from .config import AdapterConfig, CacheConfig
 from .encoder import ThoughtEncoder
 from .errors import ConfigError, DataError, PromptTooLongError
-from .eviction import EvictionEvent, EvictionPolicy
+from .eviction import (
+    EvictionEvent,
+    EvictionPolicy,
+    ScoredEviction,
+    eviction_policy_for,
+    head_weights_from_peaks,
+)
 from .fold import StateFolder
 from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
 from .persist import load_adapter_weights, read_adapter_config, save_adapter
@@ -58,7 +64,7 @@ class Policy:
         tokenizer,
         cache: CacheConfig | None = None,
         adapter: AdapterConfig | None = None,
-        eviction_policy: EvictionPolicy | None = None,
+        eviction_policy: EvictionPolicy | ScoredEviction | None = None,
         base_model: str | None = None,
         cuda_graph: bool | None = None,
         compile_decode: bool = False,
@@ -67,7 +73,7 @@ class Policy:
         a CUDA device; False for eager decoding, e.g. to profile it). `compile_decode`: run the
         decode step through torch.compile (fused kernels; pays a compilation on first use, and
         again for each new batch size or power-of-two prompt width: prompts are left-padded to
-        one)."""
+        one). `eviction_policy`: a custom policy in place of the one `cache.eviction` names."""
         self.model = model
         self.base_model = base_model or getattr(model, "name_or_path", "") or "unknown"
         check_rope(self.base_model, model.config.to_dict())
@@ -75,6 +81,7 @@ class Policy:
         self.cache_config = cache or CacheConfig()
         self.adapter_config = adapter or AdapterConfig()
         self.eviction_policy = eviction_policy
+        self.head_weights: torch.Tensor | None = None  # headkv's, from `calibrate_heads`
         for p in model.parameters():
             p.requires_grad_(False)
         use_grouped_decode(model)
@@ -102,7 +109,7 @@ class Policy:
         adapter_path: str | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
-        eviction_policy: EvictionPolicy | None = None,
+        eviction_policy: EvictionPolicy | ScoredEviction | None = None,
         cuda_graph: bool | None = None,
         compile_decode: bool = False,
     ) -> Policy:
@@ -196,13 +203,26 @@ class Policy:
             def stop_check(tokens: torch.Tensor) -> torch.Tensor:
                 tails = [self._decode(row) for row in tokens[:, -64:].tolist()]
                 return torch.tensor([any(s in t for s in stop) for t in tails], device=tokens.device)
+        if self.cache_config.eviction == "headkv" and self.head_weights is None and self.eviction_policy is None:
+            self.calibrate_heads(prompt_ids, max_new_tokens)
         raw = rollout(
             self.model, self.folder, prompt_ids, self.cache_config, sampling,
             eos_ids=self.eos_token_ids, pad_id=self.pad_token_id, streamer=streamer,
-            eviction_policy=self.eviction_policy, stop_check=stop_check, cuda_graph=self.cuda_graph,
-            compile_step=self.compile_decode, lockstep=self.lockstep,
+            eviction_policy=self.eviction_policy or eviction_policy_for(self.cache_config, self.head_weights),
+            stop_check=stop_check, cuda_graph=self.cuda_graph, compile_step=self.compile_decode,
+            lockstep=self.lockstep,
         )
         return self._finish(raw, prompt_ids, stop)
+
+    def calibrate_heads(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64) -> torch.Tensor:
+        """Per-head weights for `eviction="headkv"` [layers, kv_heads]: decode `prompts` greedily under
+        a full cache and measure how sharply each KV head attends to single past thought tokens (the
+        summed largest attention weight per query), normalised to mean 1 per layer. Sets
+        `self.head_weights` (a headkv policy calibrates on its first prompts unless this was called)."""
+        raw = rollout(self.model, self.folder, self.encode(prompts), CacheConfig(), SamplingConfig(max_new_tokens, temperature=0.0),
+                      eos_ids=set(), pad_id=self.pad_token_id, calibration=True)
+        self.head_weights = head_weights_from_peaks(raw.attention_stats.peak)
+        return self.head_weights
 
     def replay_logprobs(
         self,
@@ -273,14 +293,15 @@ class Policy:
         eos = self.eos_token_ids
         window = self.cache_config.window
         result = GenerationResult([], [], [], [], [], [], [], prompt_ids)
-        for row, lps, plen in zip(raw.tokens.tolist(), raw.logprobs.tolist(), raw.prompt_lengths, strict=True):
+        rows = zip(raw.tokens.tolist(), raw.logprobs.tolist(), raw.prompt_lengths, strict=True)
+        for i, (row, lps, plen) in enumerate(rows):
             eos_at = next((i for i, t in enumerate(row) if t in eos), None)
             n, finished = (len(row), False) if eos_at is None else (eos_at + 1, True)
             cut = self._cut_at_stop(row[:n], stop)
             if cut is not None:
                 n, finished = cut, True
             ids = row[:n]
-            log = [e for e in raw.events if e.step <= n - 2]
+            log = [e for e in raw.row_events(i) if e.step <= n - 2]
             held = n - 1 if window is None else min(window, n - 1)
             result.completion_ids.append(ids)
             result.logprobs.append(lps[:n])

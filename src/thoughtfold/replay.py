@@ -88,29 +88,45 @@ def default_schedule(length: int, cache: CacheConfig) -> list[EvictionEvent]:
     return [EvictionEvent(step=s, tokens=tuple(range(s - w, s - w + e))) for s in range(w, length - 1, e)]
 
 
-def _schedule_groups(logs: Sequence[Sequence[EvictionEvent]]) -> list[tuple[list[int], list[EvictionEvent]]]:
-    """Sequences that can share one schedule: (rows, the longest log) where every row's log is a
-    prefix of it (the rows of one lockstep rollout form one group; events past a row's end do not
-    change its log-probs)."""
-    groups: list[tuple[list[int], list[EvictionEvent]]] = []
-    for i, log in enumerate(map(list, logs)):
+def _schedule_groups(logs: Sequence[Sequence[EvictionEvent]]) -> list[tuple[list[int], list[int]]]:
+    """Sequences that can be replayed together: (rows, the longest list of event steps) where every
+    row's steps are a prefix of it. The rows of one lockstep rollout form one group, whatever tokens
+    each row evicted; events past a row's end do not change its log-probs."""
+    groups: list[tuple[list[int], list[int]]] = []
+    for i, log in enumerate(logs):
+        steps = [e.step for e in log]
         for k, (rows, longest) in enumerate(groups):
-            shorter, longer = sorted((log, longest), key=len)
+            shorter, longer = sorted((steps, longest), key=len)
             if longer[: len(shorter)] == shorter:
                 rows.append(i)
                 groups[k] = (rows, longer)
                 break
         else:
-            groups.append(([i], log))
+            groups.append(([i], steps))
     return groups
 
 
-class _Context:
-    """K/V the next segment attends to: the padded prompt, then the surviving thought tokens."""
+def _event_tokens(logs: Sequence[Sequence[EvictionEvent]], k: int, num_layers: int,
+                  device: torch.device) -> torch.Tensor:
+    """What event k evicts from each layer of each row [layers, rows, E]; -1 for a row whose log
+    ended before event k (it evicts its oldest tokens: past its end, what it keeps does not matter)."""
+    events = [log[k] if k < len(log) else None for log in logs]
+    first = next(e for e in events if e is not None)
+    if all(e == first and e.layers is None for e in events):  # one choice for the whole batch
+        return torch.tensor(first.tokens, device=device).expand(num_layers, len(events), -1)
+    width = len(first.by_layer(num_layers)[0])
+    rows = [torch.full((num_layers, width), -1) if e is None else torch.tensor(e.by_layer(num_layers))
+            for e in events]
+    return torch.stack(rows, 1).to(device)
 
-    def __init__(self, batch: int, device: torch.device):
+
+class _Context:
+    """K/V the next segment attends to: the padded prompt, then the surviving thought tokens (which
+    may differ per layer and sequence, under a scored eviction policy; ascending in every row)."""
+
+    def __init__(self, batch: int, num_layers: int, device: torch.device):
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
-        self.tokens: list[int] = []  # thought index per slot (-1: prompt)
+        self.thought = torch.zeros(num_layers, batch, 0, dtype=torch.long, device=device)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
@@ -119,8 +135,9 @@ class _Context:
             return Cache(layers=[_SegmentLayer(None, None) for _ in range(num_layers)])
         return Cache(layers=[_SegmentLayer(k, v) for k, v in zip(self.keys, self.values, strict=True)])
 
-    def append(self, cache: Cache, tokens: list[int], valid: torch.Tensor, detach: bool) -> None:
-        """Keep the segment's own K/V (detached for truncated backprop) for later segments."""
+    def append(self, cache: Cache, thought: range, valid: torch.Tensor, detach: bool) -> None:
+        """Keep the segment's own K/V (detached for truncated backprop) for later segments: its
+        `thought` tokens, after the prompt when this is the first segment."""
         new_k = [layer.new_keys.detach() if detach else layer.new_keys for layer in cache.layers]
         new_v = [layer.new_values.detach() if detach else layer.new_values for layer in cache.layers]
         if self.keys:
@@ -128,24 +145,33 @@ class _Context:
             new_v = [torch.cat([a, b], 2) for a, b in zip(self.values, new_v, strict=True)]
         self.keys, self.values = new_k, new_v
         self.valid = torch.cat([self.valid, valid], 1)
-        self.tokens += tokens
+        added = torch.arange(thought.start, thought.stop, device=self.valid.device)
+        self.thought = torch.cat([self.thought, added.expand(*self.thought.shape[:2], -1)], -1)
 
-    def evict(self, event: EvictionEvent) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drop the event's tokens; returns their K/V stacked over layers [L, B, H, E, D]."""
-        gone = set(event.tokens)
-        slots = [i for i, t in enumerate(self.tokens) if t in gone]
-        if len(slots) != len(gone):
-            raise ConfigError(f"eviction log names tokens {sorted(gone)} that are not in the cache at step {event.step}")
-        keep = [i for i, t in enumerate(self.tokens) if t not in gone]
-        dev = self.valid.device
-        out_idx, keep_idx = torch.tensor(slots, device=dev), torch.tensor(keep, device=dev)
-        keys = torch.stack([k.index_select(2, out_idx) for k in self.keys])
-        values = torch.stack([v.index_select(2, out_idx) for v in self.values])
-        self.keys = [k.index_select(2, keep_idx) for k in self.keys]
-        self.values = [v.index_select(2, keep_idx) for v in self.values]
-        self.valid = self.valid.index_select(1, keep_idx)
-        self.tokens = [self.tokens[i] for i in keep]
-        return keys, values
+    def evict(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Drop `tokens` [L, B, E] (-1 rows: the oldest E); returns their K/V stacked over layers
+        [L, B, H, E, D] and the thought tokens that left [L, B, E]."""
+        size, block = self.thought.shape[-1], tokens.shape[-1]
+        gone = (self.thought[..., :, None] == tokens[..., None, :]).any(-1)
+        oldest = torch.arange(size, device=gone.device) < block
+        gone = torch.where((tokens < 0).all(-1, keepdim=True), oldest, gone)
+        if bool((gone.sum(-1) != block).any()):
+            raise ConfigError(f"the eviction log names tokens that are not in the cache at step {step}")
+        out_idx = gone.int().argsort(dim=-1, descending=True, stable=True)[..., :block]
+        keep_idx = (~gone).int().argsort(dim=-1, descending=True, stable=True)[..., : size - block]
+        prompt = self.valid.shape[1] - size
+        keys, values = [], []
+        for buffers, out in ((self.keys, keys), (self.values, values)):
+            for layer, cached in enumerate(buffers):
+                thought = cached[:, :, prompt:]
+                shape = (*thought.shape[:2], -1, thought.shape[-1])
+                out.append(thought.gather(2, out_idx[layer][:, None, :, None].expand(shape)))
+                buffers[layer] = torch.cat(
+                    [cached[:, :, :prompt], thought.gather(2, keep_idx[layer][:, None, :, None].expand(shape))], 2)
+        self.valid = self.valid[:, : self.valid.shape[1] - block]
+        evicted = self.thought.gather(-1, out_idx)
+        self.thought = self.thought.gather(-1, keep_idx)
+        return torch.stack(keys), torch.stack(values), evicted
 
 
 def replay(
@@ -186,11 +212,12 @@ def replay(
     if len(logs) != len(completion_ids):
         raise ConfigError(f"{len(logs)} eviction logs for {len(completion_ids)} completions")
     out: dict[int, torch.Tensor] = {}
-    for rows, log in _schedule_groups(logs):
+    for rows, steps in _schedule_groups(logs):
         chain = _StateChain(folder) if backprop == "state" and loss_fn is not None and folder.active else None
         part = _replay_batch(
-            model, chain or folder, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], log, rows,
-            loss_fn, temperature, backprop == "full", pad_id, min_length, distribution_fn,
+            model, chain or folder, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], steps,
+            [logs[i] for i in rows], rows, loss_fn, temperature, backprop == "full", pad_id, min_length,
+            distribution_fn,
         )
         if chain is not None:
             chain.backward()
@@ -258,7 +285,8 @@ def _replay_batch(
     folder: StateFolder,
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
-    log: list[EvictionEvent],
+    steps: list[int],
+    logs: Sequence[Sequence[EvictionEvent]],
     rows: list[int],
     loss_fn: LossFn | None,
     temperature: float,
@@ -267,29 +295,30 @@ def _replay_batch(
     min_length: int = 0,
     distribution_fn: DistributionFn | None = None,
 ) -> list[torch.Tensor]:
-    """Replay sequences that share one eviction schedule (a lockstep batch); `rows`: their indices
-    in the caller's batch, for `loss_fn`."""
+    """Replay sequences that share one eviction schedule (a lockstep batch): events at `steps`, each
+    row evicting what its own log says; `rows`: their indices in the caller's batch, for `loss_fn`."""
     first_param = next(model.parameters())
     device, dtype = first_param.device, wide_dtype(first_param.dtype)
     ids, valid = pad_prompts([list(p) for p in prompt_ids], pad_id, device)
-    batch, width = ids.shape
+    batch = ids.shape[0]
     n = max(min_length, *(len(c) for c in completion_ids))
     comp = torch.full((batch, n), pad_id, dtype=torch.long, device=device)
     for i, c in enumerate(completion_ids):
         comp[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
     plen = valid.sum(-1)
     kw, num_layers = cache_kwarg(model), model.config.num_hidden_layers
-    bounds = [e.step for e in log if e.step <= n - 2]
+    bounds = [step for step in steps if step <= n - 2]
     starts, ends = [0, *bounds], [*bounds, n - 1]  # thought tokens fed in each segment
 
-    context = _Context(batch, device)
+    context = _Context(batch, num_layers, device)
     state = folder.start(batch)
     out_lp = torch.empty(batch, n, device=device, dtype=dtype)
     total = None
     for k, (a, b) in enumerate(zip(starts, ends, strict=True)):
         if k > 0:
-            keys, values = context.evict(log[k - 1])
-            positions = plen[:, None] + torch.tensor(log[k - 1].tokens, device=device)[None]
+            keys, values, gone = context.evict(_event_tokens(logs, k - 1, num_layers, device), a)
+            # [B, E] when every layer evicted the same tokens, as the rollout folds them
+            positions = plen[:, None] + gone[0] if bool((gone == gone[:1]).all()) else plen[None, :, None] + gone
             state = folder.fold(state if full_backprop or state is None else state.detach(), keys, values, positions)
         thought = comp[:, a:b]
         seg_ids = torch.cat([ids, thought], 1) if k == 0 else thought
@@ -315,10 +344,9 @@ def _replay_batch(
             distribution_fn(logprobs.detach(), first, b + 1, rows)
         del logprobs
         new_valid = torch.ones(batch, b - a, dtype=torch.bool, device=device)
-        new_tokens = list(range(a, b))
         if k == 0:
-            new_valid, new_tokens = torch.cat([valid, new_valid], 1), [-1] * width + new_tokens
-        context.append(cache, new_tokens, new_valid, detach=not full_backprop)
+            new_valid = torch.cat([valid, new_valid], 1)
+        context.append(cache, range(a, b), new_valid, detach=not full_backprop)
         if loss_fn is not None:
             loss = loss_fn(lp, first, b + 1, rows)
             if full_backprop:

@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from .adapter import refresh_casts, wide_dtype
+from .attention import observing
+from .attention_stats import AttentionStats
 from .cache import BoundedKVCache, cache_kwarg
 from .config import CacheConfig
 from .errors import ConfigError
-from .eviction import EvictionEvent, EvictionPolicy
+from .eviction import EvictionEvent, EvictionPolicy, ScoredEviction
 from .fold import StateFolder
 from .graph import DecodeStep
 
@@ -51,7 +53,9 @@ class SamplingConfig:
 
 @dataclass
 class RawRollout:
-    """Untruncated lockstep output: tokens/logprobs [B, steps], per-step logits if asked."""
+    """Untruncated lockstep output: tokens/logprobs [B, steps], per-step logits if asked. `events`
+    are the batch's eviction events; under a scored policy `layer_tokens` [events, layers, B, E] holds
+    what each layer of each sequence evicted (the events' `tokens` are then empty)."""
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
@@ -60,6 +64,15 @@ class RawRollout:
     cache_bytes: int
     seconds: float
     logits: list[torch.Tensor] = field(default_factory=list)
+    layer_tokens: torch.Tensor | None = None
+    attention_stats: AttentionStats | None = None
+
+    def row_events(self, row: int) -> list[EvictionEvent]:
+        """The eviction log of sequence `row`."""
+        if self.layer_tokens is None:
+            return list(self.events)
+        mine = self.layer_tokens[:, :, row].tolist()
+        return [EvictionEvent(e.step, (), tuple(map(tuple, layers))) for e, layers in zip(self.events, mine, strict=True)]
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device,
@@ -127,12 +140,13 @@ def rollout(
     eos_ids: set[int],
     pad_id: int,
     streamer: Streamer | None = None,
-    eviction_policy: EvictionPolicy | None = None,
+    eviction_policy: EvictionPolicy | ScoredEviction | None = None,
     keep_logits: bool = False,
     stop_check=None,
     cuda_graph: bool = False,
     compile_step: bool = False,
     lockstep: Callable[[bool], bool] | None = None,
+    calibration: bool = False,
 ) -> RawRollout:
     """Decode `prompts` (token lists) in lockstep under the bounded cache.
 
@@ -140,14 +154,25 @@ def rollout(
     (stop strings). Finished rows keep decoding padding so shapes stay static. `cuda_graph`
     captures the decode step once and replays it (CUDA only); `compile_step` runs it through
     torch.compile first. `lockstep(all_done_here) -> all_done_everywhere` makes processes whose
-    forward passes are collectives (FSDP) stop at the same step."""
+    forward passes are collectives (FSDP) stop at the same step. `calibration=True` also gathers
+    the per-head attention peaks (`RawRollout.attention_stats.peak`)."""
     device = next(model.parameters()).device
     width = compiled_prompt_width(max(map(len, prompts))) if compile_step else 0
     ids, valid = pad_prompts(prompts, pad_id, device, width)
     batch, n_new = ids.shape[0], sampling.max_new_tokens
     window = cache_cfg.window if cache_cfg.bounded else max(1, n_new)
     block = cache_cfg.evict_block if cache_cfg.bounded else 1
-    cache = BoundedKVCache(model.config.num_hidden_layers, valid, window, block, eviction_policy)
+    scored = eviction_policy if isinstance(eviction_policy, ScoredEviction) and cache_cfg.bounded else None
+    stats = None
+    if scored is not None or calibration:
+        cfg = model.config
+        stats = AttentionStats(
+            cfg.num_hidden_layers, batch, cfg.num_key_value_heads, ids.shape[1], window, device,
+            cumulative=scored is not None and scored.cumulative,
+            recent_queries=cache_cfg.observed_queries if scored is not None and scored.recent else 0,
+            peak=calibration)
+    cache = BoundedKVCache(model.config.num_hidden_layers, valid, window, block, scored or eviction_policy,
+                           stats=stats, protect=cache_cfg.protected if scored is not None else 0)
     prompt_len = valid.sum(-1)  # true prompt lengths [B]
     generator = None
     if sampling.seed is not None:
@@ -170,34 +195,40 @@ def rollout(
     tokens = torch.empty(batch, n_new, dtype=torch.long, device=device)
     logprobs = torch.empty(batch, n_new, device=device, dtype=wide_dtype(folder.dtype))
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    kept_logits, events = [], []
+    kept_logits, events, layer_tokens = [], [], []
     steps = 0
-    for t in range(n_new):
-        if keep_logits:
-            kept_logits.append(logits.to(wide_dtype(logits.dtype)).clone())
-        token, lp = sample(logits, sampling, generator)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens[:, t], logprobs[:, t] = token, lp
-        steps = t + 1
-        if streamer is not None:
-            streamer.put(token.cpu())
-        done |= torch.isin(token, eos)
-        if t == n_new - 1:
-            break
-        if steps % SYNC_EVERY == 0:
-            if stop_check is not None:
-                done |= stop_check(tokens[:, :steps])
-            finished = bool(done.all())
-            if lockstep(finished) if lockstep is not None else finished:
+    with observing(model, stats):
+        for t in range(n_new):
+            if keep_logits:
+                kept_logits.append(logits.to(wide_dtype(logits.dtype)).clone())
+            token, lp = sample(logits, sampling, generator)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            tokens[:, t], logprobs[:, t] = token, lp
+            steps = t + 1
+            if streamer is not None:
+                streamer.put(token.cpu())
+            done |= torch.isin(token, eos)
+            if t == n_new - 1:
                 break
-        if cache.window.full:
-            event, slots = cache.evict(t)
-            events.append(event)
-            if folder.active:
-                keys, values = cache.gather(slots)
-                positions = prompt_len[:, None] + torch.tensor(event.tokens, device=device)[None]
-                state = folder.fold(state, keys, values, positions)
-        logits = step(token, prompt_len + t, cache.admit(t))
+            if steps % SYNC_EVERY == 0:
+                if stop_check is not None:
+                    done |= stop_check(tokens[:, :steps])
+                finished = bool(done.all())
+                if lockstep(finished) if lockstep is not None else finished:
+                    break
+            if cache.window.full and scored is not None:
+                evicted, keys, values = cache.evict_scored(t)
+                events.append(EvictionEvent(t, ()))
+                layer_tokens.append(evicted)
+                state = folder.fold(state, keys, values, prompt_len[None, :, None] + evicted)
+            elif cache.window.full:
+                event, slots = cache.evict(t)
+                events.append(event)
+                if folder.active:
+                    keys, values = cache.gather(slots)
+                    positions = prompt_len[:, None] + torch.tensor(event.tokens, device=device)[None]
+                    state = folder.fold(state, keys, values, positions)
+            logits = step(token, prompt_len + t, cache.admit(t))
     if streamer is not None:
         streamer.end()
     folder.apply(None)
@@ -205,5 +236,6 @@ def rollout(
     return RawRollout(
         tokens=tokens[:, :steps].cpu(), logprobs=logprobs[:, :steps].cpu(), events=events,
         prompt_lengths=[len(p) for p in prompts], cache_bytes=cache.nbytes(), seconds=elapsed,
-        logits=kept_logits,
+        logits=kept_logits, layer_tokens=torch.stack(layer_tokens).cpu() if layer_tokens else None,
+        attention_stats=stats if calibration else None,
     )
