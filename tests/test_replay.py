@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
+from thoughtfold.eviction import EvictionEvent
 from thoughtfold.policy import Policy
 from thoughtfold.replay import default_schedule
 
@@ -206,3 +207,19 @@ def test_state_backprop_equals_one_graph_with_only_the_cached_kv_detached(tiny_d
     assert state[-1].abs().sum() > 0  # the encoder gets gradients
     for a, b in zip(state, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("eviction", ["h2o", "snapkv", "headkv"])
+def test_scored_eviction_replays_its_rollout(tiny_dirs, family, eviction):
+    """Rows and layers evict different tokens; the replay, fed the log through its JSON form,
+    reproduces the rollout's log-probs."""
+    policy = make_policy(tiny_dirs, family, "pte")
+    policy.cache_config = CacheConfig(window=8, eviction=eviction)
+    res = policy.generate(PROMPTS, max_new_tokens=40, temperature=1.0, seed=5)
+    assert res.stats["evictions"] >= 4
+    assert len({tuple(e.layers for e in log) for log in res.eviction_log}) > 1
+    logs = [[EvictionEvent.from_dict(e.to_dict()) for e in log] for log in res.eviction_log]
+    replayed = policy.replay_logprobs(res.prompt_ids, res.completion_ids, logs)
+    for ours, ref in zip(replayed, res.logprobs, strict=True):
+        assert_close_to_scale(ours, ref, rel=1e-5)
