@@ -71,6 +71,8 @@ DEFAULT_CONFIG: dict = {
     "sft_multiplier": {"pte": 3},  # methods trained for k x sft steps (each row records its sft_steps)
     "row_suffix": "",  # appended to the method names of the rows (variants with other settings)
     "jobs": None,  # explicit [[method, window], ...] (a priority order); default: methods x windows, ablations
+    # a method may name an eviction policy: "pte@h2o" trains and evaluates PTE under cache.eviction=h2o
+    "bounded_evictions": ["oldest"],  # the "bounded, no adaptation" reference rows, one per policy
     "workers": 2,  # training jobs run in this many processes (one torch thread each)
     "memory_probe": 8,
 }
@@ -250,9 +252,9 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
 
     rows: list[dict] = []
 
-    def make(window: int | None, mode: str) -> Policy:
+    def make(window: int | None, mode: str, eviction: str = "oldest") -> Policy:
         acfg = AdapterConfig(mode=mode, **config["adapter"])
-        return Policy.from_pretrained(str(base_dir), cache=CacheConfig(window=window), adapter=acfg)
+        return Policy.from_pretrained(str(base_dir), cache=CacheConfig(window=window, eviction=eviction), adapter=acfg)
 
     def add(method: str, window: int | None, policy: Policy, extra: dict) -> None:
         res = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])
@@ -265,8 +267,10 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
     n_params = sum(p.numel() for p in full.model.parameters()) - sum(p.numel() for p in full.trainable_parameters())
     add("full", None, full, measure_memory(full, task, probe, train=True))
     for w in windows:
-        bounded = make(w, "none")
-        add("bounded", w, bounded, measure_memory(bounded, task, probe, train=False))
+        for eviction in config["bounded_evictions"]:
+            bounded = make(w, "none", eviction)
+            name = "bounded" if eviction == "oldest" else f"bounded@{eviction}"
+            add(name, w, bounded, measure_memory(bounded, task, probe, train=False))
     write(config, task, n_params, pre, rows, time.perf_counter() - t0, results_path, table_path)
 
     jobs = [(m, w) for m in config["methods"] for w in windows]
@@ -308,16 +312,17 @@ def row_line(row: dict) -> str:
 def train_configs(config: dict, base_dir: Path, method: str, window: int, job_dir: Path) -> tuple[TrainConfig, TrainConfig]:
     """The SFT and the GRPO TrainConfig of one job: the library's defaults, plus the task, the
     adapter, the window and the stage's budget from `config`."""
-    mode, overrides, backprop = METHODS[method]
+    base_method, _, eviction = method.partition("@")
+    mode, overrides, backprop = METHODS[base_method]
     task = RecallTask(**config["task"])
     s, g = config["sft"], config["grpo"]
     sft = TrainConfig(
-        model=str(base_dir), cache=CacheConfig(window=window),
+        model=str(base_dir), cache=CacheConfig(window=window, eviction=eviction or "oldest"),
         adapter=AdapterConfig(mode=mode, **{**config["adapter"], **overrides}),
         data=DataConfig(dataset=f"recall:steps={task.steps},combine={task.combine},n={config['data_rows']}",
                         chat_template=False),
         rewards=["recall"], backprop=backprop, max_new_tokens=task.completion_length, temperature=1.0,
-        steps=s["max_steps"] * config["sft_multiplier"].get(method, 1), prompts_per_step=s["per_step"],
+        steps=s["max_steps"] * config["sft_multiplier"].get(base_method, 1), prompts_per_step=s["per_step"],
         lr=s["learning_rate"], warmup_steps=0, save_every=0, seed=config["seed"],
         output_dir=str(job_dir / "sft"), overwrite_output_dir=True, progress=False)
     grpo = replace(sft, steps=g["max_steps"], group_size=g["num_generations"], prompts_per_step=g["per_step"],
