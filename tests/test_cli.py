@@ -77,7 +77,7 @@ def test_json_output_matches_the_api(tiny_dirs, two_prompts):
 
     proc = run_cli(
         "generate", "--model", str(tiny_dirs["qwen2"]), "--prompts-file", str(two_prompts),
-        "--window", "6", "--evict-ratio", "0.5", "--max-new-tokens", "20", "--json",
+        "--window", "6", "--evict-ratio", "0.5", "--eviction", "snapkv", "--max-new-tokens", "20", "--json",
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -91,7 +91,8 @@ def test_json_output_matches_the_api(tiny_dirs, two_prompts):
     assert "tokens/s" in summary and "eviction" in summary and "peak cache" in summary
 
     # the same request through the Python API gives the same tokens, log-probs and counters
-    policy = Policy.from_pretrained(str(tiny_dirs["qwen2"]), cache=CacheConfig(window=6, evict_ratio=0.5))
+    policy = Policy.from_pretrained(str(tiny_dirs["qwen2"]), cache=CacheConfig(window=6, evict_ratio=0.5,
+                                                                               eviction="snapkv"))
     res = policy.generate(["Count: one two three", "abc"], max_new_tokens=20, temperature=0.0)
     for i, r in enumerate(records):
         assert r["completion_ids"] == res.completion_ids[i]

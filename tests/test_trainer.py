@@ -633,6 +633,25 @@ def test_fsdp_refuses_a_custom_eviction_policy(tmp_path, tiny_dirs, monkeypatch)
     with pytest.raises(ConfigError, match="custom eviction_policy: train without fsdp"):
         GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], fsdp=True), policy=policy, dataset=_dataset(),
                     reward_funcs=[low_bytes])
+    scored = _config(tmp_path, tiny_dirs["llama"], fsdp=True, cache=CacheConfig(window=8, eviction="h2o"))
+    with pytest.raises(ConfigError, match="cache.eviction is h2o: train without fsdp"):
+        GRPOTrainer(scored, dataset=_dataset(), reward_funcs=[low_bytes])
+
+
+def test_grpo_trains_under_scored_eviction(tmp_path, tiny_dirs):
+    """headkv through the trainer: the policy calibrates its head weights on the first rollout,
+    rows carry per-layer eviction logs, and the step's gradient reaches the encoder."""
+    config = _config(tmp_path, tiny_dirs["qwen2"], cache=CacheConfig(window=6, eviction="headkv"), max_new_tokens=20)
+    trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+    torch.manual_seed(0)
+    for w in trainer.policy.wrappers:  # non-zero adapters: the loss then depends on the state
+        torch.nn.init.normal_(w.lora_up, std=0.3)
+    grads = one_step_gradients(trainer)
+    assert trainer.policy.head_weights is not None
+    assert trainer.policy.head_weights.shape == (2, 2)
+    encoder = [g for g, p in zip(grads, trainer.params, strict=True)
+               if any(p is q for q in trainer.policy.encoder.parameters())]
+    assert encoder and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in encoder)
 
 
 # --------------------------------------------------------------------------- what a paranoid user tries

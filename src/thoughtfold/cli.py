@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
+from .config import EVICTIONS
 from .errors import ConfigError, DataError, ThoughtfoldError
 
 if TYPE_CHECKING:
@@ -218,6 +219,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--evict-ratio", type=_number(float, "evict-ratio"), default=argparse.SUPPRESS,
                    metavar="R", help="fraction of the window evicted at once, in (0, 1] "
                    "[default: the adapter's, else 0.25]")
+    p.add_argument("--eviction", choices=EVICTIONS, default=argparse.SUPPRESS,
+                   help="which tokens an eviction removes: the oldest block, or per sequence and layer by "
+                   "attention received (h2o, snapkv, headkv) [default: the adapter's, else oldest]")
     p.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens"), default=256, metavar="N",
                    help="[default: %(default)s]")
     p.add_argument("--temperature", type=_number(float, "temperature"), default=0.0, metavar="T",
@@ -263,19 +267,21 @@ def resolve_cache(args: argparse.Namespace):
     adapter's saved setting (None = use the saved cache as is)."""
     from .config import CacheConfig
 
-    window_set, ratio_set = hasattr(args, "window"), hasattr(args, "evict_ratio")
+    window_set, ratio_set, eviction_set = (hasattr(args, k) for k in ("window", "evict_ratio", "eviction"))
     window, ratio = getattr(args, "window", None), getattr(args, "evict_ratio", 0.25)
+    eviction = getattr(args, "eviction", "oldest")
     if getattr(args, "adapter", None) is not None:
         if not Path(args.adapter).is_dir():
             raise ConfigError(f"adapter directory {args.adapter!r} not found")
-        if not (window_set or ratio_set):
+        if not (window_set or ratio_set or eviction_set):
             return None
         from .persist import read_adapter_config
 
         _, saved, _ = read_adapter_config(args.adapter)
         window = window if window_set else saved.window
         ratio = ratio if ratio_set else saved.evict_ratio
-    return CacheConfig(window=window, evict_ratio=ratio)
+        eviction = eviction if eviction_set else saved.eviction
+    return CacheConfig(window=window, evict_ratio=ratio, eviction=eviction)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -372,6 +378,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    "[default: the adapter's window, else none]")
     p.add_argument("--evict-ratio", type=_number(float, "evict-ratio"), default=None, metavar="R",
                    help="fraction of the window evicted at once [default: the adapter's, else 0.25]")
+    p.add_argument("--eviction", choices=EVICTIONS, default=None,
+                   help="which tokens an eviction removes [default: the adapter's, else oldest]")
     p.add_argument("--n-samples", type=_number(int, "n-samples"), default=1, metavar="K",
                    help="samples per problem [default: %(default)s]")
     p.add_argument("--temperature", type=_number(float, "temperature"), default=0.6,
@@ -424,7 +432,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .persist import lock_directory
 
     datasets = split_dataset_list(args.datasets)
-    windows, ratio = args.window, args.evict_ratio
+    windows, ratio, eviction = args.window, args.evict_ratio, args.eviction
     if args.adapter is not None:
         if not Path(args.adapter).is_dir():
             raise ConfigError(f"adapter directory {args.adapter!r} not found")
@@ -433,15 +441,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _, saved, _ = read_adapter_config(args.adapter)
         windows = windows if windows is not None else [saved.window]
         ratio = ratio if ratio is not None else saved.evict_ratio
+        eviction = eviction or saved.eviction
     windows = windows if windows is not None else [None]
     ratio = ratio if ratio is not None else 0.25
+    eviction = eviction or "oldest"
     for w in windows:
         CacheConfig(window=w, evict_ratio=ratio)  # range checks, before the model loads
     name = Path(args.adapter).resolve().name if args.adapter else Path(args.model or "default").name
     config = EvalConfig(
         datasets=datasets, windows=list(dict.fromkeys(windows)), n_samples=args.n_samples,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-        limit=args.limit, batch_size=args.batch_size, evict_ratio=ratio, seed=args.seed, split=args.split,
+        limit=args.limit, batch_size=args.batch_size, evict_ratio=ratio, eviction=eviction, seed=args.seed,
+        split=args.split,
         system_prompt=None if args.no_system_prompt else args.system_prompt,
         chat_template=not args.no_chat_template, reward=args.reward, method=args.name,
         output_dir=args.output or str(Path("runs") / "eval" / name), progress=not args.no_progress,

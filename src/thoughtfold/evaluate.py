@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .answers import extract_answer
+from .config import EVICTIONS, CacheConfig
 from .data import SYSTEM_PROMPT, load_dataset_by_name
 from .errors import ConfigError, DataError
 from .persist import atomic_write_text, weights_digest
@@ -45,7 +46,8 @@ CONFIG_NAME = "eval_config.json"
 
 # settings that change what a sample is: a resumed eval must use the same ones
 _SAMPLE_DEFINING = ("model", "adapter", "adapter_sha256", "temperature", "top_p", "top_k", "max_new_tokens",
-                    "evict_ratio", "seed", "system_prompt", "chat_template", "reward", "split")
+                    "evict_ratio", "eviction", "seed", "system_prompt", "chat_template", "reward", "split")
+_ADDED_LATER = {"eviction": "oldest"}  # what an evaluation saved before the setting existed used
 
 
 # --------------------------------------------------------------------------- pass@k
@@ -102,6 +104,7 @@ class EvalConfig:
     limit: int | None = None
     batch_size: int = 16
     evict_ratio: float = 0.25
+    eviction: str = "oldest"
     seed: int = 0
     split: str | None = None
     prompt_field: str | None = None
@@ -133,6 +136,8 @@ class EvalConfig:
             raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
         if not 0 < self.evict_ratio <= 1:
             raise ConfigError(f"evict-ratio must be in (0, 1], got {self.evict_ratio}")
+        if self.eviction not in EVICTIONS:
+            raise ConfigError(f"eviction must be one of {', '.join(EVICTIONS)}, got {self.eviction!r}")
         if isinstance(self.reward, str):
             load_reward(self.reward)  # an unknown reward fails before a model loads or a file is written
 
@@ -185,6 +190,7 @@ def _check_resume(out: Path, settings: dict) -> None:
         except json.JSONDecodeError:
             saved = None
         if saved is not None:
+            saved = {**_ADDED_LATER, **saved}
             diffs = [f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in _SAMPLE_DEFINING
                      if saved.get(k) != settings.get(k)]
             if diffs:
@@ -235,8 +241,6 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
     ``datasets`` maps a dataset name to its examples (else they are loaded by name)."""
     from tqdm.auto import tqdm
 
-    from .config import CacheConfig
-
     c = config
     loaded: dict[str, list[dict]] = {}
     for name in c.datasets:
@@ -277,7 +281,7 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
             for name, rows in loaded.items():
                 items = [(i, s) for i in range(len(rows)) for s in range(K)]
                 for window in c.windows:
-                    with policy.using_cache(CacheConfig(window=window, evict_ratio=c.evict_ratio)):
+                    with policy.using_cache(CacheConfig(window=window, evict_ratio=c.evict_ratio, eviction=c.eviction)):
                         bar.set_postfix_str(f"{name} W={'full' if window is None else window}", refresh=False)
                         for start in range(0, len(items), c.batch_size):
                             batch = items[start : start + c.batch_size]

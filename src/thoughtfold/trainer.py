@@ -88,6 +88,10 @@ class _Trainer:
         if self.fsdp and type(self.policy.eviction_policy) not in (type(None), OldestBlock):
             raise ConfigError("fsdp replays the default oldest-block eviction schedule on every process (all must "
                               "run the same segments), but this policy has a custom eviction_policy: train without fsdp")
+        if self.fsdp and self.policy.cache_config.eviction != "oldest":
+            raise ConfigError(f"fsdp replays the default oldest-block eviction schedule on every process, but "
+                              f"cache.eviction is {self.policy.cache_config.eviction}: train without fsdp or with "
+                              "cache.eviction=oldest")
         if self.fsdp:
             shard_base_model(self.policy.model, self.policy.wrappers)
             # collectives run inside every forward: no graph capture, and every process stops together
