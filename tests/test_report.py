@@ -125,6 +125,9 @@ def test_bench_command_smoke(tmp_path, capsys):
         methods = [row[1] for row in tables[name]["rows"] if row[0] == 16]
         assert methods[:4] == [*(f"PTE, bounded, {b} backprop" for b in BACKPROP), "LoRA, full cache (any backprop)"]
         assert "PTE, bounded, full backprop: peak at 16 / at 8 tokens" in [row[1] for row in tables[name]["rows"]]
+    eviction = [row for row in tables["eviction"]["rows"] if row[0] == 16]  # a row per policy, against oldest
+    assert [row[1] for row in eviction] == ["oldest", "h2o", "snapkv", "headkv"]
+    assert eviction[0][3] == eviction[0][5] == "1.00x" and _is_png(out / "eviction.png")
 
 
 def test_bench_grpo_with_the_gpu_steps_options(tmp_path, capsys):
@@ -184,4 +187,5 @@ def test_bench_command_errors(capsys):
     assert main(["bench", "grpo", "--backprop", "state,exact"]) == 2
     assert "unknown backprop mode(s) exact; choose from state, truncated, full" in capsys.readouterr().err
     assert main(["bench", "grpo", "--replay-batch", "0"]) == 2
+    assert main(["bench", "eviction", "--evictions", "oldest,lru"]) == 2
     assert "replay_batch must be >= 1" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from functools import partial
 import torch
 
 from .adapter import AdapterGroup, detach_adapters
-from .config import AdapterConfig, CacheConfig
+from .config import EVICTIONS, AdapterConfig, CacheConfig
 from .memory import PeakMemory
 from .models import head_dim
 from .policy import Policy
@@ -315,8 +315,24 @@ def grpo_benchmark(shape: str, lengths: list[int], window: int, batch: int, devi
     PTE under the bounded cache per backprop mode vs LoRA with a full cache. Runs the real
     `GRPOTrainer` after a short warm-up step. The random-init model has no EOS token, so every completion
     has exactly the requested length, and a random reward keeps the group's advantages non-zero."""
-    import random
     import tempfile
+
+    model = random_model(shape, device, dtype)
+    prompt = torch.randint(1, SHAPES[shape]["vocab_size"], (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def prepare(policy: Policy, n: int, backprop: str) -> Callable[[], object]:
+            return _grpo_step(policy, prompt, n, batch, window, tempfile.mkdtemp(dir=tmp), backprop, replay_batch)
+
+        return _pte_vs_lora(model, lengths, window, adapter, backprops, device, prepare, "grpo step")
+
+
+def _grpo_step(policy: Policy, prompt: list[int], n: int, batch: int, window: int, output_dir: str,
+               backprop: str = BACKPROP[0], replay_batch: int | None = None) -> Callable[[], object]:
+    """One `GRPOTrainer` step of a group of `batch` completions of exactly `n` tokens, warmed up:
+    a short step (one eviction event) first pays the one-time costs, optimizer state included,
+    without doubling the run time at long lengths. A random reward keeps the advantages non-zero."""
+    import random
 
     from .train_config import TrainConfig
     from .trainer import GRPOTrainer
@@ -324,22 +340,48 @@ def grpo_benchmark(shape: str, lengths: list[int], window: int, batch: int, devi
     def random_reward(prompts, completions, **_):
         return [random.random() for _ in prompts]
 
+    config = TrainConfig(group_size=batch, prompts_per_step=1, max_new_tokens=min(n, window + 8), steps=1,
+                         save_every=0, output_dir=output_dir, progress=False, rewards=["unused"], backprop=backprop,
+                         replay_batch_size=replay_batch)
+    trainer = GRPOTrainer(config, policy=policy, dataset=[{"prompt": prompt}], reward_funcs=[random_reward])
+    trainer.train_step(trainer.next_examples(1))
+    trainer.config = replace(config, max_new_tokens=n)
+    return lambda: trainer.train_step(trainer.next_examples(1))
+
+
+def eviction_benchmark(shape: str, lengths: list[int], window: int, batch: int, device: str,
+                       dtype: torch.dtype, adapter: AdapterConfig, evictions: tuple[str, ...] = EVICTIONS) -> list[list]:
+    """What a scored eviction policy costs: decode tokens/s (sampling `length` tokens per sequence)
+    and the time of one GRPO step, PTE under the bounded cache, per policy, side by side with
+    `oldest` (scored policies compute attention weights in every decode step and select per event;
+    the replay only reads the log)."""
+    import tempfile
+
     model = random_model(shape, device, dtype)
-    prompt = torch.randint(1, SHAPES[shape]["vocab_size"], (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = torch.randint(1, SHAPES[shape]["vocab_size"], (batch, 32), generator=torch.Generator().manual_seed(0))
+    ids = prompts.tolist()
+    speed: dict[tuple[int, str], float] = {}
+    step: dict[tuple[int, str], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-
-        def prepare(policy: Policy, n: int, backprop: str) -> Callable[[], object]:
-            config = TrainConfig(group_size=batch, prompts_per_step=1, max_new_tokens=min(n, window + 8), steps=1,
-                                 save_every=0, output_dir=tempfile.mkdtemp(dir=tmp), progress=False,
-                                 rewards=["unused"], backprop=backprop, replay_batch_size=replay_batch)
-            trainer = GRPOTrainer(config, policy=policy, dataset=[{"prompt": prompt}], reward_funcs=[random_reward])
-            # warm-up: a short step (one eviction event) pays the one-time costs, optimizer state included,
-            # without doubling the run time at long lengths
-            trainer.train_step(trainer.next_examples(1))
-            trainer.config = replace(config, max_new_tokens=n)
-            return lambda: trainer.train_step(trainer.next_examples(1))
-
-        return _pte_vs_lora(model, lengths, window, adapter, backprops, device, prepare, "grpo step")
+        for eviction in evictions:
+            policy = Policy(model, None, cache=CacheConfig(window=window, eviction=eviction),
+                            adapter=replace(adapter, mode="pte"))
+            policy.generate(ids, max_new_tokens=window + 8, temperature=1.0, seed=0)  # warm-up (headkv: calibration)
+            for n in lengths:
+                seconds = _seconds(partial(policy.generate, ids, max_new_tokens=n, temperature=1.0, seed=0), device)
+                speed[n, eviction] = batch * n / seconds
+                step[n, eviction] = _seconds(_grpo_step(policy, ids[0], n, batch, window, tempfile.mkdtemp(dir=tmp)),
+                                             device)
+                print(f"  eviction {eviction}, {n} tokens: decode {speed[n, eviction]:,.0f} tokens/s, "
+                      f"grpo step {step[n, eviction]:.2f} s", file=sys.stderr, flush=True)
+            detach_adapters(model, policy.wrappers)
+    rows = []
+    for n in lengths:
+        for eviction in evictions:
+            base = "oldest" if "oldest" in evictions else evictions[0]
+            rows.append([n, eviction, f"{speed[n, eviction]:,.0f}", f"{speed[n, base] / speed[n, eviction]:.2f}x",
+                         f"{step[n, eviction]:.2f}", f"{step[n, eviction] / step[n, base]:.2f}x"])
+    return rows
 
 
 def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: torch.dtype,
@@ -403,9 +445,15 @@ TOTAL_PEAK = "peak MiB with weights"  # CUDA only: the allocator's peak includin
 GRPO_TITLE = "One GRPO step (rollouts + rewards + replay update): time and peak memory vs completion length"
 ENCODER_TITLE = "Encoder overhead per eviction event"
 ENCODER_HEADER = ["measure", "value"]
+EVICTION_TITLE = "Eviction policies: decode speed and GRPO step time of PTE under the bounded cache"
+EVICTION_HEADER = ["tokens", "eviction", "decode tokens/s", "decode time vs oldest", "grpo step s",
+                   "grpo step vs oldest"]
+EVICTION_NOTE = ("For scale: the paper reports about +37% runtime for PTE with HeadKV eviction over the sliding "
+                 "window (DeepSeek-R1-Distill-Llama-8B).")
 GRPO_NOTE = "For scale: the paper reports a PTE / LoRA peak of about 0.55x at 3K tokens with W = 1K (Qwen2.5-3B)."
-DEFAULT_LENGTHS = {"decode": [256, 1024, 4096], "replay": [512, 2048, 8192], "grpo": [512, 1024, 2048]}
-BENCHMARKS = ("decode", "replay", "grpo", "encoder")
+DEFAULT_LENGTHS = {"decode": [256, 1024, 4096], "replay": [512, 2048, 8192], "grpo": [512, 1024, 2048],
+                   "eviction": [1024]}
+BENCHMARKS = ("decode", "replay", "grpo", "encoder", "eviction")
 
 
 def _number_of(cell: object) -> float | None:
@@ -457,13 +505,14 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
                    dtype: torch.dtype | None = None, output_dir=None, baseline_max: int | None = None,
                    decode_methods: tuple[str, ...] | None = None, compile_decode: bool = False,
                    adapter: AdapterConfig | None = None, backprops: tuple[str, ...] = BACKPROP,
-                   replay_batch: int | None = None) -> dict:
+                   replay_batch: int | None = None, evictions: tuple[str, ...] = EVICTIONS) -> dict:
     """Run decode / replay / grpo / encoder (or all), print their tables and, with `output_dir`,
     write `bench.md` (the tables), `bench.json` (settings and tables, for scripts) and a plot per
     length sweep (`decode.png`: tokens/s and peak memory vs generated length; `replay.png`,
     `grpo.png`: peak memory and time vs completion length). `adapter` sets the rank and global
     tokens of the adapters (its mode is set per row); `backprops` the PTE rows of replay and grpo;
-    `replay_batch` grpo's replay micro-batch rows (default: the whole group at once). Returns
+    `replay_batch` grpo's replay micro-batch rows (default: the whole group at once); `evictions`
+    the policies the eviction benchmark compares. Returns
     {"tables": {name: rows}, "plots": [paths], "markdown": text}."""
     import json
     from pathlib import Path
@@ -496,6 +545,8 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
                    {3: "peak memory (MiB)", 2: "seconds"}, "completion tokens"),
         "grpo": (partial(grpo_benchmark, **pte_vs_lora, replay_batch=replay_batch), GRPO_TITLE, replay_header,
                  {3: "peak memory (MiB)", 2: "seconds"}, "completion tokens"),
+        "eviction": (partial(eviction_benchmark, adapter=adapter, evictions=evictions), EVICTION_TITLE,
+                     EVICTION_HEADER, {2: "decode tokens/s", 4: "GRPO step seconds"}, "tokens"),
     }
     tables: dict[str, list[list]] = {}
     records: dict[str, dict] = {}
@@ -512,7 +563,8 @@ def run_benchmarks(which: str = "all", shape: str = "cpu-small", lengths: list[i
                 plots.append(plot_lengths(rows, columns, out / f"{name}.png",
                                           f"{title.split(':')[0]}, batch {batch}, W={window} ({shape}, {device})",
                                           xlabel))
-        table = markdown_table(header, rows) + (f"\n\n{GRPO_NOTE}" if name == "grpo" else "")
+        note = {"grpo": GRPO_NOTE, "eviction": EVICTION_NOTE}.get(name)
+        table = markdown_table(header, rows) + (f"\n\n{note}" if note else "")
         print(f"\n{title}\n{table}", flush=True)
         tables[name] = rows
         records[name] = {"title": title, "header": header, "rows": rows}

@@ -537,10 +537,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "peak memory vs generated length (bounded vs full cache vs HF generate); replay: time and peak "
         "memory of replay + backward vs completion length (PTE bounded, per --backprop mode, vs full-cache "
         "LoRA); grpo: one whole GRPO step vs completion length (same rows); encoder: "
-        "encoder cost per eviction event. Prints the tables and writes bench.md, bench.json and a PNG per "
+        "encoder cost per eviction event; eviction: decode speed and GRPO step time per eviction policy. Prints the tables and writes bench.md, bench.json and a PNG per "
         "length sweep to --output.",
     )
-    p.add_argument("which", nargs="?", default="all", choices=["decode", "replay", "grpo", "encoder", "all"],
+    p.add_argument("which", nargs="?", default="all", choices=["decode", "replay", "grpo", "encoder", "eviction", "all"],
                    help="which benchmark [default: %(default)s]")
     p.add_argument("--shape", default="cpu-small", help="model shape: cpu-small, tiny (smoke test) or "
                    "qwen2.5-3b [default: %(default)s]")
@@ -572,6 +572,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replay-batch", type=_number(int, "replay-batch"), default=None, metavar="N",
                    help="grpo: rows per replay micro-batch (TrainConfig.replay_batch_size), the same for PTE "
                    "and LoRA [default: the whole group]")
+    p.add_argument("--evictions", type=_names_arg("eviction policy", "config.EVICTIONS"), default=None,
+                   metavar="E1,E2,...", help="eviction: the policies compared (oldest, h2o, snapkv, headkv) "
+                   "[default: all four]")
     p.add_argument("--output", default="runs/bench", metavar="DIR", help="[default: %(default)s]")
     p.set_defaults(func=cmd_bench)
 
@@ -600,7 +603,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_benchmarks(args.which, args.shape, args.lengths, args.window, args.batch, args.tokens,
                             args.device, dtype, args.output, args.baseline_max, args.methods,
                             args.compile, AdapterConfig(rank=args.rank, global_tokens=args.global_tokens),
-                            args.backprop or BACKPROP, args.replay_batch)
+                            args.backprop or BACKPROP, args.replay_batch, args.evictions or EVICTIONS)
     written = ", ".join(str(p) for p in [Path(args.output) / "bench.md", Path(args.output) / "bench.json",
                                           *result["plots"]])
     print(f"thoughtfold: wrote {written}", file=sys.stderr)
