@@ -218,8 +218,15 @@ def test_scored_eviction_replays_its_rollout(tiny_dirs, family, eviction):
     policy.cache_config = CacheConfig(window=8, eviction=eviction)
     res = policy.generate(PROMPTS, max_new_tokens=40, temperature=1.0, seed=5)
     assert res.stats["evictions"] >= 4
-    assert len({tuple(e.layers for e in log) for log in res.eviction_log}) > 1
+    assert all(e.layers is not None for log in res.eviction_log for e in log)
+    if eviction != "h2o":  # (h2o on a random model tends to evict the same just-unprotected tokens everywhere)
+        assert len({tuple(e.layers for e in log) for log in res.eviction_log}) > 1  # rows chose differently
     logs = [[EvictionEvent.from_dict(e.to_dict()) for e in log] for log in res.eviction_log]
     replayed = policy.replay_logprobs(res.prompt_ids, res.completion_ids, logs)
     for ours, ref in zip(replayed, res.logprobs, strict=True):
         assert_close_to_scale(ours, ref, rel=1e-5)
+    # teacher-forcing the same completions through the decode path makes the same choices: what
+    # SFT and fidelity replays of given targets use
+    assert policy.eviction_logs(res.prompt_ids, res.completion_ids) == res.eviction_log
+    policy.cache_config = CacheConfig(window=8)
+    assert policy.eviction_logs(res.prompt_ids, res.completion_ids) is None  # oldest: the default schedule

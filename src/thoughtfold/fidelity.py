@@ -66,7 +66,7 @@ def token_fidelity(policies: dict[str, Policy], reference: Policy, prompt_ids: S
                    traces: Sequence[Sequence[int]], batch_size: int = 4) -> dict[str, TokenFidelity]:
     """Per policy, the KL to and top-1 agreement with `reference` (run with a full cache and its
     adapters off) on the tokens of `traces` decoded after the policy's first eviction. Each policy
-    replays the traces under its own cache with the default (oldest-block) schedule."""
+    replays the traces under its own cache and eviction policy (`Policy.eviction_logs`)."""
     totals = {name: TokenFidelity() for name in policies}
     for start in range(0, len(traces), batch_size):
         prompts, batch = list(prompt_ids[start : start + batch_size]), list(traces[start : start + batch_size])
@@ -107,7 +107,7 @@ def _distributions(policy: Policy, prompts: list[list[int]], traces: list[list[i
         with adapters_disabled(policy.wrappers), policy.using_cache(CacheConfig(window=None)):
             policy.replay_logprobs(prompts, traces, distribution_fn=keep)
     else:
-        policy.replay_logprobs(prompts, traces, distribution_fn=keep)
+        policy.replay_logprobs(prompts, traces, policy.eviction_logs(prompts, traces), distribution_fn=keep)
     assert out is not None
     return out
 

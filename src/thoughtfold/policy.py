@@ -203,16 +203,41 @@ class Policy:
             def stop_check(tokens: torch.Tensor) -> torch.Tensor:
                 tails = [self._decode(row) for row in tokens[:, -64:].tolist()]
                 return torch.tensor([any(s in t for s in stop) for t in tails], device=tokens.device)
-        if self.cache_config.eviction == "headkv" and self.head_weights is None and self.eviction_policy is None:
-            self.calibrate_heads(prompt_ids, max_new_tokens)
         raw = rollout(
             self.model, self.folder, prompt_ids, self.cache_config, sampling,
             eos_ids=self.eos_token_ids, pad_id=self.pad_token_id, streamer=streamer,
-            eviction_policy=self.eviction_policy or eviction_policy_for(self.cache_config, self.head_weights),
-            stop_check=stop_check, cuda_graph=self.cuda_graph, compile_step=self.compile_decode,
-            lockstep=self.lockstep,
+            eviction_policy=self._eviction_policy(prompt_ids, max_new_tokens), stop_check=stop_check,
+            cuda_graph=self.cuda_graph, compile_step=self.compile_decode, lockstep=self.lockstep,
         )
         return self._finish(raw, prompt_ids, stop)
+
+    def _eviction_policy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> EvictionPolicy | ScoredEviction:
+        """The custom policy, else the one the cache config names (headkv: calibrated on these
+        prompts the first time)."""
+        if self.eviction_policy is not None:
+            return self.eviction_policy
+        if self.cache_config.eviction == "headkv" and self.head_weights is None:
+            self.calibrate_heads(prompt_ids, max_new_tokens)
+        return eviction_policy_for(self.cache_config, self.head_weights)
+
+    @torch.no_grad()
+    def eviction_logs(self, prompt_ids: Sequence[Sequence[int]],
+                      completion_ids: Sequence[Sequence[int]]) -> list[list[EvictionEvent]] | None:
+        """The eviction log each completion gets when this policy decodes it under its cache: None
+        for the default oldest-block schedule (the replay's default), else a teacher-forced pass of
+        the completions through the decode path (a scored policy chooses from the attention these
+        very tokens receive). What a replay of given targets (SFT, fidelity) needs."""
+        if not self.cache_config.bounded or (self.eviction_policy is None and self.cache_config.eviction == "oldest"):
+            return None
+        prompts = [list(p) for p in prompt_ids]
+        width = max(map(len, completion_ids))
+        forced = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        for i, c in enumerate(completion_ids):
+            forced[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+        raw = rollout(self.model, self.folder, prompts, self.cache_config, SamplingConfig(width, temperature=1.0),
+                      eos_ids=set(), pad_id=self.pad_token_id, eviction_policy=self._eviction_policy(prompts, width),
+                      forced=forced)
+        return [[e for e in raw.row_events(i) if e.step <= len(c) - 2] for i, c in enumerate(completion_ids)]
 
     def calibrate_heads(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64) -> torch.Tensor:
         """Per-head weights for `eviction="headkv"` [layers, kv_heads]: decode `prompts` greedily under

@@ -147,6 +147,7 @@ def rollout(
     compile_step: bool = False,
     lockstep: Callable[[bool], bool] | None = None,
     calibration: bool = False,
+    forced: torch.Tensor | None = None,
 ) -> RawRollout:
     """Decode `prompts` (token lists) in lockstep under the bounded cache.
 
@@ -155,7 +156,9 @@ def rollout(
     captures the decode step once and replays it (CUDA only); `compile_step` runs it through
     torch.compile first. `lockstep(all_done_here) -> all_done_everywhere` makes processes whose
     forward passes are collectives (FSDP) stop at the same step. `calibration=True` also gathers
-    the per-head attention peaks (`RawRollout.attention_stats.peak`)."""
+    the per-head attention peaks (`RawRollout.attention_stats.peak`). `forced` [B, max_new_tokens]
+    feeds those tokens instead of sampling (teacher forcing through the decode path: the eviction
+    log a scored policy makes on given completions); their log-probs use the temperature."""
     device = next(model.parameters()).device
     width = compiled_prompt_width(max(map(len, prompts))) if compile_step else 0
     ids, valid = pad_prompts(prompts, pad_id, device, width)
@@ -201,7 +204,12 @@ def rollout(
         for t in range(n_new):
             if keep_logits:
                 kept_logits.append(logits.to(wide_dtype(logits.dtype)).clone())
-            token, lp = sample(logits, sampling, generator)
+            if forced is None:
+                token, lp = sample(logits, sampling, generator)
+            else:
+                token = forced[:, t].to(device)
+                lp = torch.log_softmax(logits.to(wide_dtype(logits.dtype)) / max(sampling.temperature, 1e-30), -1)
+                lp = lp.gather(-1, token[:, None])[:, 0]
             token = torch.where(done, torch.full_like(token, pad_id), token)
             tokens[:, t], logprobs[:, t] = token, lp
             steps = t + 1

@@ -623,8 +623,9 @@ class SFTTrainer(_Trainer):
             loss += total.item()
             return total
 
+        logs = self.policy.eviction_logs(prompt_ids, completions)  # None: the default schedule
         self.policy.replay_logprobs(prompt_ids, completions, loss_fn=loss_fn, temperature=1.0,
-                                    **self.replay_args(None, weights.shape[1]), **self._backprop_kwargs())
+                                    **self.replay_args(logs, weights.shape[1]), **self._backprop_kwargs())
         return loss
 
     def _full_cache_traces(self, prompt_ids: list[list[int]]) -> list[list[int]]:
