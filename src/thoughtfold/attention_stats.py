@@ -1,4 +1,4 @@
-"""What a scored eviction policy reads (docs/design.md §1.6): for every layer, sequence, KV head and
+"""What a scored eviction policy reads (docs/design.md §1.2): for every layer, sequence, KV head and
 cached thought slot, the attention that slot received from the decode queries.
 
 The statistics are gathered inside the decode step by the attention function (attention.py), with

@@ -1,6 +1,6 @@
 """Which cached thought tokens leave at an eviction event, and the record of each event. Its own
 module because the choice is pluggable and the record is shared by the rollout that makes it and
-the replay that follows it (docs/design.md §1.6).
+the replay that follows it (docs/design.md §1.2).
 
 Events always happen at the same steps (a pure function of W, rho and the step). Two kinds of
 policy choose what leaves:
