@@ -500,6 +500,25 @@ def test_sft_imitates_full_cache_traces_under_the_bounded_cache(tmp_path, tiny_d
     assert all(r["num_tokens"] > 0 for r in records)
 
 
+def test_sft_under_scored_eviction_replays_the_policys_own_choices(tmp_path, tiny_dirs):
+    """The SFT loss of a target under snapkv is the NLL with the evictions the policy makes while
+    decoding that target (a teacher-forced pass), not the oldest-block schedule's."""
+    prompt, target = [5, 17, 99, 3], list(range(40, 80))
+    config = _config(tmp_path, tiny_dirs["qwen2"], cache=CacheConfig(window=6, eviction="snapkv"), steps=1,
+                     max_new_tokens=40, prompts_per_step=1)
+    trainer = SFTTrainer(config, dataset=[{"prompt": prompt, "solution": target}])
+    torch.manual_seed(0)
+    for w in trainer.policy.wrappers:  # non-zero adapters: what is evicted changes the outputs
+        torch.nn.init.normal_(w.lora_up, std=0.3)
+    logs = trainer.policy.eviction_logs([prompt], [target])
+    assert len(logs[0]) >= 3 and all(e.layers is not None for e in logs[0])
+    with torch.no_grad():
+        expected = -trainer.policy.replay_logprobs([prompt], [target], logs)[0].mean().item()
+        oldest = -trainer.policy.replay_logprobs([prompt], [target])[0].mean().item()
+    loss = read_metrics(trainer.train()["metrics"])[0]["loss"]
+    assert loss == pytest.approx(expected, rel=1e-5) and abs(loss - oldest) > 1e-3
+
+
 def test_sft_needs_the_trace_column(tmp_path, tiny_dirs):
     with pytest.raises(DataError, match="'solution'"):
         SFTTrainer(_config(tmp_path, tiny_dirs["llama"]), dataset=_dataset())
