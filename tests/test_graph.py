@@ -17,10 +17,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
 
 
-def make_policy(tiny_dirs, family, mode, device, dtype=torch.float32, cuda_graph=None):
+def make_policy(tiny_dirs, family, mode, device, dtype=torch.float32, cuda_graph=None, eviction="oldest"):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=dtype).to(device).eval()
     torch.manual_seed(3)  # the same encoder and adapter weights for every policy of a test
-    policy = Policy(model, byte_tokenizer(), cache=CacheConfig(window=6, evict_ratio=0.5),
+    policy = Policy(model, byte_tokenizer(), cache=CacheConfig(window=6, evict_ratio=0.5, eviction=eviction),
                     adapter=AdapterConfig(mode=mode, rank=4, global_tokens=2), cuda_graph=cuda_graph)
     with torch.no_grad():  # a trained-looking adapter, so the state visibly changes the logits
         for w in policy.wrappers:
@@ -60,31 +60,33 @@ def test_pinned_state_is_updated_in_place(tiny_dirs):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["none", "pte"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_captured_decode_equals_eager(tiny_dirs, family, mode, dtype):
-    """Same tokens and log-probs with the graph as eagerly, across eviction events (and PTE state
-    updates), with greedy and with seeded sampling."""
-    eager = make_policy(tiny_dirs, family, mode, "cuda", dtype, cuda_graph=False)
-    graph = make_policy(tiny_dirs, family, mode, "cuda", dtype, cuda_graph=True)
+@pytest.mark.parametrize("eviction", ["oldest", "snapkv"])
+def test_captured_decode_equals_eager(tiny_dirs, family, mode, dtype, eviction):
+    """Same tokens, log-probs and eviction choices with the graph as eagerly, across eviction events
+    (and PTE state updates), with greedy and with seeded sampling."""
+    eager = make_policy(tiny_dirs, family, mode, "cuda", dtype, cuda_graph=False, eviction=eviction)
+    graph = make_policy(tiny_dirs, family, mode, "cuda", dtype, cuda_graph=True, eviction=eviction)
     for kw in (dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=7)):
         a = eager.generate(PROMPTS, max_new_tokens=40, **kw)
         b = graph.generate(PROMPTS, max_new_tokens=40, **kw)
         assert a.stats["evictions"] > 3
-        assert a.completion_ids == b.completion_ids
+        assert a.completion_ids == b.completion_ids and a.eviction_log == b.eviction_log
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert_close_to_scale(y, x, rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["none", "pte"])
-def test_compiled_decode_equals_eager(tiny_dirs, mode):
-    """torch.compile'd decode steps give the eager tokens (and log-probs to fp32 rounding)."""
+@pytest.mark.parametrize(("mode", "eviction"), [("none", "oldest"), ("pte", "oldest"), ("pte", "h2o")])
+def test_compiled_decode_equals_eager(tiny_dirs, mode, eviction):
+    """torch.compile'd decode steps give the eager tokens (and log-probs to fp32 rounding); under a
+    scored policy the compiled step gathers the same attention statistics (same choices)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    eager = make_policy(tiny_dirs, "qwen2", mode, device, cuda_graph=False)
-    compiled = make_policy(tiny_dirs, "qwen2", mode, device, cuda_graph=device == "cuda")
+    eager = make_policy(tiny_dirs, "qwen2", mode, device, cuda_graph=False, eviction=eviction)
+    compiled = make_policy(tiny_dirs, "qwen2", mode, device, cuda_graph=device == "cuda", eviction=eviction)
     compiled.compile_decode = True
     a = eager.generate(PROMPTS, max_new_tokens=24, temperature=0)
     b = compiled.generate(PROMPTS, max_new_tokens=24, temperature=0)
     assert a.stats["evictions"] > 3
-    assert a.completion_ids == b.completion_ids
+    assert a.completion_ids == b.completion_ids and a.eviction_log == b.eviction_log
     for x, y in zip(a.logprobs, b.logprobs, strict=True):
         assert_close_to_scale(y, x, rel=3e-5)
 
