@@ -244,8 +244,9 @@ class Policy:
         a full cache and measure how sharply each KV head attends to single past thought tokens (the
         summed largest attention weight per query), normalised to mean 1 per layer. Sets
         `self.head_weights` (a headkv policy calibrates on its first prompts unless this was called)."""
-        raw = rollout(self.model, self.folder, self.encode(prompts), CacheConfig(), SamplingConfig(max_new_tokens, temperature=0.0),
-                      eos_ids=set(), pad_id=self.pad_token_id, calibration=True)
+        greedy = SamplingConfig(max_new_tokens, temperature=0.0)
+        raw = rollout(self.model, self.folder, self.encode(prompts), CacheConfig(), greedy, eos_ids=set(),
+                      pad_id=self.pad_token_id, calibration=True)
         self.head_weights = head_weights_from_peaks(raw.attention_stats.peak)
         return self.head_weights
 
@@ -319,14 +320,14 @@ class Policy:
         window = self.cache_config.window
         result = GenerationResult([], [], [], [], [], [], [], prompt_ids)
         rows = zip(raw.tokens.tolist(), raw.logprobs.tolist(), raw.prompt_lengths, strict=True)
-        for i, (row, lps, plen) in enumerate(rows):
+        for r, (row, lps, plen) in enumerate(rows):
             eos_at = next((i for i, t in enumerate(row) if t in eos), None)
             n, finished = (len(row), False) if eos_at is None else (eos_at + 1, True)
             cut = self._cut_at_stop(row[:n], stop)
             if cut is not None:
                 n, finished = cut, True
             ids = row[:n]
-            log = [e for e in raw.row_events(i) if e.step <= n - 2]
+            log = [e for e in raw.row_events(r) if e.step <= n - 2]
             held = n - 1 if window is None else min(window, n - 1)
             result.completion_ids.append(ids)
             result.logprobs.append(lps[:n])
