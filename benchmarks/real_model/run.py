@@ -81,13 +81,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def sft(config: str, overrides: list[str], settings: dict, log: Log) -> Policy:
     """Train with SFTTrainer from a shipped config (+ overrides); returns the trained policy."""
     if settings["sft_steps"] is not None:
-        overrides = [*overrides, f"steps={settings['sft_steps']}", "save_every=0"]
+        overrides = [*overrides, f"max_steps={settings['sft_steps']}", "save_steps=0"]
     cfg = load_config(CONFIGS / config, overrides)
     start = time.perf_counter()
     trainer = SFTTrainer(cfg)
     result = trainer.train()
     losses = [json.loads(line)["loss"] for line in Path(result["metrics"]).read_text().splitlines()]
-    log(f"  sft {cfg.output_dir}: {cfg.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+    log(f"  sft {cfg.output_dir}: {cfg.max_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
         f"({time.perf_counter() - start:.0f}s)")
     return trainer.policy
 
@@ -98,7 +98,7 @@ def sft(config: str, overrides: list[str], settings: dict, log: Log) -> Policy:
 def gsm8k_fidelity(out: Path, settings: dict, log: Log) -> dict:
     s = settings["gsm8k"]
     cfg = load_config(CONFIGS / "gsm8k-fidelity.yaml")
-    window, max_new = cfg.cache.window, cfg.max_new_tokens
+    window, max_new = cfg.cache.window, cfg.max_completion_length
     train = load_dataset_by_name("gsm8k", split="train", limit=s["train"])
     test = load_dataset_by_name("gsm8k", split="test", limit=s["test"])
     teacher = Policy.from_pretrained(cfg.model)

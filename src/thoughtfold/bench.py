@@ -329,14 +329,14 @@ def grpo_benchmark(shape: str, lengths: list[int], window: int, batch: int, devi
     with tempfile.TemporaryDirectory() as tmp:
 
         def prepare(policy: Policy, n: int, backprop: str) -> Callable[[], object]:
-            config = TrainConfig(group_size=batch, prompts_per_step=1, max_new_tokens=min(n, window + 8), steps=1,
-                                 save_every=0, output_dir=tempfile.mkdtemp(dir=tmp), progress=False,
+            config = TrainConfig(num_generations=batch, prompts_per_step=1,
+                                 max_completion_length=min(n, window + 8), max_steps=1, save_steps=0, output_dir=tempfile.mkdtemp(dir=tmp), progress=False,
                                  rewards=["unused"], backprop=backprop, replay_batch_size=replay_batch)
             trainer = GRPOTrainer(config, policy=policy, dataset=[{"prompt": prompt}], reward_funcs=[random_reward])
             # warm-up: a short step (one eviction event) pays the one-time costs, optimizer state included,
             # without doubling the run time at long lengths
             trainer.train_step(trainer.next_examples(1))
-            trainer.config = replace(config, max_new_tokens=n)
+            trainer.config = replace(config, max_completion_length=n)
             return lambda: trainer.train_step(trainer.next_examples(1))
 
         return _pte_vs_lora(model, lengths, window, adapter, backprops, device, prepare, "grpo step")
