@@ -272,12 +272,12 @@ def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path):
     continues to more steps; the adapter then loads in `generate --adapter`."""
     out = tmp_path / "run"
     common = [f"model={tiny_dirs['llama']}", "dtype=float32", "device=cpu", "cache.window=8",
-              "adapter.rank=4", "adapter.global_tokens=2", "group_size=2", "prompts_per_step=2",
-              "max_new_tokens=12", "save_every=1", f"output_dir={out}", "progress=false"]
-    first = run_cli("grpo", *common, "steps=1")
+              "adapter.rank=4", "adapter.global_tokens=2", "num_generations=2", "prompts_per_step=2",
+              "max_completion_length=12", "save_steps=1", f"output_dir={out}", "progress=false"]
+    first = run_cli("grpo", *common, "max_steps=1")
     assert first.returncode == 0, first.stderr
     assert "adapter:" in first.stderr and (out / "metrics.jsonl").is_file()
-    again = run_cli("train", "--resume", *common, "steps=2")
+    again = run_cli("train", "--resume", *common, "max_steps=2")
     assert again.returncode == 0, again.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
@@ -288,7 +288,7 @@ def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path):
 
 
 def test_train_bad_override_is_one_line():
-    assert_one_line_error(run_cli("train", "steps"), "not KEY=VALUE")
+    assert_one_line_error(run_cli("train", "max_steps"), "not KEY=VALUE")
     assert_one_line_error(run_cli("train", "cache.window=0"), "window must be >= 1")
     assert_one_line_error(run_cli("sft", "no_such_key=1"), "no_such_key")
 
@@ -354,10 +354,11 @@ def test_damaged_adapter_is_refused_at_load(tiny_dirs, tmp_path, capsys, damage,
 
 
 def test_train_rejects_non_finite_numbers_and_a_list_config(tmp_path, capsys):
-    assert_one_line_error(run_main(capsys, "train", "lr=nan"), "lr must be a finite number, got nan")
+    assert_one_line_error(run_main(capsys, "train", "learning_rate=nan"),
+                          "learning_rate must be a finite number, got nan")
     assert_one_line_error(run_main(capsys, "train", "epsilon_high=inf"), "epsilon_high must be a finite number")
     assert_one_line_error(run_main(capsys, "train", "adapter.alpha=nan"), "alpha must be a finite number")
     config = tmp_path / "list.yaml"
-    config.write_text("- lr: 1.0e-3\n- steps: 2\n")
+    config.write_text("- learning_rate: 1.0e-3\n- max_steps: 2\n")
     assert_one_line_error(run_main(capsys, "train", "--config", str(config)),
                           "must be a mapping of settings (key: value), not a list")

@@ -66,9 +66,9 @@ def one_step_gradients(trainer) -> list[torch.Tensor]:
 def per_group_generate(trainer, prompts):
     """Rollouts that depend only on their prompt (one generate call per group, seeded by the prompt),
     so that any split of the batch over processes samples the same completions."""
-    g, c = trainer.config.group_size, trainer.config
+    g, c = trainer.config.num_generations, trainer.config
     return concat_rollouts([
-        trainer.policy.generate(prompts[i : i + g], max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+        trainer.policy.generate(prompts[i : i + g], max_new_tokens=c.max_completion_length, temperature=c.temperature,
                                 seed=zlib.crc32(prompts[i].encode()), system_prompt=None)
         for i in range(0, len(prompts), g)
     ])
@@ -80,7 +80,7 @@ def ragged_generate(trainer, prompts):
     different numbers of segments."""
     out = per_group_generate(trainer, prompts)
     for i, prompt in enumerate(prompts):
-        n = 3 * len(prompt) - 4 + i % trainer.config.group_size
+        n = 3 * len(prompt) - 4 + i % trainer.config.num_generations
         out.truncated[i] = out.truncated[i] and n >= len(out.completion_ids[i])  # a cut one has ended
         out.completion_ids[i], out.logprobs[i] = out.completion_ids[i][:n], out.logprobs[i][:n]
         out.eviction_log[i] = [e for e in out.eviction_log[i] if e.step <= n - 2]
@@ -92,8 +92,8 @@ def _config(tmp_path: Path, model: Path, mode: str = "pte", window: int | None =
         model=str(model), dtype="float32", device="cpu",
         cache=CacheConfig(window=window),
         adapter=AdapterConfig(mode=mode, rank=4, alpha=8.0, global_tokens=4),
-        data=DataConfig(system_prompt=None), rewards=["unused"], group_size=4, prompts_per_step=2,
-        max_new_tokens=16, temperature=1.0, lr=3e-2, warmup_steps=0, steps=12, save_every=0,
+        data=DataConfig(system_prompt=None), rewards=["unused"], num_generations=4, prompts_per_step=2,
+        max_completion_length=16, temperature=1.0, learning_rate=3e-2, warmup_steps=0, max_steps=12, save_steps=0,
         output_dir=str(tmp_path / "run"), progress=False,
     )
     base.update(overrides)
@@ -109,40 +109,28 @@ def _dataset() -> list[dict]:
 
 def test_load_config_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("cache: {window: 16}\nadapter: {mode: lora, rank: 4}\nrewards: [arith, format]\nlr: 1.0e-3\n")
-    config = load_config(path, ["lr=5e-4", "cache.window=null", "data.dataset=arith:medium"])
+    path.write_text("cache: {window: 16}\nadapter: {mode: lora, rank: 4}\nrewards: [arith, format]\nlearning_rate: 1.0e-3\n")
+    config = load_config(path, ["learning_rate=5e-4", "cache.window=null", "data.dataset=arith:medium"])
     assert config.cache.window is None and config.adapter.mode == "lora" and config.adapter.rank == 4
-    assert config.lr == 5e-4 and config.rewards == ["arith", "format"] and config.data.dataset == "arith:medium"
+    assert config.learning_rate == 5e-4 and config.rewards == ["arith", "format"] and config.data.dataset == "arith:medium"
 
 
 @pytest.mark.parametrize("override, words", [
     ("loss_type=ppo", "loss_type must be one of"),
     ("backprop=bogus", "backprop must be one of"),
-    ("lrr=1", "unknown setting 'lrr'; did you mean 'lr'"),
-    ("learnin_rate=1e-5", "did you mean 'learning_rate'"),
+    ("learnin_rate=1e-5", "unknown setting 'learnin_rate'; did you mean 'learning_rate'"),
     ("max_steps=2 steps=3", "'max_steps' and 'steps' set the same thing"),
-    ("lr=fast", "could not be converted"),
-    ("lr", "key=value"),
+    ("learning_rate=fast", "could not be converted"),
+    ("learning_rate", "key=value"),
     ("adapter.mode=dora", "adapter mode must be one of"),
-    ("group_size=0", "group_size must be >= 1"),
+    ("num_generations=0", "num_generations must be >= 1"),
+    ("logging_steps=0", "logging_steps must be >= 1"),
     ("report_to=[mlflow]", "report_to accepts"),
 ])
 def test_bad_config_is_one_line_config_error(override, words):
     with pytest.raises(ConfigError, match=words) as info:
         load_config(None, override.split())
     assert "\n" not in str(info.value)
-
-
-def test_trl_grpo_config_names_load(tmp_path):
-    """A TRL user's GRPOConfig field names work in YAML and overrides, next to ours."""
-    yaml_file = tmp_path / "trl.yaml"
-    yaml_file.write_text("num_generations: 4\nlearning_rate: 1.0e-5\nmax_completion_length: 64\n"
-                         "lr_scheduler_type: cosine\nepsilon: 0.1\nepsilon_high: 0.28\nbeta: 0.04\n")
-    config = load_config(yaml_file, ["max_steps=3", "save_steps=2", "cache.window=8"])
-    assert (config.group_size, config.lr, config.max_new_tokens, config.lr_scheduler) == (4, 1e-5, 64, "cosine")
-    assert (config.epsilon_low, config.epsilon_high, config.beta, config.steps, config.save_every) == (
-        0.1, 0.28, 0.04, 3, 2)
-    assert load_config(yaml_file, ["learning_rate=3e-4"]).lr == 3e-4  # a later layer wins across spellings
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -158,9 +146,9 @@ def test_quickstart_yaml_is_the_default_run():
 def test_paper_configs(name, mode, window):
     config = load_config(CONFIGS / f"{name}.yaml")
     assert (config.adapter.mode, config.cache.window) == (mode, window)
-    assert (config.model, config.data.dataset, config.lr, config.max_new_tokens, config.adapter.rank) == (
+    assert (config.model, config.data.dataset, config.learning_rate, config.max_completion_length, config.adapter.rank) == (
         "Qwen/Qwen2.5-3B-Instruct", "dapo-math-17k", 1e-5, 3072, 32)
-    assert config.group_size * config.prompts_per_step == 512
+    assert config.num_generations * config.prompts_per_step == 512
     assert config.adapter.global_tokens == (32 if mode == "pte" else 0)
     assert config.data.system_prompt == SYSTEM_PROMPT
 
@@ -175,7 +163,7 @@ def test_missing_or_broken_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
     broken = tmp_path / "broken.yaml"
-    broken.write_text("lr: [1,\n")
+    broken.write_text("learning_rate: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(broken)
 
@@ -217,7 +205,7 @@ def test_groups_without_reward_spread_leave_the_adapter_unchanged(tmp_path, tiny
     def constant(prompts, completions, **columns):
         return [1.0] * len(completions)
 
-    config = _config(tmp_path, tiny_dirs["llama"], steps=2)
+    config = _config(tmp_path, tiny_dirs["llama"], max_steps=2)
     trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[constant])
     before = [p.detach().clone() for p in trainer.params]
     records = read_metrics(trainer.train()["metrics"])
@@ -226,7 +214,7 @@ def test_groups_without_reward_spread_leave_the_adapter_unchanged(tmp_path, tiny
 
 
 def test_beta_logs_kl_against_the_adapter_free_model(tmp_path, tiny_dirs):
-    config = _config(tmp_path, tiny_dirs["qwen2"], steps=2, beta=0.1, loss_type="grpo")
+    config = _config(tmp_path, tiny_dirs["qwen2"], max_steps=2, beta=0.1, loss_type="grpo")
     records = read_metrics(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()["metrics"])
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # A = 0 at init: the policy is the reference
     assert records[1]["kl"] > 0
@@ -245,11 +233,19 @@ def test_replay_micro_batches_accumulate_the_full_batch_gradient(tmp_path, tiny_
 
 
 def test_num_iterations_and_warmup_tick_the_schedule_per_update(tmp_path, tiny_dirs):
-    config = _config(tmp_path, tiny_dirs["llama"], steps=2, num_iterations=2, lr_scheduler="linear",
+    config = _config(tmp_path, tiny_dirs["llama"], max_steps=2, num_iterations=2, lr_scheduler_type="linear",
                      warmup_steps=1, loss_type="dr_grpo", mask_truncated_completions=True)
     records = read_metrics(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()["metrics"])
     # 4 updates, 2 of warmup: the lr before each step's first update is 0, then the peak
     assert [r["learning_rate"] for r in records] == pytest.approx([0.0, 3e-2])
+
+
+def test_logging_steps_writes_a_mean_line_every_n_steps_and_at_checkpoints(tmp_path, tiny_dirs):
+    """logging_steps=2 with save_steps=3 over 5 steps: lines at 2, 3 (a checkpoint), 4 and 5 (the last)."""
+    config = _config(tmp_path, tiny_dirs["llama"], max_steps=5, logging_steps=2, save_steps=3, num_generations=2,
+                     prompts_per_step=1, max_completion_length=8)
+    records = read_metrics(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()["metrics"])
+    assert [r["step"] for r in records] == [2, 3, 4, 5]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -273,14 +269,14 @@ def low_bytes_then_die(prompts, completions, completion_ids, **columns):
         os.kill(os.getpid(), signal.SIGKILL)
     return low_bytes(prompts, completions, completion_ids)
 low_bytes_then_die.__name__ = "low_bytes"
-config = _config(Path({tmp!r}), Path({model!r}), output_dir={out!r}, steps=4, save_every=2)
+config = _config(Path({tmp!r}), Path({model!r}), output_dir={out!r}, max_steps=4, save_steps=2)
 GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes_then_die]).train()
 """
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dirs):
     model = tiny_dirs["llama"]
-    straight = _config(tmp_path, model, output_dir=str(tmp_path / "straight"), steps=4, save_every=2)
+    straight = _config(tmp_path, model, output_dir=str(tmp_path / "straight"), max_steps=4, save_steps=2)
     GRPOTrainer(straight, dataset=_dataset(), reward_funcs=[low_bytes]).train()
 
     killed = tmp_path / "killed"
@@ -293,7 +289,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dirs):
     assert latest_checkpoint(killed / "checkpoints").name == "step-00000002"
     assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == [1, 2, 3]
 
-    resumed = _config(tmp_path, model, output_dir=str(killed), steps=4, save_every=2, resume=True)
+    resumed = _config(tmp_path, model, output_dir=str(killed), max_steps=4, save_steps=2, resume=True)
     trainer = GRPOTrainer(resumed, dataset=_dataset(), reward_funcs=[low_bytes])
     assert (trainer.step, trainer.data_pos) == (2, 4)
     trainer.train()
@@ -326,7 +322,7 @@ for loss_type in {loss_types!r}:
     assert trainer.dp.world == 2
     grads = one_step_gradients(trainer)
     torch.save(grads, {out!r} + f"/grads-{{loss_type}}-{{trainer.dp.rank}}.pt")
-config = _config(Path({tmp!r}), Path({model!r}), steps=2, save_every=1, output_dir={out!r} + "/run")
+config = _config(Path({tmp!r}), Path({model!r}), max_steps=2, save_steps=1, output_dir={out!r} + "/run")
 GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
 """
 DDP_LOSS_TYPES = ("grpo", "dapo")  # per-sequence and per-token normalisers, both over the global batch
@@ -392,9 +388,9 @@ weight = trainer.policy.model.model.layers[0].mlp.down_proj.base.weight
 assert isinstance(weight, DTensor) and weight.to_local().shape[0] < weight.shape[0]  # really sharded
 torch.save(one_step_gradients(trainer), {out!r} + f"/grads-{{trainer.dp.rank}}.pt")
 GRPOTrainer.generate = real_generate  # real rollouts: ranks finish decoding at different steps
-config = _config(Path({tmp!r}), Path({model!r}), steps=2, save_every=1, output_dir={out!r} + "/run", fsdp=True)
+config = _config(Path({tmp!r}), Path({model!r}), max_steps=2, save_steps=1, output_dir={out!r} + "/run", fsdp=True)
 GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
-config = _config(Path({tmp!r}), Path({model!r}), steps=1, prompts_per_step=1, max_new_tokens=24, fsdp=True,
+config = _config(Path({tmp!r}), Path({model!r}), max_steps=1, prompts_per_step=1, max_completion_length=24, fsdp=True,
                  output_dir={out!r} + "/sft")
 SFTTrainer(config, dataset=SFT_TRACES).train()  # one short and one long trace: one per process
 """
@@ -416,7 +412,7 @@ def test_fsdp_shards_the_base_and_matches_one_process(tmp_path, tiny_dirs, monke
                                  backprop="state"), dataset=_dataset(), reward_funcs=[low_bytes])
     assert_rank_gradients(out, "grads-{rank}.pt", one_step_gradients(single), rel=1e-5)
     # SFT: the sharded first-step loss over both processes' traces is one process's loss on both
-    sft = SFTTrainer(_config(tmp_path, model, steps=1, prompts_per_step=2, max_new_tokens=24,
+    sft = SFTTrainer(_config(tmp_path, model, max_steps=1, prompts_per_step=2, max_completion_length=24,
                              output_dir=str(tmp_path / "sft1")), dataset=SFT_TRACES).train()
     (one,), (two,) = read_metrics(sft["metrics"]), read_metrics(out / "sft" / "metrics.jsonl")
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["num_tokens"] == one["num_tokens"]
@@ -430,7 +426,7 @@ sys.path.insert(0, {tests!r})
 from test_trainer import IDLE_TRACES, _config
 from thoughtfold.trainer import SFTTrainer
 torch.set_num_threads(1)
-config = _config(Path({tmp!r}), Path({model!r}), steps=1, max_new_tokens=24, fsdp=True, replay_batch_size=1,
+config = _config(Path({tmp!r}), Path({model!r}), max_steps=1, max_completion_length=24, fsdp=True, replay_batch_size=1,
                  output_dir={out!r} + "/idle")
 trainer = SFTTrainer(config, dataset=IDLE_TRACES)
 mine = IDLE_TRACES[:2] if trainer.dp.rank == 0 else IDLE_TRACES[2:]  # rank 1 runs out of rows first
@@ -447,7 +443,7 @@ def test_fsdp_process_with_fewer_micro_batches_runs_idle_replays(tmp_path, tiny_
     out.mkdir()
     _launch(_FSDP_IDLE_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
                                    out=str(out)))
-    one = SFTTrainer(_config(tmp_path, model, steps=1, max_new_tokens=24, replay_batch_size=1,
+    one = SFTTrainer(_config(tmp_path, model, max_steps=1, max_completion_length=24, replay_batch_size=1,
                              output_dir=str(tmp_path / "single")), dataset=IDLE_TRACES).train_step(IDLE_TRACES)
     for rank in range(2):
         two = json.loads((out / f"idle-{rank}.json").read_text())
@@ -455,11 +451,11 @@ def test_fsdp_process_with_fewer_micro_batches_runs_idle_replays(tmp_path, tiny_
 
 
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dirs):
-    config = _config(tmp_path, tiny_dirs["llama"], steps=2, save_every=1)
+    config = _config(tmp_path, tiny_dirs["llama"], max_steps=2, save_steps=1)
     GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
     with pytest.raises(ConfigError, match="resume=true"):
         GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
-    again = _config(tmp_path, tiny_dirs["llama"], steps=1, overwrite_output_dir=True)
+    again = _config(tmp_path, tiny_dirs["llama"], max_steps=1, overwrite_output_dir=True)
     GRPOTrainer(again, dataset=_dataset(), reward_funcs=[low_bytes]).train()
     # the old run's step-2 checkpoint is gone: resuming must not jump ahead of the new run
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000001"]
@@ -483,7 +479,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_dirs):
 
 def test_sft_lowers_the_loss_on_a_fixed_trace(tmp_path, tiny_dirs):
     trace = [{"prompt": "2+2=?", "answer": "4", "solution": "two plus two is 4. \\boxed{4}"}]
-    config = _config(tmp_path, tiny_dirs["qwen3"], steps=8, max_new_tokens=24, prompts_per_step=1)
+    config = _config(tmp_path, tiny_dirs["qwen3"], max_steps=8, max_completion_length=24, prompts_per_step=1)
     result = SFTTrainer(config, dataset=trace).train()
     losses = [r["loss"] for r in read_metrics(result["metrics"])]
     assert losses[-1] < 0.75 * losses[0] and losses[-1] < min(losses[:-1]), losses
@@ -492,8 +488,8 @@ def test_sft_lowers_the_loss_on_a_fixed_trace(tmp_path, tiny_dirs):
 
 def test_sft_imitates_full_cache_traces_under_the_bounded_cache(tmp_path, tiny_dirs):
     """Near-greedy base-model traces (fresh each step) get likelier under the bounded-cache policy."""
-    config = _config(tmp_path, tiny_dirs["llama"], steps=8, max_new_tokens=24, sft_targets="full_cache",
-                     temperature=0.1, lr=1e-2)
+    config = _config(tmp_path, tiny_dirs["llama"], max_steps=8, max_completion_length=24, sft_targets="full_cache",
+                     temperature=0.1, learning_rate=1e-2)
     records = read_metrics(SFTTrainer(config, dataset=_dataset()[:1]).train()["metrics"])
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
@@ -504,8 +500,8 @@ def test_sft_under_scored_eviction_replays_the_policys_own_choices(tmp_path, tin
     """The SFT loss of a target under snapkv is the NLL with the evictions the policy makes while
     decoding that target (a teacher-forced pass), not the oldest-block schedule's."""
     prompt, target = [5, 17, 99, 3], list(range(40, 80))
-    config = _config(tmp_path, tiny_dirs["qwen2"], cache=CacheConfig(window=6, eviction="snapkv"), steps=1,
-                     max_new_tokens=40, prompts_per_step=1)
+    config = _config(tmp_path, tiny_dirs["qwen2"], cache=CacheConfig(window=6, eviction="snapkv"), max_steps=1,
+                     max_completion_length=40, prompts_per_step=1)
     trainer = SFTTrainer(config, dataset=[{"prompt": prompt, "solution": target}])
     torch.manual_seed(0)
     for w in trainer.policy.wrappers:  # non-zero adapters: what is evicted changes the outputs
@@ -526,7 +522,7 @@ def test_sft_needs_the_trace_column(tmp_path, tiny_dirs):
 
 def test_metrics_go_to_json_lines_and_tensorboard(tmp_path, tiny_dirs):
     pytest.importorskip("tensorboard")
-    result = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], steps=1, report_to=["tensorboard"]),
+    result = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], max_steps=1, report_to=["tensorboard"]),
                          dataset=_dataset(), reward_funcs=[low_bytes]).train()
     lines = Path(result["metrics"]).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
@@ -536,7 +532,7 @@ def test_metrics_go_to_json_lines_and_tensorboard(tmp_path, tiny_dirs):
 def test_bf16_model_trains_with_fp32_adapter_and_encoder(tmp_path, tiny_dirs):
     """Mixed precision as on a GPU: the base model in bf16, the trainable adapter and encoder
     weights kept in fp32 (updates too small for bf16 are not lost), finite losses and gradients."""
-    config = _config(tmp_path, tiny_dirs["qwen2"], dtype="bfloat16", steps=3)
+    config = _config(tmp_path, tiny_dirs["qwen2"], dtype="bfloat16", max_steps=3)
     trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
     assert trainer.policy.model.dtype == torch.bfloat16
     before = [p.detach().clone() for p in trainer.params]
@@ -660,7 +656,8 @@ def test_fsdp_refuses_a_custom_eviction_policy(tmp_path, tiny_dirs, monkeypatch)
 def test_grpo_trains_under_scored_eviction(tmp_path, tiny_dirs):
     """headkv through the trainer: the policy calibrates its head weights on the first rollout,
     rows carry per-layer eviction logs, and the step's gradient reaches the encoder."""
-    config = _config(tmp_path, tiny_dirs["qwen2"], cache=CacheConfig(window=6, eviction="headkv"), max_new_tokens=20)
+    config = _config(tmp_path, tiny_dirs["qwen2"], cache=CacheConfig(window=6, eviction="headkv"),
+                     max_completion_length=20)
     trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
     torch.manual_seed(0)
     for w in trainer.policy.wrappers:  # non-zero adapters: the loss then depends on the state
@@ -690,12 +687,12 @@ def test_two_runs_cannot_share_an_output_dir(tmp_path, tiny_dirs):
         """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        config = _config(tmp_path, tmp_path / "no-such-model", steps=1)
+        config = _config(tmp_path, tmp_path / "no-such-model", max_steps=1)
         with pytest.raises(ConfigError, match=rf"{out} is in use by another training run \(training run pid"):
             GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
     finally:
         holder.communicate("", timeout=60)
-    config = _config(tmp_path, tiny_dirs["llama"], steps=1)
+    config = _config(tmp_path, tiny_dirs["llama"], max_steps=1)
     GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()  # free again once it exits
 
 
@@ -707,12 +704,12 @@ def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path):
 
 
 def test_resume_skips_a_corrupt_checkpoint_and_refuses_when_none_is_intact(tmp_path, tiny_dirs, caplog):
-    config = _config(tmp_path, tiny_dirs["llama"], steps=2, save_every=1)
+    config = _config(tmp_path, tiny_dirs["llama"], max_steps=2, save_steps=1)
     GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
     checkpoints = tmp_path / "run" / "checkpoints"
     weights = checkpoints / "step-00000002" / "adapter" / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
-    resume = _config(tmp_path, tiny_dirs["llama"], steps=3, save_every=1, resume=True)
+    resume = _config(tmp_path, tiny_dirs["llama"], max_steps=3, save_steps=1, resume=True)
     trainer = GRPOTrainer(resume, dataset=_dataset(), reward_funcs=[low_bytes])
     assert trainer.step == 1
     assert "step-00000002 is unusable" in caplog.text and "truncated or corrupt" in caplog.text
@@ -743,7 +740,7 @@ def test_reward_returning_strings_is_a_config_error(tmp_path, tiny_dirs):
     def words(prompts, completions, **columns):
         return ["good"] * len(completions)
 
-    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], steps=1), dataset=_dataset(), reward_funcs=[words])
+    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], max_steps=1), dataset=_dataset(), reward_funcs=[words])
     with pytest.raises(ConfigError, match=r"reward words returned 'good' \(str\)"):
         trainer.train()
 

@@ -90,13 +90,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def sft(config: str, overrides: list[str], settings: dict, log: Log) -> Policy:
     """Train with SFTTrainer from a shipped config (+ overrides); returns the trained policy."""
     if settings["sft_steps"] is not None:
-        overrides = [*overrides, f"steps={settings['sft_steps']}", "save_every=0"]
+        overrides = [*overrides, f"max_steps={settings['sft_steps']}", "save_steps=0"]
     cfg = load_config(CONFIGS / config, overrides)
     start = time.perf_counter()
     trainer = SFTTrainer(cfg)
     result = trainer.train()
     losses = [json.loads(line)["loss"] for line in Path(result["metrics"]).read_text().splitlines()]
-    log(f"  sft {cfg.output_dir}: {cfg.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+    log(f"  sft {cfg.output_dir}: {cfg.max_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
         f"({time.perf_counter() - start:.0f}s)")
     return trainer.policy
 
@@ -112,11 +112,11 @@ def gsm8k_traces(s: dict, out: Path, log: Log, name: str) -> tuple:
     test = load_dataset_by_name("gsm8k", split="test", limit=s["test"])
     teacher = Policy.from_pretrained(cfg.model)
     start = time.perf_counter()
-    traces = full_cache_traces(teacher, [e["prompt"] for e in train + test], cfg.max_new_tokens, s["batch"],
+    traces = full_cache_traces(teacher, [e["prompt"] for e in train + test], cfg.max_completion_length, s["batch"],
                                system_prompt=SYSTEM_PROMPT)
     lengths = [len(c) for c in traces.completion_ids]
     log(f"{name}: {len(lengths)} full-cache greedy traces in {time.perf_counter() - start:.0f}s, mean length "
-        f"{sum(lengths) / len(lengths):.0f} tokens, {sum(t for t in traces.truncated) } cut at {cfg.max_new_tokens}")
+        f"{sum(lengths) / len(lengths):.0f} tokens, {sum(t for t in traces.truncated) } cut at {cfg.max_completion_length}")
     data = write_jsonl(out / f"{name}_train_traces.jsonl", [
         {"prompt": e["prompt"], "answer": e["answer"], "solution": ids}
         for e, ids in zip(train, traces.completion_ids[: len(train)], strict=True)])
@@ -138,7 +138,7 @@ def fidelity_rows(policies: dict[str, Policy], teacher: Policy, cfg, test: list[
     for method, policy in policies.items():
         f = fidelity[method]
         agreement, compared = answer_agreement(policy, [e["prompt"] for e in test], traces.texts[n_train:],
-                                               cfg.max_new_tokens, s["batch"], system_prompt=SYSTEM_PROMPT)
+                                               cfg.max_completion_length, s["batch"], system_prompt=SYSTEM_PROMPT)
         rows += [{"method": method, "metric": "kl_after_eviction", "value": f.kl_after_eviction, "n": f.tokens},
                  {"method": method, "metric": "top1_agreement", "value": f.top1_agreement, "n": f.tokens},
                  {"method": method, "metric": "answer_agreement", "value": agreement, "n": compared}]
@@ -156,7 +156,7 @@ def gsm8k_fidelity(out: Path, settings: dict, log: Log) -> dict:
                                                        f"output_dir={out / ('gsm8k-' + method)}"], settings, log)
     rows, evicting = fidelity_rows(policies, teacher, cfg, test, traces, s, log, "gsm8k")
     return {"name": "gsm8k-fidelity", "window": cfg.cache.window, "evict_ratio": cfg.cache.evict_ratio,
-            "max_new_tokens": cfg.max_new_tokens, "train_problems": len(train), "test_problems": len(test),
+            "max_new_tokens": cfg.max_completion_length, "train_problems": len(train), "test_problems": len(test),
             "test_traces_with_3_evictions": evicting, "rows": rows}
 
 
@@ -176,7 +176,7 @@ def gsm8k_eviction(out: Path, settings: dict, log: Log) -> dict:
                 f"output_dir={out / ('gsm8k-eviction-pte-' + eviction)}"], settings, log)
     rows, evicting = fidelity_rows(policies, teacher, cfg, test, traces, s, log, "gsm8k-eviction")
     return {"name": "gsm8k-eviction", "window": cfg.cache.window, "evict_ratio": cfg.cache.evict_ratio,
-            "max_new_tokens": cfg.max_new_tokens, "train_problems": len(train), "test_problems": len(test),
+            "max_new_tokens": cfg.max_completion_length, "train_problems": len(train), "test_problems": len(test),
             "test_traces_with_3_evictions": evicting, "rows": rows}
 
 

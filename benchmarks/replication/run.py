@@ -321,12 +321,12 @@ def train_configs(config: dict, base_dir: Path, method: str, window: int, job_di
         adapter=AdapterConfig(mode=mode, **{**config["adapter"], **overrides}),
         data=DataConfig(dataset=f"recall:steps={task.steps},combine={task.combine},n={config['data_rows']}",
                         chat_template=False),
-        rewards=["recall"], backprop=backprop, max_new_tokens=task.completion_length, temperature=1.0,
-        steps=s["max_steps"] * config["sft_multiplier"].get(base_method, 1), prompts_per_step=s["per_step"],
-        lr=s["learning_rate"], warmup_steps=0, save_every=0, seed=config["seed"],
+        rewards=["recall"], backprop=backprop, max_completion_length=task.completion_length, temperature=1.0,
+        max_steps=s["max_steps"] * config["sft_multiplier"].get(base_method, 1), prompts_per_step=s["per_step"],
+        learning_rate=s["learning_rate"], warmup_steps=0, save_steps=0, seed=config["seed"],
         output_dir=str(job_dir / "sft"), overwrite_output_dir=True, progress=False)
-    grpo = replace(sft, steps=g["max_steps"], group_size=g["num_generations"], prompts_per_step=g["per_step"],
-                   lr=g["learning_rate"], output_dir=str(job_dir / "grpo"))
+    grpo = replace(sft, max_steps=g["max_steps"], num_generations=g["num_generations"],
+                   prompts_per_step=g["per_step"], learning_rate=g["learning_rate"], output_dir=str(job_dir / "grpo"))
     return sft, grpo
 
 
@@ -340,7 +340,7 @@ def train_job(config: dict, base_dir: Path, method: str, window: int, out_dir: P
     name = method + config.get("row_suffix", "")
     job_dir = out_dir / "jobs" / f"{name}-W{window}"
     sft_cfg, grpo_cfg = train_configs(config, base_dir, method, window, job_dir)
-    log(f"== {name} W={window} starts ({sft_cfg.steps} SFT steps, backprop {sft_cfg.backprop})")
+    log(f"== {name} W={window} starts ({sft_cfg.max_steps} SFT steps, backprop {sft_cfg.backprop})")
     start = time.perf_counter()
     sft = SFTTrainer(sft_cfg)
     policy = sft.policy
@@ -349,12 +349,12 @@ def train_job(config: dict, base_dir: Path, method: str, window: int, out_dir: P
     sft.train()
     sft_log = read_metrics(Path(sft_cfg.output_dir) / "metrics.jsonl")
     tail = [r["loss"] for r in sft_log[-10:]]
-    extra.update({"sft_steps": sft_cfg.steps, "sft_seconds": round(time.perf_counter() - start, 1),
+    extra.update({"sft_steps": sft_cfg.max_steps, "sft_seconds": round(time.perf_counter() - start, 1),
                   "sft_final_nll": round(sum(tail) / len(tail), 4)})
     extra["accuracy_after_sft"] = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])["accuracy"]
     log(f"  {name} W={window} accuracy after SFT {extra['accuracy_after_sft']:.3f} "
         f"(nll {extra['sft_final_nll']:.4f}, {extra['sft_seconds']:.0f}s)")
-    if grpo_cfg.steps > 0:
+    if grpo_cfg.max_steps > 0:
         grpo_start = time.perf_counter()
         GRPOTrainer(grpo_cfg, policy=policy).train()
         rewards = [r["reward"] for r in read_metrics(Path(grpo_cfg.output_dir) / "metrics.jsonl")]

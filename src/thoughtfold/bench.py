@@ -340,12 +340,12 @@ def _grpo_step(policy: Policy, prompt: list[int], n: int, batch: int, window: in
     def random_reward(prompts, completions, **_):
         return [random.random() for _ in prompts]
 
-    config = TrainConfig(group_size=batch, prompts_per_step=1, max_new_tokens=min(n, window + 8), steps=1,
-                         save_every=0, output_dir=output_dir, progress=False, rewards=["unused"], backprop=backprop,
-                         replay_batch_size=replay_batch)
+    config = TrainConfig(num_generations=batch, prompts_per_step=1, max_completion_length=min(n, window + 8),
+                         max_steps=1, save_steps=0, output_dir=output_dir, progress=False, rewards=["unused"],
+                         backprop=backprop, replay_batch_size=replay_batch)
     trainer = GRPOTrainer(config, policy=policy, dataset=[{"prompt": prompt}], reward_funcs=[random_reward])
     trainer.train_step(trainer.next_examples(1))
-    trainer.config = replace(config, max_new_tokens=n)
+    trainer.config = replace(config, max_completion_length=n)
     return lambda: trainer.train_step(trainer.next_examples(1))
 
 

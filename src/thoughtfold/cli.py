@@ -626,7 +626,7 @@ def add_train_parsers(sub) -> None:
         p.add_argument("--resume", action="store_true",
                        help="continue from the last complete checkpoint in output_dir")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="config overrides, e.g. cache.window=64 adapter.mode=lora steps=50")
+                       help="config overrides, e.g. cache.window=64 adapter.mode=lora max_steps=50")
         p.set_defaults(func=cmd_train, trainer=name)
 
 
@@ -662,7 +662,7 @@ def eval_command(config: TrainConfig, adapter: Path) -> str:
 
     data = config.data
     args = ["thoughtfold", "eval", "--adapter", str(adapter), "--data", data.dataset,
-            "--reward", config.rewards[0], "--max-new-tokens", str(config.max_new_tokens)]
+            "--reward", config.rewards[0], "--max-new-tokens", str(config.max_completion_length)]
     if data.system_prompt is None:
         args.append("--no-system-prompt")
     elif data.system_prompt != SYSTEM_PROMPT:

@@ -1,5 +1,6 @@
-"""The training metrics log: one JSON line per step in `metrics.jsonl` (the file `thoughtfold report`
-reads back), mirrored to TensorBoard / W&B when asked, plus the peak-memory probe each step records."""
+"""The training metrics log: one JSON line per logged step in `metrics.jsonl` (the file `thoughtfold
+report` reads back), mirrored to TensorBoard / W&B when asked, plus the peak-memory probe each step
+records."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import torch
 from .errors import ConfigError
 from .persist import atomic_write_text
 
-METRICS_NAME = "metrics.jsonl"  # the trainer's metrics log, one JSON object per step
+METRICS_NAME = "metrics.jsonl"  # the trainer's metrics log, one JSON object per logged step
 
 
 class MetricsLogger:
-    """One JSON line per step in `metrics.jsonl` (always), plus TensorBoard / W&B when asked.
+    """One JSON line per logged step in `metrics.jsonl` (always), plus TensorBoard / W&B when asked.
     On resume the lines after the checkpoint's step are dropped, so the log matches the state."""
 
     def __init__(self, output_dir: Path, report_to: Sequence[str], start_step: int, config: dict):
@@ -38,7 +39,7 @@ class MetricsLogger:
             self._wandb = wandb.init(project="thoughtfold", dir=str(output_dir), config=config, resume="allow")
 
     def log(self, metrics: dict[str, float]) -> None:
-        """Append one step's metrics everywhere."""
+        """Append one logged step's metrics everywhere."""
         self._file.write(json.dumps(metrics) + "\n")
         self._file.flush()
         step = int(metrics["step"])
@@ -56,6 +57,25 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+LAST_VALUE = ("step", "epoch", "learning_rate")  # where a run is: the last step's value, not a mean
+MAX_VALUE = ("peak_memory_gb",)
+
+
+def mean_metrics(records: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One log line for the steps since the last one (`logging_steps`), as TRL logs: each metric's
+    mean over those steps, the peak memory's maximum, and the last step's position and learning rate."""
+    if len(records) == 1:
+        return dict(records[0])
+    out = dict(records[-1])
+    for key in out:
+        values = [r[key] for r in records if key in r]
+        if key in MAX_VALUE:
+            out[key] = max(values)
+        elif key not in LAST_VALUE:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def read_metrics(path: str | Path) -> list[dict]:

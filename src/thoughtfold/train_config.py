@@ -1,7 +1,7 @@
 """The run's settings: `TrainConfig` (with its `DataConfig`) and their YAML form. Kept apart from
 config.py's engine configs because these pull in the loss and replay choices (torch), while config.py
-stays importable at `import thoughtfold` time. Names follow TRL's GRPOConfig where one exists, and
-TRL's spellings in TRL_NAMES load too.
+stays importable at `import thoughtfold` time. Field names are TRL's GRPOConfig names where TRL has
+the setting; the names earlier versions used (LEGACY_NAMES) still load, so saved run configs resume.
 
 Configs load from YAML plus ``key=value`` overrides through OmegaConf.
 """
@@ -50,9 +50,10 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything a GRPO or SFT run needs. Names follow TRL's GRPOConfig where one exists
-    (`num_iterations`, `epsilon_high`, `loss_type`, `scale_rewards`, `mask_truncated_completions`, ...).
-    The defaults are the quickstart run (configs/quickstart.yaml): PTE on the bundled small model."""
+    """Everything a GRPO or SFT run needs. Names are TRL's GRPOConfig names where TRL has the setting
+    (`num_generations`, `learning_rate`, `max_steps`, `epsilon`, `loss_type`, ...); the rest are PTE's
+    or ours (`prompts_per_step`, `backprop`, `generation_batch_size`, ...). The defaults are the
+    quickstart run (configs/quickstart.yaml): PTE on the bundled small model."""
 
     model: str = "default"
     dtype: str | None = None
@@ -66,19 +67,19 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: list[str] = field(default_factory=lambda: ["arith"])
     reward_weights: list[float] | None = None
-    group_size: int = 8
+    num_generations: int = 8
     prompts_per_step: int = 4
-    max_new_tokens: int = 24
+    max_completion_length: int = 24
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
-    lr: float = 1e-3
+    learning_rate: float = 1e-3
     weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
+    lr_scheduler_type: str = "constant"
     warmup_steps: int = 1
     max_grad_norm: float = 1.0
     loss_type: str = "dapo"
-    epsilon_low: float = 0.2
+    epsilon: float = 0.2  # the low clip bound (TRL's name); epsilon_high is the high one
     epsilon_high: float = 0.2
     beta: float = 0.0
     scale_rewards: str = "group"
@@ -90,8 +91,9 @@ class TrainConfig:
     backprop: str = "state"  # how replay gradients cross evictions (replay.BACKPROP); "truncated" cannot learn recall
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
-    steps: int = 16
-    save_every: int = 8
+    max_steps: int = 16
+    save_steps: int = 8
+    logging_steps: int = 1  # metrics line and progress postfix every N steps (means over them)
     save_total_limit: int | None = 2
     output_dir: str = "runs/quickstart"
     overwrite_output_dir: bool = False
@@ -107,7 +109,7 @@ class TrainConfig:
     def _check_choices(self) -> None:
         for name, value, allowed in (("loss_type", self.loss_type, LOSS_TYPES),
                                      ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
-                                     ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
+                                     ("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS),
                                      ("sft_targets", self.sft_targets, SFT_TARGETS),
                                      ("backprop", self.backprop, BACKPROP),
                                      ("zero_std_norm", self.zero_std_norm, ZERO_STD_NORMS)):
@@ -127,42 +129,44 @@ class TrainConfig:
                 ("reward_weights", w) for w in self.reward_weights or []]:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value}")
-        for name, low in (("group_size", 1), ("prompts_per_step", 1), ("max_new_tokens", 1),
-                          ("num_iterations", 1), ("steps", 1), ("warmup_steps", 0), ("save_every", 0)):
+        for name, low in (("num_generations", 1), ("prompts_per_step", 1), ("max_completion_length", 1),
+                          ("num_iterations", 1), ("max_steps", 1), ("warmup_steps", 0), ("save_steps", 0),
+                          ("logging_steps", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 for training (log-probs need a distribution), got {self.temperature}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.epsilon_low < 0 or self.epsilon_high < 0:
-            raise ConfigError("epsilon_low and epsilon_high must be >= 0")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.epsilon < 0 or self.epsilon_high < 0:
+            raise ConfigError("epsilon and epsilon_high must be >= 0")
         for name in ("generation_batch_size", "replay_batch_size", "save_total_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
 
 
-TRL_NAMES = {
-    "num_generations": "group_size",
-    "max_completion_length": "max_new_tokens",
-    "learning_rate": "lr",
-    "max_steps": "steps",
-    "save_steps": "save_every",
-    "lr_scheduler_type": "lr_scheduler",
-    "epsilon": "epsilon_low",
+LEGACY_NAMES = {
+    "group_size": "num_generations",
+    "max_new_tokens": "max_completion_length",
+    "lr": "learning_rate",
+    "steps": "max_steps",
+    "save_every": "save_steps",
+    "lr_scheduler": "lr_scheduler_type",
+    "epsilon_low": "epsilon",
 }
-"""TRL GRPOConfig / SFTConfig names accepted as spellings of TrainConfig fields."""
+"""Names earlier versions gave TrainConfig fields (old -> current): configs written by them, such as
+a run's saved config.yaml that a resume reloads, still load."""
 
 
-def _with_our_names(layer: DictConfig, source: str) -> DictConfig:
-    """`layer` with TRL's names renamed to ours; an unknown top-level key is a ConfigError that
-    suggests the closest known name."""
+def _with_current_names(layer: DictConfig, source: str) -> DictConfig:
+    """`layer` with legacy names renamed to the current ones; an unknown top-level key is a
+    ConfigError that suggests the closest known name."""
     known = {f.name for f in fields(TrainConfig)}
     out, spelled = {}, {}
     for key in layer:
-        name = TRL_NAMES.get(str(key), str(key))
+        name = LEGACY_NAMES.get(str(key), str(key))
         if name not in known:
-            close = difflib.get_close_matches(str(key), sorted(known | set(TRL_NAMES)), n=1)
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
         if name in out:
@@ -173,8 +177,8 @@ def _with_our_names(layer: DictConfig, source: str) -> DictConfig:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """A TrainConfig from defaults < YAML file < ``key=value`` overrides (dotted keys, e.g.
-    ``cache.window=256 adapter.mode=lora``); TRL's names (`num_generations`, `learning_rate`,
-    `max_steps`, ... see TRL_NAMES) work too. Unknown keys and bad types raise ConfigError."""
+    ``cache.window=256 adapter.mode=lora``); the legacy names in LEGACY_NAMES (`lr`, `steps`, ...)
+    work too. Unknown keys and bad types raise ConfigError."""
     layers = [OmegaConf.structured(TrainConfig)]
     try:
         if path is not None:
@@ -184,11 +188,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
                                   f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
-            layers.append(_with_our_names(loaded, f"config file {path}"))
+            layers.append(_with_current_names(loaded, f"config file {path}"))
         bad = [o for o in overrides if "=" not in o]
         if bad:
-            raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. lr=1e-5)")
-        layers.append(_with_our_names(OmegaConf.from_dotlist(list(overrides)), "override"))
+            raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. learning_rate=1e-5)")
+        layers.append(_with_current_names(OmegaConf.from_dotlist(list(overrides)), "override"))
         return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
@@ -203,4 +207,4 @@ def config_to_yaml(config: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-__all__ = ["TRL_NAMES", "DataConfig", "TrainConfig", "config_to_yaml", "load_config"]
+__all__ = ["LEGACY_NAMES", "DataConfig", "TrainConfig", "config_to_yaml", "load_config"]

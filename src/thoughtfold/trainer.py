@@ -1,6 +1,6 @@
 """Training loops through the segment-wise replay: cache-aware GRPO and supervised fine-tuning.
 
-One GRPO step: draw `prompts_per_step` prompts, sample `group_size` completions of each under the
+One GRPO step: draw `prompts_per_step` prompts, sample `num_generations` completions of each under the
 bounded cache, score them, compute group-normalised advantages, then update the adapter with the
 clipped policy-gradient loss. The loss is built per replay segment with batch-wide token weights
 (grpo.py), so the summed segment (and micro-batch) losses equal the full-batch loss while backward
@@ -49,7 +49,7 @@ from .grpo import (
     mask_truncated_completions,
     token_loss_terms,
 )
-from .metrics import METRICS_NAME, MetricsLogger, peak_memory_gb, read_metrics
+from .metrics import METRICS_NAME, MetricsLogger, mean_metrics, peak_memory_gb, read_metrics
 from .parallel import DataParallel, shard_base_model
 from .persist import lock_directory
 from .policy import GenerationResult, Policy, concat_rollouts
@@ -100,7 +100,7 @@ class _Trainer:
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise ConfigError("adapter mode 'none' has nothing to train: set adapter.mode to lora or pte")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = self._make_scheduler()
         self.step = 0
         self.data_pos = 0
@@ -133,8 +133,8 @@ class _Trainer:
         from transformers import get_scheduler
 
         c = self.config
-        name = "constant_with_warmup" if c.lr_scheduler == "constant" else c.lr_scheduler
-        updates = c.steps * self.updates_per_step
+        name = "constant_with_warmup" if c.lr_scheduler_type == "constant" else c.lr_scheduler_type
+        updates = c.max_steps * self.updates_per_step
         return get_scheduler(name, self.optimizer, num_warmup_steps=c.warmup_steps * self.updates_per_step,
                              num_training_steps=updates)
 
@@ -285,8 +285,9 @@ class _Trainer:
     # ---- the loop
 
     def train(self) -> dict[str, Path | None]:
-        """Run to `steps`, checkpointing every `save_every` steps and at the end; returns the paths
-        of the adapter, the metrics log and the plot. Releases the output directory's lock."""
+        """Run to `max_steps`, checkpointing every `save_steps` steps and at the end, logging every
+        `logging_steps` steps (and at each checkpoint and the last step); returns the paths of the
+        adapter, the metrics log and the plot. Releases the output directory's lock."""
         try:
             return self._train()
         finally:
@@ -300,16 +301,21 @@ class _Trainer:
             (self.output_dir / "config.yaml").write_text(config_to_yaml(c))
             logger = MetricsLogger(self.output_dir, c.report_to, self.step,
                                    OmegaConf.to_container(OmegaConf.structured(c)))
-        bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and self.dp.main), desc=self.kind,
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and self.dp.main),
+                   desc=self.kind, unit="step", dynamic_ncols=True)
+        unlogged: list[dict[str, float]] = []  # the steps since the last log line
         try:
-            while self.step < c.steps:
-                metrics = self._timed_step()
-                if logger is not None:
-                    logger.log(metrics)
+            while self.step < c.max_steps:
+                unlogged.append(self._timed_step())
                 bar.update(1)
-                bar.set_postfix(self._postfix(metrics), refresh=False)
-                if c.save_every and self.step % c.save_every == 0:
+                checkpoint = bool(c.save_steps) and self.step % c.save_steps == 0
+                # a checkpoint always logs: a resumed run then logs the same lines as an uninterrupted one
+                if checkpoint or self.step % c.logging_steps == 0 or self.step == c.max_steps:
+                    metrics, unlogged = mean_metrics(unlogged), []
+                    if logger is not None:
+                        logger.log(metrics)
+                    bar.set_postfix(self._postfix(metrics), refresh=False)
+                if checkpoint:
                     self.save_checkpoint()
         finally:
             bar.close()
@@ -439,8 +445,8 @@ class GRPOTrainer(_Trainer):
         Rewards and completion statistics are gathered from every process, so advantages, zero-std
         filtering, loss weights and metrics are those of the global batch."""
         c, dp = self.config, self.dp
-        prompts = [e["prompt"] for e in examples for _ in range(c.group_size)]
-        prefixes = [loss_mask_prefix(e) for e in examples for _ in range(c.group_size)]
+        prompts = [e["prompt"] for e in examples for _ in range(c.num_generations)]
+        prefixes = [loss_mask_prefix(e) for e in examples for _ in range(c.num_generations)]
         rollout = self.generate(prompts)
         local = (self._score(examples, prompts, rollout), rollout.completion_ids, rollout.truncated,
                  rollout.evictions, rollout.stats["tokens_per_s"], prefixes)
@@ -449,7 +455,7 @@ class GRPOTrainer(_Trainer):
         lengths = [len(ids) for p in parts for ids in p[1]]
         truncated = [t for p in parts for t in p[2]]
         rewards = combine_rewards(scores, c.reward_weights)
-        adv = group_advantages(rewards, c.group_size, c.scale_rewards)
+        adv = group_advantages(rewards, c.num_generations, c.scale_rewards)
         metrics = {f"rewards/{name}/mean": scores[:, j].nanmean().nan_to_num(0.0).item()
                    for j, name in enumerate(self.reward_names)}
         metrics.update({
@@ -469,7 +475,7 @@ class GRPOTrainer(_Trainer):
         mask = mask_truncated_completions(_length_mask(lengths, max(lengths), torch.device("cpu"), starts=starts),
                                           torch.tensor(truncated), c.mask_truncated_completions)
         weights = batch_loss_weights(mask, keep if c.zero_std_norm == "kept" else adv.valid, c.loss_type,
-                                     c.max_new_tokens, dp.world, _spans(len(prompts), c.replay_batch_size))
+                                     c.max_completion_length, dp.world, _spans(len(prompts), c.replay_batch_size))
         offset = dp.rank * len(prompts)
         mine = [i - offset for i in keep.nonzero()[:, 0].tolist() if offset <= i < offset + len(prompts)]
         local = slice(offset, offset + len(prompts))
@@ -484,7 +490,7 @@ class GRPOTrainer(_Trainer):
         rng = random.Random(f"rollout:{c.seed}:{self.step}:{self.dp.rank}")
         return concat_rollouts([
             self.policy.generate(
-                prompts[a:b], max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                prompts[a:b], max_new_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                 top_k=c.top_k, seed=rng.randrange(2**31), chat_template=c.data.chat_template,
                 system_prompt=c.data.system_prompt)
             for a, b in _spans(len(prompts), c.generation_batch_size)
@@ -496,7 +502,7 @@ class GRPOTrainer(_Trainer):
         per_func = []
         for name, fn in zip(self.reward_names, self.reward_funcs, strict=True):
             scores = score_completions(name, fn, prompts, rollout.texts, rollout.completion_ids, examples,
-                                       repeat=self.config.group_size)
+                                       repeat=self.config.num_generations)
             per_func.append(torch.tensor([math.nan if s is None else s for s in scores]))
         return torch.stack(per_func, 1)
 
@@ -555,7 +561,7 @@ class GRPOTrainer(_Trainer):
             nonlocal stats, loss
             terms, seg = token_loss_terms(
                 lp, batch.old[rows, start:end], batch.advantages[rows], batch.weights[rows, start:end],
-                batch.mask[rows, start:end], c.epsilon_low, c.epsilon_high, c.beta,
+                batch.mask[rows, start:end], c.epsilon, c.epsilon_high, c.beta,
                 None if batch.ref is None else batch.ref[rows, start:end])
             total = terms.sum()
             stats, loss = stats + seg, loss + total.item()
@@ -575,7 +581,7 @@ class GRPOTrainer(_Trainer):
 class SFTTrainer(_Trainer):
     """Cross-entropy through the replay: teaches the bounded-cache policy to reproduce full-cache
     reasoning. Targets are the dataset's traces (`sft_targets: dataset`, column
-    `data.completion_field`, cut at `max_new_tokens`) or completions the base model samples under a
+    `data.completion_field`, cut at `max_completion_length`) or completions the base model samples under a
     full cache for each batch (`sft_targets: full_cache`). `prompts_per_step` traces make one batch,
     with the token-mean loss over the whole batch."""
 
@@ -634,20 +640,20 @@ class SFTTrainer(_Trainer):
         c, policy = self.config, self.policy
         with torch.no_grad(), adapters_disabled(policy.wrappers), policy.using_cache(CacheConfig(window=None)):
             result = policy.generate(
-                prompt_ids, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                prompt_ids, max_new_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                 top_k=c.top_k, seed=random.Random(f"sft:{c.seed}:{self.step}:{self.dp.rank}").randrange(2**31),
                 chat_template=False)
         return result.completion_ids
 
     def _target_ids(self, target: str | list[int]) -> list[int]:
-        """The trace's tokens plus EOS (no EOS when cut at max_new_tokens: the trace goes on). A
-        token-id target is taken as it is (its own EOS included), cut at max_new_tokens."""
+        """The trace's tokens plus EOS (no EOS when cut at max_completion_length: the trace goes on). A
+        token-id target is taken as it is (its own EOS included), cut at max_completion_length."""
         if isinstance(target, list):
-            return target[: self.config.max_new_tokens]
+            return target[: self.config.max_completion_length]
         tokenizer = self.policy.tokenizer
         ids = tokenizer.encode(target, add_special_tokens=False)
-        if len(ids) >= self.config.max_new_tokens or tokenizer.eos_token_id is None:
-            return ids[: self.config.max_new_tokens]
+        if len(ids) >= self.config.max_completion_length or tokenizer.eos_token_id is None:
+            return ids[: self.config.max_completion_length]
         return ids + [tokenizer.eos_token_id]
 
 
