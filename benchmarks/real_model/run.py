@@ -270,6 +270,7 @@ def plot(results: dict, path: Path) -> None:
                             color="black", capsize=3)
         ax.set_title(f"{exp['name']} (W={exp['window']})\n{metric}", fontsize=9)
         ax.tick_params(labelsize=8)
+        ax.tick_params(axis="x", labelrotation=30)
     fig.suptitle(results["model"], fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
