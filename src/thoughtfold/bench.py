@@ -330,9 +330,10 @@ def grpo_benchmark(shape: str, lengths: list[int], window: int, batch: int, devi
 
         def prepare(policy: Policy, n: int, backprop: str) -> Callable[[], object]:
             config = TrainConfig(num_generations=batch, prompts_per_step=1,
-                                 max_completion_length=min(n, window + 8), max_steps=1, save_steps=0, output_dir=tempfile.mkdtemp(dir=tmp), progress=False,
-                                 rewards=["unused"], backprop=backprop, replay_batch_size=replay_batch)
-            trainer = GRPOTrainer(config, policy=policy, dataset=[{"prompt": prompt}], reward_funcs=[random_reward])
+                                 max_completion_length=min(n, window + 8), max_steps=1, save_steps=0,
+                                 output_dir=tempfile.mkdtemp(dir=tmp), progress=False, backprop=backprop,
+                                 replay_batch_size=replay_batch)
+            trainer = GRPOTrainer(policy, random_reward, config, [{"prompt": prompt}])
             # warm-up: a short step (one eviction event) pays the one-time costs, optimizer state included,
             # without doubling the run time at long lengths
             trainer.train_step(trainer.next_examples(1))
