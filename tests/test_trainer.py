@@ -92,7 +92,7 @@ def _config(tmp_path: Path, model: Path, mode: str = "pte", window: int | None =
         model=str(model), dtype="float32", device="cpu",
         cache=CacheConfig(window=window),
         adapter=AdapterConfig(mode=mode, rank=4, alpha=8.0, global_tokens=4),
-        data=DataConfig(system_prompt=None), rewards=["unused"], num_generations=4, prompts_per_step=2,
+        data=DataConfig(system_prompt=None), num_generations=4, prompts_per_step=2,
         max_completion_length=16, temperature=1.0, learning_rate=3e-2, warmup_steps=0, max_steps=12, save_steps=0,
         output_dir=str(tmp_path / "run"), progress=False,
     )
@@ -171,12 +171,29 @@ def test_missing_or_broken_yaml(tmp_path):
 def test_unknown_reward_fails_before_the_model_loads(tmp_path):
     config = _config(tmp_path, tmp_path / "no-such-model", rewards=["nonsense"])
     with pytest.raises(ConfigError, match="unknown reward 'nonsense'"):
-        GRPOTrainer(config, dataset=_dataset())
+        GRPOTrainer(args=config, train_dataset=_dataset())
+
+
+def test_trl_signature_loads_a_model_id_and_takes_the_rewards_once(tmp_path, tiny_dirs):
+    """`GRPOTrainer(model, reward_funcs, args, train_dataset)` as in TRL: a model id or path loads with
+    args' cache and adapter settings and becomes the run's model; reward_funcs replace args.rewards;
+    with no rewards at all it is a one-line error before the model loads."""
+    args = _config(tmp_path, tiny_dirs["llama"])
+    trainer = GRPOTrainer(str(tiny_dirs["qwen2"]), low_bytes, args, _dataset())
+    assert trainer.policy.model.config.model_type == "qwen2" and trainer.config.model == str(tiny_dirs["qwen2"])
+    assert (trainer.policy.cache_config, trainer.policy.adapter_config) == (args.cache, args.adapter)
+    assert trainer.reward_names == ["low_bytes"]
+    no_rewards = _config(tmp_path / "other", tmp_path / "no-such-model", rewards=[])
+    with pytest.raises(ConfigError, match="no rewards: pass reward_funcs or set rewards"):
+        GRPOTrainer(args=no_rewards, train_dataset=_dataset())
+    with pytest.raises(ConfigError, match="model must be a thoughtfold Policy, a model id or path"):
+        GRPOTrainer(trainer.policy.model, low_bytes, args, _dataset())
 
 
 def test_mode_none_has_nothing_to_train(tmp_path, tiny_dirs):
     with pytest.raises(ConfigError, match="nothing to train"):
-        GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], mode="none"), dataset=_dataset(), reward_funcs=[low_bytes])
+        GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, tiny_dirs["llama"], mode="none"),
+                    train_dataset=_dataset())
 
 
 # --------------------------------------------------------------------------- GRPO learns
@@ -187,7 +204,7 @@ def test_mode_none_has_nothing_to_train(tmp_path, tiny_dirs):
                          ids=["pte-bounded", "pte-bounded-state-backprop", "lora-bounded", "lora-full"])
 def test_grpo_raises_a_learnable_reward(tmp_path, tiny_dirs, mode, window, backprop):
     config = _config(tmp_path, tiny_dirs["llama"], mode=mode, window=window, backprop=backprop)
-    result = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    result = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
     records = read_metrics(result["metrics"])
     assert [r["step"] for r in records] == list(range(1, 13))
     rewards = [r["reward"] for r in records]
@@ -206,7 +223,7 @@ def test_groups_without_reward_spread_leave_the_adapter_unchanged(tmp_path, tiny
         return [1.0] * len(completions)
 
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=2)
-    trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[constant])
+    trainer = GRPOTrainer(reward_funcs=constant, args=config, train_dataset=_dataset())
     before = [p.detach().clone() for p in trainer.params]
     records = read_metrics(trainer.train()["metrics"])
     assert [(r["frac_reward_zero_std"], r["grad_norm"], r["loss"]) for r in records] == [(1.0, 0.0, 0.0)] * 2
@@ -215,7 +232,7 @@ def test_groups_without_reward_spread_leave_the_adapter_unchanged(tmp_path, tiny
 
 def test_beta_logs_kl_against_the_adapter_free_model(tmp_path, tiny_dirs):
     config = _config(tmp_path, tiny_dirs["qwen2"], max_steps=2, beta=0.1, loss_type="grpo")
-    records = read_metrics(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()["metrics"])
+    records = read_metrics(GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()["metrics"])
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # A = 0 at init: the policy is the reference
     assert records[1]["kl"] > 0
 
@@ -226,7 +243,7 @@ def test_replay_micro_batches_accumulate_the_full_batch_gradient(tmp_path, tiny_
     grads = []
     for size in (None, 3):
         config = _config(tmp_path, tiny_dirs["llama"], loss_type=loss_type, replay_batch_size=size)
-        grads.append(one_step_gradients(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])))
+        grads.append(one_step_gradients(GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())))
     assert any(g.abs().max() > 0 for g in grads[0])
     for full, micro in zip(*grads, strict=True):
         assert_close_to_scale(micro, full, rel=1e-5)
@@ -235,7 +252,7 @@ def test_replay_micro_batches_accumulate_the_full_batch_gradient(tmp_path, tiny_
 def test_num_iterations_and_warmup_tick_the_schedule_per_update(tmp_path, tiny_dirs):
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=2, num_iterations=2, lr_scheduler_type="linear",
                      warmup_steps=1, loss_type="dr_grpo", mask_truncated_completions=True)
-    records = read_metrics(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()["metrics"])
+    records = read_metrics(GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()["metrics"])
     # 4 updates, 2 of warmup: the lr before each step's first update is 0, then the peak
     assert [r["learning_rate"] for r in records] == pytest.approx([0.0, 3e-2])
 
@@ -244,7 +261,7 @@ def test_logging_steps_writes_a_mean_line_every_n_steps_and_at_checkpoints(tmp_p
     """logging_steps=2 with save_steps=3 over 5 steps: lines at 2, 3 (a checkpoint), 4 and 5 (the last)."""
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=5, logging_steps=2, save_steps=3, num_generations=2,
                      prompts_per_step=1, max_completion_length=8)
-    records = read_metrics(GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()["metrics"])
+    records = read_metrics(GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()["metrics"])
     assert [r["step"] for r in records] == [2, 3, 4, 5]
 
 
@@ -270,14 +287,14 @@ def low_bytes_then_die(prompts, completions, completion_ids, **columns):
     return low_bytes(prompts, completions, completion_ids)
 low_bytes_then_die.__name__ = "low_bytes"
 config = _config(Path({tmp!r}), Path({model!r}), output_dir={out!r}, max_steps=4, save_steps=2)
-GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes_then_die]).train()
+GRPOTrainer(reward_funcs=low_bytes_then_die, args=config, train_dataset=_dataset()).train()
 """
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dirs):
     model = tiny_dirs["llama"]
     straight = _config(tmp_path, model, output_dir=str(tmp_path / "straight"), max_steps=4, save_steps=2)
-    GRPOTrainer(straight, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    GRPOTrainer(reward_funcs=low_bytes, args=straight, train_dataset=_dataset()).train()
 
     killed = tmp_path / "killed"
     script = _KILLED_RUN.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
@@ -290,7 +307,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dirs):
     assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == [1, 2, 3]
 
     resumed = _config(tmp_path, model, output_dir=str(killed), max_steps=4, save_steps=2, resume=True)
-    trainer = GRPOTrainer(resumed, dataset=_dataset(), reward_funcs=[low_bytes])
+    trainer = GRPOTrainer(reward_funcs=low_bytes, args=resumed, train_dataset=_dataset())
     assert (trainer.step, trainer.data_pos) == (2, 4)
     trainer.train()
 
@@ -318,12 +335,12 @@ torch.set_num_threads(1)
 GRPOTrainer.generate = per_group_generate
 for loss_type in {loss_types!r}:
     config = _config(Path({tmp!r}), Path({model!r}), prompts_per_step=2, loss_type=loss_type, output_dir={out!r})
-    trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+    trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
     assert trainer.dp.world == 2
     grads = one_step_gradients(trainer)
     torch.save(grads, {out!r} + f"/grads-{{loss_type}}-{{trainer.dp.rank}}.pt")
 config = _config(Path({tmp!r}), Path({model!r}), max_steps=2, save_steps=1, output_dir={out!r} + "/run")
-GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
 """
 DDP_LOSS_TYPES = ("grpo", "dapo")  # per-sequence and per-token normalisers, both over the global batch
 
@@ -338,8 +355,8 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, t
 
     monkeypatch.setattr(GRPOTrainer, "generate", per_group_generate)
     for loss_type in DDP_LOSS_TYPES:
-        single = GRPOTrainer(_config(tmp_path, model, prompts_per_step=4, loss_type=loss_type), dataset=_dataset(),
-                             reward_funcs=[low_bytes])
+        single = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, model, prompts_per_step=4,
+                                                                  loss_type=loss_type), train_dataset=_dataset())
         assert_rank_gradients(out, f"grads-{loss_type}-{{rank}}.pt", one_step_gradients(single), rel=1e-5)
 
 
@@ -383,16 +400,16 @@ real_generate = GRPOTrainer.generate
 GRPOTrainer.generate = ragged_generate
 config = _config(Path({tmp!r}), Path({model!r}), prompts_per_step=2, output_dir={out!r}, fsdp=True,
                  replay_batch_size=2, beta=0.05, backprop="state")
-trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
 weight = trainer.policy.model.model.layers[0].mlp.down_proj.base.weight
 assert isinstance(weight, DTensor) and weight.to_local().shape[0] < weight.shape[0]  # really sharded
 torch.save(one_step_gradients(trainer), {out!r} + f"/grads-{{trainer.dp.rank}}.pt")
 GRPOTrainer.generate = real_generate  # real rollouts: ranks finish decoding at different steps
 config = _config(Path({tmp!r}), Path({model!r}), max_steps=2, save_steps=1, output_dir={out!r} + "/run", fsdp=True)
-GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
 config = _config(Path({tmp!r}), Path({model!r}), max_steps=1, prompts_per_step=1, max_completion_length=24, fsdp=True,
                  output_dir={out!r} + "/sft")
-SFTTrainer(config, dataset=SFT_TRACES).train()  # one short and one long trace: one per process
+SFTTrainer(args=config, train_dataset=SFT_TRACES).train()  # one short and one long trace: one per process
 """
 SFT_TRACES = [{"prompt": "2+2=?", "answer": "4", "solution": "4"},
               {"prompt": "spell cat", "answer": "cat", "solution": "c, then a, then t: the word is cat"}]
@@ -408,12 +425,12 @@ def test_fsdp_shards_the_base_and_matches_one_process(tmp_path, tiny_dirs, monke
     assert latest_checkpoint(out / "run" / "checkpoints").name == "step-00000002"
 
     monkeypatch.setattr(GRPOTrainer, "generate", ragged_generate)
-    single = GRPOTrainer(_config(tmp_path, model, prompts_per_step=4, replay_batch_size=2, beta=0.05,
-                                 backprop="state"), dataset=_dataset(), reward_funcs=[low_bytes])
+    single = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, model, prompts_per_step=4, replay_batch_size=2,
+                                                              beta=0.05, backprop="state"), train_dataset=_dataset())
     assert_rank_gradients(out, "grads-{rank}.pt", one_step_gradients(single), rel=1e-5)
     # SFT: the sharded first-step loss over both processes' traces is one process's loss on both
-    sft = SFTTrainer(_config(tmp_path, model, max_steps=1, prompts_per_step=2, max_completion_length=24,
-                             output_dir=str(tmp_path / "sft1")), dataset=SFT_TRACES).train()
+    sft = SFTTrainer(args=_config(tmp_path, model, max_steps=1, prompts_per_step=2, max_completion_length=24,
+                                  output_dir=str(tmp_path / "sft1")), train_dataset=SFT_TRACES).train()
     (one,), (two,) = read_metrics(sft["metrics"]), read_metrics(out / "sft" / "metrics.jsonl")
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["num_tokens"] == one["num_tokens"]
 
@@ -428,7 +445,7 @@ from thoughtfold.trainer import SFTTrainer
 torch.set_num_threads(1)
 config = _config(Path({tmp!r}), Path({model!r}), max_steps=1, max_completion_length=24, fsdp=True, replay_batch_size=1,
                  output_dir={out!r} + "/idle")
-trainer = SFTTrainer(config, dataset=IDLE_TRACES)
+trainer = SFTTrainer(args=config, train_dataset=IDLE_TRACES)
 mine = IDLE_TRACES[:2] if trainer.dp.rank == 0 else IDLE_TRACES[2:]  # rank 1 runs out of rows first
 Path({out!r}, f"idle-{{trainer.dp.rank}}.json").write_text(json.dumps(trainer.train_step(mine)))
 """
@@ -443,8 +460,8 @@ def test_fsdp_process_with_fewer_micro_batches_runs_idle_replays(tmp_path, tiny_
     out.mkdir()
     _launch(_FSDP_IDLE_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
                                    out=str(out)))
-    one = SFTTrainer(_config(tmp_path, model, max_steps=1, max_completion_length=24, replay_batch_size=1,
-                             output_dir=str(tmp_path / "single")), dataset=IDLE_TRACES).train_step(IDLE_TRACES)
+    one = SFTTrainer(args=_config(tmp_path, model, max_steps=1, max_completion_length=24, replay_batch_size=1,
+                                  output_dir=str(tmp_path / "single")), train_dataset=IDLE_TRACES).train_step(IDLE_TRACES)
     for rank in range(2):
         two = json.loads((out / f"idle-{rank}.json").read_text())
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["num_tokens"] == one["num_tokens"]
@@ -452,19 +469,19 @@ def test_fsdp_process_with_fewer_micro_batches_runs_idle_replays(tmp_path, tiny_
 
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dirs):
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=2, save_steps=1)
-    GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
     with pytest.raises(ConfigError, match="resume=true"):
-        GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+        GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
     again = _config(tmp_path, tiny_dirs["llama"], max_steps=1, overwrite_output_dir=True)
-    GRPOTrainer(again, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    GRPOTrainer(reward_funcs=low_bytes, args=again, train_dataset=_dataset()).train()
     # the old run's step-2 checkpoint is gone: resuming must not jump ahead of the new run
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000001"]
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_dirs):
-    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], save_total_limit=2), dataset=_dataset(),
-                          reward_funcs=[low_bytes])
+    trainer = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, tiny_dirs["llama"], save_total_limit=2),
+                          train_dataset=_dataset())
     root = tmp_path / "ckpts"
     (root / ".step-00000009.half-written").mkdir(parents=True)  # what a kill during a save leaves
     assert latest_checkpoint(root) is None
@@ -479,8 +496,9 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_dirs):
 
 def test_sft_lowers_the_loss_on_a_fixed_trace(tmp_path, tiny_dirs):
     trace = [{"prompt": "2+2=?", "answer": "4", "solution": "two plus two is 4. \\boxed{4}"}]
-    config = _config(tmp_path, tiny_dirs["qwen3"], max_steps=8, max_completion_length=24, prompts_per_step=1)
-    result = SFTTrainer(config, dataset=trace).train()
+    config = _config(tmp_path, tiny_dirs["qwen3"], max_steps=8, max_completion_length=24, prompts_per_step=1,
+                     rewards=[])  # SFT needs none
+    result = SFTTrainer(args=config, train_dataset=trace).train()
     losses = [r["loss"] for r in read_metrics(result["metrics"])]
     assert losses[-1] < 0.75 * losses[0] and losses[-1] < min(losses[:-1]), losses
     assert result["plot"].name == "loss.png"
@@ -490,7 +508,7 @@ def test_sft_imitates_full_cache_traces_under_the_bounded_cache(tmp_path, tiny_d
     """Near-greedy base-model traces (fresh each step) get likelier under the bounded-cache policy."""
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=8, max_completion_length=24, sft_targets="full_cache",
                      temperature=0.1, learning_rate=1e-2)
-    records = read_metrics(SFTTrainer(config, dataset=_dataset()[:1]).train()["metrics"])
+    records = read_metrics(SFTTrainer(args=config, train_dataset=_dataset()[:1]).train()["metrics"])
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     assert all(r["num_tokens"] > 0 for r in records)
@@ -502,7 +520,7 @@ def test_sft_under_scored_eviction_replays_the_policys_own_choices(tmp_path, tin
     prompt, target = [5, 17, 99, 3], list(range(40, 80))
     config = _config(tmp_path, tiny_dirs["qwen2"], cache=CacheConfig(window=6, eviction="snapkv"), max_steps=1,
                      max_completion_length=40, prompts_per_step=1)
-    trainer = SFTTrainer(config, dataset=[{"prompt": prompt, "solution": target}])
+    trainer = SFTTrainer(args=config, train_dataset=[{"prompt": prompt, "solution": target}])
     torch.manual_seed(0)
     for w in trainer.policy.wrappers:  # non-zero adapters: what is evicted changes the outputs
         torch.nn.init.normal_(w.lora_up, std=0.3)
@@ -517,13 +535,13 @@ def test_sft_under_scored_eviction_replays_the_policys_own_choices(tmp_path, tin
 
 def test_sft_needs_the_trace_column(tmp_path, tiny_dirs):
     with pytest.raises(DataError, match="'solution'"):
-        SFTTrainer(_config(tmp_path, tiny_dirs["llama"]), dataset=_dataset())
+        SFTTrainer(args=_config(tmp_path, tiny_dirs["llama"]), train_dataset=_dataset())
 
 
 def test_metrics_go_to_json_lines_and_tensorboard(tmp_path, tiny_dirs):
     pytest.importorskip("tensorboard")
-    result = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], max_steps=1, report_to=["tensorboard"]),
-                         dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    result = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, tiny_dirs["llama"], max_steps=1,
+                                                              report_to=["tensorboard"]), train_dataset=_dataset()).train()
     lines = Path(result["metrics"]).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
@@ -533,7 +551,7 @@ def test_bf16_model_trains_with_fp32_adapter_and_encoder(tmp_path, tiny_dirs):
     """Mixed precision as on a GPU: the base model in bf16, the trainable adapter and encoder
     weights kept in fp32 (updates too small for bf16 are not lost), finite losses and gradients."""
     config = _config(tmp_path, tiny_dirs["qwen2"], dtype="bfloat16", max_steps=3)
-    trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+    trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
     assert trainer.policy.model.dtype == torch.bfloat16
     before = [p.detach().clone() for p in trainer.params]
     assert all(p.dtype == torch.float32 for p in before)
@@ -552,7 +570,7 @@ def _last_token_only(tmp_path, tiny_dirs, backprop: str) -> GRPOTrainer:
     The adapters' A matrices are made non-zero, as after some training."""
     rows = [{"prompt": p, "answer": "", "loss_mask_prefix": 15} for p in PROMPTS]
     config = _config(tmp_path, tiny_dirs["llama"], window=4, backprop=backprop, filter_zero_std=False)
-    trainer = GRPOTrainer(config, dataset=rows, reward_funcs=[low_bytes])
+    trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=rows)
     torch.manual_seed(1)
     with torch.no_grad():  # A is zero at init, which gives the state no gradient at all
         for w in trainer.policy.wrappers:
@@ -582,15 +600,15 @@ def test_loss_mask_prefix_keeps_leading_tokens_out_of_the_loss(tmp_path, tiny_di
     def grads(prefix: int) -> list[torch.Tensor]:
         rows = [{"prompt": p, "answer": "", "loss_mask_prefix": prefix} for p in PROMPTS]
         config = _config(tmp_path / str(prefix), tiny_dirs["qwen2"], filter_zero_std=False)
-        return one_step_gradients(GRPOTrainer(config, dataset=rows, reward_funcs=[low_bytes]))
+        return one_step_gradients(GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=rows))
 
     none, first, everything = grads(0), grads(1), grads(16)
     assert all(g.abs().max() == 0 for g in everything)
     assert any(g.abs().max() > 0 for g in first)
     assert any(not torch.allclose(a, b) for a, b in zip(none, first, strict=True))
     with pytest.raises(DataError, match="loss_mask_prefix must be a whole number"):
-        GRPOTrainer(_config(tmp_path / "bad", tiny_dirs["qwen2"]), reward_funcs=[low_bytes],
-                    dataset=[{"prompt": "x", "answer": "", "loss_mask_prefix": -1}]).train_step(
+        GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path / "bad", tiny_dirs["qwen2"]),
+                    train_dataset=[{"prompt": "x", "answer": "", "loss_mask_prefix": -1}]).train_step(
                         [{"prompt": "x", "answer": "", "loss_mask_prefix": -1}])
 
 
@@ -612,8 +630,8 @@ def test_grpo_loss_with_per_row_eviction_schedules_equals_row_by_row(tmp_path, t
     policy = Policy.from_pretrained(tiny_dirs["llama"], cache=CacheConfig(window=6, evict_ratio=0.5),
                                     adapter=AdapterConfig(mode="pte", rank=4, alpha=8.0, global_tokens=4),
                                     eviction_policy=RandomBlock(0), dtype="float32", device="cpu")
-    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], generation_batch_size=2, prompts_per_step=1),
-                          policy=policy, dataset=_dataset(), reward_funcs=[low_bytes])
+    trainer = GRPOTrainer(policy, low_bytes, _config(tmp_path, tiny_dirs["llama"], generation_batch_size=2,
+                                                     prompts_per_step=1), _dataset())
     for w in policy.wrappers:
         torch.nn.init.normal_(w.lora_up, std=0.1)
     rollout = trainer.generate(["abc"] * 4)
@@ -646,11 +664,10 @@ def test_fsdp_refuses_a_custom_eviction_policy(tmp_path, tiny_dirs, monkeypatch)
     monkeypatch.setattr(DataParallel, "__init__", two_processes)
     policy = Policy.from_pretrained(tiny_dirs["llama"], eviction_policy=RandomBlock(0), device="cpu")
     with pytest.raises(ConfigError, match="custom eviction_policy: train without fsdp"):
-        GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], fsdp=True), policy=policy, dataset=_dataset(),
-                    reward_funcs=[low_bytes])
+        GRPOTrainer(policy, low_bytes, _config(tmp_path, tiny_dirs["llama"], fsdp=True), _dataset())
     scored = _config(tmp_path, tiny_dirs["llama"], fsdp=True, cache=CacheConfig(window=8, eviction="h2o"))
     with pytest.raises(ConfigError, match="cache.eviction is h2o: train without fsdp"):
-        GRPOTrainer(scored, dataset=_dataset(), reward_funcs=[low_bytes])
+        GRPOTrainer(reward_funcs=low_bytes, args=scored, train_dataset=_dataset())
 
 
 def test_grpo_trains_under_scored_eviction(tmp_path, tiny_dirs):
@@ -658,7 +675,7 @@ def test_grpo_trains_under_scored_eviction(tmp_path, tiny_dirs):
     rows carry per-layer eviction logs, and the step's gradient reaches the encoder."""
     config = _config(tmp_path, tiny_dirs["qwen2"], cache=CacheConfig(window=6, eviction="headkv"),
                      max_completion_length=20)
-    trainer = GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+    trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
     torch.manual_seed(0)
     for w in trainer.policy.wrappers:  # non-zero adapters: the loss then depends on the state
         torch.nn.init.normal_(w.lora_up, std=0.3)
@@ -689,34 +706,34 @@ def test_two_runs_cannot_share_an_output_dir(tmp_path, tiny_dirs):
         assert holder.stdout.readline().strip() == "locked"
         config = _config(tmp_path, tmp_path / "no-such-model", max_steps=1)
         with pytest.raises(ConfigError, match=rf"{out} is in use by another training run \(training run pid"):
-            GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+            GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
     finally:
         holder.communicate("", timeout=60)
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=1)
-    GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()  # free again once it exits
+    GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()  # free again once it exits
 
 
 def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path):
     (tmp_path / "file").write_text("")
     config = _config(tmp_path, tmp_path / "no-such-model", output_dir=str(tmp_path / "file" / "run"))
     with pytest.raises(ConfigError, match="cannot write to the output directory"):
-        GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes])
+        GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
 
 
 def test_resume_skips_a_corrupt_checkpoint_and_refuses_when_none_is_intact(tmp_path, tiny_dirs, caplog):
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=2, save_steps=1)
-    GRPOTrainer(config, dataset=_dataset(), reward_funcs=[low_bytes]).train()
+    GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
     checkpoints = tmp_path / "run" / "checkpoints"
     weights = checkpoints / "step-00000002" / "adapter" / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
     resume = _config(tmp_path, tiny_dirs["llama"], max_steps=3, save_steps=1, resume=True)
-    trainer = GRPOTrainer(resume, dataset=_dataset(), reward_funcs=[low_bytes])
+    trainer = GRPOTrainer(reward_funcs=low_bytes, args=resume, train_dataset=_dataset())
     assert trainer.step == 1
     assert "step-00000002 is unusable" in caplog.text and "truncated or corrupt" in caplog.text
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000001"]  # the bad one moved aside
     (checkpoints / "step-00000001" / "trainer_state.pt").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="none of the 1 checkpoints .* is intact"):
-        GRPOTrainer(resume, dataset=_dataset(), reward_funcs=[low_bytes])
+        GRPOTrainer(reward_funcs=low_bytes, args=resume, train_dataset=_dataset())
 
 
 def test_metrics_rewrite_at_resume_is_atomic(tmp_path, monkeypatch):
@@ -740,7 +757,8 @@ def test_reward_returning_strings_is_a_config_error(tmp_path, tiny_dirs):
     def words(prompts, completions, **columns):
         return ["good"] * len(completions)
 
-    trainer = GRPOTrainer(_config(tmp_path, tiny_dirs["llama"], max_steps=1), dataset=_dataset(), reward_funcs=[words])
+    trainer = GRPOTrainer(reward_funcs=words, args=_config(tmp_path, tiny_dirs["llama"], max_steps=1),
+                          train_dataset=_dataset())
     with pytest.raises(ConfigError, match=r"reward words returned 'good' \(str\)"):
         trainer.train()
 
@@ -760,7 +778,7 @@ def test_zero_std_filter_normalised_over_kept_rows_or_as_trl(tmp_path, tiny_dirs
 
     def gradients(**overrides):
         config = _config(tmp_path, tiny_dirs["llama"], loss_type=loss_type, **overrides)
-        trainer = GRPOTrainer(config, dataset=data, reward_funcs=[flat_for_abc])
+        trainer = GRPOTrainer(reward_funcs=flat_for_abc, args=config, train_dataset=data)
         lengths = {}
         generate = trainer.generate
 

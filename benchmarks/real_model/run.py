@@ -93,7 +93,7 @@ def sft(config: str, overrides: list[str], settings: dict, log: Log) -> Policy:
         overrides = [*overrides, f"max_steps={settings['sft_steps']}", "save_steps=0"]
     cfg = load_config(CONFIGS / config, overrides)
     start = time.perf_counter()
-    trainer = SFTTrainer(cfg)
+    trainer = SFTTrainer(args=cfg)
     result = trainer.train()
     losses = [json.loads(line)["loss"] for line in Path(result["metrics"]).read_text().splitlines()]
     log(f"  sft {cfg.output_dir}: {cfg.max_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "

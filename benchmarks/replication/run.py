@@ -342,7 +342,7 @@ def train_job(config: dict, base_dir: Path, method: str, window: int, out_dir: P
     sft_cfg, grpo_cfg = train_configs(config, base_dir, method, window, job_dir)
     log(f"== {name} W={window} starts ({sft_cfg.max_steps} SFT steps, backprop {sft_cfg.backprop})")
     start = time.perf_counter()
-    sft = SFTTrainer(sft_cfg)
+    sft = SFTTrainer(args=sft_cfg)
     policy = sft.policy
     extra = {"adapter_mode": sft_cfg.adapter.mode, "adapter": sft_cfg.adapter.to_dict(), "backprop": sft_cfg.backprop,
              **measure_memory(policy, task, config["memory_probe"], train=True, backprop=sft_cfg.backprop)}
@@ -356,7 +356,7 @@ def train_job(config: dict, base_dir: Path, method: str, window: int, out_dir: P
         f"(nll {extra['sft_final_nll']:.4f}, {extra['sft_seconds']:.0f}s)")
     if grpo_cfg.max_steps > 0:
         grpo_start = time.perf_counter()
-        GRPOTrainer(grpo_cfg, policy=policy).train()
+        GRPOTrainer(policy, args=grpo_cfg).train()
         rewards = [r["reward"] for r in read_metrics(Path(grpo_cfg.output_dir) / "metrics.jsonl")]
         extra.update({"grpo_steps": len(rewards), "grpo_seconds": round(time.perf_counter() - grpo_start, 1),
                       "grpo_reward_first": rewards[0], "grpo_reward_last5": sum(rewards[-5:]) / len(rewards[-5:])})

@@ -341,9 +341,9 @@ def _grpo_step(policy: Policy, prompt: list[int], n: int, batch: int, window: in
         return [random.random() for _ in prompts]
 
     config = TrainConfig(num_generations=batch, prompts_per_step=1, max_completion_length=min(n, window + 8),
-                         max_steps=1, save_steps=0, output_dir=output_dir, progress=False, rewards=["unused"],
-                         backprop=backprop, replay_batch_size=replay_batch)
-    trainer = GRPOTrainer(config, policy=policy, dataset=[{"prompt": prompt}], reward_funcs=[random_reward])
+                         max_steps=1, save_steps=0, output_dir=output_dir, progress=False, backprop=backprop,
+                         replay_batch_size=replay_batch)
+    trainer = GRPOTrainer(policy, random_reward, config, [{"prompt": prompt}])
     trainer.train_step(trainer.next_examples(1))
     trainer.config = replace(config, max_completion_length=n)
     return lambda: trainer.train_step(trainer.next_examples(1))

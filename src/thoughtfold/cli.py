@@ -641,7 +641,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"override {bad[0]!r} is not KEY=VALUE (e.g. cache.window=64)")
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
     config = load_config(args.config, overrides)
-    trainer = (GRPOTrainer if args.trainer == "grpo" else SFTTrainer)(config)
+    trainer = (GRPOTrainer if args.trainer == "grpo" else SFTTrainer)(args=config)
     paths = trainer.train()
     if trainer.dp.main:
         plot = paths["plot"] if paths["plot"] is not None else "(no data)"
@@ -656,13 +656,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def eval_command(config: TrainConfig, adapter: Path) -> str:
-    """`thoughtfold eval` of the trained task with the training prompts, grader and token budget
-    (the window comes from the adapter's saved cache settings)."""
+    """`thoughtfold eval` of the trained task with the training prompts, grader (the first reward;
+    eval's default grader when there is none, as for SFT) and token budget (the window comes from the
+    adapter's saved cache settings)."""
     from .data import SYSTEM_PROMPT
 
     data = config.data
     args = ["thoughtfold", "eval", "--adapter", str(adapter), "--data", data.dataset,
-            "--reward", config.rewards[0], "--max-new-tokens", str(config.max_completion_length)]
+            *(["--reward", config.rewards[0]] if config.rewards else []),
+            "--max-new-tokens", str(config.max_completion_length)]
     if data.system_prompt is None:
         args.append("--no-system-prompt")
     elif data.system_prompt != SYSTEM_PROMPT:

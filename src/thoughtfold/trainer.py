@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -67,23 +67,32 @@ CHECKPOINTS_DIR = "checkpoints"
 
 class _Trainer:
     """The parts GRPO and SFT share: model, data order, optimizer and schedule, checkpoints, logs.
-    A given `policy` is trained as it is (its cache and adapter settings win over the config's);
-    a given `dataset` (rows with a "prompt" and the reward's columns) replaces `config.data`."""
+    Arguments as TRL's trainers take them: `model` is a `Policy`, trained as it is (its cache and
+    adapter settings win over `args`'), or a model id / path loaded with `args`' cache and adapter
+    settings, or None for `args.model`; `args` is the TrainConfig (default: the quickstart run); a
+    given `train_dataset` (rows with a "prompt" and the reward's columns) replaces `args.data`."""
 
     kind = "train"
     plot_key = "loss"
 
-    def __init__(self, config: TrainConfig, policy: Policy | None = None, dataset: Sequence[dict] | None = None):
-        self.config = config
+    def __init__(self, model: Policy | str | None = None, args: TrainConfig | None = None,
+                 train_dataset: Sequence[dict] | None = None):
+        if model is not None and not isinstance(model, (Policy, str)):
+            raise ConfigError(f"model must be a thoughtfold Policy, a model id or path, or None (args.model), "
+                              f"got {type(model).__name__}")
+        args = args if args is not None else TrainConfig()
+        # a model named here is the run's model: the saved config.yaml must say so for a resume
+        self.config = replace(args, model=model) if isinstance(model, str) else args
+        config = self.config
         self.output_dir = Path(config.output_dir)
         self.dp = DataParallel()
         random.seed(config.seed)
         torch.manual_seed(config.seed)  # same adapter init on every process
-        self.dataset = self._load_dataset(dataset)
+        self.dataset = self._load_dataset(train_dataset)
         # one run per output_dir, until train() ends; taken before the model loads
         self._lock = lock_directory(self.output_dir, "training run") if self.dp.main else None
         self._check_output_dir()
-        self.policy = policy if policy is not None else self._load_policy()
+        self.policy = model if isinstance(model, Policy) else self._load_policy()
         self.fsdp = config.fsdp and self.dp.world > 1
         if self.fsdp and type(self.policy.eviction_policy) not in (type(None), OldestBlock):
             raise ConfigError("fsdp replays the default oldest-block eviction schedule on every process (all must "
@@ -420,21 +429,46 @@ class PolicyBatch:
         return self.old.shape[1]
 
 
+@dataclass
+class RolloutShare:
+    """What each process contributes to a GRPO step's global batch (gathered from all of them):
+    the scores and the statistics of its rollouts, row by row."""
+
+    scores: torch.Tensor  # [rows, reward functions]
+    completion_ids: list[list[int]]
+    truncated: list[bool]
+    evictions: list[int]
+    tokens_per_s: float
+    loss_mask_prefix: list[int]  # leading completion tokens kept out of the loss (`loss_mask_prefix`)
+
+
+RewardFunc = Callable | str
+
+
 class GRPOTrainer(_Trainer):
     """Cache-aware GRPO: rollouts under the bounded cache, updates through the segment-wise replay.
-    `reward_funcs` (TRL signature) replace the named `config.rewards` when given."""
+    Called as TRL's: `GRPOTrainer(model, reward_funcs, args, train_dataset)`. The rewards are
+    `reward_funcs` (functions, or names / dotted paths that `rewards.load_reward` knows) when given,
+    else `args.rewards`."""
 
     kind = "grpo"
     plot_key = "reward"
 
-    def __init__(self, config: TrainConfig, policy=None, dataset: Sequence[dict] | None = None,
-                 reward_funcs: Sequence[Callable] | None = None):
-        specs = list(reward_funcs) if reward_funcs is not None else list(config.rewards)
-        self.reward_funcs = [load_reward(s) for s in specs]  # unknown names fail before the model loads
+    def __init__(self, model: Policy | str | None = None,
+                 reward_funcs: RewardFunc | Sequence[RewardFunc] | None = None, args: TrainConfig | None = None,
+                 train_dataset: Sequence[dict] | None = None):
+        config = args if args is not None else TrainConfig()
+        if reward_funcs is None:
+            reward_funcs = config.rewards
+        elif callable(reward_funcs) or isinstance(reward_funcs, str):
+            reward_funcs = [reward_funcs]
+        if not reward_funcs:
+            raise ConfigError("no rewards: pass reward_funcs or set rewards (e.g. arith, math, format)")
+        self.reward_funcs = [load_reward(s) for s in reward_funcs]  # unknown names fail before the model loads
         self.reward_names = [getattr(f, "__name__", str(i)) for i, f in enumerate(self.reward_funcs)]
         if config.reward_weights is not None and len(config.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"{len(config.reward_weights)} reward_weights for {len(self.reward_funcs)} rewards")
-        super().__init__(config, policy, dataset)
+        super().__init__(model, config, train_dataset)
 
     @property
     def updates_per_step(self) -> int:
@@ -448,12 +482,11 @@ class GRPOTrainer(_Trainer):
         prompts = [e["prompt"] for e in examples for _ in range(c.num_generations)]
         prefixes = [loss_mask_prefix(e) for e in examples for _ in range(c.num_generations)]
         rollout = self.generate(prompts)
-        local = (self._score(examples, prompts, rollout), rollout.completion_ids, rollout.truncated,
-                 rollout.evictions, rollout.stats["tokens_per_s"], prefixes)
-        parts = dp.gather(local)
-        scores = torch.cat([p[0] for p in parts])
-        lengths = [len(ids) for p in parts for ids in p[1]]
-        truncated = [t for p in parts for t in p[2]]
+        parts = dp.gather(RolloutShare(self._score(examples, prompts, rollout), rollout.completion_ids,
+                                       rollout.truncated, rollout.evictions, rollout.stats["tokens_per_s"], prefixes))
+        scores = torch.cat([p.scores for p in parts])
+        lengths = [len(ids) for p in parts for ids in p.completion_ids]
+        truncated = [t for p in parts for t in p.truncated]
         rewards = combine_rewards(scores, c.reward_weights)
         adv = group_advantages(rewards, c.num_generations, c.scale_rewards)
         metrics = {f"rewards/{name}/mean": scores[:, j].nanmean().nan_to_num(0.0).item()
@@ -467,11 +500,11 @@ class GRPOTrainer(_Trainer):
             "completions/min_length": min(lengths),
             "completions/max_length": max(lengths),
             "completions/clipped_ratio": sum(truncated) / len(lengths),
-            "evictions_per_rollout": sum(e for p in parts for e in p[3]) / len(lengths),
-            "rollout_tokens_per_s": sum(p[4] for p in parts),
+            "evictions_per_rollout": sum(e for p in parts for e in p.evictions) / len(lengths),
+            "rollout_tokens_per_s": sum(p.tokens_per_s for p in parts),
         })
         keep = adv.keep_mask(c.filter_zero_std)
-        starts = [k for p in parts for k in p[5]]  # loss_mask_prefix of every row
+        starts = [k for p in parts for k in p.loss_mask_prefix]
         mask = mask_truncated_completions(_length_mask(lengths, max(lengths), torch.device("cpu"), starts=starts),
                                           torch.tensor(truncated), c.mask_truncated_completions)
         weights = batch_loss_weights(mask, keep if c.zero_std_norm == "kept" else adv.valid, c.loss_type,
