@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from .adapter import LowRankLinear, attach_adapters, wide_dtype
-from .attention import use_grouped_decode
+from .adapter import LowRankLinear, attach_adapters, detach_adapters, wide_dtype
+from .attention import switch_attention, use_grouped_decode
 from .config import AdapterConfig, CacheConfig
 from .encoder import ThoughtEncoder
 from .errors import ConfigError, DataError, PromptTooLongError
@@ -50,7 +50,9 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 class Policy:
-    """A causal LM decoding under a bounded KV cache, optionally with a LoRA or PTE adapter."""
+    """A causal LM decoding under a bounded KV cache, optionally with a LoRA or PTE adapter. It
+    changes the model in place (adapter wrappers, grouped decode attention, frozen weights) until
+    `unwrap()` takes all of that out again."""
 
     def __init__(
         self,
@@ -75,9 +77,12 @@ class Policy:
         self.cache_config = cache or CacheConfig()
         self.adapter_config = adapter or AdapterConfig()
         self.eviction_policy = eviction_policy
-        for p in model.parameters():
+        # what wrapping changes, recorded so that unwrap() can put it back
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in self._requires_grad:
             p.requires_grad_(False)
-        use_grouped_decode(model)
+        self._attention = use_grouped_decode(model)
+        self._unwrapped = False
         self.wrappers: list[LowRankLinear] = attach_adapters(model, self.adapter_config)
         self.encoder: ThoughtEncoder | None = None
         if self.adapter_config.mode == "pte":
@@ -122,8 +127,27 @@ class Policy:
             load_adapter_weights(adapter_path, policy.model, policy.wrappers, policy.encoder)
         return policy
 
+    def unwrap(self) -> nn.Module:
+        """The plain transformers model with thoughtfold taken out, as a kvpress press removes its
+        hooks: the adapters' wrappers replaced by their base linears, the attention implementation
+        and every parameter's requires_grad as they were before this Policy. The model then computes
+        exactly what it did before; the Policy cannot generate or replay any more."""
+        if not self._unwrapped:
+            detach_adapters(self.model, self.wrappers)
+            switch_attention(self.model, self._attention)
+            for p, requires_grad in self._requires_grad:
+                p.requires_grad_(requires_grad)
+            self._unwrapped = True
+        return self.model
+
+    def _check_wrapped(self) -> None:
+        if self._unwrapped:
+            raise ConfigError("this Policy was unwrapped (Policy.unwrap() gave its model back): wrap the model "
+                              "in a new Policy to use it again")
+
     def save_adapter(self, directory: str) -> None:
         """Write the adapter (safetensors + JSON settings; in lora mode also a PEFT directory)."""
+        self._check_wrapped()
         save_adapter(directory, self.model, self.wrappers, self.encoder, self.adapter_config,
                      self.cache_config, self.base_model)
 
@@ -181,6 +205,7 @@ class Policy:
         """Sample completions under the bounded cache. Returns token ids, log-probs (of the sampled
         token under softmax(logits / temperature), no top-p/top-k truncation), texts and the
         eviction log of each prompt."""
+        self._check_wrapped()
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
         prompt_ids = self.encode(prompts, chat_template, system_prompt)
         limit, longest = max_positions(self.model), max(map(len, prompt_ids))
@@ -226,6 +251,7 @@ class Policy:
         to at least that many tokens (same segments on every process). `distribution_fn(logprobs
         [b, m, vocab], start, end, rows)` receives the full next-token log-distributions of each
         segment (see replay.DistributionFn)."""
+        self._check_wrapped()
         return replay(
             self.model, self.folder, prompt_ids, completion_ids, self.cache_config, eviction_log,
             loss_fn=loss_fn, temperature=temperature, backprop=backprop, pad_id=self.pad_token_id,
