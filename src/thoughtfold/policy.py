@@ -18,7 +18,7 @@ from .errors import ConfigError, DataError, PromptTooLongError
 from .eviction import EvictionEvent, EvictionPolicy
 from .fold import StateFolder
 from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
-from .persist import load_adapter_weights, read_adapter_config, save_adapter
+from .persist import adapter_settings, load_adapter_weights, save_adapter
 from .replay import DistributionFn, LossFn, replay
 from .rollout import RawRollout, SamplingConfig, Streamer, rollout
 
@@ -115,10 +115,10 @@ class Policy:
         saved adapter is restored, with its saved cache settings unless `cache` is given; `model`
         then defaults to the base model the adapter was saved from."""
         if adapter_path is not None:
-            saved_adapter, saved_cache, saved_base = read_adapter_config(adapter_path)
+            saved_adapter, cache, model = adapter_settings(adapter_path, model, cache)
             if adapter is not None and adapter != saved_adapter:
                 raise ConfigError(f"adapter settings conflict with the adapter saved in {adapter_path}; pass one")
-            adapter, cache, model = saved_adapter, cache or saved_cache, model or saved_base
+            adapter = saved_adapter
         model = model or "default"
         hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
         policy = cls(hf_model, tokenizer, cache=cache, adapter=adapter, eviction_policy=eviction_policy,
