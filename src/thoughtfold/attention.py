@@ -83,8 +83,18 @@ def observing(model: nn.Module, stats: AttentionStats | None) -> Iterator[None]:
             delattr(module, STATS_ATTR)
 
 
-def use_grouped_decode(model: nn.Module) -> None:
+def switch_attention(model: nn.Module, name: str | None) -> str | None:
+    """Set the model's attention implementation to `name` (None: leave it as it is); returns the
+    implementation it had, so that ``switch_attention(model, previous)`` undoes the switch."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    if name is not None and name != previous:
+        model.set_attn_implementation(name)
+    return previous
+
+
+def use_grouped_decode(model: nn.Module) -> str | None:
     """Switch a model on transformers' SDPA attention to the grouped decode path (same results, one
-    read of K/V per step). Models on another implementation (eager, flash) are left as they are."""
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(NAME)
+    read of K/V per step). Models on another implementation (eager, flash) are left as they are.
+    Returns the implementation the model had (see `switch_attention`)."""
+    current = getattr(model.config, "_attn_implementation", None)
+    return switch_attention(model, NAME if current == "sdpa" else None)

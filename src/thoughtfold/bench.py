@@ -22,7 +22,8 @@ from functools import partial
 
 import torch
 
-from .adapter import AdapterGroup, detach_adapters
+from .adapter import AdapterGroup
+from .attention import switch_attention
 from .config import EVICTIONS, AdapterConfig, CacheConfig
 from .memory import PeakMemory
 from .models import head_dim
@@ -216,14 +217,11 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 def use_attention(model, name: str | None) -> Iterator[None]:
     """Run HF's own baselines on its stock attention function (the policies switch the model to the
     grouped decode path); `None` leaves the model as it is."""
-    previous = model.config._attn_implementation
-    if name is not None and name != previous:
-        model.set_attn_implementation(name)
+    previous = switch_attention(model, name)
     try:
         yield
     finally:
-        if model.config._attn_implementation != previous:
-            model.set_attn_implementation(previous)
+        switch_attention(model, previous)
 
 
 def _pte_vs_lora(model, lengths: list[int], window: int, adapter: AdapterConfig, backprops: tuple[str, ...],
@@ -250,7 +248,7 @@ def _pte_vs_lora(model, lengths: list[int], window: int, adapter: AdapterConfig,
                 except torch.OutOfMemoryError:
                     results[n, label] = None
                     print(f"  {what} {n} tokens, {label}: out of memory", file=sys.stderr, flush=True)
-            detach_adapters(model, policy.wrappers)  # the next policy wraps a clean model
+            policy.unwrap()  # the next policy wraps a clean model
             gc.collect()  # free this policy's trainers now: on CUDA their memory would count in the next total
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()  # and give back what an out-of-memory call left reserved
@@ -374,7 +372,7 @@ def eviction_benchmark(shape: str, lengths: list[int], window: int, batch: int, 
                                              device)
                 print(f"  eviction {eviction}, {n} tokens: decode {speed[n, eviction]:,.0f} tokens/s, "
                       f"grpo step {step[n, eviction]:.2f} s", file=sys.stderr, flush=True)
-            detach_adapters(model, policy.wrappers)
+            policy.unwrap()  # the next policy wraps a clean model
     rows = []
     for n in lengths:
         for eviction in evictions:
@@ -414,7 +412,7 @@ def encoder_benchmark(shape: str, window: int, batch: int, device: str, dtype: t
             for wrapper in policy.wrappers:
                 wrapper.group = AdapterGroup([wrapper])
             timed("pte ungrouped", policy)
-        detach_adapters(model, policy.wrappers)  # the next policy wraps a clean model
+        policy.unwrap()  # the next policy wraps a clean model
     cfg, encoder = policy.cache_config, policy.encoder  # the pte policy's
     layers, kv_dim = encoder.key_proj.shape[:2]
     keys = torch.randn(layers, batch, cfg.evict_block, kv_dim, device=device)

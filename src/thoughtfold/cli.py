@@ -250,38 +250,27 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 def load_policy(args: argparse.Namespace, cache=None):
     """The Policy for `generate` / `eval`: --model, else the adapter's base model, else the bundled
-    default; transformers' own progress bars and warnings silenced."""
+    default (Policy.from_pretrained decides); transformers' own progress bars and warnings silenced."""
     from transformers.utils import logging as hf_logging
 
     from .policy import Policy
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    model = args.model if args.model is not None else (None if args.adapter else "default")
-    return Policy.from_pretrained(model=model, cache=cache, adapter_path=args.adapter, dtype=args.dtype,
+    return Policy.from_pretrained(model=args.model, cache=cache, adapter_path=args.adapter, dtype=args.dtype,
                                   device=args.device, compile_decode=args.compile)
 
 
-def resolve_cache(args: argparse.Namespace):
-    """The CacheConfig from --window / --evict-ratio. With --adapter, an unset flag takes the
-    adapter's saved setting (None = use the saved cache as is)."""
+def resolve_cache(adapter: str | None, **given):
+    """The CacheConfig from the cache flags that were given (`given`, e.g. window=64; a flag left
+    out is not in it). With an --adapter the others are its saved settings
+    (persist.adapter_settings), else CacheConfig's defaults (a full cache)."""
     from .config import CacheConfig
+    from .persist import adapter_settings
 
-    window_set, ratio_set, eviction_set = (hasattr(args, k) for k in ("window", "evict_ratio", "eviction"))
-    window, ratio = getattr(args, "window", None), getattr(args, "evict_ratio", 0.25)
-    eviction = getattr(args, "eviction", "oldest")
-    if getattr(args, "adapter", None) is not None:
-        if not Path(args.adapter).is_dir():
-            raise ConfigError(f"adapter directory {args.adapter!r} not found")
-        if not (window_set or ratio_set or eviction_set):
-            return None
-        from .persist import read_adapter_config
-
-        _, saved, _ = read_adapter_config(args.adapter)
-        window = window if window_set else saved.window
-        ratio = ratio if ratio_set else saved.evict_ratio
-        eviction = eviction if eviction_set else saved.eviction
-    return CacheConfig(window=window, evict_ratio=ratio, eviction=eviction)
+    if adapter is not None:
+        return adapter_settings(adapter, **given)[1]
+    return CacheConfig(**given)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -289,7 +278,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .rollout import SamplingConfig
 
     # settings first (cheap), so bad values fail before the model loads
-    cache = resolve_cache(args)
+    given = {k: getattr(args, k) for k in ("window", "evict_ratio", "eviction") if hasattr(args, k)}
+    cache = resolve_cache(args.adapter, **given)
     if args.batch_size < 1:
         raise ConfigError(f"batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
@@ -300,7 +290,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise DataError("the prompt is empty")
 
     policy = load_policy(args, cache=cache)
-    cache = policy.cache_config
 
     stream = len(prompts) == 1 and not args.json
     totals = {"tokens": 0, "seconds": 0.0, "evictions": 0, "peak": 0}
@@ -432,19 +421,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .persist import lock_directory
 
     datasets = split_dataset_list(args.datasets)
-    windows, ratio, eviction = args.window, args.evict_ratio, args.eviction
-    if args.adapter is not None:
-        if not Path(args.adapter).is_dir():
-            raise ConfigError(f"adapter directory {args.adapter!r} not found")
-        from .persist import read_adapter_config
-
-        _, saved, _ = read_adapter_config(args.adapter)
-        windows = windows if windows is not None else [saved.window]
-        ratio = ratio if ratio is not None else saved.evict_ratio
-        eviction = eviction or saved.eviction
-    windows = windows if windows is not None else [None]
-    ratio = ratio if ratio is not None else 0.25
-    eviction = eviction or "oldest"
+    given = {k: v for k, v in (("evict_ratio", args.evict_ratio), ("eviction", args.eviction)) if v is not None}
+    cache = resolve_cache(args.adapter, **given)
+    windows, ratio, eviction = args.window if args.window is not None else [cache.window], cache.evict_ratio, cache.eviction
     for w in windows:
         CacheConfig(window=w, evict_ratio=ratio)  # range checks, before the model loads
     name = Path(args.adapter).resolve().name if args.adapter else Path(args.model or "default").name

@@ -14,8 +14,9 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -135,16 +136,22 @@ def save_adapter(
     return target
 
 
-def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, CacheConfig, str]:
-    """The settings saved with an adapter: (adapter, cache, base model id)."""
+def adapter_settings(directory: str | os.PathLike, model: str | None = None, cache: CacheConfig | None = None,
+                     **cache_fields: Any) -> tuple[AdapterConfig, CacheConfig, str]:
+    """What a saved adapter runs with: (adapter, cache, base model id). The cache settings and the
+    base model are the saved ones unless given here: `cache` replaces the saved cache, single fields
+    (`window=`, `evict_ratio=`, as a command line sets them) replace only themselves, `model` the
+    base model. The one place that decides "the adapter's saved setting unless given"."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise ConfigError(f"{directory} is not a thoughtfold adapter directory ({CONFIG_NAME} not found)")
     try:
         meta = json.loads(path.read_text())
-        return AdapterConfig(**meta["adapter"]), CacheConfig(**meta["cache"]), meta.get("base_model", "default")
+        adapter, saved_cache = AdapterConfig(**meta["adapter"]), CacheConfig(**meta["cache"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConfigError(f"{path} is malformed ({e}); re-save the adapter") from e
+    cache = cache if cache is not None else replace(saved_cache, **cache_fields)
+    return adapter, cache, model if model is not None else meta.get("base_model", "default")
 
 
 def load_adapter_weights(

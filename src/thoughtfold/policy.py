@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from .adapter import LowRankLinear, attach_adapters, wide_dtype
-from .attention import use_grouped_decode
+from .adapter import LowRankLinear, attach_adapters, detach_adapters, wide_dtype
+from .attention import switch_attention, use_grouped_decode
 from .config import AdapterConfig, CacheConfig
 from .encoder import ThoughtEncoder
 from .errors import ConfigError, DataError, PromptTooLongError
@@ -24,7 +24,7 @@ from .eviction import (
 )
 from .fold import StateFolder
 from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
-from .persist import load_adapter_weights, read_adapter_config, save_adapter
+from .persist import adapter_settings, load_adapter_weights, save_adapter
 from .replay import DistributionFn, LossFn, replay
 from .rollout import RawRollout, SamplingConfig, Streamer, rollout
 
@@ -56,7 +56,9 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 class Policy:
-    """A causal LM decoding under a bounded KV cache, optionally with a LoRA or PTE adapter."""
+    """A causal LM decoding under a bounded KV cache, optionally with a LoRA or PTE adapter. It
+    changes the model in place (adapter wrappers, grouped decode attention, frozen weights) until
+    `unwrap()` takes all of that out again."""
 
     def __init__(
         self,
@@ -82,9 +84,12 @@ class Policy:
         self.adapter_config = adapter or AdapterConfig()
         self.eviction_policy = eviction_policy
         self.head_weights: torch.Tensor | None = None  # headkv's, from `calibrate_heads`
-        for p in model.parameters():
+        # what wrapping changes, recorded so that unwrap() can put it back
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in self._requires_grad:
             p.requires_grad_(False)
-        use_grouped_decode(model)
+        self._attention = use_grouped_decode(model)
+        self._unwrapped = False
         self.wrappers: list[LowRankLinear] = attach_adapters(model, self.adapter_config)
         self.encoder: ThoughtEncoder | None = None
         if self.adapter_config.mode == "pte":
@@ -117,10 +122,10 @@ class Policy:
         saved adapter is restored, with its saved cache settings unless `cache` is given; `model`
         then defaults to the base model the adapter was saved from."""
         if adapter_path is not None:
-            saved_adapter, saved_cache, saved_base = read_adapter_config(adapter_path)
+            saved_adapter, cache, model = adapter_settings(adapter_path, model, cache)
             if adapter is not None and adapter != saved_adapter:
                 raise ConfigError(f"adapter settings conflict with the adapter saved in {adapter_path}; pass one")
-            adapter, cache, model = saved_adapter, cache or saved_cache, model or saved_base
+            adapter = saved_adapter
         model = model or "default"
         hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
         policy = cls(hf_model, tokenizer, cache=cache, adapter=adapter, eviction_policy=eviction_policy,
@@ -129,8 +134,27 @@ class Policy:
             load_adapter_weights(adapter_path, policy.model, policy.wrappers, policy.encoder)
         return policy
 
+    def unwrap(self) -> nn.Module:
+        """The plain transformers model with thoughtfold taken out, as a kvpress press removes its
+        hooks: the adapters' wrappers replaced by their base linears, the attention implementation
+        and every parameter's requires_grad as they were before this Policy. The model then computes
+        exactly what it did before; the Policy cannot generate or replay any more."""
+        if not self._unwrapped:
+            detach_adapters(self.model, self.wrappers)
+            switch_attention(self.model, self._attention)
+            for p, requires_grad in self._requires_grad:
+                p.requires_grad_(requires_grad)
+            self._unwrapped = True
+        return self.model
+
+    def _check_wrapped(self) -> None:
+        if self._unwrapped:
+            raise ConfigError("this Policy was unwrapped (Policy.unwrap() gave its model back): wrap the model "
+                              "in a new Policy to use it again")
+
     def save_adapter(self, directory: str) -> None:
         """Write the adapter (safetensors + JSON settings; in lora mode also a PEFT directory)."""
+        self._check_wrapped()
         save_adapter(directory, self.model, self.wrappers, self.encoder, self.adapter_config,
                      self.cache_config, self.base_model)
 
@@ -188,6 +212,7 @@ class Policy:
         """Sample completions under the bounded cache. Returns token ids, log-probs (of the sampled
         token under softmax(logits / temperature), no top-p/top-k truncation), texts and the
         eviction log of each prompt."""
+        self._check_wrapped()
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
         prompt_ids = self.encode(prompts, chat_template, system_prompt)
         limit, longest = max_positions(self.model), max(map(len, prompt_ids))
@@ -272,6 +297,7 @@ class Policy:
         to at least that many tokens (same segments on every process). `distribution_fn(logprobs
         [b, m, vocab], start, end, rows)` receives the full next-token log-distributions of each
         segment (see replay.DistributionFn)."""
+        self._check_wrapped()
         return replay(
             self.model, self.folder, prompt_ids, completion_ids, self.cache_config, eviction_log,
             loss_fn=loss_fn, temperature=temperature, backprop=backprop, pad_id=self.pad_token_id,
