@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from conftest import assert_close_to_scale, byte_tokenizer
-from thoughtfold.cli import TerminalStreamer, main, read_prompts_file
+from thoughtfold.cli import TerminalStreamer, eval_command, main, read_prompts_file
 from thoughtfold.errors import DataError
+from thoughtfold.train_config import DataConfig, TrainConfig
 
 BIN = Path(sys.executable).parent
 
@@ -284,6 +285,14 @@ def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path):
                   "--json", "--device", "cpu", "--dtype", "float32")
     assert gen.returncode == 0, gen.stderr
     assert len(json.loads(gen.stdout)["completion_ids"]) <= 5
+
+
+def test_eval_command_mirrors_the_training_settings(tmp_path):
+    config = TrainConfig(data=DataConfig(system_prompt=None), rewards=["arith"], max_completion_length=16)
+    command = eval_command(config, tmp_path / "run" / "adapter")
+    assert command == (f"thoughtfold eval --adapter {tmp_path / 'run' / 'adapter'} --data arith:tiny "
+                       "--reward arith --max-new-tokens 16 --no-system-prompt")
+    assert "--reward" not in eval_command(TrainConfig(rewards=[]), tmp_path)  # SFT: eval's default grader
 
 
 def test_train_bad_override_is_one_line():
