@@ -22,6 +22,20 @@ CHATML = (
 )
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are skipped unless --runslow is given (CI runs the fast suite)."""
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def byte_tokenizer():
     """A 259-token byte-level BPE tokenizer (256 bytes + 3 specials) built locally."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

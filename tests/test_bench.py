@@ -34,8 +34,8 @@ def test_bench_command_smoke(tmp_path, capsys):
 
 
 def test_bench_grpo_with_the_gpu_steps_options(tmp_path, capsys):
-    """benchmarks/gpu/run.sh's `train` step on the CPU: same options, small shape and lengths."""
-    rc = main(["bench", "grpo", "--shape", "cpu-small", "--lengths", "12,24", "--batch", "8", "--window", "8",
+    """benchmarks/gpu/run.sh's `train` step on the CPU: same options, toy shape and lengths."""
+    rc = main(["bench", "grpo", "--shape", "tiny", "--lengths", "12,24", "--batch", "8", "--window", "8",
                "--rank", "32", "--global-tokens", "32", "--backprop", "state", "--replay-batch", "4",
                "--output", str(tmp_path)])
     captured = capsys.readouterr()

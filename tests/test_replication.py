@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from thoughtfold.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,16 +24,17 @@ def _load_run():
     return importlib.import_module("run")
 
 
-def test_pipeline_smoke(tmp_path):
+def test_pipeline_smoke(tmp_path, capsys):
     run = _load_run()
     config = run.merge(run.DEFAULT_CONFIG, run.QUICK_CONFIG)
-    config.update(windows=[3], methods=["lora_c", "pte"], ablations=["pte_fb_global0"])
+    # one method and one ablation (lora_c runs the same job code with another adapter mode)
+    config.update(windows=[3], methods=["pte"], ablations=["pte_fb_global0"], sft={**config["sft"], "max_steps": 1})
     results_path = tmp_path / "results.json"
     run.run(config, tmp_path / "out", results_path, tmp_path / "RESULTS.md")
     results = json.loads(results_path.read_text())
     assert results["task"]["D"] == 12 and results["task"]["chance"] == pytest.approx(0.1)
     methods = [(r["method"], r["window"]) for r in results["rows"]]
-    assert methods == [("full", None), ("bounded", 3), ("lora_c", 3), ("pte", 3), ("pte_fb_global0", 3)]
+    assert methods == [("full", None), ("bounded", 3), ("pte", 3), ("pte_fb_global0", 3)]
     for r in results["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == config["eval"]["n"]
         assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
@@ -43,14 +45,13 @@ def test_pipeline_smoke(tmp_path):
     assert pte["backprop"] == "state" and pte["sft_steps"] == 3 * config["sft"]["max_steps"]
     # every job ran through the trainers, which left their metrics, checkpoints and adapters
     job = tmp_path / "out" / "jobs" / "pte-W3"
-    assert [r["step"] for r in run.read_metrics(job / "sft" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in run.read_metrics(job / "sft" / "metrics.jsonl")] == [1, 2, 3]
     assert (job / "grpo" / "adapter" / "adapter.safetensors").is_file()
     # the base model is an ordinary model directory: the CLI generates from it
-    out = subprocess.run([sys.executable, "-m", "thoughtfold.cli", "generate", "--model", str(tmp_path / "out" / "base"),
-                          "--prompt", "^ 3 4", "--no-chat-template", "--max-new-tokens", "4", "--json"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert len(json.loads(out.stdout)["completion_ids"]) == 4
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "out" / "base"), "--prompt", "^ 3 4", "--no-chat-template",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["completion_ids"]) == 4
 
 
 def test_merge_rows_keeps_prose(tmp_path):

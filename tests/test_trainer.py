@@ -1,6 +1,7 @@
 """Trainer tests on tiny random models (CPU, seconds each): GRPO raises a trivially learnable reward in
-every mode, replay micro-batches and 2 gloo processes give the full batch's gradient, resume after a
-SIGKILL equals an uninterrupted run, SFT lowers its loss, and bad settings fail with one clear line."""
+every mode, replay micro-batches and 2 gloo processes give the full batch's gradient (slow: run with
+--runslow), resume after a SIGKILL equals an uninterrupted run, SFT lowers its loss, and bad settings
+fail with one clear line."""
 
 from __future__ import annotations
 
@@ -282,6 +283,7 @@ GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train
 DDP_LOSS_TYPES = ("grpo", "dapo")  # per-sequence and per-token normalisers, both over the global batch
 
 
+@pytest.mark.slow  # two training processes: 20 s to minutes on a shared 2-core CPU
 def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, tiny_dirs, monkeypatch):
     model, out = tiny_dirs["llama"], tmp_path / "ddp"
     out.mkdir()
@@ -352,6 +354,7 @@ SFT_TRACES = [{"prompt": "2+2=?", "answer": "4", "solution": "4"},
               {"prompt": "spell cat", "answer": "cat", "solution": "c, then a, then t: the word is cat"}]
 
 
+@pytest.mark.slow  # two training processes: 20 s to minutes on a shared 2-core CPU
 def test_fsdp_shards_the_base_and_matches_one_process(tmp_path, tiny_dirs, monkeypatch):
     """2 gloo processes with the base weights sharded (FSDP2): the gradients of one GRPO step (state
     backprop, KL reference, micro-batches, ranks with different completion lengths) equal one
@@ -389,6 +392,7 @@ Path({out!r}, f"idle-{{trainer.dp.rank}}.json").write_text(json.dumps(trainer.tr
 IDLE_TRACES = [*SFT_TRACES, {"prompt": "count to 3", "answer": "3", "solution": "1, 2, 3"}]
 
 
+@pytest.mark.slow  # two training processes: 20 s to minutes on a shared 2-core CPU
 def test_fsdp_process_with_fewer_micro_batches_runs_idle_replays(tmp_path, tiny_dirs):
     """Under FSDP every forward is a collective: a process with fewer micro-batches (here 1 against
     2) replays a zero-loss padding sequence while the other replays its last one, so neither hangs,
