@@ -22,6 +22,20 @@ CHATML = (
 )
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are skipped unless --runslow is given (CI runs the fast suite)."""
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def byte_tokenizer():
     """A 259-token byte-level BPE tokenizer (256 bytes + 3 specials) built locally."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -84,6 +98,18 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return {f: make_tiny_model_dir(f, root / f) for f in FAMILIES}
 
 
+def adapted_policy(tiny_dirs: dict[str, Path], family: str, mode: str, window: int | None = 8, **adapter):
+    """A Policy over one of the tiny models with a rank-4 adapter of `mode` (3 global tokens in pte)."""
+    from transformers import AutoModelForCausalLM
+
+    from thoughtfold.config import AdapterConfig, CacheConfig
+    from thoughtfold.policy import Policy
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
+    return Policy(model, byte_tokenizer(), cache=CacheConfig(window=window),
+                  adapter=AdapterConfig(mode=mode, rank=4, global_tokens=3, **adapter), base_model=str(tiny_dirs[family]))
+
+
 def assert_close_to_scale(actual, expected, rel: float) -> None:
     """Max abs difference <= rel x the largest |expected|. Float rounding scales with the magnitude of
     the values a result is summed from, not with each element, so a fixed absolute tolerance (or a
@@ -93,3 +119,11 @@ def assert_close_to_scale(actual, expected, rel: float) -> None:
     scale = expected.abs().max().item() if expected.numel() else 0.0
     err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
     assert err <= rel * scale, f"max abs diff {err:.3g} > {rel:g} x max |expected| {scale:.3g}"
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: Path) -> bool:
+    """A written, non-trivial PNG file (the plots the commands draw)."""
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC

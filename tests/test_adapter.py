@@ -1,5 +1,5 @@
 """Adapters: the low-rank update of every linear (grouped over shared inputs), exactly the base model
-at initialisation, save/load round trip, PEFT export."""
+at initialisation, taken out again by detach_adapters, and no-grad weight copies that follow updates."""
 
 from __future__ import annotations
 
@@ -8,24 +8,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_close_to_scale, byte_tokenizer, make_tiny_model_dir
-from thoughtfold import AdapterConfig, CacheConfig, ConfigError
+from conftest import adapted_policy, assert_close_to_scale, byte_tokenizer
+from thoughtfold import AdapterConfig, ConfigError
 from thoughtfold.policy import Policy
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12]]
 
 
-def policy_for(tiny_dirs, family, mode, window=8, **kw):
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
-    return Policy(model, byte_tokenizer(), cache=CacheConfig(window=window),
-                  adapter=AdapterConfig(mode=mode, rank=4, global_tokens=3, **kw), base_model=str(tiny_dirs[family]))
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_zero_init_adapters_give_the_base_model_exactly(tiny_dirs, family):
-    base = policy_for(tiny_dirs, family, "none").generate(PROMPTS, max_new_tokens=30, temperature=0)
+    base = adapted_policy(tiny_dirs, family, "none").generate(PROMPTS, max_new_tokens=30, temperature=0)
     for mode in ("lora", "pte"):
-        res = policy_for(tiny_dirs, family, mode).generate(PROMPTS, max_new_tokens=30, temperature=0)
+        res = adapted_policy(tiny_dirs, family, mode).generate(PROMPTS, max_new_tokens=30, temperature=0)
         assert res.stats["evictions"] > 0
         assert res.completion_ids == base.completion_ids
         assert res.logprobs == base.logprobs
@@ -35,7 +29,7 @@ def test_zero_init_adapters_give_the_base_model_exactly(tiny_dirs, family):
 def test_every_linear_gets_its_own_state_modulated_update(tiny_dirs, family):
     """Grouped siblings (q/k/v, gate/up share one down GEMM and one state product) still give each
     linear exactly W x + (alpha/r) A S B x with its own A and B and the layer's state."""
-    p = policy_for(tiny_dirs, family, "pte")
+    p = adapted_policy(tiny_dirs, family, "pte")
     torch.manual_seed(1)
     layer = p.model.model.layers[0]
     wrappers = [w for w in p.wrappers if w.layer == 0]
@@ -71,7 +65,7 @@ def test_pte_adds_four_down_projections_per_layer_not_seven(tiny_dirs):
     ids = torch.tensor([[5, 17, 99, 3]])
     counts = {}
     for mode in ("none", "pte"):
-        p = policy_for(tiny_dirs, "qwen2", mode)
+        p = adapted_policy(tiny_dirs, "qwen2", mode)
         p.folder.apply(p.folder.start(1))
         with torch.no_grad(), _CountMatmuls() as counter:
             p.model(input_ids=ids)
@@ -80,61 +74,17 @@ def test_pte_adds_four_down_projections_per_layer_not_seven(tiny_dirs):
 
 
 def test_target_modules_and_bad_targets(tiny_dirs):
-    p = policy_for(tiny_dirs, "llama", "lora", target_modules=("q_proj", "v_proj"))
+    p = adapted_policy(tiny_dirs, "llama", "lora", target_modules=("q_proj", "v_proj"))
     assert len(p.wrappers) == 2 * p.model.config.num_hidden_layers
     assert len(p.trainable_parameters()) == 2 * len(p.wrappers)
     with pytest.raises(ConfigError, match="match no linear"):
-        policy_for(tiny_dirs, "llama", "lora", target_modules=("nope_proj",))
-
-
-@pytest.mark.parametrize("mode", ["lora", "pte"])
-def test_save_load_round_trip(tiny_dirs, tmp_path, mode):
-    p = policy_for(tiny_dirs, "qwen2", mode)
-    torch.manual_seed(3)
-    for t in p.trainable_parameters():
-        t.data.normal_(0, 0.3)
-    before = p.generate(PROMPTS, max_new_tokens=24, temperature=0)
-    p.save_adapter(tmp_path / "ad")
-    q = Policy.from_pretrained(adapter_path=str(tmp_path / "ad"), dtype="float32", device="cpu")
-    assert q.cache_config == p.cache_config and q.adapter_config == p.adapter_config
-    after = q.generate(PROMPTS, max_new_tokens=24, temperature=0)
-    assert after.completion_ids == before.completion_ids
-    assert after.logprobs == before.logprobs
-    assert (tmp_path / "ad" / "peft").is_dir() == (mode == "lora")
-
-
-def test_peft_export_reproduces_outputs(tiny_dirs, tmp_path):
-    from peft import PeftModel
-
-    p = policy_for(tiny_dirs, "llama", "lora", window=None)
-    torch.manual_seed(4)
-    for t in p.trainable_parameters():
-        t.data.normal_(0, 0.3)
-    p.save_adapter(tmp_path / "ad")
-    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32).eval()
-    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ad" / "peft")).eval()
-    ids = torch.tensor([PROMPTS[0] + [40, 41, 42, 43]])
-    with torch.no_grad():
-        ours, theirs = p.model(input_ids=ids).logits, peft_model(input_ids=ids).logits
-    assert_close_to_scale(ours, theirs, rel=1e-5)
-    with torch.no_grad(), peft_model.disable_adapter():
-        plain = peft_model(input_ids=ids).logits
-    assert (ours - plain).abs().max() > 1e-3  # the adapter really changes the outputs
-
-
-def test_loading_onto_the_wrong_model_is_a_clear_error(tiny_dirs, tmp_path):
-    policy_for(tiny_dirs, "llama", "lora").save_adapter(tmp_path / "ad")
-    narrow = make_tiny_model_dir("llama", tmp_path / "narrow", hidden_size=32, intermediate_size=48)
-    with pytest.raises(ConfigError, match="shape"):
-        Policy.from_pretrained(model=str(narrow), adapter_path=str(tmp_path / "ad"), device="cpu")
-    with pytest.raises(ConfigError, match="not a thoughtfold adapter"):
-        Policy.from_pretrained(model=str(tiny_dirs["llama"]), adapter_path=str(tmp_path), device="cpu")
+        adapted_policy(tiny_dirs, "llama", "lora", target_modules=("nope_proj",))
 
 
 def test_detach_adapters_restores_the_plain_model(tiny_dirs):
     from thoughtfold.adapter import LowRankLinear, detach_adapters
 
-    p = policy_for(tiny_dirs, "llama", "lora")
+    p = adapted_policy(tiny_dirs, "llama", "lora")
     for t in p.trainable_parameters():
         t.data.normal_(0, 0.3)
     ids = torch.tensor([PROMPTS[0]])
@@ -166,20 +116,3 @@ def test_no_grad_cast_copies_follow_optimizer_steps(tiny_dirs):
     torch.testing.assert_close(after, model(input_ids=ids).logits.detach())
 
 
-def test_failed_adapter_save_leaves_nothing_behind(tiny_dirs, tmp_path, monkeypatch):
-    """A save that fails midway keeps the previous adapter and leaves no temporary directory."""
-    import thoughtfold.persist as persist
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen2"])
-    policy = Policy(model, byte_tokenizer(), adapter=AdapterConfig(mode="pte", rank=4))
-    policy.save_adapter(str(tmp_path / "adapter"))
-    before = (tmp_path / "adapter" / persist.WEIGHTS_NAME).read_bytes()
-
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(persist, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
-        policy.save_adapter(str(tmp_path / "adapter"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    assert (tmp_path / "adapter" / persist.WEIGHTS_NAME).read_bytes() == before

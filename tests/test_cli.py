@@ -1,10 +1,12 @@
-"""The `thoughtfold` command, run as a subprocess like a user runs it: JSON output, streaming, and
+"""The `thoughtfold` command, run as a subprocess like a user runs it (or through main() in this
+process where one test runs it several times): JSON output, streaming, training and resuming, and
 one-line errors (non-zero exit, no traceback) for every bad input."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,8 +16,9 @@ import pytest
 import torch
 
 from conftest import assert_close_to_scale, byte_tokenizer
-from thoughtfold.cli import TerminalStreamer, main, read_prompts_file
+from thoughtfold.cli import TerminalStreamer, eval_command, main, read_prompts_file
 from thoughtfold.errors import DataError
+from thoughtfold.train_config import DataConfig, TrainConfig
 
 BIN = Path(sys.executable).parent
 
@@ -102,12 +105,12 @@ def test_json_output_matches_the_api(tiny_dirs, two_prompts):
         assert_close_to_scale(r["logprobs"], res.logprobs[i], rel=1e-5)
 
 
-def test_single_prompt_streams_the_returned_text(tiny_dirs):
+def test_single_prompt_streams_the_returned_text(tiny_dirs, capsys):
     args = ("generate", "--model", str(tiny_dirs["llama"]), "--prompt", "Hello there", "--window", "8",
             "--max-new-tokens", "24", "--no-chat-template")
-    streamed = run_cli(*args)
+    streamed = run_main(capsys, *args)  # in this process: four interpreter start-ups would take a minute
     assert streamed.returncode == 0, streamed.stderr
-    as_json = run_cli(*args, "--json")
+    as_json = run_main(capsys, *args, "--json")
     assert as_json.returncode == 0, as_json.stderr
     text = json.loads(as_json.stdout)["text"]
     assert streamed.stdout == text + "\n"
@@ -116,10 +119,10 @@ def test_single_prompt_streams_the_returned_text(tiny_dirs):
     stop = next((c for c in text[2:] if c.isascii() and c.isalnum()), None)
     if stop is None:
         pytest.skip("the tiny model's text has no ASCII letter to stop at")
-    cut = run_cli(*args, "--stop", stop, "--json")
+    cut = run_main(capsys, *args, "--stop", stop, "--json")
     cut_text = json.loads(cut.stdout)["text"]
     assert cut_text.endswith(stop) and len(cut_text) < len(text) + 1
-    assert run_cli(*args, "--stop", stop).stdout == cut_text + "\n"
+    assert run_main(capsys, *args, "--stop", stop).stdout == cut_text + "\n"
 
 
 # --------------------------------------------------------------------------- one-line errors
@@ -238,7 +241,7 @@ def test_streamer_cuts_at_first_stop_string():
     assert _stream(tok, ids, set(), stop=["1\nANS"]) == "step 1\nANS\n"  # across a line break
 
 
-def test_adapter_brings_its_base_model_and_cache(tiny_dirs, tmp_path):
+def test_adapter_brings_its_base_model_and_cache(tiny_dirs, tmp_path, capsys):
     from thoughtfold.config import AdapterConfig, CacheConfig
     from thoughtfold.policy import Policy
 
@@ -260,45 +263,60 @@ def test_adapter_brings_its_base_model_and_cache(tiny_dirs, tmp_path):
     assert record["evictions"] == expected.evictions[0]
     assert "window 5, evict 2" in proc.stderr
 
-    missing = run_cli("generate", "--adapter", str(tmp_path / "nope"), "--prompt", "abc")
+    missing = run_main(capsys, "generate", "--adapter", str(tmp_path / "nope"), "--prompt", "abc")
     assert_one_line_error(missing, "adapter directory", "not found")
 
 
 # --------------------------------------------------------------------------- train / sft
 
 
-def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path):
+def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path, capsys):
     """`thoughtfold train KEY=VALUE ...` trains, checkpoints, prints where things are; `--resume`
-    continues to more steps; the adapter then loads in `generate --adapter`."""
+    continues to more steps; the adapter then loads in `generate --adapter` (in this process, to
+    spare three interpreter start-ups)."""
     out = tmp_path / "run"
     common = [f"model={tiny_dirs['llama']}", "dtype=float32", "device=cpu", "cache.window=8",
               "adapter.rank=4", "adapter.global_tokens=2", "num_generations=2", "prompts_per_step=2",
               "max_completion_length=12", "save_steps=1", f"output_dir={out}", "progress=false"]
-    first = run_cli("grpo", *common, "max_steps=1")
+    first = run_main(capsys, "grpo", *common, "max_steps=1")
     assert first.returncode == 0, first.stderr
     assert "adapter:" in first.stderr and (out / "metrics.jsonl").is_file()
-    again = run_cli("train", "--resume", *common, "max_steps=2")
+    again = run_main(capsys, "train", "--resume", *common, "max_steps=2")
     assert again.returncode == 0, again.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
-    gen = run_cli("generate", "--adapter", str(out / "adapter"), "--prompt", "1+1=", "--max-new-tokens", "5",
-                  "--json", "--device", "cpu", "--dtype", "float32")
+    gen = run_main(capsys, "generate", "--adapter", str(out / "adapter"), "--prompt", "1+1=", "--max-new-tokens",
+                   "5", "--json", "--device", "cpu", "--dtype", "float32")
     assert gen.returncode == 0, gen.stderr
     assert len(json.loads(gen.stdout)["completion_ids"]) <= 5
 
 
-def test_train_bad_override_is_one_line():
-    assert_one_line_error(run_cli("train", "max_steps"), "not KEY=VALUE")
-    assert_one_line_error(run_cli("train", "cache.window=0"), "window must be >= 1")
-    assert_one_line_error(run_cli("sft", "no_such_key=1"), "no_such_key")
+def test_eval_command_mirrors_the_training_settings(tmp_path):
+    config = TrainConfig(data=DataConfig(system_prompt=None), rewards=["arith"], max_completion_length=16)
+    command = eval_command(config, tmp_path / "run" / "adapter")
+    assert command == (f"thoughtfold eval --adapter {tmp_path / 'run' / 'adapter'} --data arith:tiny "
+                       "--reward arith --max-new-tokens 16 --no-system-prompt")
+    assert "--reward" not in eval_command(TrainConfig(rewards=[]), tmp_path)  # SFT: eval's default grader
+
+
+def test_train_bad_override_is_one_line(capsys):
+    assert_one_line_error(run_main(capsys, "train", "max_steps"), "not KEY=VALUE")
+    assert_one_line_error(run_main(capsys, "train", "cache.window=0"), "window must be >= 1")
+    assert_one_line_error(run_main(capsys, "sft", "no_such_key=1"), "no_such_key")
 
 
 # --------------------------------------------------------------------------- what a paranoid user tries
 
 
 def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
-    """`main(args)` in this process (no interpreter start-up), as run_cli reports it."""
-    code = main(list(args))
+    """`main(args)` in this process (no interpreter start-up), as run_cli reports it. The log
+    handler main() installs writes to this call's captured stderr and is removed afterwards."""
+    log = logging.getLogger("thoughtfold")
+    handlers, log.handlers = log.handlers, []
+    try:
+        code = main(list(args))
+    finally:
+        log.handlers = handlers
     out = capsys.readouterr()
     return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 

@@ -9,7 +9,7 @@ import torch
 from thoughtfold import CacheConfig, ConfigError
 from thoughtfold.attention_stats import AttentionStats
 from thoughtfold.cache import _relocation
-from thoughtfold.eviction import H2O, EvictionEvent, HeadKV, SnapKV, head_weights_from_peaks
+from thoughtfold.eviction import H2O, EvictionEvent, HeadKV, OldestBlock, SnapKV, head_weights_from_peaks
 
 
 def stats_with(total=None, recent=None) -> AttentionStats:
@@ -22,6 +22,11 @@ def stats_with(total=None, recent=None) -> AttentionStats:
     if recent is not None:
         stats.recent.copy_(recent)
     return stats
+
+
+def test_oldest_block_evicts_the_first_cached_tokens():
+    assert OldestBlock().select([4, 5, 9, 12], 2) == [4, 5]
+    assert OldestBlock().select((4, 5), 3) == [4, 5]
 
 
 def test_h2o_evicts_least_attended_and_spares_the_newest():

@@ -1,10 +1,14 @@
-"""The metrics log: lines averaged over `logging_steps` as TRL logs them."""
+"""The metrics log: lines averaged over `logging_steps` as TRL logs them, and a resume's rewrite
+that a kill cannot cut short."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
-from thoughtfold.metrics import mean_metrics
+from thoughtfold.metrics import MetricsLogger, mean_metrics, read_metrics
 
 
 def test_mean_metrics_averages_since_the_last_line_and_keeps_the_position():
@@ -13,3 +17,20 @@ def test_mean_metrics_averages_since_the_last_line_and_keeps_the_position():
     assert mean_metrics(steps) == pytest.approx(
         {"step": 4, "epoch": 0.75, "learning_rate": 5e-4, "reward": 0.4, "peak_memory_gb": 1.5, "kl": 0.05})
     assert mean_metrics(steps[:1]) == steps[0]
+
+
+def test_metrics_rewrite_at_resume_is_atomic(tmp_path, monkeypatch):
+    """A kill between writing the kept lines and replacing the file leaves the whole history."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLogger(tmp_path, [], start_step=2, config={})
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    monkeypatch.undo()
+    MetricsLogger(tmp_path, [], start_step=2, config={}).close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
