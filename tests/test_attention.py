@@ -8,8 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from conftest import FAMILIES, assert_close_to_scale
+from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
+from thoughtfold import CacheConfig, ConfigError
 from thoughtfold.attention import NAME, grouped_decode_attention, use_grouped_decode
+from thoughtfold.policy import Policy
 
 
 class _Attn(torch.nn.Module):
@@ -73,3 +75,11 @@ def test_other_attention_implementations_are_left_alone(tiny_dirs):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen2"], attn_implementation="eager")
     use_grouped_decode(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_scored_eviction_needs_the_registered_attention(tiny_dirs):
+    """A model on eager attention cannot report attention weights to a scored policy: one clear error."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="eager").eval()
+    policy = Policy(model, byte_tokenizer(), cache=CacheConfig(window=4, eviction="h2o"))
+    with pytest.raises(ConfigError, match="load it with attn_implementation='sdpa'"):
+        policy.generate([[5, 6, 7]], max_new_tokens=8)

@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention_stats import STATS_ATTR, AttentionStats
+from .errors import ConfigError
 
 NAME = "thoughtfold_sdpa"
 
@@ -71,7 +72,7 @@ def observing(model: nn.Module, stats: AttentionStats | None) -> Iterator[None]:
         yield
         return
     if getattr(model.config, "_attn_implementation", None) != NAME:
-        raise ValueError(f"scored eviction reads attention weights in the {NAME!r} attention function, but the "
+        raise ConfigError(f"scored eviction reads attention weights in the {NAME!r} attention function, but the "
                          f"model uses {model.config._attn_implementation!r}: load it with attn_implementation='sdpa'")
     modules = attention_modules(model)
     for module in modules:
