@@ -75,7 +75,11 @@ class CacheConfig:
 @dataclass
 class AdapterConfig:
     """Low-rank adapter on the target linears. `none`: the base model; `lora`: static LoRA (S = I);
-    `pte`: the state S_l built by the thought encoder from evicted tokens modulates A S_l B."""
+    `pte`: the state S_l built by the thought encoder from evicted tokens modulates the update.
+
+    `residual` (pte only) chooses the update: A (I + S_l) B, which is LoRA_c's A B plus the state's
+    contribution (so PTE starts as a static LoRA and learns the static part as fast), or the
+    paper's A S_l B (`residual=False`), which has no static path."""
 
     mode: str = "none"
     rank: int = 32
@@ -85,6 +89,7 @@ class AdapterConfig:
     state_update: str = "exact"
     global_only: bool = False
     encoder_dim: int | None = None
+    residual: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ADAPTER_MODES:
@@ -99,6 +104,8 @@ class AdapterConfig:
             raise ConfigError(f"global_tokens must be an integer >= 0, got {self.global_tokens!r}")
         if self.encoder_dim is not None and self.encoder_dim < 1:
             raise ConfigError(f"encoder_dim must be >= 1, got {self.encoder_dim}")
+        if not isinstance(self.residual, bool):
+            raise ConfigError(f"residual must be true or false, got {self.residual!r}")
         if not math.isfinite(self.alpha):
             raise ConfigError(f"adapter alpha must be a finite number, got {self.alpha}")
         self.target_modules = tuple(self.target_modules)

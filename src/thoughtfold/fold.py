@@ -25,6 +25,7 @@ class StateFolder:
         self.encoder = encoder
         self.dtype = next(model.parameters()).dtype
         self._pinned: torch.Tensor | None = None  # the adapters' state buffer while pinned
+        self.last: EncoderState | None = None  # the newest state (detached), for diagnostics
 
     @property
     def active(self) -> bool:
@@ -36,6 +37,7 @@ class StateFolder:
             return None
         state = self.encoder.initial_state(batch)
         self.apply(state)
+        self.last = state.detach()
         return state
 
     def fold(
@@ -52,6 +54,7 @@ class StateFolder:
         free = derotate_keys(keys.to(dtype), cos, sin)  # [L, B, H, E, D]
         state = self.encoder.absorb(state, _heads_last(free), _heads_last(values.to(dtype)))
         self.apply(state)
+        self.last = state.detach()
         return state
 
     def apply(self, state: EncoderState | None) -> None:

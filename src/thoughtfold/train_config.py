@@ -25,6 +25,8 @@ from .replay import BACKPROP
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SFT_TARGETS = ("dataset", "full_cache")
+SFT_LOSSES = ("nll", "kl")
+DISTILL_TOKENS = ("after_eviction", "all")
 REPORT_TO = ("tensorboard", "wandb")
 ZERO_STD_NORMS = ("kept", "batch")
 
@@ -74,6 +76,7 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     learning_rate: float = 1e-3
+    encoder_lr_ratio: float = 1.0  # the thought encoder's learning rate / learning_rate (as LoRA+'s ratio)
     weight_decay: float = 0.0
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 1
@@ -88,6 +91,9 @@ class TrainConfig:
     mask_truncated_completions: bool = False
     num_iterations: int = 1
     sft_targets: str = "dataset"
+    sft_loss: str = "nll"  # "nll": cross-entropy on the targets; "kl": dense distillation from the teacher
+    distill_tokens: str = "after_eviction"  # sft_loss=kl: the tokens after each row's first eviction, or "all"
+    distill_top_k: int | None = 64  # sft_loss=kl: teacher entries kept per token (+ the rest's mass); null: all
     backprop: str = "state"  # how replay gradients cross evictions (replay.BACKPROP); "truncated" cannot learn recall
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
@@ -111,6 +117,8 @@ class TrainConfig:
                                      ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
                                      ("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS),
                                      ("sft_targets", self.sft_targets, SFT_TARGETS),
+                                     ("sft_loss", self.sft_loss, SFT_LOSSES),
+                                     ("distill_tokens", self.distill_tokens, DISTILL_TOKENS),
                                      ("backprop", self.backprop, BACKPROP),
                                      ("zero_std_norm", self.zero_std_norm, ZERO_STD_NORMS)):
             if value not in allowed:
@@ -134,9 +142,15 @@ class TrainConfig:
             raise ConfigError(f"temperature must be > 0 for training (log-probs need a distribution), got {self.temperature}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.encoder_lr_ratio <= 0:
+            raise ConfigError(f"encoder_lr_ratio must be > 0, got {self.encoder_lr_ratio}")
         if self.epsilon < 0 or self.epsilon_high < 0:
             raise ConfigError("epsilon and epsilon_high must be >= 0")
-        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit"):
+        if (self.sft_loss == "kl" and self.distill_tokens == "after_eviction" and isinstance(self.cache, CacheConfig)
+                and not self.cache.bounded):
+            raise ConfigError("sft_loss=kl with distill_tokens=after_eviction needs a bounded cache (a full cache "
+                              "never evicts): set cache.window or distill_tokens=all")
+        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit", "distill_top_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
 

@@ -39,6 +39,8 @@ from .checkpoint import (
 )
 from .config import CacheConfig
 from .data import load_dataset_by_name
+from .diagnostics import ParameterDiagnostics, state_metrics
+from .distill import TeacherTargets, first_distilled_token, teacher_targets, token_kl
 from .errors import ConfigError, DataError
 from .eviction import OldestBlock
 from .grpo import (
@@ -53,6 +55,7 @@ from .metrics import METRICS_NAME, MetricsLogger, mean_metrics, peak_memory_gb, 
 from .parallel import DataParallel, shard_base_model
 from .persist import lock_directory
 from .policy import GenerationResult, Policy, concat_rollouts
+from .replay import default_schedule
 from .report import plot_curves
 from .rewards import load_reward, score_completions
 from .train_config import TrainConfig, config_to_yaml
@@ -109,7 +112,9 @@ class _Trainer:
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise ConfigError("adapter mode 'none' has nothing to train: set adapter.mode to lora or pte")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.diagnostics = ParameterDiagnostics(self.policy.parameter_groups())
+        self.optimizer = torch.optim.AdamW(self._optimizer_groups(), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
         self.scheduler = self._make_scheduler()
         self.step = 0
         self.data_pos = 0
@@ -136,6 +141,15 @@ class _Trainer:
             device = f"cuda:{torch.cuda.current_device()}"  # one GPU per process
         return Policy.from_pretrained(c.model, cache=c.cache, adapter=c.adapter, dtype=c.dtype, device=device,
                                       compile_decode=c.compile_decode)
+
+    def _optimizer_groups(self) -> list[dict]:
+        """The adapters at `learning_rate`, the thought encoder at `encoder_lr_ratio` times it."""
+        encoder = {id(p) for p in self.policy.parameter_groups().get("encoder", [])}
+        groups = [{"params": [p for p in self.params if id(p) not in encoder]}]
+        if encoder:
+            groups.append({"params": [p for p in self.params if id(p) in encoder],
+                           "lr": self.config.learning_rate * self.config.encoder_lr_ratio})
+        return groups
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         """HF's schedules (warmup then constant / linear / cosine decay), one tick per optimizer update."""
@@ -251,6 +265,7 @@ class _Trainer:
     def optimizer_step(self) -> float:
         """Clip, step, tick the schedule; returns the pre-clip gradient norm."""
         self.dp.sum_gradients(self.params)
+        self.diagnostics.record_gradients()
         limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
         self.optimizer.step()
@@ -342,6 +357,9 @@ class _Trainer:
         start = time.perf_counter()
         metrics = self.train_step(self.local_examples())
         self.step += 1
+        metrics.update(self.diagnostics.metrics())
+        if self.policy.encoder is not None and self.policy.folder.last is not None:
+            metrics.update(state_metrics(self.policy.encoder, self.policy.folder.last))
         return {"step": self.step, "epoch": self.data_pos / len(self.dataset), "learning_rate": lr, **metrics,
                 "peak_memory_gb": peak_memory_gb(device), "step_seconds": time.perf_counter() - start}
 
@@ -635,7 +653,8 @@ class SFTTrainer(_Trainer):
         return rows
 
     def train_step(self, examples: list[dict]) -> dict[str, float]:
-        """One update on a batch of traces; `loss` is the token-mean NLL before the update."""
+        """One update on a batch of traces; `loss` is the token-mean loss before the update: the NLL of
+        the targets, or (`sft_loss: kl`) the KL from the teacher's distributions to the policy's."""
         c, device = self.config, self.policy.device
         prompt_ids = self.policy.encode([e["prompt"] for e in examples], c.data.chat_template, c.data.system_prompt)
         if c.sft_targets == "full_cache":
@@ -643,27 +662,39 @@ class SFTTrainer(_Trainer):
         else:
             completions = [self._target_ids(e[c.data.completion_field]) for e in examples]
         width = self.lockstep_width(completions)
-        num_tokens = self.dp.sum([sum(map(len, completions))])[0]
-        weights = _length_mask([len(x) for x in completions], width, device) / num_tokens
+        logs = self.policy.eviction_logs(prompt_ids, completions)  # None: the default schedule
+        targets, starts = None, None
+        if c.sft_loss == "kl":
+            targets = teacher_targets(self.policy, prompt_ids, completions, c.distill_top_k, width)
+            starts = [first_distilled_token(log, c.distill_tokens == "after_eviction") for log in
+                      (logs or [default_schedule(len(x), self.policy.cache_config) for x in completions])]
+        mask = _length_mask([len(x) for x in completions], width, device, starts=starts)
+        num_tokens = self.dp.sum([int(mask.sum())])[0]
+        weights = mask / max(num_tokens, 1)
         loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for a, b in self.replay_spans(len(completions), width, train=True):
-            loss += self._replay_nll(prompt_ids[a:b], completions[a:b], weights[a:b])
+            part = None if targets is None else targets.rows(list(range(a, b)), 0, width)
+            loss += self._replay_loss(prompt_ids[a:b], completions[a:b], None if logs is None else logs[a:b],
+                                      weights[a:b], part)
         grad_norm = self.optimizer_step()
         return {"loss": self.dp.sum([loss])[0], "grad_norm": grad_norm, "num_tokens": num_tokens}
 
-    def _replay_nll(self, prompt_ids: list[list[int]], completions: list[list[int]], weights: torch.Tensor) -> float:
-        """Backward of the weighted NLL of one micro-batch, segment by segment; returns its value."""
+    def _replay_loss(self, prompt_ids: list[list[int]], completions: list[list[int]], logs: list | None,
+                     weights: torch.Tensor, targets: TeacherTargets | None) -> float:
+        """Backward of one micro-batch's weighted loss, segment by segment (the NLL, or with
+        `targets` the KL from them); returns its value."""
         loss = 0.0
 
         def loss_fn(lp: torch.Tensor, start: int, end: int, rows: list[int]) -> torch.Tensor:
             nonlocal loss
-            total = -(lp * weights[rows, start:end]).sum()
+            terms = -lp if targets is None else token_kl(lp, targets.rows(rows, start, end))
+            total = (terms * weights[rows, start:end]).sum()
             loss += total.item()
             return total
 
-        logs = self.policy.eviction_logs(prompt_ids, completions)  # None: the default schedule
         self.policy.replay_logprobs(prompt_ids, completions, loss_fn=loss_fn, temperature=1.0,
+                                    loss_input="tokens" if targets is None else "distribution",
                                     **self.replay_args(logs, weights.shape[1]), **self._backprop_kwargs())
         return loss
 
