@@ -145,7 +145,11 @@ def difference_rows(a: str, b: str, results: dict) -> list[dict]:
 
 
 def criteria(rows: list[dict], settings: dict) -> dict[str, bool]:
+    """The success criteria stated in the config, checked against the rows (empty when a variant's
+    run lacks the arms they compare)."""
     c, get = settings["criteria"], {(r["method"], r["metric"]): r for r in rows}
+    if not {c["reference"], c["method"], c["baseline"]} <= {r["method"] for r in rows}:
+        return {}
     base = get[(c["reference"], "kl_after_eviction")]["value"]
     rel = get[(f"{c['method']}-{c['baseline']}", "kl_relative")]
     top1 = get[(f"{c['method']}-{c['baseline']}", "top1_agreement")]

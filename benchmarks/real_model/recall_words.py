@@ -173,9 +173,12 @@ def difference_rows(a: str, b: str, results: dict, k_items: int) -> list[dict]:
 
 
 def criteria(rows: list[dict], settings: dict) -> dict[str, bool]:
-    """The success criteria stated in the config, checked against the rows."""
+    """The success criteria stated in the config, checked against the rows (empty when a variant's
+    run lacks the arms they compare)."""
     c, get = settings["criteria"], {(r["method"], r["metric"]): r for r in rows}
-    diff = get[(f"{c['method']}-{c['baseline']}", "accuracy")]
+    diff = get.get((f"{c['method']}-{c['baseline']}", "accuracy"))
+    if diff is None:
+        return {}
     trained = [a for a, o in settings["arms"].items() if (o or {}).get("adapter", {}).get("mode") != "none"]
     k = len(settings["task"]["items"])
     return {

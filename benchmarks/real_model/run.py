@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated, from {', '.join(EXPERIMENTS)} [default: %(default)s]")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting of the experiment's YAML (repeatable)")
+    ap.add_argument("--arms", default=None, help="comma-separated: run only these arms of the experiment (a "
+                    "variant's run); differences and criteria need both of their arms")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real-model")
     ap.add_argument("--results", type=Path, default=HERE / "results.json")
     args = ap.parse_args(argv)
@@ -51,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     log = Log(args.results.with_name("log.txt"))
     for name in names:
         settings = load_settings(name, args.overrides)
+        if args.arms:
+            keep = args.arms.split(",")
+            if unknown := [a for a in keep if a not in settings.get("arms", {})]:
+                ap.error(f"{name} has no arm(s) {unknown}")
+            settings["arms"] = {a: o for a, o in settings["arms"].items() if a in keep}
+            settings["differences"] = [d for d in settings.get("differences", []) if set(d) <= set(keep)]
         out = args.out / name
         out.mkdir(parents=True, exist_ok=True)
         log(f"{name}: torch {torch.__version__}, settings {settings}")
