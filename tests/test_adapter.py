@@ -82,7 +82,7 @@ def test_target_modules_and_bad_targets(tiny_dirs):
 
 
 def test_detach_adapters_restores_the_plain_model(tiny_dirs):
-    from thoughtfold.adapter import LowRankLinear, detach_adapters
+    from thoughtfold.engine.adapter import LowRankLinear, detach_adapters
 
     p = adapted_policy(tiny_dirs, "llama", "lora")
     for t in p.trainable_parameters():

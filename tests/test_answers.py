@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from thoughtfold.answers import extract_answer, last_boxed
+from thoughtfold.tasks.answers import extract_answer, last_boxed
 
 
 def test_last_box_counts_and_nested_braces():

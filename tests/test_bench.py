@@ -8,10 +8,10 @@ import json
 import torch
 
 from conftest import is_png
-from thoughtfold.bench import _comparison_rows, _first_difference, random_model
 from thoughtfold.cli import main
+from thoughtfold.engine.replay import BACKPROP
+from thoughtfold.evaluation.bench.run import _comparison_rows, _first_difference, random_model
 from thoughtfold.policy import Policy
-from thoughtfold.replay import BACKPROP
 
 
 def test_bench_command_smoke(tmp_path, capsys):

@@ -3,9 +3,9 @@ ignored and then removed) and pruned to the newest `keep`."""
 
 from __future__ import annotations
 
-from thoughtfold.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from thoughtfold.config import AdapterConfig
 from thoughtfold.policy import Policy
+from thoughtfold.training.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_dirs):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from thoughtfold.answers import last_boxed
-from thoughtfold.data import (
+from thoughtfold.errors import ConfigError, DataError
+from thoughtfold.tasks.answers import last_boxed
+from thoughtfold.tasks.data import (
     ARITH_PRESETS,
     SYSTEM_PROMPT,
     ArithConfig,
@@ -21,7 +22,6 @@ from thoughtfold.data import (
     load_jsonl,
     parse_arith_spec,
 )
-from thoughtfold.errors import ConfigError, DataError
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -12,7 +12,7 @@ import pytest
 
 from thoughtfold.cli import main
 from thoughtfold.errors import ConfigError
-from thoughtfold.evaluate import (
+from thoughtfold.evaluation.evaluate import (
     SAMPLES_NAME,
     SUMMARY_NAME,
     EvalConfig,
@@ -319,7 +319,7 @@ def test_grader_refuses_scores_that_are_not_numbers():
 
 
 def test_wilson_interval_by_hand():
-    from thoughtfold.evaluate import wilson_interval
+    from thoughtfold.evaluation.evaluate import wilson_interval
 
     # k = 5 of n = 10, z = 1.96: centre 0.5, half-width 1.96 * sqrt(0.025 + 0.0096) / 1.384 = 0.2366
     lo, hi = wilson_interval(5, 10)

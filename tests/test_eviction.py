@@ -7,9 +7,16 @@ import pytest
 import torch
 
 from thoughtfold import CacheConfig, ConfigError
-from thoughtfold.attention_stats import AttentionStats
-from thoughtfold.cache import _relocation
-from thoughtfold.eviction import H2O, EvictionEvent, HeadKV, OldestBlock, SnapKV, head_weights_from_peaks
+from thoughtfold.engine.attention_stats import AttentionStats
+from thoughtfold.engine.cache import _relocation
+from thoughtfold.engine.eviction import (
+    H2O,
+    EvictionEvent,
+    HeadKV,
+    OldestBlock,
+    SnapKV,
+    head_weights_from_peaks,
+)
 
 
 def stats_with(total=None, recent=None) -> AttentionStats:

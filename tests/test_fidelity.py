@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig
-from thoughtfold.fidelity import TokenFidelity, answer_agreement, full_cache_traces, token_fidelity
+from thoughtfold.evaluation.fidelity import TokenFidelity, answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
 
 PROMPTS = ["abc", "hello there", "xyz"]

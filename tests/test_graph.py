@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
-from thoughtfold.cache import BoundedKVCache
-from thoughtfold.graph import DecodeStep
+from thoughtfold.engine.cache import BoundedKVCache
+from thoughtfold.engine.graph import DecodeStep
 from thoughtfold.policy import Policy
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from thoughtfold.memory import PeakMemory
+from thoughtfold.evaluation.bench.memory import PeakMemory
 
 SCRIPT = r"""
 import json, sys, torch
@@ -17,7 +17,7 @@ sys.path.insert(0, sys.argv[1])
 from conftest import byte_tokenizer
 from transformers import AutoModelForCausalLM
 from thoughtfold import AdapterConfig, CacheConfig
-from thoughtfold.memory import PeakMemory
+from thoughtfold.evaluation.bench.memory import PeakMemory
 from thoughtfold.policy import Policy
 
 model_dir, length, window = sys.argv[2], int(sys.argv[3]), sys.argv[4]

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from thoughtfold.metrics import MetricsLogger, mean_metrics, read_metrics
+from thoughtfold.training.metrics import MetricsLogger, mean_metrics, read_metrics
 
 
 def test_mean_metrics_averages_since_the_last_line_and_keeps_the_position():

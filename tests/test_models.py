@@ -279,9 +279,9 @@ def test_every_rope_type_derotates_exactly_or_is_refused(tmp_path, family, rope_
     rotation; types whose frequencies follow the sequence length are refused at load."""
     from transformers import DynamicCache
 
-    from thoughtfold.cache import cache_kwarg
-    from thoughtfold.encoder import derotate_keys
-    from thoughtfold.fold import StateFolder
+    from thoughtfold.engine.cache import cache_kwarg
+    from thoughtfold.engine.encoder import derotate_keys
+    from thoughtfold.engine.fold import StateFolder
 
     rope = {"rope_type": rope_type, "rope_theta": 10000.0, **ROPE_CASES[rope_type]}
     path = make_tiny_model_dir(family, tmp_path / rope_type, rope_parameters=rope)

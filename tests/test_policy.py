@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
-from thoughtfold.adapter import LowRankLinear
-from thoughtfold.attention import NAME
 from thoughtfold.config import AdapterConfig, CacheConfig
+from thoughtfold.engine.adapter import LowRankLinear
+from thoughtfold.engine.attention import NAME
 from thoughtfold.errors import ConfigError
 from thoughtfold.policy import Policy
 

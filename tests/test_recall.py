@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from thoughtfold.data import load_dataset_by_name
 from thoughtfold.errors import ConfigError
-from thoughtfold.recall import BOS, EOS, RecallTask, recall_reward, recall_tokenizer
-from thoughtfold.rewards import load_reward
+from thoughtfold.tasks.data import load_dataset_by_name
+from thoughtfold.tasks.recall import BOS, EOS, RecallTask, recall_reward, recall_tokenizer
+from thoughtfold.tasks.rewards import load_reward
 
 
 def test_layout_and_distance():

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
-from thoughtfold.eviction import EvictionEvent
+from thoughtfold.engine.eviction import EvictionEvent
+from thoughtfold.engine.replay import default_schedule
 from thoughtfold.policy import Policy
-from thoughtfold.replay import default_schedule
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
 
@@ -79,7 +79,7 @@ def naive_two_segment_loss(policy, prompt, completion, event, weights, detach, d
     then segment 1. `detach` cuts the graph at the boundary (truncated backprop)."""
     from transformers import DynamicCache
 
-    from thoughtfold.cache import cache_kwarg
+    from thoughtfold.engine.cache import cache_kwarg
 
     model, folder, p, s, n = policy.model, policy.folder, len(prompt), event.step, len(completion)
     kw, cache = cache_kwarg(model), DynamicCache(config=model.config)
@@ -180,7 +180,7 @@ def test_full_backprop_equals_plain_autograd_full_cache(tiny_dirs):
 def test_state_backprop_equals_one_graph_with_only_the_cached_kv_detached(tiny_dirs, monkeypatch):
     """Over several eviction events: the segment-wise replay plus the second pass through the state
     chain gives the gradients of one full graph in which only the cached K/V are detached."""
-    import thoughtfold.replay as replay_mod
+    import thoughtfold.engine.replay as replay_mod
 
     res = make_policy(tiny_dirs, "llama", "pte", window=4).generate(PROMPTS, max_new_tokens=14, temperature=1.0,
                                                                      seed=3)

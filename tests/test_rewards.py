@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from thoughtfold.answers import extract_answer
 from thoughtfold.errors import ConfigError
-from thoughtfold.rewards import (
+from thoughtfold.tasks.answers import extract_answer
+from thoughtfold.tasks.rewards import (
     arith_reward,
     format_reward,
     grade_answer,
@@ -198,8 +198,8 @@ def test_arith_reward():
 def test_load_reward_builtin_and_dotted(tmp_path: Path):
     assert load_reward("math") is math_reward
     assert load_reward("format") is format_reward
-    assert load_reward("thoughtfold.rewards:format_reward") is format_reward
-    assert load_reward("thoughtfold.rewards.arith_reward") is arith_reward
+    assert load_reward("thoughtfold.tasks.rewards:format_reward") is format_reward
+    assert load_reward("thoughtfold.tasks.rewards.arith_reward") is arith_reward
     module = tmp_path / "my_rewards.py"
     module.write_text("def length(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
     fn = load_reward(f"{module}:length")
@@ -211,8 +211,8 @@ def test_load_reward_builtin_and_dotted(tmp_path: Path):
     [
         ("nope", "unknown reward 'nope'"),
         ("no_such_pkg.mod:fn", "cannot import module 'no_such_pkg.mod'"),
-        ("thoughtfold.rewards:no_such_fn", "has no attribute 'no_such_fn'"),
-        ("thoughtfold.rewards:DEFAULT_TIMEOUT_S", "is not callable"),
+        ("thoughtfold.tasks.rewards:no_such_fn", "has no attribute 'no_such_fn'"),
+        ("thoughtfold.tasks.rewards:DEFAULT_TIMEOUT_S", "is not callable"),
         ("missing_file.py:fn", "file missing_file.py not found"),
         ("", "non-empty string"),
     ],

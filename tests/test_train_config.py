@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from thoughtfold.data import SYSTEM_PROMPT
 from thoughtfold.errors import ConfigError
+from thoughtfold.tasks.data import SYSTEM_PROMPT
 from thoughtfold.train_config import LEGACY_NAMES, TrainConfig, config_to_yaml, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -21,14 +21,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_close_to_scale
-from thoughtfold.checkpoint import latest_checkpoint, list_checkpoints
 from thoughtfold.config import AdapterConfig, CacheConfig
 from thoughtfold.errors import ConfigError, DataError
-from thoughtfold.metrics import read_metrics
-from thoughtfold.parallel import DataParallel
 from thoughtfold.policy import Policy, concat_rollouts
 from thoughtfold.train_config import DataConfig, TrainConfig
-from thoughtfold.trainer import GRPOTrainer, SFTTrainer
+from thoughtfold.training.checkpoint import latest_checkpoint, list_checkpoints
+from thoughtfold.training.distributed import DataParallel
+from thoughtfold.training.loop import GRPOTrainer, SFTTrainer
+from thoughtfold.training.metrics import read_metrics
 
 PROMPTS = ["abc", "hello", "xyz", "12+3"]
 
@@ -215,7 +215,7 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_trainer import _config, _dataset, low_bytes
-from thoughtfold.trainer import GRPOTrainer
+from thoughtfold.training.loop import GRPOTrainer
 calls = 0
 def low_bytes_then_die(prompts, completions, completion_ids, **columns):
     global calls
@@ -268,7 +268,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_trainer import _config, _dataset, low_bytes, one_step_gradients, per_group_generate
-from thoughtfold.trainer import GRPOTrainer
+from thoughtfold.training.loop import GRPOTrainer
 torch.set_num_threads(1)
 GRPOTrainer.generate = per_group_generate
 for loss_type in {loss_types!r}:
@@ -333,7 +333,7 @@ import torch
 from torch.distributed.tensor import DTensor
 sys.path.insert(0, {tests!r})
 from test_trainer import SFT_TRACES, _config, _dataset, low_bytes, one_step_gradients, ragged_generate
-from thoughtfold.trainer import GRPOTrainer, SFTTrainer
+from thoughtfold.training.loop import GRPOTrainer, SFTTrainer
 torch.set_num_threads(1)
 real_generate = GRPOTrainer.generate
 GRPOTrainer.generate = ragged_generate
@@ -381,7 +381,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_trainer import IDLE_TRACES, _config
-from thoughtfold.trainer import SFTTrainer
+from thoughtfold.training.loop import SFTTrainer
 torch.set_num_threads(1)
 config = _config(Path({tmp!r}), Path({model!r}), max_steps=1, max_completion_length=24, fsdp=True, replay_batch_size=1,
                  output_dir={out!r} + "/idle")

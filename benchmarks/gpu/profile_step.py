@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from thoughtfold import AdapterConfig, CacheConfig
-from thoughtfold.bench import SHAPES, random_model
+from thoughtfold.evaluation.bench.run import SHAPES, random_model
 from thoughtfold.policy import Policy
 
 KINDS = (  # first match wins

@@ -8,7 +8,7 @@
    (configs/real-model/gsm8k-fidelity.yaml). On held-out GSM8K test problems, for the base model
    under W, LoRA_c and PTE: mean per-token KL(full-cache model || policy under W) and top-1 agreement
    on the tokens decoded after the first eviction, and final-answer agreement of the policy's own
-   greedy decoding with the full-cache trace (`thoughtfold.fidelity`).
+   greedy decoding with the full-cache trace (`thoughtfold.evaluation.fidelity`).
 2. **recall.** A chat task whose answer depends on a value the model wrote itself and that the
    window has evicted when it is needed: "choose a two-digit number, count from 1 to 12, then
    repeat your number". Full-cache LoRA, LoRA_c and PTE (W = D/4) are trained by SFTTrainer on
@@ -43,13 +43,13 @@ from pathlib import Path
 import torch
 
 from thoughtfold.config import EVICTIONS
-from thoughtfold.data import SYSTEM_PROMPT, load_dataset_by_name
-from thoughtfold.evaluate import wilson_interval
-from thoughtfold.fidelity import answer_agreement, full_cache_traces, token_fidelity
+from thoughtfold.evaluation.evaluate import wilson_interval
+from thoughtfold.evaluation.fidelity import answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
 from thoughtfold.render import pyplot
+from thoughtfold.tasks.data import SYSTEM_PROMPT, load_dataset_by_name
 from thoughtfold.train_config import load_config
-from thoughtfold.trainer import SFTTrainer
+from thoughtfold.training.loop import SFTTrainer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -2,7 +2,7 @@
 
     python benchmarks/replication/run.py [--config overrides.json] [--base BASE_DIR] [--out DIR]
 
-1. trains a tiny Llama from scratch on full-cache traces of the `recall` task (`thoughtfold.recall`)
+1. trains a tiny Llama from scratch on full-cache traces of the `recall` task (`thoughtfold.tasks.recall`)
    and saves it, with the task's word-level tokenizer, as an ordinary HF model directory
    (`<out>/base`: `thoughtfold generate --model <out>/base ...` works on it);
 2. evaluates it with the full cache and with bounded caches W in {D/8, D/4, D/2} (no adaptation);
@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 
 from thoughtfold.config import AdapterConfig, CacheConfig
-from thoughtfold.evaluate import wilson_interval
-from thoughtfold.memory import PeakMemory
-from thoughtfold.metrics import read_metrics
+from thoughtfold.evaluation.bench.memory import PeakMemory
+from thoughtfold.evaluation.evaluate import wilson_interval
 from thoughtfold.policy import Policy
-from thoughtfold.recall import BOS, EOS, PAD, RecallTask, recall_tokenizer
+from thoughtfold.tasks.recall import BOS, EOS, PAD, RecallTask, recall_tokenizer
 from thoughtfold.train_config import DataConfig, TrainConfig
-from thoughtfold.trainer import GRPOTrainer, SFTTrainer
+from thoughtfold.training.loop import GRPOTrainer, SFTTrainer
+from thoughtfold.training.metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,12 +19,12 @@ from .errors import (
 _LAZY = {
     "Policy": "policy",
     "GenerationResult": "policy",
-    "EvictionPolicy": "eviction",
-    "EvictionEvent": "eviction",
+    "EvictionPolicy": "engine.eviction",
+    "EvictionEvent": "engine.eviction",
     "TrainConfig": "train_config",
     "DataConfig": "train_config",
-    "GRPOTrainer": "trainer",
-    "SFTTrainer": "trainer",
+    "GRPOTrainer": "training.loop",
+    "SFTTrainer": "training.loop",
     "load_config": "train_config",
 }
 

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter import LowRankLinear, adapter_state_dict
 from .config import AdapterConfig, CacheConfig
-from .encoder import ThoughtEncoder
+from .engine.adapter import LowRankLinear, adapter_state_dict
+from .engine.encoder import ThoughtEncoder
 from .errors import ConfigError
 
 CONFIG_NAME = "thoughtfold_adapter.json"

@@ -10,23 +10,23 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from .adapter import LowRankLinear, attach_adapters, detach_adapters, wide_dtype
-from .attention import switch_attention, use_grouped_decode
 from .config import AdapterConfig, CacheConfig
-from .encoder import ThoughtEncoder
-from .errors import ConfigError, DataError, PromptTooLongError
-from .eviction import (
+from .engine.adapter import LowRankLinear, attach_adapters, detach_adapters, wide_dtype
+from .engine.attention import switch_attention, use_grouped_decode
+from .engine.encoder import ThoughtEncoder
+from .engine.eviction import (
     EvictionEvent,
     EvictionPolicy,
     ScoredEviction,
     eviction_policy_for,
     head_weights_from_peaks,
 )
-from .fold import StateFolder
+from .engine.fold import StateFolder
+from .engine.replay import DistributionFn, LossFn, replay
+from .engine.rollout import RawRollout, SamplingConfig, Streamer, rollout
+from .errors import ConfigError, DataError, PromptTooLongError
 from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
 from .persist import adapter_settings, load_adapter_weights, save_adapter
-from .replay import DistributionFn, LossFn, replay
-from .rollout import RawRollout, SamplingConfig, Streamer, rollout
 
 Prompt = str | Sequence[int]
 

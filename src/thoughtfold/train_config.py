@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import AdapterConfig, CacheConfig
+from .engine.replay import BACKPROP
 from .errors import ConfigError
-from .grpo import LOSS_TYPES, SCALE_REWARDS
-from .replay import BACKPROP
+from .training.losses import LOSS_TYPES, SCALE_REWARDS
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SFT_TARGETS = ("dataset", "full_cache")

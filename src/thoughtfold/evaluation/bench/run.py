@@ -22,14 +22,14 @@ from functools import partial
 
 import torch
 
-from .adapter import AdapterGroup
-from .attention import switch_attention
-from .config import EVICTIONS, AdapterConfig, CacheConfig
+from ...config import EVICTIONS, AdapterConfig, CacheConfig
+from ...engine.adapter import AdapterGroup
+from ...engine.attention import switch_attention
+from ...engine.replay import BACKPROP
+from ...models import head_dim
+from ...policy import Policy
+from ...render import markdown_table, pyplot
 from .memory import PeakMemory
-from .models import head_dim
-from .policy import Policy
-from .render import markdown_table, pyplot
-from .replay import BACKPROP
 
 SHAPES = {
     # a small CPU-friendly model; Qwen2.5-3B's real shape for GPU runs
@@ -332,8 +332,8 @@ def _grpo_step(policy: Policy, prompt: list[int], n: int, batch: int, window: in
     without doubling the run time at long lengths. A random reward keeps the advantages non-zero."""
     import random
 
-    from .train_config import TrainConfig
-    from .trainer import GRPOTrainer
+    from ...train_config import TrainConfig
+    from ...training.loop import GRPOTrainer
 
     def random_reward(prompts, completions, **_):
         return [random.random() for _ in prompts]

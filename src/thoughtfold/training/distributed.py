@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapter import LowRankLinear
+from ..engine.adapter import LowRankLinear
 
 
 class DataParallel:

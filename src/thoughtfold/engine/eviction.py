@@ -23,8 +23,8 @@ from typing import Protocol
 import torch
 from torch.nn import functional as F
 
+from ..config import CacheConfig
 from .attention_stats import AttentionStats
-from .config import CacheConfig
 
 POOL_KERNEL = 5
 """SnapKV's smoothing: scores are averaged over this many neighbouring thought tokens, so a token

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from ..config import AdapterConfig
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) underflows to exactly 0 without NaN gradients
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
 ScaleRewards = Literal["group", "batch", "none"]

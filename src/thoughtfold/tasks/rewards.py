@@ -34,8 +34,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, ThoughtfoldError
 from .answers import boxed_spans, completion_text, extract_answer, final_section, last_boxed, last_number
-from .errors import ConfigError, ThoughtfoldError
 from .recall import recall_reward
 
 RewardFn = Callable[..., list]
@@ -137,11 +137,11 @@ class _Worker:
     """One grading subprocess speaking JSON lines over its stdin/stdout."""
 
     def __init__(self) -> None:
-        src_root = str(Path(__file__).resolve().parents[1])
+        src_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from thoughtfold.rewards import _serve; _serve()"],
+            [sys.executable, "-c", "from thoughtfold.tasks.rewards import _serve; _serve()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, start_new_session=True,
         )

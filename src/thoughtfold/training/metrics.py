@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
-from .persist import atomic_write_text
+from ..errors import ConfigError
+from ..persist import atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"  # the trainer's metrics log, one JSON object per logged step
 

@@ -27,7 +27,16 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from .adapter import adapters_disabled
+from ..config import CacheConfig
+from ..engine.adapter import adapters_disabled
+from ..engine.eviction import OldestBlock
+from ..errors import ConfigError, DataError
+from ..evaluation.report import plot_curves
+from ..persist import lock_directory
+from ..policy import GenerationResult, Policy, concat_rollouts
+from ..tasks.data import load_dataset_by_name
+from ..tasks.rewards import load_reward, score_completions
+from ..train_config import TrainConfig, config_to_yaml
 from .checkpoint import (
     ADAPTER_DIR,
     checkpoint_name,
@@ -37,11 +46,8 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import CacheConfig
-from .data import load_dataset_by_name
-from .errors import ConfigError, DataError
-from .eviction import OldestBlock
-from .grpo import (
+from .distributed import DataParallel, shard_base_model
+from .losses import (
     LossStats,
     batch_loss_weights,
     combine_rewards,
@@ -50,12 +56,6 @@ from .grpo import (
     token_loss_terms,
 )
 from .metrics import METRICS_NAME, MetricsLogger, mean_metrics, peak_memory_gb, read_metrics
-from .parallel import DataParallel, shard_base_model
-from .persist import lock_directory
-from .policy import GenerationResult, Policy, concat_rollouts
-from .report import plot_curves
-from .rewards import load_reward, score_completions
-from .train_config import TrainConfig, config_to_yaml
 
 log = logging.getLogger("thoughtfold")
 

@@ -30,13 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .answers import extract_answer
-from .config import EVICTIONS, CacheConfig
-from .data import SYSTEM_PROMPT, load_dataset_by_name
-from .errors import ConfigError, DataError
-from .persist import atomic_write_text, weights_digest
-from .render import markdown_table
-from .rewards import load_reward, make_math_reward, score_completions
+from ..config import EVICTIONS, CacheConfig
+from ..errors import ConfigError, DataError
+from ..persist import atomic_write_text, weights_digest
+from ..render import markdown_table
+from ..tasks.answers import extract_answer
+from ..tasks.data import SYSTEM_PROMPT, load_dataset_by_name
+from ..tasks.rewards import load_reward, make_math_reward, score_completions
 
 log = logging.getLogger("thoughtfold")
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, DataError
 from .answers import last_boxed
-from .errors import ConfigError, DataError
 from .recall import parse_recall_spec, recall_dataset
 
 SYSTEM_PROMPT = (

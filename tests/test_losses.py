@@ -10,7 +10,7 @@ import torch
 
 from conftest import assert_close_to_scale
 from thoughtfold.errors import ConfigError
-from thoughtfold.grpo import (
+from thoughtfold.training.losses import (
     LossStats,
     combine_rewards,
     completion_mask,
@@ -161,7 +161,7 @@ KEPT = [True, True, False, False]
     ("bnpo", "batch", [1 / (6 * 2)] * 2 + [1 / (4 * 2)] * 2),
 ])
 def test_batch_loss_weights_by_hand(loss_type, norm, expected):
-    from thoughtfold.grpo import batch_loss_weights
+    from thoughtfold.training.losses import batch_loss_weights
 
     mask = (torch.arange(5)[None] < torch.tensor(LENGTHS)[:, None]).float()
     counted = torch.tensor(KEPT) if norm == "kept" else torch.ones(4, dtype=torch.bool)
@@ -174,7 +174,7 @@ def test_batch_loss_weights_by_hand(loss_type, norm, expected):
 def test_bnpo_normalises_each_micro_batch_then_averages():
     """TRL: loss = mean over processes of (1/G) sum over the G micro-batches of the micro-batch's
     token mean. Two processes, micro-batches of one row: each row's weight is 1/(n_i * 2 * 2)."""
-    from thoughtfold.grpo import batch_loss_weights
+    from thoughtfold.training.losses import batch_loss_weights
 
     mask = (torch.arange(5)[None] < torch.tensor(LENGTHS)[:, None]).float()
     weights = batch_loss_weights(mask, torch.ones(4, dtype=torch.bool), "bnpo", processes=2,

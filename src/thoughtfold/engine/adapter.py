@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import AdapterConfig
-from .errors import ConfigError
+from ..config import AdapterConfig
+from ..errors import ConfigError
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 # sibling linears that every supported family (Llama, Qwen2, Qwen3) calls on the same tensor

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..config import CacheConfig
+from ..errors import ConfigError
 from .adapter import wide_dtype
 from .cache import cache_kwarg
-from .config import CacheConfig
 from .encoder import EncoderState
-from .errors import ConfigError
 from .eviction import EvictionEvent
 from .fold import StateFolder
 from .rollout import pad_prompts, prompt_positions

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from ..errors import DataError
+from ..render import markdown_table, pyplot
+from ..training.metrics import METRICS_NAME, read_metrics
 from .evaluate import SUMMARY_NAME, pct, window_name
-from .metrics import METRICS_NAME, read_metrics
-from .render import markdown_table, pyplot
 
 REPORT_NAME = "report.md"
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .persist import atomic_dir, load_adapter_weights
+from ..errors import ConfigError
+from ..persist import atomic_dir, load_adapter_weights
 
 ADAPTER_DIR = "adapter"  # the adapter inside a checkpoint, and the final one in the output directory
 STATE_NAME = "trainer_state.pt"

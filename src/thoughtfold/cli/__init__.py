@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from . import __version__
-from .config import EVICTIONS
-from .errors import ConfigError, DataError, ThoughtfoldError
+from .. import __version__
+from ..config import EVICTIONS
+from ..errors import ConfigError, DataError, ThoughtfoldError
 
 if TYPE_CHECKING:
-    from .train_config import TrainConfig
+    from ..train_config import TrainConfig
 
 EXIT_USAGE = 2
 
@@ -253,7 +253,7 @@ def load_policy(args: argparse.Namespace, cache=None):
     default (Policy.from_pretrained decides); transformers' own progress bars and warnings silenced."""
     from transformers.utils import logging as hf_logging
 
-    from .policy import Policy
+    from ..policy import Policy
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -265,8 +265,8 @@ def resolve_cache(adapter: str | None, **given):
     """The CacheConfig from the cache flags that were given (`given`, e.g. window=64; a flag left
     out is not in it). With an --adapter the others are its saved settings
     (persist.adapter_settings), else CacheConfig's defaults (a full cache)."""
-    from .config import CacheConfig
-    from .persist import adapter_settings
+    from ..config import CacheConfig
+    from ..persist import adapter_settings
 
     if adapter is not None:
         return adapter_settings(adapter, **given)[1]
@@ -275,7 +275,7 @@ def resolve_cache(adapter: str | None, **given):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run `thoughtfold generate`."""
-    from .rollout import SamplingConfig
+    from ..engine.rollout import SamplingConfig
 
     # settings first (cheap), so bad values fail before the model loads
     given = {k: getattr(args, k) for k in ("window", "evict_ratio", "eviction") if hasattr(args, k)}
@@ -348,7 +348,7 @@ def windows_arg(value: str) -> list[int | None]:
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     """Register `thoughtfold eval`."""
-    from .data import SYSTEM_PROMPT
+    from ..tasks.data import SYSTEM_PROMPT
 
     p = sub.add_parser(
         "eval", help="pass@k accuracy per dataset and cache window",
@@ -416,9 +416,9 @@ def split_dataset_list(value: str) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run `thoughtfold eval`."""
-    from .config import CacheConfig
-    from .evaluate import EvalConfig, evaluate, summary_table
-    from .persist import lock_directory
+    from ..config import CacheConfig
+    from ..evaluation.evaluate import EvalConfig, evaluate, summary_table
+    from ..persist import lock_directory
 
     datasets = split_dataset_list(args.datasets)
     given = {k: v for k, v in (("evict_ratio", args.evict_ratio), ("eviction", args.eviction)) if v is not None}
@@ -468,7 +468,7 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Run `thoughtfold report`."""
-    from .report import REPORT_NAME, build_report
+    from ..evaluation.report import REPORT_NAME, build_report
 
     text, plots = build_report(args.runs, args.output)
     print(text, end="")
@@ -496,7 +496,7 @@ def _names_arg(what: str, allowed: str) -> Callable[[str], tuple[str, ...]]:
 
     def parse(value: str) -> tuple[str, ...]:
         module, name = allowed.rsplit(".", 1)
-        choices = getattr(importlib.import_module(f".{module}", __package__), name)
+        choices = getattr(importlib.import_module(f"..{module}", __package__), name)
         names = tuple(m.strip() for m in value.split(",") if m.strip())
         unknown = [m for m in names if m not in choices]
         if not names or unknown:
@@ -537,12 +537,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-max", type=_number(int, "baseline-max"), default=None, metavar="N",
                    help="decode: run the full-cache and HF baselines only up to N new tokens "
                    "[default: every length]")
-    p.add_argument("--methods", type=_names_arg("decode method", "bench.DECODE_METHODS"), default=None, metavar="M1,M2,...",
+    p.add_argument("--methods", type=_names_arg("decode method", "evaluation.bench.run.DECODE_METHODS"), default=None, metavar="M1,M2,...",
                    help="decode: which of bounded, bounded-compiled, full, hf-static, hf to run "
                    "[default: all on CUDA; bounded,full,hf on CPU]")
     p.add_argument("--compile", action="store_true",
                    help="encoder: decode through torch.compile (compile_decode=True), as on a GPU run")
-    p.add_argument("--backprop", type=_names_arg("backprop mode", "replay.BACKPROP"), default=None,
+    p.add_argument("--backprop", type=_names_arg("backprop mode", "engine.replay.BACKPROP"), default=None,
                    metavar="B1,B2,...", help="replay, grpo: a PTE row per backprop mode (state, truncated, full); "
                    "LoRA's full cache never evicts, so its one row holds for every mode [default: all three]")
     p.add_argument("--rank", type=_number(int, "rank"), default=32, help="adapter rank [default: %(default)s]")
@@ -562,9 +562,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run `thoughtfold bench`."""
     import torch
 
-    from .bench import SHAPES, run_benchmarks
-    from .config import AdapterConfig
-    from .replay import BACKPROP
+    from ..config import AdapterConfig
+    from ..engine.replay import BACKPROP
+    from ..evaluation.bench.run import SHAPES, run_benchmarks
 
     if args.shape not in SHAPES:
         raise ConfigError(f"unknown shape {args.shape!r}; choose from {', '.join(sorted(SHAPES))}")
@@ -612,8 +612,8 @@ def add_train_parsers(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run `thoughtfold grpo` (alias `train`) / `thoughtfold sft`, then say where the results are
     and how to evaluate them."""
-    from .train_config import load_config
-    from .trainer import GRPOTrainer, SFTTrainer
+    from ..train_config import load_config
+    from ..training.loop import GRPOTrainer, SFTTrainer
 
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
@@ -638,7 +638,7 @@ def eval_command(config: TrainConfig, adapter: Path) -> str:
     """`thoughtfold eval` of the trained task with the training prompts, grader (the first reward;
     eval's default grader when there is none, as for SFT) and token budget (the window comes from the
     adapter's saved cache settings)."""
-    from .data import SYSTEM_PROMPT
+    from ..tasks.data import SYSTEM_PROMPT
 
     data = config.data
     args = ["thoughtfold", "eval", "--adapter", str(adapter), "--data", data.dataset,
@@ -697,6 +697,3 @@ def _fail(message: str) -> int:
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     return EXIT_USAGE
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import adapters_disabled
-from .answers import extract_answer
-from .config import CacheConfig
-from .policy import GenerationResult, Policy, concat_rollouts
-from .replay import default_schedule
-from .rewards import make_math_reward
+from ..config import CacheConfig
+from ..engine.adapter import adapters_disabled
+from ..engine.replay import default_schedule
+from ..policy import GenerationResult, Policy, concat_rollouts
+from ..tasks.answers import extract_answer
+from ..tasks.rewards import make_math_reward
 
 
 @dataclass

@@ -19,12 +19,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..config import CacheConfig
+from ..errors import ConfigError
 from .adapter import refresh_casts, wide_dtype
 from .attention import observing
 from .attention_stats import AttentionStats
 from .cache import BoundedKVCache, cache_kwarg
-from .config import CacheConfig
-from .errors import ConfigError
 from .eviction import EvictionEvent, EvictionPolicy, ScoredEviction
 from .fold import StateFolder
 from .graph import DecodeStep
