@@ -9,7 +9,7 @@ import torch
 
 from conftest import is_png
 from thoughtfold.cli import main
-from thoughtfold.engine.replay import BACKPROP
+from thoughtfold.config import BACKPROP
 from thoughtfold.evaluation.bench.run import _comparison_rows, _first_difference, random_model
 from thoughtfold.policy import Policy
 

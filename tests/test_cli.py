@@ -17,8 +17,8 @@ import torch
 
 from conftest import assert_close_to_scale, byte_tokenizer
 from thoughtfold.cli import TerminalStreamer, eval_command, main, read_prompts_file
+from thoughtfold.config import DataConfig, TrainConfig
 from thoughtfold.errors import DataError
-from thoughtfold.train_config import DataConfig, TrainConfig
 
 BIN = Path(sys.executable).parent
 

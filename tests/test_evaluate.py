@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from thoughtfold.cli import main
+from thoughtfold.config import SamplingConfig
 from thoughtfold.errors import ConfigError
 from thoughtfold.evaluation.evaluate import (
     SAMPLES_NAME,
@@ -106,9 +107,11 @@ def tiny_policy(tiny_dirs):
     return Policy.from_pretrained(str(tiny_dirs["qwen2"]), device="cpu")
 
 
-def _config(out: Path, **overrides) -> EvalConfig:
-    kwargs = dict(datasets=[str(PROBLEMS)], windows=[4, None], n_samples=2, temperature=1.0, top_p=0.95,
-                  max_new_tokens=12, batch_size=4, reward="math", output_dir=str(out), progress=False)
+def _config(out: Path, temperature: float = 1.0, max_new_tokens: int = 12, **overrides) -> EvalConfig:
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=0)
+    kwargs = dict(datasets=[str(PROBLEMS)], windows=[4, None], n_samples=2, batch_size=4, reward="math",
+                  sampling=sampling,
+                  output_dir=str(out), progress=False)
     kwargs.update(overrides)
     return EvalConfig(**kwargs)
 
@@ -309,7 +312,7 @@ def test_eval_into_an_unwritable_output_fails_before_the_model_loads(tmp_path, c
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_eval_temperature_must_be_a_finite_number(value):
     with pytest.raises(ConfigError, match="temperature must be a number >= 0"):
-        EvalConfig(datasets=["x.jsonl"], temperature=float(value))
+        EvalConfig(datasets=["x.jsonl"], sampling=SamplingConfig(temperature=float(value)))
 
 
 def test_grader_refuses_scores_that_are_not_numbers():

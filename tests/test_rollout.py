@@ -9,9 +9,10 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
 from thoughtfold import CacheConfig, ConfigError
+from thoughtfold.config import SamplingConfig
 from thoughtfold.engine.cache import cache_kwarg
 from thoughtfold.engine.fold import StateFolder
-from thoughtfold.engine.rollout import SamplingConfig, rollout, sample
+from thoughtfold.engine.rollout import rollout, sample
 from thoughtfold.policy import Policy
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]

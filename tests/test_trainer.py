@@ -21,10 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_close_to_scale
-from thoughtfold.config import AdapterConfig, CacheConfig
+from thoughtfold.config import AdapterConfig, CacheConfig, DataConfig, TrainConfig
 from thoughtfold.errors import ConfigError, DataError
 from thoughtfold.policy import Policy, concat_rollouts
-from thoughtfold.train_config import DataConfig, TrainConfig
 from thoughtfold.training.checkpoint import latest_checkpoint, list_checkpoints
 from thoughtfold.training.distributed import DataParallel
 from thoughtfold.training.loop import GRPOTrainer, SFTTrainer

@@ -42,13 +42,12 @@ from pathlib import Path
 
 import torch
 
-from thoughtfold.config import EVICTIONS
+from thoughtfold.config import EVICTIONS, load_config
 from thoughtfold.evaluation.evaluate import wilson_interval
 from thoughtfold.evaluation.fidelity import answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
 from thoughtfold.render import pyplot
 from thoughtfold.tasks.data import SYSTEM_PROMPT, load_dataset_by_name
-from thoughtfold.train_config import load_config
 from thoughtfold.training.loop import SFTTrainer
 
 HERE = Path(__file__).resolve().parent

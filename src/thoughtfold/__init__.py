@@ -1,12 +1,12 @@
 """thoughtfold: reasoning LMs under a fixed-size KV cache with Progressive Thought Encoding.
 
-The configs and errors import eagerly (they are light); the engine and the trainers load on first
+The settings and errors import eagerly (plain data: no torch, no transformers); the engine and the trainers load on first
 use (`from thoughtfold import Policy, GRPOTrainer`), so `import thoughtfold` stays fast."""
 
 from importlib import import_module
 from typing import Any
 
-from .config import AdapterConfig, CacheConfig
+from .config import AdapterConfig, CacheConfig, DataConfig, SamplingConfig, TrainConfig, load_config
 from .errors import (
     ConfigError,
     DataError,
@@ -21,11 +21,8 @@ _LAZY = {
     "GenerationResult": "policy",
     "EvictionPolicy": "engine.eviction",
     "EvictionEvent": "engine.eviction",
-    "TrainConfig": "train_config",
-    "DataConfig": "train_config",
     "GRPOTrainer": "training.loop",
     "SFTTrainer": "training.loop",
-    "load_config": "train_config",
 }
 
 
@@ -41,11 +38,15 @@ __all__ = [
     "AdapterConfig",
     "CacheConfig",
     "ConfigError",
+    "DataConfig",
     "DataError",
     "ModelLoadError",
     "PromptTooLongError",
+    "SamplingConfig",
     "ThoughtfoldError",
+    "TrainConfig",
     "UnsupportedArchitectureError",
+    "load_config",
     *_LAZY,
 ]
 __version__ = "0.1.0"

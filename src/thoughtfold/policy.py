@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from .config import AdapterConfig, CacheConfig
+from .config import AdapterConfig, CacheConfig, SamplingConfig
 from .engine.adapter import LowRankLinear, attach_adapters, detach_adapters, wide_dtype
 from .engine.attention import switch_attention, use_grouped_decode
 from .engine.encoder import ThoughtEncoder
@@ -23,7 +23,7 @@ from .engine.eviction import (
 )
 from .engine.fold import StateFolder
 from .engine.replay import DistributionFn, LossFn, replay
-from .engine.rollout import RawRollout, SamplingConfig, Streamer, rollout
+from .engine.rollout import RawRollout, Streamer, rollout
 from .errors import ConfigError, DataError, PromptTooLongError
 from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
 from .persist import adapter_settings, load_adapter_weights, save_adapter

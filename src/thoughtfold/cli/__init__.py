@@ -23,7 +23,7 @@ from ..config import EVICTIONS
 from ..errors import ConfigError, DataError, ThoughtfoldError
 
 if TYPE_CHECKING:
-    from ..train_config import TrainConfig
+    from ..config import TrainConfig
 
 EXIT_USAGE = 2
 
@@ -275,7 +275,7 @@ def resolve_cache(adapter: str | None, **given):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run `thoughtfold generate`."""
-    from ..engine.rollout import SamplingConfig
+    from ..config import SamplingConfig
 
     # settings first (cheap), so bad values fail before the model loads
     given = {k: getattr(args, k) for k in ("window", "evict_ratio", "eviction") if hasattr(args, k)}
@@ -416,22 +416,18 @@ def split_dataset_list(value: str) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run `thoughtfold eval`."""
-    from ..config import CacheConfig
+    from ..config import SamplingConfig
     from ..evaluation.evaluate import EvalConfig, evaluate, summary_table
     from ..persist import lock_directory
 
-    datasets = split_dataset_list(args.datasets)
     given = {k: v for k, v in (("evict_ratio", args.evict_ratio), ("eviction", args.eviction)) if v is not None}
     cache = resolve_cache(args.adapter, **given)
-    windows, ratio, eviction = args.window if args.window is not None else [cache.window], cache.evict_ratio, cache.eviction
-    for w in windows:
-        CacheConfig(window=w, evict_ratio=ratio)  # range checks, before the model loads
     name = Path(args.adapter).resolve().name if args.adapter else Path(args.model or "default").name
     config = EvalConfig(
-        datasets=datasets, windows=list(dict.fromkeys(windows)), n_samples=args.n_samples,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-        limit=args.limit, batch_size=args.batch_size, evict_ratio=ratio, eviction=eviction, seed=args.seed,
-        split=args.split,
+        datasets=split_dataset_list(args.datasets),
+        windows=list(dict.fromkeys(args.window if args.window is not None else [cache.window])),
+        cache=cache, sampling=SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed),
+        n_samples=args.n_samples, limit=args.limit, batch_size=args.batch_size, split=args.split,
         system_prompt=None if args.no_system_prompt else args.system_prompt,
         chat_template=not args.no_chat_template, reward=args.reward, method=args.name,
         output_dir=args.output or str(Path("runs") / "eval" / name), progress=not args.no_progress,
@@ -442,7 +438,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary = evaluate(policy, config, model=policy.base_model,
                            adapter=str(Path(args.adapter).resolve()) if args.adapter else None)
     print(f"method: {summary['method']}  model: {summary['model']}  samples/problem: {config.n_samples}  "
-          f"T={config.temperature} top-p={config.top_p} max-new-tokens={config.max_new_tokens}")
+          f"T={config.sampling.temperature} top-p={config.sampling.top_p} "
+          f"max-new-tokens={config.sampling.max_new_tokens}")
     print(summary_table(summary))
     print(f"thoughtfold: wrote {Path(config.output_dir) / 'samples.jsonl'} and "
           f"{Path(config.output_dir) / 'summary.json'}", file=sys.stderr)
@@ -542,7 +539,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    "[default: all on CUDA; bounded,full,hf on CPU]")
     p.add_argument("--compile", action="store_true",
                    help="encoder: decode through torch.compile (compile_decode=True), as on a GPU run")
-    p.add_argument("--backprop", type=_names_arg("backprop mode", "engine.replay.BACKPROP"), default=None,
+    p.add_argument("--backprop", type=_names_arg("backprop mode", "config.BACKPROP"), default=None,
                    metavar="B1,B2,...", help="replay, grpo: a PTE row per backprop mode (state, truncated, full); "
                    "LoRA's full cache never evicts, so its one row holds for every mode [default: all three]")
     p.add_argument("--rank", type=_number(int, "rank"), default=32, help="adapter rank [default: %(default)s]")
@@ -562,8 +559,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run `thoughtfold bench`."""
     import torch
 
-    from ..config import AdapterConfig
-    from ..engine.replay import BACKPROP
+    from ..config import BACKPROP, AdapterConfig
     from ..evaluation.bench.run import SHAPES, run_benchmarks
 
     if args.shape not in SHAPES:
@@ -612,7 +608,7 @@ def add_train_parsers(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run `thoughtfold grpo` (alias `train`) / `thoughtfold sft`, then say where the results are
     and how to evaluate them."""
-    from ..train_config import load_config
+    from ..config import load_config
     from ..training.loop import GRPOTrainer, SFTTrainer
 
     bad = [o for o in args.overrides if "=" not in o]

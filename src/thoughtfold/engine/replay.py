@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..config import CacheConfig
+from ..config import BACKPROP, CacheConfig
 from ..errors import ConfigError
 from .adapter import wide_dtype
 from .cache import cache_kwarg
@@ -36,18 +36,6 @@ DistributionFn = Callable[[torch.Tensor, int, int, list[int]], None]
 """distribution_fn(logprobs [b, m, vocab], start, end, rows): the full next-token log-distribution
 (detached) at completion tokens [start, end) of the sequences `rows`, e.g. to compare a bounded policy
 with the full-cache model token by token."""
-
-BACKPROP = ("state", "truncated", "full")
-"""How replay gradients cross eviction events, the default first:
-
-* ``state``: the exact gradient through the chain of encoder states (the loss of a late token reaches
-  the encoding of every evicted block), cached K/V detached, backward per segment: the memory of
-  ``truncated`` plus the evicted K/V. What PTE needs to learn to use what it evicted.
-* ``truncated``: every state is detached at the next event, so a segment's loss reaches the encoder
-  only through the block evicted just before it. It cannot learn recall across evictions.
-* ``full``: one graph over all segments (states and cached K/V): exact, memory grows with length.
-"""
-
 
 class _SegmentLayer(CacheLayerMixin):
     """Context K/V from earlier segments plus the current segment's own K/V."""

@@ -10,7 +10,6 @@ greedy), before any top-p / top-k truncation -- the definition TRL uses for GRPO
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,8 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..config import CacheConfig
-from ..errors import ConfigError
+from ..config import CacheConfig, SamplingConfig
 from .adapter import refresh_casts, wide_dtype
 from .attention import observing
 from .attention_stats import AttentionStats
@@ -30,25 +28,6 @@ from .fold import StateFolder
 from .graph import DecodeStep
 
 SYNC_EVERY = 16  # steps between "all sequences finished?" checks (each is a host sync)
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0 or math.isinf(self.temperature):  # also NaN
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 
 
 @dataclass

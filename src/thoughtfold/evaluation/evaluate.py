@@ -26,11 +26,11 @@ import math
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import EVICTIONS, CacheConfig
+from ..config import CacheConfig, SamplingConfig
 from ..errors import ConfigError, DataError
 from ..persist import atomic_write_text, weights_digest
 from ..render import markdown_table
@@ -46,8 +46,9 @@ CONFIG_NAME = "eval_config.json"
 
 # settings that change what a sample is: a resumed eval must use the same ones
 _SAMPLE_DEFINING = ("model", "adapter", "adapter_sha256", "temperature", "top_p", "top_k", "max_new_tokens",
-                    "evict_ratio", "eviction", "seed", "system_prompt", "chat_template", "reward", "split")
-_ADDED_LATER = {"eviction": "oldest"}  # what an evaluation saved before the setting existed used
+                    "evict_ratio", "eviction", "observe_window", "seed", "system_prompt", "chat_template",
+                    "reward", "split")
+_ADDED_LATER = {"eviction": "oldest", "observe_window": None}  # what evaluations saved before these used
 
 
 # --------------------------------------------------------------------------- pass@k
@@ -90,22 +91,23 @@ def ks_for(n_samples: int) -> list[int]:
 # --------------------------------------------------------------------------- settings
 
 
+def _eval_sampling() -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=1024, temperature=0.6, top_p=0.95, seed=0)
+
+
 @dataclass
 class EvalConfig:
-    """What to evaluate and how to sample. ``windows`` entries are ints or None (full cache)."""
+    """What to evaluate and how. Each entry of `windows` (an int, or None for a full cache) is evaluated
+    under `cache` with that window (its other settings: evict_ratio, eviction, ...); `sampling` is how
+    every batch samples, its seed the base of the per-batch seeds."""
 
     datasets: list[str]
     windows: list[int | None] = field(default_factory=lambda: [None])
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sampling: SamplingConfig = field(default_factory=_eval_sampling)
     n_samples: int = 1
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 1024
     limit: int | None = None
     batch_size: int = 16
-    evict_ratio: float = 0.25
-    eviction: str = "oldest"
-    seed: int = 0
     split: str | None = None
     prompt_field: str | None = None
     answer_field: str | None = None
@@ -121,28 +123,33 @@ class EvalConfig:
             raise ConfigError("name at least one dataset")
         if not self.windows:
             raise ConfigError("name at least one window (an integer or 'none')")
-        for w in self.windows:
-            if w is not None and (not isinstance(w, int) or w < 1):
-                raise ConfigError(f"window must be an integer >= 1 or none (full cache), got {w!r}")
-        for name, value, low in (("n-samples", self.n_samples, 1), ("batch-size", self.batch_size, 1),
-                                 ("max-new-tokens", self.max_new_tokens, 1)):
-            if value < low:
-                raise ConfigError(f"{name} must be >= {low}, got {value}")
+        for window in self.windows:
+            self.cache_for(window)
+        for name, value in (("n-samples", self.n_samples), ("batch-size", self.batch_size)):
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if not 0 <= self.temperature < math.inf:  # NaN too
-            raise ConfigError(f"temperature must be a number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.evict_ratio <= 1:
-            raise ConfigError(f"evict-ratio must be in (0, 1], got {self.evict_ratio}")
-        if self.eviction not in EVICTIONS:
-            raise ConfigError(f"eviction must be one of {', '.join(EVICTIONS)}, got {self.eviction!r}")
         if isinstance(self.reward, str):
             load_reward(self.reward)  # an unknown reward fails before a model loads or a file is written
 
+    def cache_for(self, window: int | None) -> CacheConfig:
+        """The cache one of `windows` is evaluated under."""
+        return replace(self.cache, window=window)
 
-def method_label(policy, adapter: str | None = None) -> str:
+    def settings(self) -> dict:
+        """The flat record of these settings that an evaluation saves (and checks on resume)."""
+        s, c = self.sampling, self.cache
+        return {"datasets": self.datasets, "windows": self.windows, "n_samples": self.n_samples,
+                "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                "max_new_tokens": s.max_new_tokens, "limit": self.limit, "batch_size": self.batch_size,
+                "evict_ratio": c.evict_ratio, "eviction": c.eviction, "observe_window": c.observe_window,
+                "seed": s.seed, "split": self.split, "prompt_field": self.prompt_field,
+                "answer_field": self.answer_field, "system_prompt": self.system_prompt,
+                "chat_template": self.chat_template, "reward": self.reward}
+
+
+def method_label(policy) -> str:
     """Default method name: the adapter mode ('base' without an adapter)."""
     mode = getattr(getattr(policy, "adapter_config", None), "mode", "none")
     return "base" if mode == "none" else mode
@@ -252,10 +259,9 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
 
     out = Path(c.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    method = c.method or method_label(policy, adapter)
+    method = c.method or method_label(policy)
     settings = {"model": model or getattr(policy, "base_model", None), "adapter": adapter, "method": method,
-                "adapter_sha256": weights_digest(adapter) if adapter else None,
-                **{k: v for k, v in asdict(c).items() if k not in ("output_dir", "progress", "method")}}
+                "adapter_sha256": weights_digest(adapter) if adapter else None, **c.settings()}
     _check_resume(out, settings)
 
     samples_path = out / SAMPLES_NAME
@@ -281,7 +287,7 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
             for name, rows in loaded.items():
                 items = [(i, s) for i in range(len(rows)) for s in range(K)]
                 for window in c.windows:
-                    with policy.using_cache(CacheConfig(window=window, evict_ratio=c.evict_ratio, eviction=c.eviction)):
+                    with policy.using_cache(c.cache_for(window)):
                         bar.set_postfix_str(f"{name} W={'full' if window is None else window}", refresh=False)
                         for start in range(0, len(items), c.batch_size):
                             batch = items[start : start + c.batch_size]
@@ -315,8 +321,8 @@ def _run_batch(policy, grader: Grader, c: EvalConfig, name: str, window: int | N
     """Generate and grade one fixed batch; returns its records."""
     examples = [rows[i] for i, _ in batch]
     prompts = [e["prompt"] for e in examples]
-    res = policy.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                          top_k=c.top_k, seed=_batch_seed(c.seed, name, start), chat_template=c.chat_template,
+    sampling = replace(c.sampling, seed=_batch_seed(c.sampling.seed, name, start))
+    res = policy.generate(prompts, **sampling.to_dict(), chat_template=c.chat_template,
                           system_prompt=c.system_prompt)
     scores = grader(prompts, res.texts, examples, res.completion_ids)
     records = []

@@ -8,7 +8,7 @@ never spans more than one segment: memory is bounded by the cache window, not by
 length. Under `torchrun` each process takes its share of the prompts; with `fsdp` the frozen base
 weights are sharded too (parallel.py).
 
-The settings are a `TrainConfig` (train_config.py); each step's metrics go to metrics.py's log.
+The settings are a `TrainConfig` (config.py); each step's metrics go to metrics.py's log.
 Checkpoints (checkpoint.py) make a run resumable exactly, even after a SIGKILL.
 """
 
@@ -20,14 +20,13 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from ..config import CacheConfig
+from ..config import CacheConfig, TrainConfig, config_to_yaml
 from ..engine.adapter import adapters_disabled
 from ..engine.eviction import OldestBlock
 from ..errors import ConfigError, DataError
@@ -36,7 +35,6 @@ from ..persist import lock_directory
 from ..policy import GenerationResult, Policy, concat_rollouts
 from ..tasks.data import load_dataset_by_name
 from ..tasks.rewards import load_reward, score_completions
-from ..train_config import TrainConfig, config_to_yaml
 from .checkpoint import (
     ADAPTER_DIR,
     checkpoint_name,
@@ -309,7 +307,7 @@ class _Trainer:
         if self.dp.main:
             (self.output_dir / "config.yaml").write_text(config_to_yaml(c))
             logger = MetricsLogger(self.output_dir, c.report_to, self.step,
-                                   OmegaConf.to_container(OmegaConf.structured(c)))
+                                   asdict(c))
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and self.dp.main),
                    desc=self.kind, unit="step", dynamic_ncols=True)
         unlogged: list[dict[str, float]] = []  # the steps since the last log line

@@ -16,12 +16,11 @@ from typing import Literal
 
 import torch
 
+from ..config import LOSS_TYPES, SCALE_REWARDS
 from ..errors import ConfigError
 
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
 ScaleRewards = Literal["group", "batch", "none"]
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-SCALE_REWARDS = ("group", "batch", "none")
 STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 
 

@@ -22,10 +22,9 @@ from functools import partial
 
 import torch
 
-from ...config import EVICTIONS, AdapterConfig, CacheConfig
+from ...config import BACKPROP, EVICTIONS, AdapterConfig, CacheConfig
 from ...engine.adapter import AdapterGroup
 from ...engine.attention import switch_attention
-from ...engine.replay import BACKPROP
 from ...models import head_dim
 from ...policy import Policy
 from ...render import markdown_table, pyplot
@@ -332,7 +331,7 @@ def _grpo_step(policy: Policy, prompt: list[int], n: int, batch: int, window: in
     without doubling the run time at long lengths. A random reward keeps the advantages non-zero."""
     import random
 
-    from ...train_config import TrainConfig
+    from ...config import TrainConfig
     from ...training.loop import GRPOTrainer
 
     def random_reward(prompts, completions, **_):
