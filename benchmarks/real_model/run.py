@@ -47,7 +47,8 @@ from thoughtfold.evaluation.evaluate import wilson_interval
 from thoughtfold.evaluation.fidelity import answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
 from thoughtfold.render import pyplot
-from thoughtfold.tasks.data import SYSTEM_PROMPT, load_dataset_by_name
+from thoughtfold.tasks.data import load_dataset_by_name
+from thoughtfold.tasks.example import SYSTEM_PROMPT
 from thoughtfold.training.loop import SFTTrainer
 
 HERE = Path(__file__).resolve().parent

@@ -179,7 +179,7 @@ class DataConfig:
     """Where prompts come from (any spec `tasks.data.load_dataset_by_name` accepts) and how they are
     templated. `completion_field` is the column holding the target trace for SFT. The defaults are
     the quickstart task (one-step arithmetic, no system prompt: a 135M model answers best directly);
-    math sets want `system_prompt` = `tasks.data.SYSTEM_PROMPT`, which asks for a \\boxed{} answer."""
+    math sets want `system_prompt` = `tasks.example.SYSTEM_PROMPT`, which asks for a \\boxed{} answer."""
 
     dataset: str = "arith:tiny"
     split: str | None = None

@@ -348,7 +348,7 @@ def windows_arg(value: str) -> list[int | None]:
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     """Register `thoughtfold eval`."""
-    from ..tasks.data import SYSTEM_PROMPT
+    from ..tasks.example import SYSTEM_PROMPT
 
     p = sub.add_parser(
         "eval", help="pass@k accuracy per dataset and cache window",
@@ -634,7 +634,7 @@ def eval_command(config: TrainConfig, adapter: Path) -> str:
     """`thoughtfold eval` of the trained task with the training prompts, grader (the first reward;
     eval's default grader when there is none, as for SFT) and token budget (the window comes from the
     adapter's saved cache settings)."""
-    from ..tasks.data import SYSTEM_PROMPT
+    from ..tasks.example import SYSTEM_PROMPT
 
     data = config.data
     args = ["thoughtfold", "eval", "--adapter", str(adapter), "--data", data.dataset,

@@ -35,7 +35,8 @@ from ..errors import ConfigError, DataError
 from ..persist import atomic_write_text, weights_digest
 from ..render import markdown_table
 from ..tasks.answers import extract_answer
-from ..tasks.data import SYSTEM_PROMPT, load_dataset_by_name
+from ..tasks.data import load_dataset_by_name
+from ..tasks.example import SYSTEM_PROMPT
 from ..tasks.rewards import load_reward, make_math_reward, score_completions
 
 log = logging.getLogger("thoughtfold")

@@ -1,12 +1,15 @@
 """Reading the final answer out of a completion's text: boxed answers, answer markers, the last
-number. Plain string work on untrusted model output (linear time), shared by the rewards and the
-datasets (which take a worked solution's gold answer from its last box)."""
+number, and the gold answers a reward compares with. Plain string work on untrusted model output
+(linear time), shared by the rewards and the datasets (which take a worked solution's gold answer
+from its last box)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
 from typing import Any
+
+from ..errors import ConfigError
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE_RE = re.compile(r"[{}]")
@@ -85,3 +88,14 @@ def last_number(text: str) -> str | None:
     """The last number in ``text`` (commas as thousands separators allowed), or None."""
     numbers = _NUMBER_RE.findall(text)
     return numbers[-1].rstrip(",") if numbers else None
+
+
+def gold_answers(answer: Sequence[Any] | None, n: int, reward: str) -> list[str | None]:
+    """The gold answers of the dataset's ``answer`` column as strings, None where a row has none;
+    a missing column or a count that does not match the `n` completions is a ConfigError naming the
+    `reward` function."""
+    if answer is None:
+        raise ConfigError(f"{reward} needs an 'answer' column with the gold answers")
+    if len(answer) != n:
+        raise ConfigError(f"{reward} got {n} completions but {len(answer)} answers")
+    return [None if a is None or str(a).strip() == "" else str(a) for a in answer]

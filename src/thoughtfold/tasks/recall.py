@@ -44,6 +44,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import ConfigError
+
 PAD, BOS, EOS, EQ = 0, 1, 2, 3
 DIGIT0, VALUE0, COUNTER0 = 4, 14, 24
 NUM_VALUES = 10
@@ -70,9 +72,9 @@ class RecallTask:
 
     def __post_init__(self) -> None:
         if self.combine not in ("copy", "add"):
-            raise ValueError(f"combine must be 'copy' or 'add', got {self.combine!r}")
+            raise ConfigError(f"combine must be 'copy' or 'add', got {self.combine!r}")
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
 
     # ---- sizes
 
@@ -192,21 +194,21 @@ class RecallData:
 
 
 def parse_recall_spec(spec: str) -> RecallData:
-    """``recall`` or ``recall:steps=31,combine=copy,n=4096,seed=0``; ValueError on a bad option."""
+    """``recall`` or ``recall:steps=31,combine=copy,n=4096,seed=0``; ConfigError on a bad option."""
     head, _, rest = spec.partition(":")
     if head.strip() != "recall":
-        raise ValueError(f"not a recall spec: {spec!r}")
+        raise ConfigError(f"not a recall spec: {spec!r}")
     data = RecallData()
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, sep, value = (x.strip() for x in part.partition("="))
         if not sep or key not in ("steps", "combine", "n", "seed"):
-            raise ValueError(f"recall: bad option {part!r}; options: steps=, combine=, n=, seed=")
+            raise ConfigError(f"recall: bad option {part!r}; options: steps=, combine=, n=, seed=")
         try:
             data = replace(data, **{key: value if key == "combine" else int(value)})
         except ValueError:
-            raise ValueError(f"recall: option {key}={value!r} is not a whole number") from None
+            raise ConfigError(f"recall: option {key}={value!r} is not a whole number") from None
     if data.n < 1:
-        raise ValueError(f"recall: n must be >= 1, got {data.n}")
+        raise ConfigError(f"recall: n must be >= 1, got {data.n}")
     data.task  # noqa: B018 (validates steps and combine)
     return data
 
@@ -230,7 +232,7 @@ def recall_reward(prompts: Sequence[Sequence[int]], completions: Sequence[Any] |
     """TRL-style reward of the ``recall`` data: 1.0 for the correct trace of its own early value,
     else 0.0; None for a row that is not a recall row (no task columns or not a token-id prompt)."""
     if completion_ids is None:
-        raise ValueError("the recall reward needs completion_ids (token ids of the completions)")
+        raise ConfigError("the recall reward needs completion_ids (token ids of the completions)")
     n = len(completion_ids)
     steps, combine = recall_steps or [None] * n, recall_combine or ["copy"] * n
     scores: list[float | None] = []
