@@ -13,13 +13,10 @@ from thoughtfold.errors import ConfigError
 from thoughtfold.training.losses import (
     LossStats,
     combine_rewards,
-    completion_mask,
     group_advantages,
     grpo_loss,
+    loss_mask,
     loss_normalizer,
-    mask_truncated_completions,
-    rewards_tensor,
-    soft_overlong_penalty,
     token_loss_terms,
 )
 
@@ -67,7 +64,8 @@ def test_group_advantages_match_trl_formula_without_nans():
 
 
 def test_group_advantages_skip_none_rewards():
-    rewards = rewards_tensor([1.0, None, 0.0, 0.0, None, None, None, None])
+    nan = float("nan")
+    rewards = torch.tensor([1.0, nan, 0.0, 0.0, nan, nan, nan, nan])
     adv = group_advantages(rewards, 4)
     std = math.sqrt((4 / 9 + 1 / 9 + 1 / 9) / 2)  # over the 3 valid rewards, mean 1/3
     assert adv.advantages.tolist() == approx([(2 / 3) / (std + EPS), 0, (-1 / 3) / (std + EPS), (-1 / 3) / (std + EPS),
@@ -94,20 +92,12 @@ def test_combine_rewards_nansum():
 # --------------------------------------------------------------------------- masks
 
 
-def test_completion_mask_and_truncation():
-    ids = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 9, 9, 9]])
-    mask, truncated = completion_mask(ids, eos_token_id=2)
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert truncated.tolist() == [False, True, False]
-    assert mask_truncated_completions(mask, truncated).tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
-    assert mask_truncated_completions(mask, truncated, enabled=False).tolist() == mask.tolist()
-    _, truncated2 = completion_mask(ids, eos_token_id=[7, 9])
-    assert truncated2.tolist() == [True, False, False]
-
-
-def test_soft_overlong_penalty():
-    out = soft_overlong_penalty(torch.tensor([3, 6, 8, 10, 12]), max_completion_length=10, soft_punish_cache=4)
-    assert out.tolist() == approx([0.0, 0.0, -0.5, -1.0, -1.0])
+def test_loss_mask_takes_lengths_prefixes_and_truncation():
+    assert loss_mask([2, 4, 1], 4).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert loss_mask([2, 4, 1], 4, starts=[1, 0, 1]).tolist() == [[0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
+    # TRL's mask_truncated_completions: a completion cut at the length limit is not trained on
+    assert loss_mask([2, 4, 1], 4, truncated=[False, True, False]).tolist() == [[1, 1, 0, 0], [0, 0, 0, 0],
+                                                                               [1, 0, 0, 0]]
 
 
 # --------------------------------------------------------------------------- loss values
@@ -224,17 +214,17 @@ def test_clipping_zeroes_gradient_where_trl_does():
                               "clip_ratio/region_mean": 0.5})
 
 
-def test_asymmetric_epsilon_and_delta():
+def test_asymmetric_epsilon():
     old = torch.zeros(2, 1)
-    lp = torch.log(torch.tensor([[1.25], [3.0]])).requires_grad_()
-    # eps_high = 0.28 (DAPO's clip-higher): ratio 1.25 with A > 0 is inside the region and learns
+    lp = torch.log(torch.tensor([[1.25], [0.7]])).requires_grad_()
+    # eps_high = 0.28 (DAPO's clip-higher): ratio 1.25 with A > 0 is inside the region and learns;
+    # ratio 0.7 with A < 0 is below 1 - eps_low = 0.8: clipped, no gradient
     loss, metrics = grpo_loss(lp, old, torch.tensor([1.0, -1.0]), torch.ones(2, 1), "dapo",
-                              epsilon_low=0.2, epsilon_high=0.28, delta=2.0)
+                              epsilon_low=0.2, epsilon_high=0.28)
     loss.backward()
-    # second token: A < 0 and ratio 3 is unclipped by eps, but delta caps it at 2 -> no gradient
-    assert loss.item() == approx((-1.25 + 2.0) / 2)
+    assert loss.item() == approx((-1.25 + 0.8) / 2)
     assert lp.grad.squeeze(1).tolist() == approx([-1.25 / 2, 0.0])
-    assert metrics["clip_ratio/high_mean"] == 0.0
+    assert metrics["clip_ratio/high_mean"] == 0.0 and metrics["clip_ratio/low_mean"] == 0.5
 
 
 # --------------------------------------------------------------------------- segments == one shot

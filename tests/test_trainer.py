@@ -21,12 +21,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_close_to_scale
+from thoughtfold import GRPOTrainer, SFTTrainer
 from thoughtfold.config import AdapterConfig, CacheConfig, DataConfig, TrainConfig
 from thoughtfold.errors import ConfigError, DataError
 from thoughtfold.policy import Policy, concat_rollouts
 from thoughtfold.training.checkpoint import latest_checkpoint, list_checkpoints
 from thoughtfold.training.distributed import DataParallel
-from thoughtfold.training.loop import GRPOTrainer, SFTTrainer
 from thoughtfold.training.metrics import read_metrics
 
 PROMPTS = ["abc", "hello", "xyz", "12+3"]
@@ -214,7 +214,7 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_trainer import _config, _dataset, low_bytes
-from thoughtfold.training.loop import GRPOTrainer
+from thoughtfold import GRPOTrainer
 calls = 0
 def low_bytes_then_die(prompts, completions, completion_ids, **columns):
     global calls
@@ -267,7 +267,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_trainer import _config, _dataset, low_bytes, one_step_gradients, per_group_generate
-from thoughtfold.training.loop import GRPOTrainer
+from thoughtfold import GRPOTrainer
 torch.set_num_threads(1)
 GRPOTrainer.generate = per_group_generate
 for loss_type in {loss_types!r}:
@@ -332,7 +332,7 @@ import torch
 from torch.distributed.tensor import DTensor
 sys.path.insert(0, {tests!r})
 from test_trainer import SFT_TRACES, _config, _dataset, low_bytes, one_step_gradients, ragged_generate
-from thoughtfold.training.loop import GRPOTrainer, SFTTrainer
+from thoughtfold import GRPOTrainer, SFTTrainer
 torch.set_num_threads(1)
 real_generate = GRPOTrainer.generate
 GRPOTrainer.generate = ragged_generate
@@ -380,7 +380,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_trainer import IDLE_TRACES, _config
-from thoughtfold.training.loop import SFTTrainer
+from thoughtfold import SFTTrainer
 torch.set_num_threads(1)
 config = _config(Path({tmp!r}), Path({model!r}), max_steps=1, max_completion_length=24, fsdp=True, replay_batch_size=1,
                  output_dir={out!r} + "/idle")
@@ -571,7 +571,7 @@ def test_grpo_loss_with_per_row_eviction_schedules_equals_row_by_row(tmp_path, t
     lengths = [len(c) for c in rollout.completion_ids]
     width = max(lengths)
     weights = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).float() / sum(lengths)
-    batch = trainer._policy_batch(rollout, torch.tensor([1.0, -0.5, 0.25, -2.0]), [0, 1, 2, 3], weights, [0] * 4)
+    batch = trainer._policy_batch(rollout, torch.tensor([1.0, -0.5, 0.25, -2.0]), [0, 1, 2, 3], weights)
 
     def grads(spans):
         trainer.optimizer.zero_grad(set_to_none=True)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from thoughtfold import SFTTrainer
 from thoughtfold.config import EVICTIONS, load_config
 from thoughtfold.evaluation.evaluate import wilson_interval
 from thoughtfold.evaluation.fidelity import answer_agreement, full_cache_traces, token_fidelity
@@ -49,7 +50,6 @@ from thoughtfold.policy import Policy
 from thoughtfold.render import pyplot
 from thoughtfold.tasks.data import load_dataset_by_name
 from thoughtfold.tasks.example import SYSTEM_PROMPT
-from thoughtfold.training.loop import SFTTrainer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
+from thoughtfold import GRPOTrainer, SFTTrainer
 from thoughtfold.config import AdapterConfig, CacheConfig, DataConfig, TrainConfig
 from thoughtfold.evaluation.bench.memory import PeakMemory
 from thoughtfold.evaluation.evaluate import wilson_interval
 from thoughtfold.policy import Policy
 from thoughtfold.tasks.recall import BOS, EOS, PAD, RecallTask, recall_tokenizer
-from thoughtfold.training.loop import GRPOTrainer, SFTTrainer
 from thoughtfold.training.metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent

@@ -21,8 +21,8 @@ _LAZY = {
     "GenerationResult": "policy",
     "EvictionPolicy": "engine.eviction",
     "EvictionEvent": "engine.eviction",
-    "GRPOTrainer": "training.loop",
-    "SFTTrainer": "training.loop",
+    "GRPOTrainer": "training.grpo",
+    "SFTTrainer": "training.sft",
 }
 
 

@@ -18,12 +18,13 @@ from .engine.eviction import (
     EvictionEvent,
     EvictionPolicy,
     ScoredEviction,
+    events_within,
     eviction_policy_for,
     head_weights_from_peaks,
 )
 from .engine.fold import StateFolder
 from .engine.replay import DistributionFn, LossFn, replay
-from .engine.rollout import RawRollout, Streamer, rollout
+from .engine.rollout import RawRollout, Streamer, right_pad, rollout
 from .errors import ConfigError, DataError, PromptTooLongError
 from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
 from .persist import adapter_settings, load_adapter_weights, save_adapter
@@ -98,12 +99,25 @@ class Policy:
             dtype = wide_dtype(next(model.parameters()).dtype)
             self.encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config).to(self.device, dtype)
         self.folder = StateFolder(model, self.wrappers, self.encoder)
+        self.cuda_graph = self.device.type == "cuda"
+        self.compile_decode = False
+        self.lockstep: Callable[[bool], bool] | None = None
+        self.configure_decoding(cuda_graph=cuda_graph, compile_decode=compile_decode)
+
+    def configure_decoding(self, *, cuda_graph: bool | None = None, compile_decode: bool | None = None,
+                           lockstep: Callable[[bool], bool] | None = None) -> None:
+        """How `generate` decodes from now on; an argument left None keeps its setting. `cuda_graph`:
+        capture the decode step as a CUDA graph (CUDA only); `compile_decode`: run it through
+        torch.compile; `lockstep(done_here) -> done_everywhere`: for processes whose forward passes
+        are collectives (FSDP), so that all of them stop decoding at the same step."""
         if cuda_graph and self.device.type != "cuda":
             raise ConfigError(f"cuda_graph=True needs the model on a CUDA device, but it is on {self.device}")
-        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.compile_decode = compile_decode
-        # set by the trainer under FSDP: every process must stop decoding at the same step
-        self.lockstep: Callable[[bool], bool] | None = None
+        if cuda_graph is not None:
+            self.cuda_graph = cuda_graph
+        if compile_decode is not None:
+            self.compile_decode = compile_decode
+        if lockstep is not None:
+            self.lockstep = lockstep
 
     @classmethod
     def from_pretrained(
@@ -256,13 +270,11 @@ class Policy:
             return None
         prompts = [list(p) for p in prompt_ids]
         width = max(map(len, completion_ids))
-        forced = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        for i, c in enumerate(completion_ids):
-            forced[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+        forced = right_pad(completion_ids, width, self.pad_token_id)
         raw = rollout(self.model, self.folder, prompts, self.cache_config, SamplingConfig(width, temperature=1.0),
                       eos_ids=set(), pad_id=self.pad_token_id, eviction_policy=self._eviction_policy(prompts, width),
                       forced=forced)
-        return [[e for e in raw.row_events(i) if e.step <= len(c) - 2] for i, c in enumerate(completion_ids)]
+        return [events_within(raw.row_events(i), len(c)) for i, c in enumerate(completion_ids)]
 
     def calibrate_heads(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64) -> torch.Tensor:
         """Per-head weights for `eviction="headkv"` [layers, kv_heads]: decode `prompts` greedily under
@@ -353,7 +365,7 @@ class Policy:
             if cut is not None:
                 n, finished = cut, True
             ids = row[:n]
-            log = [e for e in raw.row_events(r) if e.step <= n - 2]
+            log = events_within(raw.row_events(r), n)
             held = n - 1 if window is None else min(window, n - 1)
             result.completion_ids.append(ids)
             result.logprobs.append(lps[:n])

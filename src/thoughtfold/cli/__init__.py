@@ -608,8 +608,8 @@ def add_train_parsers(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run `thoughtfold grpo` (alias `train`) / `thoughtfold sft`, then say where the results are
     and how to evaluate them."""
+    from .. import GRPOTrainer, SFTTrainer
     from ..config import load_config
-    from ..training.loop import GRPOTrainer, SFTTrainer
 
     bad = [o for o in args.overrides if "=" not in o]
     if bad:

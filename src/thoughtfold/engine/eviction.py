@@ -62,6 +62,19 @@ class EvictionEvent:
         return cls(step=int(d["step"]), tokens=tuple(int(t) for t in d["tokens"]))
 
 
+def affects(step: int, length: int) -> bool:
+    """Whether an event at `step` changes anything in a completion of `length` tokens: it happens
+    before thought token `step` is fed, and the last token (index length - 1) is predicted from
+    token length - 2, so only events with step <= length - 2 do. Later ones leave a log (rollouts
+    of finished rows) or a schedule (the replay) without effect."""
+    return step <= length - 2
+
+
+def events_within(log: Sequence[EvictionEvent], length: int) -> list[EvictionEvent]:
+    """The events of `log` that affect a completion of `length` tokens (see `affects`)."""
+    return [e for e in log if affects(e.step, length)]
+
+
 class EvictionPolicy(Protocol):
     """Chooses, on the host and for the whole batch, which cached thought tokens leave."""
 

@@ -22,9 +22,9 @@ from ..errors import ConfigError
 from .adapter import wide_dtype
 from .cache import cache_kwarg
 from .encoder import EncoderState
-from .eviction import EvictionEvent
+from .eviction import EvictionEvent, affects
 from .fold import StateFolder
-from .rollout import pad_prompts, prompt_positions
+from .rollout import pad_prompts, prompt_positions, right_pad
 
 LossFn = Callable[[torch.Tensor, int, int, list[int]], torch.Tensor]
 """loss_fn(logprobs [b, m], start, end, rows) -> scalar, for completion tokens [start, end) of the
@@ -73,7 +73,8 @@ def default_schedule(length: int, cache: CacheConfig) -> list[EvictionEvent]:
     if not cache.bounded:
         return []
     w, e = cache.window, cache.evict_block
-    return [EvictionEvent(step=s, tokens=tuple(range(s - w, s - w + e))) for s in range(w, length - 1, e)]
+    return [EvictionEvent(step=s, tokens=tuple(range(s - w, s - w + e))) for s in range(w, length, e)
+            if affects(s, length)]
 
 
 def _schedule_groups(logs: Sequence[Sequence[EvictionEvent]]) -> list[tuple[list[int], list[int]]]:
@@ -290,12 +291,10 @@ def _replay_batch(
     ids, valid = pad_prompts([list(p) for p in prompt_ids], pad_id, device)
     batch = ids.shape[0]
     n = max(min_length, *(len(c) for c in completion_ids))
-    comp = torch.full((batch, n), pad_id, dtype=torch.long, device=device)
-    for i, c in enumerate(completion_ids):
-        comp[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+    comp = right_pad(completion_ids, n, pad_id).to(device)
     plen = valid.sum(-1)
     kw, num_layers = cache_kwarg(model), model.config.num_hidden_layers
-    bounds = [step for step in steps if step <= n - 2]
+    bounds = [step for step in steps if affects(step, n)]
     starts, ends = [0, *bounds], [*bounds, n - 1]  # thought tokens fed in each segment
 
     context = _Context(batch, num_layers, device)

@@ -11,8 +11,8 @@ greedy), before any top-p / top-k truncation -- the definition TRL uses for GRPO
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -32,7 +32,7 @@ SYNC_EVERY = 16  # steps between "all sequences finished?" checks (each is a hos
 
 @dataclass
 class RawRollout:
-    """Untruncated lockstep output: tokens/logprobs [B, steps], per-step logits if asked. `events`
+    """Untruncated lockstep output: tokens/logprobs [B, steps]. `events`
     are the batch's eviction events; under a scored policy `layer_tokens` [events, layers, B, E] holds
     what each layer of each sequence evicted (the events' `tokens` are then empty)."""
 
@@ -42,7 +42,6 @@ class RawRollout:
     prompt_lengths: list[int]
     cache_bytes: int
     seconds: float
-    logits: list[torch.Tensor] = field(default_factory=list)
     layer_tokens: torch.Tensor | None = None
     attention_stats: AttentionStats | None = None
 
@@ -64,6 +63,16 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device,
         ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         valid[i, width - len(p) :] = True
     return ids.to(device), valid.to(device)
+
+
+def right_pad(rows: Sequence[Sequence[float]] | Sequence[torch.Tensor], width: int, fill: float = 0,
+              dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Ragged rows (token ids, log-probs) right-padded with `fill` into one [len(rows), width] tensor."""
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        values = torch.as_tensor(row, dtype=dtype)
+        out[i, : len(values)] = values
+    return out
 
 
 def compiled_prompt_width(longest: int) -> int:
@@ -120,7 +129,6 @@ def rollout(
     pad_id: int,
     streamer: Streamer | None = None,
     eviction_policy: EvictionPolicy | ScoredEviction | None = None,
-    keep_logits: bool = False,
     stop_check=None,
     cuda_graph: bool = False,
     compile_step: bool = False,
@@ -177,12 +185,10 @@ def rollout(
     tokens = torch.empty(batch, n_new, dtype=torch.long, device=device)
     logprobs = torch.empty(batch, n_new, device=device, dtype=wide_dtype(folder.dtype))
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    kept_logits, events, layer_tokens = [], [], []
+    events, layer_tokens = [], []
     steps = 0
     with observing(model, stats):
         for t in range(n_new):
-            if keep_logits:
-                kept_logits.append(logits.to(wide_dtype(logits.dtype)).clone())
             if forced is None:
                 token, lp = sample(logits, sampling, generator)
             else:
@@ -223,6 +229,6 @@ def rollout(
     return RawRollout(
         tokens=tokens[:, :steps].cpu(), logprobs=logprobs[:, :steps].cpu(), events=events,
         prompt_lengths=[len(p) for p in prompts], cache_bytes=cache.nbytes(), seconds=elapsed,
-        logits=kept_logits, layer_tokens=torch.stack(layer_tokens).cpu() if layer_tokens else None,
+        layer_tokens=torch.stack(layer_tokens).cpu() if layer_tokens else None,
         attention_stats=stats if calibration else None,
     )

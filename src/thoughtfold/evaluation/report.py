@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..render import markdown_table, pyplot
+from ..render import markdown_table, plot_curves, pyplot, save_plot
 from ..training.metrics import METRICS_NAME, read_metrics
 from .evaluate import SUMMARY_NAME, pct, window_name
 
@@ -219,7 +219,7 @@ def plot_accuracy(series: dict[str, dict[int | None, dict]], windows: list[int |
     ax.set_xlabel("cache window (thought tokens kept)")
     ax.set_ylabel("pass@1 (%)")
     ax.set_title(f"Accuracy vs cache budget: {title}")
-    return _save(fig, ax, path)
+    return save_plot(fig, ax, path)
 
 
 # --------------------------------------------------------------------------- training
@@ -275,44 +275,6 @@ def training_section(trains: list[TrainRun], out: Path) -> tuple[list[str], list
             lines += [f"![{key} curves]({path.name})", ""]
             plots.append(path)
     return lines, plots
-
-
-def plot_curves(runs: dict[str, list[dict]], key: str, path: Path, title: str) -> Path | None:
-    """``key`` against the step, one line per run (raw, faint) plus a moving average; None if no
-    run logged ``key``."""
-    curves = {}
-    for label, records in runs.items():
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        if points:
-            curves[label] = points
-    if not curves:
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for label, points in curves.items():
-        steps, values = zip(*points, strict=True)
-        span = max(1, len(values) // 10)
-        if span > 1:
-            line = ax.plot(steps, values, alpha=0.25)[0]
-            smooth = [sum(values[max(0, i - span + 1) : i + 1]) / len(values[max(0, i - span + 1) : i + 1])
-                      for i in range(len(values))]
-            ax.plot(steps, smooth, color=line.get_color(), label=f"{label} (avg of {span})")
-        else:
-            ax.plot(steps, values, marker="o" if len(values) < 50 else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.set_title(f"{title} during training")
-    return _save(fig, ax, path)
-
-
-def _save(fig, ax, path: Path) -> Path:
-    """Grid, legend, tight layout, PNG, and free the figure."""
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- the report

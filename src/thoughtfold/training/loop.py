@@ -1,15 +1,11 @@
-"""Training loops through the segment-wise replay: cache-aware GRPO and supervised fine-tuning.
-
-One GRPO step: draw `prompts_per_step` prompts, sample `num_generations` completions of each under the
-bounded cache, score them, compute group-normalised advantages, then update the adapter with the
-clipped policy-gradient loss. The loss is built per replay segment with batch-wide token weights
-(grpo.py), so the summed segment (and micro-batch) losses equal the full-batch loss while backward
-never spans more than one segment: memory is bounded by the cache window, not by the completion
-length. Under `torchrun` each process takes its share of the prompts; with `fsdp` the frozen base
-weights are sharded too (parallel.py).
+"""The training loop the trainers share (`GRPOTrainer` in grpo.py, `SFTTrainer` in sft.py): the
+model, the data order, the optimiser and its schedule, checkpoints and the metrics log. A trainer
+supplies `train_step`; the loop runs it to `max_steps`.
 
 The settings are a `TrainConfig` (config.py); each step's metrics go to metrics.py's log.
-Checkpoints (checkpoint.py) make a run resumable exactly, even after a SIGKILL.
+Checkpoints (checkpoint.py) make a run resumable exactly, even after a SIGKILL. Under `torchrun`
+each process takes its share of the prompts and replays through a `ReplayPlan` (distributed.py),
+which is all a trainer needs to know about processes.
 """
 
 from __future__ import annotations
@@ -19,22 +15,19 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import CacheConfig, TrainConfig, config_to_yaml
-from ..engine.adapter import adapters_disabled
-from ..engine.eviction import OldestBlock
+from ..config import TrainConfig, config_to_yaml
 from ..errors import ConfigError, DataError
-from ..evaluation.report import plot_curves
 from ..persist import lock_directory
-from ..policy import GenerationResult, Policy, concat_rollouts
+from ..policy import Policy
+from ..render import plot_curves
 from ..tasks.data import load_dataset_by_name
-from ..tasks.rewards import load_reward, score_completions
 from .checkpoint import (
     ADAPTER_DIR,
     checkpoint_name,
@@ -44,15 +37,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .distributed import DataParallel, shard_base_model
-from .losses import (
-    LossStats,
-    batch_loss_weights,
-    combine_rewards,
-    group_advantages,
-    mask_truncated_completions,
-    token_loss_terms,
-)
+from .distributed import DataParallel, ReplayPlan
 from .metrics import METRICS_NAME, MetricsLogger, mean_metrics, peak_memory_gb, read_metrics
 
 log = logging.getLogger("thoughtfold")
@@ -60,10 +45,7 @@ log = logging.getLogger("thoughtfold")
 CHECKPOINTS_DIR = "checkpoints"
 
 
-# --------------------------------------------------------------------------- shared loop
-
-
-class _Trainer:
+class Trainer:
     """The parts GRPO and SFT share: model, data order, optimizer and schedule, checkpoints, logs.
     Arguments as TRL's trainers take them: `model` is a `Policy`, trained as it is (its cache and
     adapter settings win over `args`'), or a model id / path loaded with `args`' cache and adapter
@@ -91,19 +73,7 @@ class _Trainer:
         self._lock = lock_directory(self.output_dir, "training run") if self.dp.main else None
         self._check_output_dir()
         self.policy = model if isinstance(model, Policy) else self._load_policy()
-        self.fsdp = config.fsdp and self.dp.world > 1
-        if self.fsdp and type(self.policy.eviction_policy) not in (type(None), OldestBlock):
-            raise ConfigError("fsdp replays the default oldest-block eviction schedule on every process (all must "
-                              "run the same segments), but this policy has a custom eviction_policy: train without fsdp")
-        if self.fsdp and self.policy.cache_config.eviction != "oldest":
-            raise ConfigError(f"fsdp replays the default oldest-block eviction schedule on every process, but "
-                              f"cache.eviction is {self.policy.cache_config.eviction}: train without fsdp or with "
-                              "cache.eviction=oldest")
-        if self.fsdp:
-            shard_base_model(self.policy.model, self.policy.wrappers)
-            # collectives run inside every forward: no graph capture, and every process stops together
-            self.policy.cuda_graph = self.policy.compile_decode = False
-            self.policy.lockstep = self.dp.all
+        self.replays = ReplayPlan.for_run(self.policy, self.dp, config)
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise ConfigError("adapter mode 'none' has nothing to train: set adapter.mode to lora or pte")
@@ -185,40 +155,6 @@ class _Trainer:
         raise ConfigError(f"none of the {len(found)} checkpoints in {checkpoints} is intact (see the warnings); "
                           "start over with overwrite_output_dir=true or restore them from a copy")
 
-    # ---- replays (under FSDP in lockstep: every process runs the same forward/backward passes)
-
-    def _backprop_kwargs(self) -> dict[str, str]:
-        """How gradients cross eviction events in the replay (config.backprop)."""
-        return {"backprop": self.config.backprop}
-
-    def lockstep_width(self, completions: Sequence[Sequence[int]]) -> int:
-        """The width replays are padded to: the longest completion here, or over all processes
-        under FSDP (then every process replays the same segments)."""
-        width = max((len(c) for c in completions), default=0)
-        return self.dp.max(width) if self.fsdp else width
-
-    def replay_spans(self, n: int, width: int, train: bool) -> Iterator[tuple[int, int]]:
-        """Micro-batches of `n` rows. Under FSDP a process that runs out of rows before the others
-        then runs idle replays (`idle_replay`) until every process has replayed as many."""
-        spans = list(_spans(n, self.config.replay_batch_size))
-        idle = self.dp.max(len(spans)) - len(spans) if self.fsdp else 0  # a collective: before any replay
-        yield from spans
-        for _ in range(idle):
-            self.idle_replay(width, train)
-
-    def replay_args(self, logs: list, width: int) -> dict:
-        """Eviction logs as recorded, or under FSDP the default schedule padded to `width`: the same
-        segments on every process, and the recorded logs themselves (FSDP refuses custom eviction
-        policies)."""
-        return {"eviction_log": None, "min_length": width} if self.fsdp else {"eviction_log": logs}
-
-    def idle_replay(self, width: int, train: bool) -> None:
-        """Under FSDP, what a process with no rows left runs while the others replay: one padding
-        sequence of `width` tokens with a zero loss, so its collectives match theirs."""
-        pad = self.policy.pad_token_id
-        kwargs = {"loss_fn": lambda lp, a, b, rows: lp.sum() * 0.0, **self._backprop_kwargs()} if train else {}
-        self.policy.replay_logprobs([[pad]], [[pad] * max(width, 1)], None, min_length=width, **kwargs)
-
     # ---- data
 
     def next_examples(self, n: int) -> list[dict]:
@@ -256,6 +192,7 @@ class _Trainer:
         return float(norm)
 
     def train_step(self, examples: list[dict]) -> dict[str, float]:
+        """One step on this process's `examples`; returns the step's metrics (the trainers' own)."""
         raise NotImplementedError
 
     # ---- checkpoints
@@ -356,336 +293,3 @@ class _Trainer:
                                     self.output_dir.name)
         self.dp.barrier()
         return {"adapter": adapter, "metrics": metrics_path, "plot": plot_path}
-
-
-# --------------------------------------------------------------------------- GRPO
-
-
-def _padded(rows: Sequence[Sequence[float]] | Sequence[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
-    """Right-pad variable-length rows with zeros into a float tensor [len(rows), width]."""
-    out = torch.zeros(len(rows), width, device=device)
-    for i, row in enumerate(rows):
-        values = torch.as_tensor(row, dtype=torch.float32)
-        out[i, : len(values)] = values.to(device)
-    return out
-
-
-def _length_mask(lengths: Sequence[int], width: int, device: torch.device,
-                 starts: Sequence[int] | None = None) -> torch.Tensor:
-    """[n, width] float mask of the tokens [starts[i], lengths[i]) of each row (starts default 0)."""
-    positions = torch.arange(width, device=device)[None]
-    mask = positions < torch.tensor(lengths, device=device, dtype=torch.long).reshape(-1, 1)
-    if starts is not None:
-        mask &= positions >= torch.tensor(starts, device=device, dtype=torch.long).reshape(-1, 1)
-    return mask.float()
-
-
-LOSS_MASK_PREFIX = "loss_mask_prefix"
-
-
-def loss_mask_prefix(example: dict) -> int:
-    """How many leading completion tokens of this row's rollouts stay out of the GRPO loss: the
-    dataset column `loss_mask_prefix` (0 when absent). For a free choice the reward must not shape,
-    such as the recall task's early value: training it would let the policy collapse the choice."""
-    value = example.get(LOSS_MASK_PREFIX, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise DataError(f"dataset column {LOSS_MASK_PREFIX} must be a whole number >= 0, got {value!r}")
-    return value
-
-
-def _spans(n: int, size: int | None) -> list[tuple[int, int]]:
-    """[start, end) chunks of `size` rows covering n rows (one chunk when size is None)."""
-    size = size or max(n, 1)
-    return [(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-@dataclass
-class PolicyBatch:
-    """The rollouts that take part in an update, as padded tensors [n, T] with batch-wide loss
-    weights; slicing rows gives replay micro-batches whose summed losses equal the batch loss."""
-
-    prompt_ids: list[list[int]]
-    completions: list[list[int]]
-    logs: list[list]
-    old: torch.Tensor
-    advantages: torch.Tensor
-    mask: torch.Tensor
-    weights: torch.Tensor
-    ref: torch.Tensor | None = None
-
-    def rows(self, start: int, end: int) -> PolicyBatch:
-        return PolicyBatch(self.prompt_ids[start:end], self.completions[start:end], self.logs[start:end],
-                           self.old[start:end], self.advantages[start:end], self.mask[start:end],
-                           self.weights[start:end], None if self.ref is None else self.ref[start:end])
-
-    def __len__(self) -> int:
-        return len(self.completions)
-
-    @property
-    def width(self) -> int:
-        """Padded completion length (under FSDP: the longest over all processes)."""
-        return self.old.shape[1]
-
-
-@dataclass
-class RolloutShare:
-    """What each process contributes to a GRPO step's global batch (gathered from all of them):
-    the scores and the statistics of its rollouts, row by row."""
-
-    scores: torch.Tensor  # [rows, reward functions]
-    completion_ids: list[list[int]]
-    truncated: list[bool]
-    evictions: list[int]
-    tokens_per_s: float
-    loss_mask_prefix: list[int]  # leading completion tokens kept out of the loss (`loss_mask_prefix`)
-
-
-RewardFunc = Callable | str
-
-
-class GRPOTrainer(_Trainer):
-    """Cache-aware GRPO: rollouts under the bounded cache, updates through the segment-wise replay.
-    Called as TRL's: `GRPOTrainer(model, reward_funcs, args, train_dataset)`. The rewards are
-    `reward_funcs` (functions, or names / dotted paths that `rewards.load_reward` knows) when given,
-    else `args.rewards`."""
-
-    kind = "grpo"
-    plot_key = "reward"
-
-    def __init__(self, model: Policy | str | None = None,
-                 reward_funcs: RewardFunc | Sequence[RewardFunc] | None = None, args: TrainConfig | None = None,
-                 train_dataset: Sequence[dict] | None = None):
-        config = args if args is not None else TrainConfig()
-        if reward_funcs is None:
-            reward_funcs = config.rewards
-        elif callable(reward_funcs) or isinstance(reward_funcs, str):
-            reward_funcs = [reward_funcs]
-        if not reward_funcs:
-            raise ConfigError("no rewards: pass reward_funcs or set rewards (e.g. arith, math, format)")
-        self.reward_funcs = [load_reward(s) for s in reward_funcs]  # unknown names fail before the model loads
-        self.reward_names = [getattr(f, "__name__", str(i)) for i, f in enumerate(self.reward_funcs)]
-        if config.reward_weights is not None and len(config.reward_weights) != len(self.reward_funcs):
-            raise ConfigError(f"{len(config.reward_weights)} reward_weights for {len(self.reward_funcs)} rewards")
-        super().__init__(model, config, train_dataset)
-
-    @property
-    def updates_per_step(self) -> int:
-        return self.config.num_iterations
-
-    def train_step(self, examples: list[dict]) -> dict[str, float]:
-        """Rollouts -> rewards -> advantages -> `num_iterations` clipped policy-gradient updates.
-        Rewards and completion statistics are gathered from every process, so advantages, zero-std
-        filtering, loss weights and metrics are those of the global batch."""
-        c, dp = self.config, self.dp
-        prompts = [e["prompt"] for e in examples for _ in range(c.num_generations)]
-        prefixes = [loss_mask_prefix(e) for e in examples for _ in range(c.num_generations)]
-        rollout = self.generate(prompts)
-        parts = dp.gather(RolloutShare(self._score(examples, prompts, rollout), rollout.completion_ids,
-                                       rollout.truncated, rollout.evictions, rollout.stats["tokens_per_s"], prefixes))
-        scores = torch.cat([p.scores for p in parts])
-        lengths = [len(ids) for p in parts for ids in p.completion_ids]
-        truncated = [t for p in parts for t in p.truncated]
-        rewards = combine_rewards(scores, c.reward_weights)
-        adv = group_advantages(rewards, c.num_generations, c.scale_rewards)
-        metrics = {f"rewards/{name}/mean": scores[:, j].nanmean().nan_to_num(0.0).item()
-                   for j, name in enumerate(self.reward_names)}
-        metrics.update({
-            "reward": rewards.nanmean().nan_to_num(0.0).item(),
-            "reward_std": adv.reward_std,
-            "frac_reward_zero_std": adv.frac_reward_zero_std,
-            "rewards/skipped": int(torch.isnan(rewards).sum()),
-            "completions/mean_length": sum(lengths) / len(lengths),
-            "completions/min_length": min(lengths),
-            "completions/max_length": max(lengths),
-            "completions/clipped_ratio": sum(truncated) / len(lengths),
-            "evictions_per_rollout": sum(e for p in parts for e in p.evictions) / len(lengths),
-            "rollout_tokens_per_s": sum(p.tokens_per_s for p in parts),
-        })
-        keep = adv.keep_mask(c.filter_zero_std)
-        starts = [k for p in parts for k in p.loss_mask_prefix]
-        mask = mask_truncated_completions(_length_mask(lengths, max(lengths), torch.device("cpu"), starts=starts),
-                                          torch.tensor(truncated), c.mask_truncated_completions)
-        weights = batch_loss_weights(mask, keep if c.zero_std_norm == "kept" else adv.valid, c.loss_type,
-                                     c.max_completion_length, dp.world, _spans(len(prompts), c.replay_batch_size))
-        offset = dp.rank * len(prompts)
-        mine = [i - offset for i in keep.nonzero()[:, 0].tolist() if offset <= i < offset + len(prompts)]
-        local = slice(offset, offset + len(prompts))
-        batch = self._policy_batch(rollout, adv.advantages[local], mine, weights[local], [prefixes[i] for i in mine])
-        metrics.update(self._update(batch))
-        return metrics
-
-    def generate(self, prompts: list[str]) -> GenerationResult:
-        """Sample under the bounded cache, `generation_batch_size` rows per call; the seeds are a
-        function of (seed, step, process, chunk), so a resumed run samples exactly what it would have."""
-        c = self.config
-        rng = random.Random(f"rollout:{c.seed}:{self.step}:{self.dp.rank}")
-        return concat_rollouts([
-            self.policy.generate(
-                prompts[a:b], max_new_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
-                top_k=c.top_k, seed=rng.randrange(2**31), chat_template=c.data.chat_template,
-                system_prompt=c.data.system_prompt)
-            for a, b in _spans(len(prompts), c.generation_batch_size)
-        ])
-
-    def _score(self, examples: list[dict], prompts: list[str], rollout: GenerationResult) -> torch.Tensor:
-        """[n, F] scores of each reward function (TRL's call: prompts, completions, completion_ids and
-        the dataset columns as keywords); None scores become NaN and are skipped downstream."""
-        per_func = []
-        for name, fn in zip(self.reward_names, self.reward_funcs, strict=True):
-            scores = score_completions(name, fn, prompts, rollout.texts, rollout.completion_ids, examples,
-                                       repeat=self.config.num_generations)
-            per_func.append(torch.tensor([math.nan if s is None else s for s in scores]))
-        return torch.stack(per_func, 1)
-
-    def _policy_batch(self, rollout: GenerationResult, advantages: torch.Tensor, rows: list[int],
-                      weights: torch.Tensor, prefixes: list[int]) -> PolicyBatch:
-        """This process's kept rows with their masks and loss weights (`weights`: this process's rows
-        of :func:`batch_loss_weights`); old log-probs are the rollout's. The first `prefixes[j]`
-        tokens of row j are left out of the loss (`loss_mask_prefix`)."""
-        c, device = self.config, self.policy.device
-        completions = [rollout.completion_ids[i] for i in rows]
-        width = self.lockstep_width(completions)
-        truncated = torch.tensor([rollout.truncated[i] for i in rows], dtype=torch.bool, device=device)
-        mask = _length_mask([len(x) for x in completions], width, device, starts=prefixes)
-        mask = mask_truncated_completions(mask, truncated, c.mask_truncated_completions)
-        batch = PolicyBatch(
-            [rollout.prompt_ids[i] for i in rows], completions, [rollout.eviction_log[i] for i in rows],
-            _padded([rollout.logprobs[i] for i in rows], width, device), advantages[rows].to(device), mask,
-            weights[rows, :width].to(device))
-        if c.beta != 0 and (rows or self.fsdp):
-            batch.ref = self._reference_logprobs(batch, width)
-        return batch
-
-    def _reference_logprobs(self, batch: PolicyBatch, width: int) -> torch.Tensor:
-        """Log-probs under the adapter-disabled model and the same cache: the KL reference."""
-        ref: list[torch.Tensor] = []
-        with torch.no_grad(), adapters_disabled(self.policy.wrappers):
-            for span in self.replay_spans(len(batch), width, train=False):
-                part = batch.rows(*span)
-                ref += self.policy.replay_logprobs(part.prompt_ids, part.completions,
-                                                   temperature=self.config.temperature,
-                                                   **self.replay_args(part.logs, width))
-        return _padded(ref, width, self.policy.device)
-
-    def _update(self, batch: PolicyBatch) -> dict[str, float]:
-        """`num_iterations` optimizer updates, each accumulating gradients over replay micro-batches
-        (`replay_batch_size` rows) and segments; an empty batch (all groups filtered) steps nothing."""
-        stats, loss, norms = LossStats(), 0.0, []
-        for _ in range(self.config.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            for span in self.replay_spans(len(batch), batch.width, train=True):
-                part_loss, part_stats = self._replay_loss(batch.rows(*span))
-                loss, stats = loss + part_loss, stats + part_stats
-            norms.append(self.optimizer_step())
-        n = self.config.num_iterations
-        loss, *counts = self.dp.sum([loss, stats.tokens, stats.low_clipped, stats.high_clipped,
-                                     stats.region_clipped, stats.kl_sum])
-        stats = LossStats(*counts, has_kl=stats.has_kl or self.config.beta != 0)
-        return {"loss": loss / n, "grad_norm": sum(norms) / n, **stats.metrics()}
-
-    def _replay_loss(self, batch: PolicyBatch) -> tuple[float, LossStats]:
-        """Backward of the GRPO loss of `batch`, segment by segment; returns its value and stats."""
-        c = self.config
-        stats, loss = LossStats(), 0.0
-
-        def loss_fn(lp: torch.Tensor, start: int, end: int, rows: list[int]) -> torch.Tensor:
-            nonlocal stats, loss
-            terms, seg = token_loss_terms(
-                lp, batch.old[rows, start:end], batch.advantages[rows], batch.weights[rows, start:end],
-                batch.mask[rows, start:end], c.epsilon, c.epsilon_high, c.beta,
-                None if batch.ref is None else batch.ref[rows, start:end])
-            total = terms.sum()
-            stats, loss = stats + seg, loss + total.item()
-            return total
-
-        self.policy.replay_logprobs(batch.prompt_ids, batch.completions, loss_fn=loss_fn, temperature=c.temperature,
-                                    **self.replay_args(batch.logs, batch.width), **self._backprop_kwargs())
-        return loss, stats
-
-    def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
-        return {"reward": f"{metrics['reward']:.3f}", "tok/s": f"{metrics['rollout_tokens_per_s']:.0f}"}
-
-
-# --------------------------------------------------------------------------- SFT
-
-
-class SFTTrainer(_Trainer):
-    """Cross-entropy through the replay: teaches the bounded-cache policy to reproduce full-cache
-    reasoning. Targets are the dataset's traces (`sft_targets: dataset`, column
-    `data.completion_field`, cut at `max_completion_length`) or completions the base model samples under a
-    full cache for each batch (`sft_targets: full_cache`). `prompts_per_step` traces make one batch,
-    with the token-mean loss over the whole batch."""
-
-    kind = "sft"
-    plot_key = "loss"
-
-    def _load_dataset(self, dataset: Sequence[dict] | None) -> list[dict]:
-        rows = super()._load_dataset(dataset)
-        field_name = self.config.data.completion_field
-        if self.config.sft_targets == "full_cache":
-            return rows
-        for i, row in enumerate(rows):
-            target = row.get(field_name)
-            is_ids = isinstance(target, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in target)
-            if not (isinstance(target, str) or is_ids) or not target:
-                raise DataError(f"dataset row {i} has no text or token ids in {field_name!r} (the SFT target; set "
-                                "data.completion_field)")
-        return rows
-
-    def train_step(self, examples: list[dict]) -> dict[str, float]:
-        """One update on a batch of traces; `loss` is the token-mean NLL before the update."""
-        c, device = self.config, self.policy.device
-        prompt_ids = self.policy.encode([e["prompt"] for e in examples], c.data.chat_template, c.data.system_prompt)
-        if c.sft_targets == "full_cache":
-            completions = self._full_cache_traces(prompt_ids)
-        else:
-            completions = [self._target_ids(e[c.data.completion_field]) for e in examples]
-        width = self.lockstep_width(completions)
-        num_tokens = self.dp.sum([sum(map(len, completions))])[0]
-        weights = _length_mask([len(x) for x in completions], width, device) / num_tokens
-        loss = 0.0
-        self.optimizer.zero_grad(set_to_none=True)
-        for a, b in self.replay_spans(len(completions), width, train=True):
-            loss += self._replay_nll(prompt_ids[a:b], completions[a:b], weights[a:b])
-        grad_norm = self.optimizer_step()
-        return {"loss": self.dp.sum([loss])[0], "grad_norm": grad_norm, "num_tokens": num_tokens}
-
-    def _replay_nll(self, prompt_ids: list[list[int]], completions: list[list[int]], weights: torch.Tensor) -> float:
-        """Backward of the weighted NLL of one micro-batch, segment by segment; returns its value."""
-        loss = 0.0
-
-        def loss_fn(lp: torch.Tensor, start: int, end: int, rows: list[int]) -> torch.Tensor:
-            nonlocal loss
-            total = -(lp * weights[rows, start:end]).sum()
-            loss += total.item()
-            return total
-
-        logs = self.policy.eviction_logs(prompt_ids, completions)  # None: the default schedule
-        self.policy.replay_logprobs(prompt_ids, completions, loss_fn=loss_fn, temperature=1.0,
-                                    **self.replay_args(logs, weights.shape[1]), **self._backprop_kwargs())
-        return loss
-
-    def _full_cache_traces(self, prompt_ids: list[list[int]]) -> list[list[int]]:
-        """What the base model (adapters off) samples under a full cache: the behaviour the bounded
-        policy should imitate. Seeds follow (seed, step, process), so a resumed run sees the same."""
-        c, policy = self.config, self.policy
-        with torch.no_grad(), adapters_disabled(policy.wrappers), policy.using_cache(CacheConfig(window=None)):
-            result = policy.generate(
-                prompt_ids, max_new_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
-                top_k=c.top_k, seed=random.Random(f"sft:{c.seed}:{self.step}:{self.dp.rank}").randrange(2**31),
-                chat_template=False)
-        return result.completion_ids
-
-    def _target_ids(self, target: str | list[int]) -> list[int]:
-        """The trace's tokens plus EOS (no EOS when cut at max_completion_length: the trace goes on). A
-        token-id target is taken as it is (its own EOS included), cut at max_completion_length."""
-        if isinstance(target, list):
-            return target[: self.config.max_completion_length]
-        tokenizer = self.policy.tokenizer
-        ids = tokenizer.encode(target, add_special_tokens=False)
-        if len(ids) >= self.config.max_completion_length or tokenizer.eos_token_id is None:
-            return ids[: self.config.max_completion_length]
-        return ids + [tokenizer.eos_token_id]
-
-
-__all__ = ["GRPOTrainer", "PolicyBatch", "SFTTrainer"]

@@ -1,4 +1,5 @@
-"""GRPO advantages and losses in plain torch, with TRL GRPOTrainer's semantics and metric names.
+"""GRPO maths in plain torch, with TRL GRPOTrainer's semantics and metric names: rewards ->
+group advantages, the loss mask, batch-wide token weights, and the clipped per-token loss.
 
 The trainer backpropagates segment by segment (the replay), so the loss is written as a sum of
 per-token terms: :func:`loss_normalizer` gives each token its weight from the *whole* batch's
@@ -11,12 +12,13 @@ Shapes: ``N`` sequences (prompts x ``group_size`` completions, grouped contiguou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from ..config import LOSS_TYPES, SCALE_REWARDS
+from ..config import LOSS_TYPES, SCALE_REWARDS, check_choice
 from ..errors import ConfigError
 
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
@@ -37,11 +39,6 @@ def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor | list
     total = (rewards_per_func * w).nansum(dim=1)
     all_missing = torch.isnan(rewards_per_func).all(dim=1)
     return total.masked_fill(all_missing, float("nan"))
-
-
-def rewards_tensor(rewards: list[float | None]) -> torch.Tensor:
-    """A reward list with None (skipped samples) as NaN."""
-    return torch.tensor([float("nan") if r is None else float(r) for r in rewards], dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -77,8 +74,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: Scal
     statistics and get advantage 0 and ``valid=False``. ``zero_std`` is always the *group*'s std
     (a group with < 2 valid rewards counts as zero-std): those groups carry no learning signal.
     """
-    if scale_rewards not in SCALE_REWARDS:
-        raise ConfigError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
     if group_size < 1 or rewards.dim() != 1 or rewards.numel() % group_size:
         raise ConfigError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
     rewards = rewards.float()
@@ -109,40 +105,23 @@ def _masked_mean_std(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
     return torch.where(count >= 1, mean, torch.zeros_like(mean)), std
 
 
-# --------------------------------------------------------------------------- completion masks
+# --------------------------------------------------------------------------- the loss mask
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """TRL's completion mask: tokens up to and including the first EOS (all tokens if none), and
-    ``truncated`` [N] bool for completions that never produced EOS (they hit the length limit)."""
-    eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                              device=completion_ids.device)
-    is_eos = torch.isin(completion_ids, eos_ids)
-    n, t = completion_ids.shape
-    first_eos = torch.full((n,), t, dtype=torch.long, device=completion_ids.device)
-    has_eos = is_eos.any(dim=1)
-    first_eos[has_eos] = is_eos.int().argmax(dim=1)[has_eos]
-    positions = torch.arange(t, device=completion_ids.device).expand(n, -1)
-    mask = (positions <= first_eos.unsqueeze(1)).to(torch.float32)
-    return mask, ~has_eos
-
-
-def mask_truncated_completions(mask: torch.Tensor, truncated: torch.Tensor, enabled: bool = True) -> torch.Tensor:
-    """TRL's ``mask_truncated_completions``: drop completions cut at the length limit from the loss,
-    so the policy is not trained on answers it never finished."""
-    return mask * (~truncated).unsqueeze(1).to(mask.dtype) if enabled else mask
-
-
-def soft_overlong_penalty(lengths: torch.Tensor, max_completion_length: int, soft_punish_cache: int) -> torch.Tensor:
-    """DAPO's soft overlong punishment (TRL's ``get_soft_overlong_punishment``): 0 up to
-    ``max - cache`` tokens, then linearly down to -1 at ``max``; an alternative to masking."""
-    if not 0 <= soft_punish_cache < max_completion_length:
-        raise ConfigError("soft_punish_cache must be in [0, max_completion_length)")
-    start = max_completion_length - soft_punish_cache
-    lengths = lengths.float()
-    ramp = (start - lengths) / max(soft_punish_cache, 1)
-    return torch.where(lengths <= start, torch.zeros_like(lengths),
-                       torch.where(lengths <= max_completion_length, ramp, -torch.ones_like(lengths)))
+def loss_mask(lengths: Sequence[int], width: int, starts: Sequence[int] | None = None,
+              truncated: Sequence[bool] | None = None) -> torch.Tensor:
+    """[n, width] float mask of the completion tokens that enter the loss: tokens [starts[i],
+    lengths[i]) of row i (`starts`: the rows' `loss_mask_prefix`, default 0), and none of a row
+    that is `truncated` (TRL's ``mask_truncated_completions``: a completion cut at the length limit
+    is not trained on; pass None to keep them). Built once per batch; the loss weights
+    (:func:`batch_loss_weights`) are zero wherever it is."""
+    positions = torch.arange(width)[None]
+    mask = positions < torch.tensor(lengths, dtype=torch.long).reshape(-1, 1)
+    if starts is not None:
+        mask &= positions >= torch.tensor(starts, dtype=torch.long).reshape(-1, 1)
+    if truncated is not None:
+        mask &= ~torch.tensor(truncated, dtype=torch.bool).reshape(-1, 1)
+    return mask.float()
 
 
 # --------------------------------------------------------------------------- loss
@@ -163,8 +142,7 @@ def loss_normalizer(mask: torch.Tensor, loss_type: LossType = "grpo", max_comple
     the number of kept sequences after zero-std filtering (TRL counts masked rows in N).
     Compute the weights once from the full mask, then slice them per segment.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ConfigError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_choice("loss_type", loss_type, LOSS_TYPES)
     mask = mask.float()
     n = num_sequences if num_sequences is not None else mask.shape[0]
     if loss_type == "grpo":
@@ -237,14 +215,14 @@ class LossStats:
 
 def token_loss_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advantages: torch.Tensor,
                      weights: torch.Tensor, mask: torch.Tensor | None = None, epsilon_low: float = 0.2,
-                     epsilon_high: float = 0.2, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
-                     delta: float | None = None) -> tuple[torch.Tensor, LossStats]:
+                     epsilon_high: float = 0.2, beta: float = 0.0,
+                     ref_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, LossStats]:
     """Per-token loss terms ``weights * per_token_loss`` [N, t] for a slice of t tokens, and the
     additive stats of that slice. TRL's per-token loss:
     ``-min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * KL``, ``r = exp(logp - old)``
     (``old`` = detached ``logp`` when None, i.e. one iteration per batch), k3 estimator
-    ``KL = exp(ref - logp) - (ref - logp) - 1``, and ``delta`` an optional upper clamp of ``r``.
-    ``mask`` (default ``weights > 0``) decides which tokens count in the stats.
+    ``KL = exp(ref - logp) - (ref - logp) - 1``. ``mask`` (default ``weights > 0``, the loss mask)
+    decides which tokens count in the stats.
     """
     if old_logprobs is None:
         old_logprobs = logprobs.detach()
@@ -252,8 +230,6 @@ def token_loss_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, 
     adv = advantages.to(logprobs.dtype).unsqueeze(1)
     ratio = torch.exp(logprobs - old_logprobs)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    if delta is not None:
-        ratio = torch.clamp(ratio, max=delta)
     per_token = -torch.min(ratio * adv, clipped * adv)
     stats = _clip_stats(ratio.detach(), adv.detach(), mask, epsilon_low, epsilon_high)
     if beta != 0.0:
@@ -286,11 +262,11 @@ def _clip_stats(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, epsi
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, loss_type: LossType = "grpo", epsilon_low: float = 0.2, epsilon_high: float = 0.2,
               beta: float = 0.0, ref_logprobs: torch.Tensor | None = None, max_completion_length: int | None = None,
-              num_sequences: int | None = None, num_items_in_batch: float | None = None,
-              delta: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              num_sequences: int | None = None,
+              num_items_in_batch: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss of a full batch (``[N, T]`` log-probs, ``[N]`` advantages) and TRL's metrics.
     Equal to the sum of :func:`token_loss_terms` over any split of the tokens into segments."""
     weights = loss_normalizer(mask, loss_type, max_completion_length, num_sequences, num_items_in_batch)
     terms, stats = token_loss_terms(logprobs, old_logprobs, advantages, weights, mask, epsilon_low,
-                                    epsilon_high, beta, ref_logprobs, delta)
+                                    epsilon_high, beta, ref_logprobs)
     return terms.sum(), stats.metrics()

@@ -332,7 +332,7 @@ def _grpo_step(policy: Policy, prompt: list[int], n: int, batch: int, window: in
     import random
 
     from ...config import TrainConfig
-    from ...training.loop import GRPOTrainer
+    from ...training.grpo import GRPOTrainer
 
     def random_reward(prompts, completions, **_):
         return [random.random() for _ in prompts]
