@@ -16,7 +16,10 @@ import pytest
 import torch
 
 from conftest import assert_close_to_scale, byte_tokenizer
-from thoughtfold.cli import TerminalStreamer, eval_command, main, read_prompts_file
+from thoughtfold.cli import main
+from thoughtfold.cli.generate import read_prompts_file
+from thoughtfold.cli.streamer import TerminalStreamer
+from thoughtfold.cli.train import eval_command
 from thoughtfold.config import DataConfig, TrainConfig
 from thoughtfold.errors import DataError
 
@@ -380,3 +383,12 @@ def test_train_rejects_non_finite_numbers_and_a_list_config(tmp_path, capsys):
     config.write_text("- learning_rate: 1.0e-3\n- max_steps: 2\n")
     assert_one_line_error(run_main(capsys, "train", "--config", str(config)),
                           "must be a mapping of settings (key: value), not a list")
+
+
+def test_building_the_parser_imports_neither_torch_nor_transformers():
+    """`thoughtfold --help` and a usage error answer at once: the commands load the engine when they run."""
+    code = ("import sys\nfrom thoughtfold.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -19,7 +19,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from thoughtfold import AdapterConfig, CacheConfig
-from thoughtfold.evaluation.bench.run import SHAPES, random_model
+from thoughtfold.evaluation.bench.config import SHAPES
+from thoughtfold.evaluation.bench.measure import random_model
 from thoughtfold.policy import Policy
 
 KINDS = (  # first match wins

@@ -388,7 +388,8 @@ class Policy:
 
 
 def concat_rollouts(parts: list[GenerationResult]) -> GenerationResult:
-    """One GenerationResult from several generate calls (rows in order, token rate over all calls)."""
+    """One GenerationResult from several generate calls: rows in order, and run totals over all the
+    calls (tokens, seconds, eviction events, the token rate, the peak cache)."""
     if len(parts) == 1:
         return parts[0]
     lists = {f.name: [x for p in parts for x in getattr(p, f.name)] for f in fields(GenerationResult)
@@ -396,5 +397,6 @@ def concat_rollouts(parts: list[GenerationResult]) -> GenerationResult:
     tokens = sum(p.stats["generated_tokens"] for p in parts)
     seconds = sum(p.stats["seconds"] for p in parts)
     stats = {"generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
-             "evictions": sum(p.stats["evictions"] for p in parts)}
+             "evictions": sum(p.stats["evictions"] for p in parts),
+             "peak_cache_tokens": max(p.stats["peak_cache_tokens"] for p in parts)}
     return GenerationResult(**lists, stats=stats)

@@ -1,0 +1,31 @@
+"""`thoughtfold report`: one markdown page and PNG plots comparing evaluation and training runs
+(evaluation/report.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report", help="compare runs: markdown tables and PNG plots",
+        description="Compare evaluation and training runs: accuracy by cache window per method (from "
+        "eval summary.json files) and reward curves (from training metrics.jsonl), as one markdown "
+        "page (printed and written as report.md) and PNG plots.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="eval output or training run directories")
+    p.add_argument("--output", default="runs/report", metavar="DIR", help="where report.md and the plots go "
+                   "[default: %(default)s]")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation.report import REPORT_NAME, build_report
+
+    text, plots = build_report(args.runs, args.output)
+    print(text, end="")
+    print(f"thoughtfold: wrote {Path(args.output) / REPORT_NAME} and {len(plots)} plot(s) in {args.output}",
+          file=sys.stderr)
+    return 0
