@@ -1,6 +1,7 @@
 """The `thoughtfold` command, one module per subcommand: `generate` (bounded-cache generation),
 `grpo` / `train` and `sft` (training), `eval` (accuracy under cache budgets), `report` (tables and
-plots of runs) and `bench` (memory and speed tables); the flags they share are in flags.py.
+plots of runs) and `bench` (memory and speed tables). Each declares its NAME and HELP, `add_arguments`
+and `run`, and its docstring is its --help description; the flags several share are in flags.py.
 
 Every `ThoughtfoldError` (and every bad command-line value) ends the command with one line
 `error: <message>` on stderr and exit status 2, never a traceback. Building the parser imports
@@ -39,11 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "with Progressive Thought Encoding.")
     parser.add_argument("--version", action="version", version=f"thoughtfold {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    generate.add_parser(sub)
-    evaluate.add_parser(sub)
-    report.add_parser(sub)
-    bench.add_parser(sub)
-    train.add_parsers(sub)
+    for command in (generate, evaluate, report, bench):
+        p = sub.add_parser(command.NAME, help=command.HELP, description=command.__doc__)
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
+    for name, aliases, text in train.TRAINERS:  # TRL's `trl grpo` / `trl sft`: one set of arguments
+        p = sub.add_parser(name, aliases=aliases, help=text, description=text)
+        train.add_arguments(p)
+        p.set_defaults(func=train.run, trainer=name)
     return parser
 
 

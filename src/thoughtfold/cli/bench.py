@@ -1,5 +1,9 @@
-"""`thoughtfold bench`: the benchmarks of evaluation/bench (decode, replay, grpo, encoder, eviction)
-from the command line, one flag per `BenchConfig` setting."""
+"""`thoughtfold bench`: random-init models of a named shape (nothing is downloaded). decode: tokens/s
+and peak memory vs generated length (bounded vs full cache vs HF generate); replay: time and peak memory
+of replay + backward vs completion length (PTE bounded, per --backprop mode, vs full-cache LoRA); grpo:
+one whole GRPO step vs completion length (same rows); encoder: encoder cost per eviction event;
+eviction: decode speed and GRPO step time per eviction policy. Prints the tables and writes bench.md,
+bench.json and a PNG per length sweep to --output."""
 
 from __future__ import annotations
 
@@ -11,57 +15,43 @@ from ..config import AdapterConfig
 from ..evaluation.bench.config import BENCHMARKS, BenchConfig
 from .flags import comma_list, number
 
+NAME = "bench"
+HELP = "decode / replay / grpo / encoder / eviction benchmarks with tables and plots"
+FLAGS = (  # flag, type, default, metavar, help: one per BenchConfig setting
+    ("--shape", str, "cpu-small", None, "model shape: cpu-small, tiny (smoke test) or qwen2.5-3b"),
+    ("--lengths", comma_list(int, "lengths", "integers"), None, "N1,N2,...", "generated / completion lengths "
+     "[default: 256,1024,4096 decode; 512,2048,8192 replay; 512,1024,2048 grpo; 1024 eviction]"),
+    ("--window", number(int, "window"), 256, "W", None),
+    ("--device", str, "cpu", None, "cpu, cuda, cuda:N"),
+    ("--dtype", str, None, None, "float32 / bfloat16 / float16 [default: float32 on CPU, bfloat16 on CUDA]"),
+    ("--rank", number(int, "rank"), 32, None, "adapter rank"),
+    ("--global-tokens", number(int, "global-tokens"), 32, None, "PTE global tokens"),
+    ("--output", str, "runs/bench", "DIR", None),
+    ("--baseline-max", number(int, "baseline-max"), None, "N", "decode: run the full-cache and HF baselines "
+     "only up to N new tokens [default: every length]"),
+    ("--methods", comma_list(str, "methods"), None, "M1,M2,...", "decode: which of bounded, bounded-compiled, "
+     "full, hf-static, hf to run [default: all on CUDA; bounded,full,hf on CPU]"),
+    ("--tokens", number(int, "tokens"), 1024, None, "encoder: tokens decoded"),
+    ("--backprop", comma_list(str, "backprop"), None, "B1,B2,...", "replay, grpo: a PTE row per backprop mode "
+     "(state, truncated, full); LoRA's full cache never evicts, so its one row holds for every mode "
+     "[default: all three]"),
+    ("--replay-batch", number(int, "replay-batch"), None, "N", "grpo: rows per replay micro-batch "
+     "(TrainConfig.replay_batch_size), the same for PTE and LoRA [default: the whole group]"),
+    ("--evictions", comma_list(str, "evictions"), None, "E1,E2,...", "eviction: the policies compared "
+     "(oldest, h2o, snapkv, headkv) [default: all four]"),
+)
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench", help="decode / replay / grpo / encoder / eviction benchmarks with tables and plots",
-        description="Random-init models of a named shape (nothing is downloaded). decode: tokens/s and "
-        "peak memory vs generated length (bounded vs full cache vs HF generate); replay: time and peak "
-        "memory of replay + backward vs completion length (PTE bounded, per --backprop mode, vs full-cache "
-        "LoRA); grpo: one whole GRPO step vs completion length (same rows); encoder: encoder cost per "
-        "eviction event; eviction: decode speed and GRPO step time per eviction policy. Prints the tables "
-        "and writes bench.md, bench.json and a PNG per length sweep to --output.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("which", nargs="?", default="all", choices=[*BENCHMARKS, "all"],
                    help="which benchmark [default: %(default)s]")
-    p.add_argument("--shape", default="cpu-small", help="model shape: cpu-small, tiny (smoke test) or "
-                   "qwen2.5-3b [default: %(default)s]")
-    p.add_argument("--lengths", type=comma_list(int, "lengths", "integers"), default=None, metavar="N1,N2,...",
-                   help="generated / completion lengths [default: 256,1024,4096 decode; 512,2048,8192 replay; "
-                   "512,1024,2048 grpo; 1024 eviction]")
-    p.add_argument("--window", type=number(int, "window"), default=256, metavar="W", help="[default: %(default)s]")
     p.add_argument("--batch-size", "--batch", dest="batch", type=number(int, "batch-size"), default=4,
                    help="sequences per batch [default: %(default)s]")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N [default: %(default)s]")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 [default: float32 on CPU, "
-                   "bfloat16 on CUDA]")
-    p.add_argument("--rank", type=number(int, "rank"), default=32, help="adapter rank [default: %(default)s]")
-    p.add_argument("--global-tokens", type=number(int, "global-tokens"), default=32,
-                   help="PTE global tokens [default: %(default)s]")
-    p.add_argument("--output", default="runs/bench", metavar="DIR", help="[default: %(default)s]")
-    _add_per_benchmark_flags(p)
-    p.set_defaults(func=run)
-
-
-def _add_per_benchmark_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--baseline-max", type=number(int, "baseline-max"), default=None, metavar="N",
-                   help="decode: run the full-cache and HF baselines only up to N new tokens "
-                   "[default: every length]")
-    p.add_argument("--methods", type=comma_list(str, "methods"), default=None, metavar="M1,M2,...",
-                   help="decode: which of bounded, bounded-compiled, full, hf-static, hf to run "
-                   "[default: all on CUDA; bounded,full,hf on CPU]")
-    p.add_argument("--tokens", type=number(int, "tokens"), default=1024,
-                   help="encoder: tokens decoded [default: %(default)s]")
     p.add_argument("--compile", action="store_true",
                    help="encoder: decode through torch.compile (compile_decode=True), as on a GPU run")
-    p.add_argument("--backprop", type=comma_list(str, "backprop"), default=None, metavar="B1,B2,...",
-                   help="replay, grpo: a PTE row per backprop mode (state, truncated, full); LoRA's full cache "
-                   "never evicts, so its one row holds for every mode [default: all three]")
-    p.add_argument("--replay-batch", type=number(int, "replay-batch"), default=None, metavar="N",
-                   help="grpo: rows per replay micro-batch (TrainConfig.replay_batch_size), the same for PTE "
-                   "and LoRA [default: the whole group]")
-    p.add_argument("--evictions", type=comma_list(str, "evictions"), default=None, metavar="E1,E2,...",
-                   help="eviction: the policies compared (oldest, h2o, snapkv, headkv) [default: all four]")
+    for flag, kind, default, metavar, text in FLAGS:
+        shown = "" if default is None else " [default: %(default)s]"
+        p.add_argument(flag, type=kind, default=default, metavar=metavar, help=(text or "").strip() + shown)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""`thoughtfold eval`: pass@k accuracy per dataset and cache window (evaluation/evaluate.py), printed
-as a table; samples and summary written to the output directory."""
+"""`thoughtfold eval`: sample K completions per problem under each cache window, grade them with
+math-verify and report pass@1 / pass@k per dataset and window. Writes samples.jsonl and summary.json to
+--output; rerunning the same command resumes an interrupted evaluation."""
 
 from __future__ import annotations
 
@@ -8,37 +9,25 @@ import sys
 from pathlib import Path
 
 from ..tasks.example import SYSTEM_PROMPT
-from .flags import (
-    add_cache_flags,
-    add_model_flags,
-    add_prompt_flags,
-    add_sampling_flags,
-    cache_config,
-    load_policy,
-    number,
-    sampling_config,
-)
+from . import flags
+
+NAME = "eval"
+HELP = "pass@k accuracy per dataset and cache window"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval", help="pass@k accuracy per dataset and cache window",
-        description="Sample K completions per problem under each cache window, grade them with "
-        "math-verify and report pass@1 / pass@k per dataset and window. Writes samples.jsonl and "
-        "summary.json to --output; rerunning the same command resumes an interrupted evaluation.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", "--data", dest="datasets", required=True, metavar="NAME|PATH[,...]",
                    help="comma-separated: bundled sets (gsm8k, math500, minerva), Hub ids/aliases "
                    "(aime24, aime25, amc23, olympiadbench), .jsonl files, arith[:options]")
-    add_model_flags(p, adapter_help="a trained thoughtfold adapter")
-    add_cache_flags(p, window_list=True)
-    add_sampling_flags(p, max_new_tokens=1024, temperature=0.6, top_p=0.95, seed=0)
-    add_prompt_flags(p, SYSTEM_PROMPT, "system message [default: ask for step-by-step reasoning and a "
+    flags.add_model_flags(p, adapter_help="a trained thoughtfold adapter")
+    flags.add_cache_flags(p, window_list=True)
+    flags.add_sampling_flags(p, max_new_tokens=1024, temperature=0.6, top_p=0.95, seed=0)
+    flags.add_prompt_flags(p, SYSTEM_PROMPT, "system message [default: ask for step-by-step reasoning and a "
                      "\\boxed{} answer]")
     p.add_argument("--no-system-prompt", action="store_true", help="send no system message")
-    p.add_argument("--n-samples", type=number(int, "n-samples"), default=1, metavar="K",
+    p.add_argument("--n-samples", type=flags.number(int, "n-samples"), default=1, metavar="K",
                    help="samples per problem [default: %(default)s]")
-    p.add_argument("--limit", type=number(int, "limit"), default=None, metavar="N",
+    p.add_argument("--limit", type=flags.number(int, "limit"), default=None, metavar="N",
                    help="first N problems of each dataset")
     p.add_argument("--split", default=None, help="dataset split [default: the set's test split]")
     p.add_argument("--reward", default="math", help="grader: math (math-verify), arith, or a reward "
@@ -48,7 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, metavar="DIR",
                    help="output directory [default: runs/eval/<adapter or model name>]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def split_dataset_list(value: str) -> list[str]:
@@ -71,17 +59,17 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import SAMPLES_NAME, SUMMARY_NAME, EvalConfig, evaluate, summary_table
     from ..persist import lock_directory
 
-    cache = cache_config(args, "evict_ratio", "eviction")
+    cache = flags.cache_config(args, "evict_ratio", "eviction")
     name = Path(args.adapter).resolve().name if args.adapter else Path(args.model or "default").name
     config = EvalConfig(
         datasets=split_dataset_list(args.datasets), windows=list(dict.fromkeys(getattr(args, "window", [cache.window]))),
-        cache=cache, sampling=sampling_config(args), n_samples=args.n_samples, limit=args.limit,
+        cache=cache, sampling=flags.sampling_config(args), n_samples=args.n_samples, limit=args.limit,
         batch_size=args.batch_size, split=args.split, system_prompt=None if args.no_system_prompt else args.system_prompt,
         chat_template=not args.no_chat_template, reward=args.reward, method=args.name,
         output_dir=args.output or str(Path("runs") / "eval" / name), progress=not args.no_progress,
     )
     with lock_directory(config.output_dir, "evaluation"):  # also: a read-only --output fails here, not later
-        policy = load_policy(args)
+        policy = flags.load_policy(args)
         summary = evaluate(policy, config, model=policy.base_model,
                            adapter=str(Path(args.adapter).resolve()) if args.adapter else None)
     s = config.sampling

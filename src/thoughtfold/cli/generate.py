@@ -1,5 +1,5 @@
-"""`thoughtfold generate`: completions under a bounded KV cache, streamed to the terminal (one prompt),
-printed one after the other, or as one JSON object per prompt; a summary line on stderr."""
+"""`thoughtfold generate`: generate completions with a bounded KV cache: the prompt is pinned and at
+most WINDOW generated tokens are kept; when the window is full the oldest ceil(R*WINDOW) are evicted."""
 
 from __future__ import annotations
 
@@ -11,38 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .flags import (
-    add_cache_flags,
-    add_model_flags,
-    add_prompt_flags,
-    add_sampling_flags,
-    cache_config,
-    load_policy,
-    sampling_config,
-)
+from . import flags
+
+NAME = "generate"
+HELP = "generate text under a bounded KV cache"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate", help="generate text under a bounded KV cache",
-        description="Generate completions with a bounded KV cache: the prompt is pinned and at most "
-        "WINDOW generated tokens are kept; when the window is full the oldest ceil(R*WINDOW) are evicted.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompts-file", metavar="F.jsonl",
                      help='JSONL file, one prompt per line: {"prompt": "..."} or a JSON string ("-" = stdin)')
-    add_model_flags(p, adapter_help="load a trained thoughtfold adapter (with its base model and cache "
-                    "settings unless --model / --window / --evict-ratio are given)")
-    add_cache_flags(p)
-    add_sampling_flags(p, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None)
-    add_prompt_flags(p, None, "system message (with the chat template)")
+    flags.add_model_flags(p, adapter_help="load a trained thoughtfold adapter (with its base model and cache "
+                          "settings unless --model / --window / --evict-ratio are given)")
+    flags.add_cache_flags(p)
+    flags.add_sampling_flags(p, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None)
+    flags.add_prompt_flags(p, None, "system message (with the chat template)")
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop when the text contains STR (repeatable)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt: text, completion_ids, logprobs, evictions, "
                    "peak_cache_tokens")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,12 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from ..policy import concat_rollouts
     from .streamer import TerminalStreamer
 
-    cache = cache_config(args, "window", "evict_ratio", "eviction")
-    sampling = sampling_config(args)
+    cache = flags.cache_config(args, "window", "evict_ratio", "eviction")
+    sampling = flags.sampling_config(args)
     if args.prompt is not None and not args.prompt.strip():
         raise DataError("the prompt is empty")
     prompts = [args.prompt] if args.prompt is not None else read_prompts_file(args.prompts_file)
-    policy = load_policy(args, cache=cache)
+    policy = flags.load_policy(args, cache=cache)
     stream = len(prompts) == 1 and not args.json
     results = []
     for start in range(0, len(prompts), args.batch_size):

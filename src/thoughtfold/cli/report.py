@@ -1,5 +1,6 @@
-"""`thoughtfold report`: one markdown page and PNG plots comparing evaluation and training runs
-(evaluation/report.py)."""
+"""`thoughtfold report`: compare evaluation and training runs: accuracy by cache window per method (from
+eval summary.json files) and reward curves (from training metrics.jsonl), as one markdown page (printed
+and written as report.md) and PNG plots."""
 
 from __future__ import annotations
 
@@ -7,18 +8,14 @@ import argparse
 import sys
 from pathlib import Path
 
+NAME = "report"
+HELP = "compare runs: markdown tables and PNG plots"
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report", help="compare runs: markdown tables and PNG plots",
-        description="Compare evaluation and training runs: accuracy by cache window per method (from "
-        "eval summary.json files) and reward curves (from training metrics.jsonl), as one markdown "
-        "page (printed and written as report.md) and PNG plots.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="eval output or training run directories")
     p.add_argument("--output", default="runs/report", metavar="DIR", help="where report.md and the plots go "
                    "[default: %(default)s]")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,16 +17,12 @@ TRAINERS = (
 )
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    for name, aliases, helptext in TRAINERS:
-        p = sub.add_parser(name, aliases=aliases, help=helptext, description=helptext)
-        p.add_argument("--config", default=None, metavar="FILE",
-                       help="YAML config (see configs/); default: the built-in quickstart settings")
-        p.add_argument("--resume", action="store_true",
-                       help="continue from the last complete checkpoint in output_dir")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="config overrides, e.g. cache.window=64 adapter.mode=lora max_steps=50")
-        p.set_defaults(func=run, trainer=name)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML config (see configs/); default: the built-in quickstart settings")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. cache.window=64 adapter.mode=lora max_steps=50")
 
 
 def run(args: argparse.Namespace) -> int:
