@@ -25,7 +25,7 @@ from thoughtfold import GRPOTrainer, SFTTrainer
 from thoughtfold.config import AdapterConfig, CacheConfig, DataConfig, TrainConfig
 from thoughtfold.errors import ConfigError, DataError
 from thoughtfold.policy import Policy, concat_rollouts
-from thoughtfold.training.checkpoint import latest_checkpoint, list_checkpoints
+from thoughtfold.training.checkpoint import list_checkpoints
 from thoughtfold.training.distributed import DataParallel
 from thoughtfold.training.metrics import read_metrics
 
@@ -240,7 +240,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dirs):
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert latest_checkpoint(killed / "checkpoints").name == "step-00000002"
+    assert list_checkpoints(killed / "checkpoints")[-1].name == "step-00000002"
     assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == [1, 2, 3]
 
     resumed = _config(tmp_path, model, output_dir=str(killed), max_steps=4, save_steps=2, resume=True)
@@ -289,7 +289,7 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, t
     _launch(_DDP_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
                              out=str(out), loss_types=DDP_LOSS_TYPES))
     assert [r["step"] for r in read_metrics(out / "run" / "metrics.jsonl")] == [1, 2]  # written once
-    assert latest_checkpoint(out / "run" / "checkpoints").name == "step-00000002"
+    assert list_checkpoints(out / "run" / "checkpoints")[-1].name == "step-00000002"
 
     monkeypatch.setattr(GRPOTrainer, "generate", per_group_generate)
     for loss_type in DDP_LOSS_TYPES:
@@ -361,7 +361,7 @@ def test_fsdp_shards_the_base_and_matches_one_process(tmp_path, tiny_dirs, monke
     model, out = tiny_dirs["llama"], tmp_path / "fsdp"
     out.mkdir()
     _launch(_FSDP_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model), out=str(out)))
-    assert latest_checkpoint(out / "run" / "checkpoints").name == "step-00000002"
+    assert list_checkpoints(out / "run" / "checkpoints")[-1].name == "step-00000002"
 
     monkeypatch.setattr(GRPOTrainer, "generate", ragged_generate)
     single = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, model, prompts_per_step=4, replay_batch_size=2,

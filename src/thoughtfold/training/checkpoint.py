@@ -4,7 +4,7 @@ A checkpoint is a directory ``step-00000012/`` holding the adapter (``adapter/``
 :meth:`Policy.save_adapter` writes it) and ``trainer_state.pt`` (optimizer, scheduler, RNG states,
 data position, step). It is written into a hidden temporary sibling and renamed into place, so a
 directory named ``step-*`` is always complete; a killed run leaves at most a hidden temp directory,
-which :func:`latest_checkpoint` ignores and the next save removes.
+which :func:`list_checkpoints` ignores and the next save removes.
 """
 
 from __future__ import annotations
@@ -76,12 +76,6 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    found = list_checkpoints(root)
-    return found[-1] if found else None
 
 
 def load_checkpoint(path: str | os.PathLike, policy) -> dict[str, Any]:
