@@ -34,14 +34,6 @@ class Example(dict):
         return self["answer"]
 
 
-def build_messages(example: Example | dict | str, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
-    """Chat messages ``[system, user]`` for one example (no system message if ``system_prompt`` is None)."""
-    prompt = example if isinstance(example, str) else example["prompt"]
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": prompt}]
-
-
-
 def prompt_text(value: Any) -> str:
     """A prompt value as text: a string, or a chat (list of messages) whose last user turn is taken."""
     if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
