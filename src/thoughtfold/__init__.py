@@ -1,7 +1,8 @@
 """thoughtfold: reasoning LMs under a fixed-size KV cache with Progressive Thought Encoding.
 
-The settings and errors import eagerly (plain data: no torch, no transformers); the engine and the trainers load on first
-use (`from thoughtfold import Policy, GRPOTrainer`), so `import thoughtfold` stays fast."""
+The settings and errors import eagerly (plain data: no torch, no transformers); the engine and the
+trainers load on first use (`from thoughtfold import Policy, GRPOTrainer`), so `import thoughtfold`
+stays fast."""
 
 from importlib import import_module
 from typing import Any

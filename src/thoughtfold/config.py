@@ -73,8 +73,9 @@ class CacheConfig:
             raise ConfigError(f"evict_ratio must be in (0, 1], got {self.evict_ratio!r}")
         self.evict_ratio = float(self.evict_ratio)
         check_choice("eviction", self.eviction, EVICTIONS)
-        if self.observe_window is not None and (not isinstance(self.observe_window, int) or self.observe_window < 1):
-            raise ConfigError(f"observe_window must be an integer >= 1 or None (automatic), got {self.observe_window!r}")
+        observe = self.observe_window
+        if observe is not None and (not isinstance(observe, int) or observe < 1):
+            raise ConfigError(f"observe_window must be an integer >= 1 or None (automatic), got {observe!r}")
 
     @property
     def bounded(self) -> bool:
@@ -209,7 +210,8 @@ class TrainConfig:
         default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
     )
     data: DataConfig = field(default_factory=DataConfig)
-    rewards: list[str] = field(default_factory=lambda: ["arith"])  # GRPO's, unless GRPOTrainer gets reward_funcs
+    # GRPO's rewards, unless GRPOTrainer gets reward_funcs
+    rewards: list[str] = field(default_factory=lambda: ["arith"])
     reward_weights: list[float] | None = None
     num_generations: int = 8
     prompts_per_step: int = 4
@@ -232,7 +234,8 @@ class TrainConfig:
     mask_truncated_completions: bool = False
     num_iterations: int = 1
     sft_targets: str = "dataset"
-    backprop: str = "state"  # how replay gradients cross evictions (BACKPROP); "truncated" cannot learn recall
+    # how replay gradients cross evictions (BACKPROP); "truncated" cannot learn recall
+    backprop: str = "state"
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
     max_steps: int = 16

@@ -97,7 +97,8 @@ class Policy:
             cfg = model.config
             kv_dim = cfg.num_key_value_heads * head_dim(cfg)
             dtype = wide_dtype(next(model.parameters()).dtype)
-            self.encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config).to(self.device, dtype)
+            encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config)
+            self.encoder = encoder.to(self.device, dtype)
         self.folder = StateFolder(model, self.wrappers, self.encoder)
         self.cuda_graph = self.device.type == "cuda"
         self.compile_decode = False
@@ -138,7 +139,8 @@ class Policy:
         if adapter_path is not None:
             saved_adapter, cache, model = adapter_settings(adapter_path, model, cache)
             if adapter is not None and adapter != saved_adapter:
-                raise ConfigError(f"adapter settings conflict with the adapter saved in {adapter_path}; pass one")
+                raise ConfigError(f"adapter settings conflict with the adapter saved in {adapter_path}; "
+                                  "pass one")
             adapter = saved_adapter
         model = model or "default"
         hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
@@ -163,8 +165,8 @@ class Policy:
 
     def _check_wrapped(self) -> None:
         if self._unwrapped:
-            raise ConfigError("this Policy was unwrapped (Policy.unwrap() gave its model back): wrap the model "
-                              "in a new Policy to use it again")
+            raise ConfigError("this Policy was unwrapped (Policy.unwrap() gave its model back): wrap the "
+                              "model in a new Policy to use it again")
 
     def save_adapter(self, directory: str) -> None:
         """Write the adapter (safetensors + JSON settings; in lora mode also a PEFT directory)."""
@@ -195,7 +197,8 @@ class Policy:
     def encode(self, prompts: Prompt | Sequence[Prompt], chat_template: bool = True,
                system_prompt: str | None = None) -> list[list[int]]:
         """Token ids of each prompt (chat template applied to strings when asked and available)."""
-        ids = [encode_prompt(self.tokenizer, p, chat_template, system_prompt) for p in _as_prompt_list(prompts)]
+        ids = [encode_prompt(self.tokenizer, p, chat_template, system_prompt)
+               for p in _as_prompt_list(prompts)]
         limit = max_positions(self.model)
         vocab = self.model.get_input_embeddings().num_embeddings
         for i, p in enumerate(ids):
@@ -206,7 +209,8 @@ class Policy:
                                 f"{vocab - 1}: use token ids of this model's tokenizer")
             if limit is not None and len(p) >= limit:
                 raise PromptTooLongError(
-                    f"prompt {i} has {len(p)} tokens but the model handles at most {limit} positions; shorten it"
+                    f"prompt {i} has {len(p)} tokens but the model handles at most {limit} positions; "
+                    "shorten it"
                 )
         return ids
 
@@ -232,7 +236,8 @@ class Policy:
         limit, longest = max_positions(self.model), max(map(len, prompt_ids))
         if limit is not None and longest + max_new_tokens > limit:
             raise PromptTooLongError(
-                f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
+                f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
+                f"{longest + max_new_tokens} "
                 f"positions, but the model handles at most {limit}: lower max_new_tokens to "
                 f"{limit - longest} or shorten the prompt"
             )
@@ -250,7 +255,8 @@ class Policy:
         )
         return self._finish(raw, prompt_ids, stop)
 
-    def _eviction_policy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> EvictionPolicy | ScoredEviction:
+    def _eviction_policy(self, prompt_ids: list[list[int]],
+                         max_new_tokens: int) -> EvictionPolicy | ScoredEviction:
         """The custom policy, else the one the cache config names (headkv: calibrated on these
         prompts the first time)."""
         if self.eviction_policy is not None:
@@ -266,14 +272,15 @@ class Policy:
         for the default oldest-block schedule (the replay's default), else a teacher-forced pass of
         the completions through the decode path (a scored policy chooses from the attention these
         very tokens receive). What a replay of given targets (SFT, fidelity) needs."""
-        if not self.cache_config.bounded or (self.eviction_policy is None and self.cache_config.eviction == "oldest"):
+        cache = self.cache_config
+        if not cache.bounded or (self.eviction_policy is None and cache.eviction == "oldest"):
             return None
         prompts = [list(p) for p in prompt_ids]
         width = max(map(len, completion_ids))
         forced = right_pad(completion_ids, width, self.pad_token_id)
-        raw = rollout(self.model, self.folder, prompts, self.cache_config, SamplingConfig(width, temperature=1.0),
-                      eos_ids=set(), pad_id=self.pad_token_id, eviction_policy=self._eviction_policy(prompts, width),
-                      forced=forced)
+        raw = rollout(self.model, self.folder, prompts, cache, SamplingConfig(width, temperature=1.0),
+                      eos_ids=set(), pad_id=self.pad_token_id,
+                      eviction_policy=self._eviction_policy(prompts, width), forced=forced)
         return [events_within(raw.row_events(i), len(c)) for i, c in enumerate(completion_ids)]
 
     def calibrate_heads(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64) -> torch.Tensor:
@@ -396,7 +403,8 @@ def concat_rollouts(parts: list[GenerationResult]) -> GenerationResult:
              if f.name != "stats"}
     tokens = sum(p.stats["generated_tokens"] for p in parts)
     seconds = sum(p.stats["seconds"] for p in parts)
-    stats = {"generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
+    stats = {"generated_tokens": tokens, "seconds": seconds,
+             "tokens_per_s": tokens / seconds if seconds else 0.0,
              "evictions": sum(p.stats["evictions"] for p in parts),
              "peak_cache_tokens": max(p.stats["peak_cache_tokens"] for p in parts)}
     return GenerationResult(**lists, stats=stats)

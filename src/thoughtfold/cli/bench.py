@@ -29,11 +29,11 @@ FLAGS = (  # flag, type, default, metavar, help: one per BenchConfig setting
     ("--output", str, "runs/bench", "DIR", None),
     ("--baseline-max", number(int, "baseline-max"), None, "N", "decode: run the full-cache and HF baselines "
      "only up to N new tokens [default: every length]"),
-    ("--methods", comma_list(str, "methods"), None, "M1,M2,...", "decode: which of bounded, bounded-compiled, "
-     "full, hf-static, hf to run [default: all on CUDA; bounded,full,hf on CPU]"),
+    ("--methods", comma_list(str, "methods"), None, "M1,M2,...", "decode: which of bounded, "
+     "bounded-compiled, full, hf-static, hf to run [default: all on CUDA; bounded,full,hf on CPU]"),
     ("--tokens", number(int, "tokens"), 1024, None, "encoder: tokens decoded"),
-    ("--backprop", comma_list(str, "backprop"), None, "B1,B2,...", "replay, grpo: a PTE row per backprop mode "
-     "(state, truncated, full); LoRA's full cache never evicts, so its one row holds for every mode "
+    ("--backprop", comma_list(str, "backprop"), None, "B1,B2,...", "replay, grpo: a PTE row per backprop "
+     "mode (state, truncated, full); LoRA's full cache never evicts, so its one row holds for every mode "
      "[default: all three]"),
     ("--replay-batch", number(int, "replay-batch"), None, "N", "grpo: rows per replay micro-batch "
      "(TrainConfig.replay_batch_size), the same for PTE and LoRA [default: the whole group]"),
@@ -61,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig(
         which=args.which, shape=args.shape, lengths=args.lengths, window=args.window, batch=args.batch,
         device=args.device, dtype=args.dtype, output_dir=args.output,
-        adapter=AdapterConfig(rank=args.rank, global_tokens=args.global_tokens), baseline_max=args.baseline_max,
-        decode_methods=None if args.methods is None else tuple(args.methods), tokens=args.tokens,
+        adapter=AdapterConfig(rank=args.rank, global_tokens=args.global_tokens),
+        baseline_max=args.baseline_max, tokens=args.tokens,
+        decode_methods=None if args.methods is None else tuple(args.methods),
         compile_decode=args.compile, replay_batch=args.replay_batch,
         **{k: tuple(v) for k, v in optional.items() if v is not None},
     )

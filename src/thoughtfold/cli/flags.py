@@ -68,7 +68,8 @@ def comma_list(kind: Callable[[str], Any], what: str, items: str = "names") -> C
         try:
             return [kind(x.strip()) for x in value.split(",") if x.strip()]
         except (ValueError, argparse.ArgumentTypeError):
-            raise argparse.ArgumentTypeError(f"{what} must be comma-separated {items}, got {value!r}") from None
+            message = f"{what} must be comma-separated {items}, got {value!r}"
+            raise argparse.ArgumentTypeError(message) from None
 
     parse.__name__ = what
     return parse
@@ -98,7 +99,8 @@ def add_cache_flags(p: argparse.ArgumentParser, window_list: bool = False) -> No
                        help="thought tokens kept in the cache, or 'none' for a full cache "
                        "[default: the adapter's, else none]")
     p.add_argument("--evict-ratio", type=number(float, "evict-ratio"), default=argparse.SUPPRESS, metavar="R",
-                   help="fraction of the window evicted at once, in (0, 1] [default: the adapter's, else 0.25]")
+                   help="fraction of the window evicted at once, in (0, 1] "
+                   "[default: the adapter's, else 0.25]")
     p.add_argument("--eviction", choices=EVICTIONS, default=argparse.SUPPRESS,
                    help="which tokens an eviction removes: the oldest block, or per sequence and layer by "
                    "attention received (h2o, snapkv, headkv) [default: the adapter's, else oldest]")
@@ -107,8 +109,8 @@ def add_cache_flags(p: argparse.ArgumentParser, window_list: bool = False) -> No
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_p: float,
                        seed: int | None) -> None:
     """--max-new-tokens, --temperature, --top-p, --top-k, --seed, with the command's defaults."""
-    p.add_argument("--max-new-tokens", type=number(int, "max-new-tokens"), default=max_new_tokens, metavar="N",
-                   help="[default: %(default)s]")
+    p.add_argument("--max-new-tokens", type=number(int, "max-new-tokens"), default=max_new_tokens,
+                   metavar="N", help="[default: %(default)s]")
     p.add_argument("--temperature", type=number(float, "temperature"), default=temperature, metavar="T",
                    help="sampling temperature; 0 = greedy [default: %(default)s]")
     p.add_argument("--top-p", type=number(float, "top-p"), default=top_p, help="[default: %(default)s]")

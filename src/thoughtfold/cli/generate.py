@@ -51,12 +51,14 @@ def run(args: argparse.Namespace) -> int:
         batch = prompts[start : start + args.batch_size]
         streamer = TerminalStreamer(policy.tokenizer, policy.eos_token_ids, args.stop) if stream else None
         seed = None if sampling.seed is None else sampling.seed + start
-        res = policy.generate(batch, **replace(sampling, seed=seed).to_dict(), chat_template=not args.no_chat_template,
-                              stop=args.stop or None, streamer=streamer, system_prompt=args.system_prompt)
+        res = policy.generate(batch, **replace(sampling, seed=seed).to_dict(),
+                              chat_template=not args.no_chat_template, stop=args.stop or None,
+                              streamer=streamer, system_prompt=args.system_prompt)
         for i in range(len(batch)):
             if args.json:
-                record = {"text": res.texts[i], "completion_ids": res.completion_ids[i], "logprobs": res.logprobs[i],
-                          "evictions": res.evictions[i], "peak_cache_tokens": res.peak_cache_tokens[i]}
+                record = {"text": res.texts[i], "completion_ids": res.completion_ids[i],
+                          "logprobs": res.logprobs[i], "evictions": res.evictions[i],
+                          "peak_cache_tokens": res.peak_cache_tokens[i]}
                 print(json.dumps(record, ensure_ascii=False), flush=True)
             elif not stream:
                 print(f"=== [{start + i + 1}/{len(prompts)}] ===")
@@ -98,7 +100,8 @@ def _prompt(item: Any, where: str) -> str | list[int]:
         elif not isinstance(item, str):
             raise DataError(f'{where}: "prompt" must be a string, got {_json_type(item)}')
     elif not isinstance(item, str):
-        raise DataError(f'{where}: expected a JSON object with a "prompt" field or a JSON string, got {_json_type(item)}')
+        raise DataError(f'{where}: expected a JSON object with a "prompt" field or a JSON string, '
+                        f"got {_json_type(item)}")
     if isinstance(item, str) and not item.strip():
         raise DataError(f"{where}: the prompt is empty")
     return item

@@ -12,7 +12,8 @@ from pathlib import Path
 from ..config import TrainConfig, load_config
 
 TRAINERS = (
-    ("grpo", ["train"], "RL-train with cache-aware GRPO; no arguments = the quickstart run on the bundled model"),
+    ("grpo", ["train"],
+     "RL-train with cache-aware GRPO; no arguments = the quickstart run on the bundled model"),
     ("sft", [], "supervised training through the replay (imitate dataset solutions or full-cache traces)"),
 )
 
@@ -20,7 +21,8 @@ TRAINERS = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML config (see configs/); default: the built-in quickstart settings")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last complete checkpoint in output_dir")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. cache.window=64 adapter.mode=lora max_steps=50")
 

@@ -138,7 +138,8 @@ class AdapterGroup:
             if first.state is None:
                 raise RuntimeError("pte adapter called without a state: run it through a Policy")
             # one state product for the whole group: [B, T * members, r] @ S^T [B, r, r]
-            u = torch.bmm(u.reshape(u.shape[0], -1, rank), first.state.to(x.dtype).transpose(-1, -2)).view_as(u)
+            state_t = first.state.to(x.dtype).transpose(-1, -2)
+            u = torch.bmm(u.reshape(u.shape[0], -1, rank), state_t).view_as(u)
         return list(u.split(rank, dim=-1))
 
 

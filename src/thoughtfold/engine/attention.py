@@ -46,7 +46,8 @@ def grouped_decode_attention(
     stats = getattr(module, STATS_ATTR, None)
     if stats is not None and q_len == 1:
         stats.observe(module.layer_idx, query, key, attention_mask, scaling)
-    masked_per_sequence = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
+    mask = attention_mask
+    masked_per_sequence = mask is None or (mask.dim() == 4 and mask.shape[1] == 1)
     if q_len != 1 or heads == kv_heads or not masked_per_sequence or kwargs.get("softcap") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -72,8 +73,9 @@ def observing(model: nn.Module, stats: AttentionStats | None) -> Iterator[None]:
         yield
         return
     if getattr(model.config, "_attn_implementation", None) != NAME:
-        raise ConfigError(f"scored eviction reads attention weights in the {NAME!r} attention function, but the "
-                         f"model uses {model.config._attn_implementation!r}: load it with attn_implementation='sdpa'")
+        raise ConfigError(f"scored eviction reads attention weights in the {NAME!r} attention function, but "
+                          f"the model uses {model.config._attn_implementation!r}: load it with "
+                          "attn_implementation='sdpa'")
     modules = attention_modules(model)
     for module in modules:
         setattr(module, STATS_ATTR, stats)

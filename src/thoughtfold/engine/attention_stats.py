@@ -30,7 +30,8 @@ class AttentionStats:
         self.prompt_slots = prompt_slots
         shape = (num_layers, batch, kv_heads, window)
         self.total = torch.zeros(shape, device=device) if cumulative else None
-        self.recent = torch.zeros(num_layers, recent_queries, *shape[1:], device=device) if recent_queries else None
+        recent = (num_layers, recent_queries, *shape[1:])
+        self.recent = torch.zeros(recent, device=device) if recent_queries else None
         self.peak = torch.zeros(num_layers, kv_heads, device=device) if peak else None
         self._row = torch.zeros(1, dtype=torch.long, device=device)  # the `recent` row the next query writes
 

@@ -76,7 +76,8 @@ class ThoughtEncoder(nn.Module):
         return self.global_keys.shape[1]
 
     def _scores_values(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys/values [L, B, n, d_kv] (position-free) -> scores [L, B, r, n], projected values [L, B, n, r]."""
+        """keys/values [L, B, n, d_kv] (position-free) -> scores [L, B, r, n] and projected values
+        [L, B, n, r]."""
         k = torch.einsum("lbnd,lda->lbna", keys.to(self.key_proj.dtype), self.key_proj)
         scores = torch.einsum("lra,lbna->lbrn", self.queries, k) / math.sqrt(self.attention_dim)
         v = torch.einsum("lbnd,ldr->lbnr", values.to(self.value_proj.dtype), self.value_proj)
@@ -97,7 +98,8 @@ class ThoughtEncoder(nn.Module):
         if self.num_global == 0:
             return empty
         expand = (num_layers, batch, *self.global_keys.shape[1:])
-        return self._absorb(empty, self.global_keys[:, None].expand(expand), self.global_values[:, None].expand(expand))
+        keys, values = self.global_keys[:, None].expand(expand), self.global_values[:, None].expand(expand)
+        return self._absorb(empty, keys, values)
 
     def absorb(self, state: EncoderState, keys: torch.Tensor, values: torch.Tensor) -> EncoderState:
         """Fold one evicted block (position-free keys/values [L, B, E, d_kv]) into the state.

@@ -58,7 +58,8 @@ class EvictionEvent:
     @classmethod
     def from_dict(cls, d: dict) -> EvictionEvent:
         if "layers" in d:
-            return cls(step=int(d["step"]), tokens=(), layers=tuple(tuple(int(t) for t in ts) for ts in d["layers"]))
+            layers = tuple(tuple(int(t) for t in ts) for ts in d["layers"])
+            return cls(step=int(d["step"]), tokens=(), layers=layers)
         return cls(step=int(d["step"]), tokens=tuple(int(t) for t in d["tokens"]))
 
 
@@ -136,7 +137,8 @@ class SnapKV(ScoredEviction):
         per_head = stats.recent.sum(1)  # [L, B, H_kv, W]
         order = slot_token.argsort(-1)[:, :, None].expand_as(per_head)
         in_order = per_head.gather(-1, order)
-        pooled = F.avg_pool1d(in_order.flatten(0, 2)[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2,
+        pooled = F.avg_pool1d(in_order.flatten(0, 2)[:, None], POOL_KERNEL, stride=1,
+                              padding=POOL_KERNEL // 2,
                               count_include_pad=False).view_as(in_order)
         per_head = torch.empty_like(per_head).scatter_(-1, order, pooled)
         if self.head_weights is None:

@@ -155,8 +155,8 @@ class _Context:
                 thought = cached[:, :, prompt:]
                 shape = (*thought.shape[:2], -1, thought.shape[-1])
                 out.append(thought.gather(2, out_idx[layer][:, None, :, None].expand(shape)))
-                buffers[layer] = torch.cat(
-                    [cached[:, :, :prompt], thought.gather(2, keep_idx[layer][:, None, :, None].expand(shape))], 2)
+                kept = thought.gather(2, keep_idx[layer][:, None, :, None].expand(shape))
+                buffers[layer] = torch.cat([cached[:, :, :prompt], kept], 2)
         self.valid = self.valid[:, : self.valid.shape[1] - block]
         evicted = self.thought.gather(-1, out_idx)
         self.thought = self.thought.gather(-1, keep_idx)
@@ -261,7 +261,8 @@ class _StateChain:
         for k, leaf in enumerate(self.leaves):
             if k > 0:
                 state = self.folder.fold(state, *self.blocks[k - 1])
-            for mine, grad in ((state.num, leaf.num.grad), (state.norm, None if leaf.norm is None else leaf.norm.grad)):
+            norm_grad = None if leaf.norm is None else leaf.norm.grad
+            for mine, grad in ((state.num, leaf.num.grad), (state.norm, norm_grad)):
                 if grad is not None and mine.requires_grad:
                     total = (mine * grad).sum() if total is None else total + (mine * grad).sum()
         self.folder.apply(None)
@@ -305,8 +306,10 @@ def _replay_batch(
         if k > 0:
             keys, values, gone = context.evict(_event_tokens(logs, k - 1, num_layers, device), a)
             # [B, E] when every layer evicted the same tokens, as the rollout folds them
-            positions = plen[:, None] + gone[0] if bool((gone == gone[:1]).all()) else plen[None, :, None] + gone
-            state = folder.fold(state if full_backprop or state is None else state.detach(), keys, values, positions)
+            positions = (plen[:, None] + gone[0] if bool((gone == gone[:1]).all())
+                         else plen[None, :, None] + gone)
+            state = folder.fold(state if full_backprop or state is None else state.detach(), keys, values,
+                                positions)
         thought = comp[:, a:b]
         seg_ids = torch.cat([ids, thought], 1) if k == 0 else thought
         seg_pos = plen[:, None] + torch.arange(a, b, device=device)[None]
@@ -315,7 +318,8 @@ def _replay_batch(
         m = seg_ids.shape[1]
         own = torch.ones(m, m, dtype=torch.bool, device=device).tril()[None].expand(batch, m, m)
         if k == 0:  # padding keys are invisible; a padding query sees itself only
-            own = own & torch.cat([valid, torch.ones(batch, b - a, dtype=torch.bool, device=device)], 1)[:, None]
+            keys_valid = torch.cat([valid, torch.ones(batch, b - a, dtype=torch.bool, device=device)], 1)
+            own = own & keys_valid[:, None]
             own = own | torch.eye(m, dtype=torch.bool, device=device)[None]
         mask = torch.cat([context.valid[:, None].expand(batch, m, -1), own], -1)[:, None]
         cache = context.cache(num_layers)

@@ -50,7 +50,8 @@ class RawRollout:
         if self.layer_tokens is None:
             return list(self.events)
         mine = self.layer_tokens[:, :, row].tolist()
-        return [EvictionEvent(e.step, (), tuple(map(tuple, layers))) for e, layers in zip(self.events, mine, strict=True)]
+        return [EvictionEvent(e.step, (), tuple(map(tuple, layers)))
+                for e, layers in zip(self.events, mine, strict=True)]
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device,
@@ -193,7 +194,8 @@ def rollout(
                 token, lp = sample(logits, sampling, generator)
             else:
                 token = forced[:, t].to(device)
-                lp = torch.log_softmax(logits.to(wide_dtype(logits.dtype)) / max(sampling.temperature, 1e-30), -1)
+                scaled = logits.to(wide_dtype(logits.dtype)) / max(sampling.temperature, 1e-30)
+                lp = torch.log_softmax(scaled, -1)
                 lp = lp.gather(-1, token[:, None])[:, 0]
             token = torch.where(done, torch.full_like(token, pad_id), token)
             tokens[:, t], logprobs[:, t] = token, lp

@@ -14,8 +14,9 @@ Resume: samples are generated in fixed batches (a fixed partition of the flatten
 run that was killed and restarted skips the finished samples, regenerates exactly the unfinished
 batches, and ends with the same samples and summary as an uninterrupted run. A line cut short by
 the kill is dropped. (Exactly the same samples need the same --n-samples and --batch-size, which
-define the partition; with other values the finished samples are still reused.) The seed does not depend on the window: all windows see the same random draws
-(common random numbers), which lowers the variance of between-window differences.
+define the partition; with other values the finished samples are still reused.) The seed does not
+depend on the window: all windows see the same random draws (common random numbers), which lowers
+the variance of between-window differences.
 """
 
 from __future__ import annotations
@@ -269,9 +270,10 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
     _drop_partial_line(samples_path)
     done = read_samples(samples_path)
     for (name, _w, index, _s), record in done.items():
-        if name in loaded and index < len(loaded[name]) and record.get("prompt") != loaded[name][index]["prompt"]:
-            raise DataError(f"{samples_path} was written for another version of dataset {name} (problem {index} "
-                            "differs); use another --output")
+        rows = loaded.get(name, [])
+        if index < len(rows) and record.get("prompt") != rows[index]["prompt"]:
+            raise DataError(f"{samples_path} was written for another version of dataset {name} (problem "
+                            f"{index} differs); use another --output")
 
     K = c.n_samples
     total = sum(len(rows) * K for rows in loaded.values()) * len(c.windows)

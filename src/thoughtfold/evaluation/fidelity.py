@@ -38,7 +38,8 @@ class TokenFidelity:
     tokens: int = 0
 
     def __add__(self, other: TokenFidelity) -> TokenFidelity:
-        return TokenFidelity(self.kl_sum + other.kl_sum, self.top1_hits + other.top1_hits, self.tokens + other.tokens)
+        return TokenFidelity(self.kl_sum + other.kl_sum, self.top1_hits + other.top1_hits,
+                             self.tokens + other.tokens)
 
     @property
     def kl_after_eviction(self) -> float:
@@ -56,8 +57,9 @@ def full_cache_traces(policy: Policy, prompts: Sequence, max_new_tokens: int, ba
     parts = []
     with torch.no_grad(), adapters_disabled(policy.wrappers), policy.using_cache(CacheConfig(window=None)):
         for start in range(0, len(prompts), batch_size):
-            parts.append(policy.generate(list(prompts[start : start + batch_size]), max_new_tokens=max_new_tokens,
-                                         temperature=0.0, chat_template=chat_template, system_prompt=system_prompt))
+            batch = list(prompts[start : start + batch_size])
+            parts.append(policy.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0,
+                                         chat_template=chat_template, system_prompt=system_prompt))
     return concat_rollouts(parts)
 
 
@@ -69,7 +71,8 @@ def token_fidelity(policies: dict[str, Policy], reference: Policy, prompt_ids: S
     replays the traces under its own cache and eviction policy (`Policy.eviction_logs`)."""
     totals = {name: TokenFidelity() for name in policies}
     for start in range(0, len(traces), batch_size):
-        prompts, batch = list(prompt_ids[start : start + batch_size]), list(traces[start : start + batch_size])
+        span = slice(start, start + batch_size)
+        prompts, batch = list(prompt_ids[span]), list(traces[span])
         width = max(map(len, batch))
         ref = _distributions(reference, prompts, batch, width, full_cache=True)
         lengths = torch.tensor([len(t) for t in batch])
@@ -125,8 +128,9 @@ def answer_agreement(policy: Policy, prompts: Sequence, reference_texts: Sequenc
         texts: list[str] = []
         for start in range(0, len(keep), batch_size):
             rows = keep[start : start + batch_size]
-            texts += policy.generate([prompts[i] for i in rows], max_new_tokens=max_new_tokens, temperature=0.0,
-                                     chat_template=chat_template, system_prompt=system_prompt).texts
+            texts += policy.generate([prompts[i] for i in rows], max_new_tokens=max_new_tokens,
+                                     temperature=0.0, chat_template=chat_template,
+                                     system_prompt=system_prompt).texts
         scores = grade(None, texts, answer=[golds[i] for i in keep])
     finally:
         grade.grader.close()

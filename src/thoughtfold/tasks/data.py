@@ -44,7 +44,7 @@ def read_jsonl(path: str | Path, what: str = "data file", label: str | None = No
     name = "<stdin>" if stdin else str(path)
     label = label or ("<stdin>" if stdin else Path(path).name)
     try:
-        lines = sys.stdin.read().splitlines() if stdin else Path(path).read_text(encoding="utf-8").splitlines()
+        text = sys.stdin.read() if stdin else Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{what} {name} not found") from None
     except IsADirectoryError:
@@ -53,7 +53,7 @@ def read_jsonl(path: str | Path, what: str = "data file", label: str | None = No
         raise DataError(f"{what} {name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise DataError(f"{what} {name} cannot be read: {e.strerror or e}") from None
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{label} line {lineno}"
@@ -179,22 +179,26 @@ def _dapo(row: dict, where: str) -> Example:
         text = text.split("\n\n", 1)[1]
     if _DAPO_SUFFIX in text:
         text = text.rsplit(_DAPO_SUFFIX, 1)[0]
-    gold = row.get("reward_model", {}).get("ground_truth") if isinstance(row.get("reward_model"), dict) else None
+    model = row.get("reward_model")
+    gold = model.get("ground_truth") if isinstance(model, dict) else None
     if gold is None:
-        raise DataError(f"{where}: missing field 'reward_model.ground_truth' (fields present: {', '.join(row)})")
+        raise DataError(f"{where}: missing field 'reward_model.ground_truth' "
+                        f"(fields present: {', '.join(row)})")
     extra = {k: v for k, v in row.items() if k not in ("prompt", "reward_model")}
     return Example(text.strip(), str(gold).strip(), **extra)
 
 
 HUB_SETS: dict[str, HubSet] = {
     "dapo-math-17k": HubSet("BytedTsinghua-SIA/DAPO-Math-17k", mapper=_dapo, dedupe=True),
-    "math500-hub": HubSet("HuggingFaceH4/MATH-500", split="test", prompt_field="problem", answer_field="answer"),
+    "math500-hub": HubSet("HuggingFaceH4/MATH-500", split="test", prompt_field="problem",
+                          answer_field="answer"),
     "aime24": HubSet("HuggingFaceH4/aime_2024", prompt_field="problem", answer_field="answer"),
     "aime25": HubSet("math-ai/aime25", split="test", prompt_field="problem", answer_field="answer"),
     "amc23": HubSet("math-ai/amc23", split="test", prompt_field="question", answer_field="answer"),
     "olympiadbench": HubSet("Hothan/OlympiadBench", name="OE_TO_maths_en_COMP", prompt_field="question",
                             answer_field="final_answer"),
-    "minerva-hub": HubSet("math-ai/minervamath", split="test", prompt_field="question", answer_field="answer"),
+    "minerva-hub": HubSet("math-ai/minervamath", split="test", prompt_field="question",
+                          answer_field="answer"),
     "gsm8k-hub": HubSet("openai/gsm8k", name="main", split="test", mapper=_gsm8k),
 }
 _HUB_BY_ID = {s.path.lower(): s for s in HUB_SETS.values()}
@@ -255,7 +259,8 @@ def _builder_for(path: str) -> str:
     suffix = Path(path).suffix.lower()
     builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if suffix not in builders:
-        raise DataError(f"data file {path}: unsupported type {suffix!r} (use .jsonl, .json, .parquet or .csv)")
+        raise DataError(f"data file {path}: unsupported type {suffix!r} "
+                        "(use .jsonl, .json, .parquet or .csv)")
     return builders[suffix]
 
 
@@ -305,8 +310,8 @@ def load_dataset_by_name(spec: str, split: str | None = None, limit: int | None 
         return load_hub(spec, split, limit, prompt_field, answer_field, data_files)
     raise ConfigError(
         f"unknown dataset {spec!r}: use a .jsonl path, a bundled set ({', '.join(BUNDLED)}), 'arith' "
-        f"(presets: {', '.join(ARITH_PRESETS)}), 'recall[:steps=N]', a Hub id 'owner/name[:config]' or one of "
-        f"{', '.join(HUB_SETS)}"
+        f"(presets: {', '.join(ARITH_PRESETS)}), 'recall[:steps=N]', a Hub id 'owner/name[:config]' or "
+        f"one of {', '.join(HUB_SETS)}"
     )
 
 

@@ -227,8 +227,9 @@ def recall_dataset(data: RecallData, split: str = "train", limit: int | None = N
 
 
 def recall_reward(prompts: Sequence[Sequence[int]], completions: Sequence[Any] | None = None,
-                  completion_ids: Sequence[Sequence[int]] | None = None, recall_steps: Sequence[int] | None = None,
-                  recall_combine: Sequence[str] | None = None, **_: Any) -> list[float | None]:
+                  completion_ids: Sequence[Sequence[int]] | None = None,
+                  recall_steps: Sequence[int] | None = None, recall_combine: Sequence[str] | None = None,
+                  **_: Any) -> list[float | None]:
     """TRL-style reward of the ``recall`` data: 1.0 for the correct trace of its own early value,
     else 0.0; None for a row that is not a recall row (no task columns or not a token-id prompt)."""
     if completion_ids is None:

@@ -115,8 +115,9 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
 
 
 def load_reward(spec: str | Callable) -> RewardFn:
-    """A reward function from a built-in name (``math``, ``accuracy``, ``format``, ``arith``, ``recall``), a dotted
-    path (``pkg.module:function`` or ``pkg.module.function``) or a file (``path/to/file.py:function``)."""
+    """A reward function from a built-in name (``math``, ``accuracy``, ``format``, ``arith``,
+    ``recall``), a dotted path (``pkg.module:function`` or ``pkg.module.function``) or a file
+    (``path/to/file.py:function``)."""
     if callable(spec):
         return spec
     if not isinstance(spec, str) or not spec.strip():
@@ -153,7 +154,8 @@ def _import_reward_module(spec: str, module_name: str):
         try:
             file_spec.loader.exec_module(module)
         except Exception as e:
-            raise ConfigError(f"reward {spec!r}: importing {module_name} failed ({type(e).__name__}: {e})") from e
+            raise ConfigError(f"reward {spec!r}: importing {module_name} failed "
+                              f"({type(e).__name__}: {e})") from e
         return module
     try:
         return importlib.import_module(module_name)

@@ -166,8 +166,9 @@ def _check_default_schedule(policy: Policy) -> None:
     """Lockstep replays follow the default oldest-block schedule on every process: refuse a policy
     whose rollouts evict otherwise."""
     if type(policy.eviction_policy) not in (type(None), OldestBlock):
-        raise ConfigError("fsdp replays the default oldest-block eviction schedule on every process (all must "
-                          "run the same segments), but this policy has a custom eviction_policy: train without fsdp")
+        raise ConfigError("fsdp replays the default oldest-block eviction schedule on every process (all "
+                          "must run the same segments), but this policy has a custom eviction_policy: train "
+                          "without fsdp")
     if policy.cache_config.eviction != "oldest":
         raise ConfigError(f"fsdp replays the default oldest-block eviction schedule on every process, but "
                           f"cache.eviction is {policy.cache_config.eviction}: train without fsdp or with "

@@ -107,8 +107,8 @@ class GRPOTrainer(Trainer):
     plot_key = "reward"
 
     def __init__(self, model: Policy | str | None = None,
-                 reward_funcs: RewardFunc | Sequence[RewardFunc] | None = None, args: TrainConfig | None = None,
-                 train_dataset: Sequence[dict] | None = None):
+                 reward_funcs: RewardFunc | Sequence[RewardFunc] | None = None,
+                 args: TrainConfig | None = None, train_dataset: Sequence[dict] | None = None):
         config = args if args is not None else TrainConfig()
         if reward_funcs is None:
             reward_funcs = config.rewards
@@ -116,10 +116,12 @@ class GRPOTrainer(Trainer):
             reward_funcs = [reward_funcs]
         if not reward_funcs:
             raise ConfigError("no rewards: pass reward_funcs or set rewards (e.g. arith, math, format)")
-        self.reward_funcs = [load_reward(s) for s in reward_funcs]  # unknown names fail before the model loads
+        # unknown names fail here, before the model loads
+        self.reward_funcs = [load_reward(s) for s in reward_funcs]
         self.reward_names = [getattr(f, "__name__", str(i)) for i, f in enumerate(self.reward_funcs)]
         if config.reward_weights is not None and len(config.reward_weights) != len(self.reward_funcs):
-            raise ConfigError(f"{len(config.reward_weights)} reward_weights for {len(self.reward_funcs)} rewards")
+            raise ConfigError(f"{len(config.reward_weights)} reward_weights for {len(self.reward_funcs)} "
+                              "rewards")
         super().__init__(model, config, train_dataset)
 
     @property
@@ -208,8 +210,9 @@ class GRPOTrainer(Trainer):
         completions = [rollout.completion_ids[i] for i in rows]
         width = self.replays.width(completions)
         old = right_pad([rollout.logprobs[i] for i in rows], width, dtype=torch.float32)
-        batch = PolicyBatch([rollout.prompt_ids[i] for i in rows], completions, [rollout.eviction_log[i] for i in rows],
-                            old.to(device), advantages[rows].to(device), weights[rows, :width].to(device))
+        batch = PolicyBatch([rollout.prompt_ids[i] for i in rows], completions,
+                            [rollout.eviction_log[i] for i in rows], old.to(device),
+                            advantages[rows].to(device), weights[rows, :width].to(device))
         if self.config.beta != 0 and (rows or self.replays.lockstep):
             batch.ref = self._reference_logprobs(batch)
         return batch

@@ -58,8 +58,8 @@ class Trainer:
     def __init__(self, model: Policy | str | None = None, args: TrainConfig | None = None,
                  train_dataset: Sequence[dict] | None = None):
         if model is not None and not isinstance(model, (Policy, str)):
-            raise ConfigError(f"model must be a thoughtfold Policy, a model id or path, or None (args.model), "
-                              f"got {type(model).__name__}")
+            raise ConfigError("model must be a thoughtfold Policy, a model id or path, or None "
+                              f"(args.model), got {type(model).__name__}")
         args = args if args is not None else TrainConfig()
         # a model named here is the run's model: the saved config.yaml must say so for a resume
         self.config = replace(args, model=model) if isinstance(model, str) else args
@@ -77,7 +77,8 @@ class Trainer:
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise ConfigError("adapter mode 'none' has nothing to train: set adapter.mode to lora or pte")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
         self.scheduler = self._make_scheduler()
         self.step = 0
         self.data_pos = 0
@@ -126,8 +127,8 @@ class Trainer:
         if c.resume or not list_checkpoints(checkpoints):
             return
         if not c.overwrite_output_dir:
-            raise ConfigError(f"{self.output_dir} already holds checkpoints: set resume=true to continue that run, "
-                              "overwrite_output_dir=true to start over, or pick another output_dir")
+            raise ConfigError(f"{self.output_dir} already holds checkpoints: set resume=true to continue "
+                              "that run, overwrite_output_dir=true to start over, or pick another output_dir")
         self.dp.barrier()  # every process has looked before the main one deletes
         if self.dp.main:
             log.info("overwrite_output_dir: removing the old checkpoints in %s", checkpoints)
@@ -152,8 +153,8 @@ class Trainer:
                 continue
             log.info("resumed from %s (step %d)", path, self.step)
             return
-        raise ConfigError(f"none of the {len(found)} checkpoints in {checkpoints} is intact (see the warnings); "
-                          "start over with overwrite_output_dir=true or restore them from a copy")
+        raise ConfigError(f"none of the {len(found)} checkpoints in {checkpoints} is intact (see the "
+                          "warnings); start over with overwrite_output_dir=true or restore them from a copy")
 
     # ---- data
 

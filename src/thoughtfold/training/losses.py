@@ -29,12 +29,15 @@ STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 # --------------------------------------------------------------------------- rewards -> advantages
 
 
-def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor | list[float] | None = None) -> torch.Tensor:
+def combine_rewards(rewards_per_func: torch.Tensor,
+                    weights: torch.Tensor | list[float] | None = None) -> torch.Tensor:
     """Weighted sum over reward functions ``[N, F] -> [N]`` where None (NaN) entries are skipped,
     as TRL does with ``nansum``; a sample with no reward at all stays NaN (skipped downstream)."""
     if rewards_per_func.dim() == 1:
         rewards_per_func = rewards_per_func.unsqueeze(1)
-    w = torch.ones(rewards_per_func.shape[1]) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    if weights is None:
+        weights = torch.ones(rewards_per_func.shape[1])
+    w = torch.as_tensor(weights, dtype=torch.float32)
     w = w.to(rewards_per_func.device, rewards_per_func.dtype)
     total = (rewards_per_func * w).nansum(dim=1)
     all_missing = torch.isnan(rewards_per_func).all(dim=1)
@@ -66,7 +69,8 @@ class GroupAdvantages:
         return self.valid & ~self.zero_std if filter_zero_std else self.valid
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: ScaleRewards = "group") -> GroupAdvantages:
+def group_advantages(rewards: torch.Tensor, group_size: int,
+                     scale_rewards: ScaleRewards = "group") -> GroupAdvantages:
     """TRL's group-relative advantages: ``r - mean(group)``, divided by ``std + 1e-4`` of the group
     (``"group"``), of the whole batch (``"batch"``) or not at all (``"none"``).
 
@@ -127,8 +131,9 @@ def loss_mask(lengths: Sequence[int], width: int, starts: Sequence[int] | None =
 # --------------------------------------------------------------------------- loss
 
 
-def loss_normalizer(mask: torch.Tensor, loss_type: LossType = "grpo", max_completion_length: int | None = None,
-                    num_sequences: int | None = None, num_items_in_batch: float | None = None) -> torch.Tensor:
+def loss_normalizer(mask: torch.Tensor, loss_type: LossType = "grpo",
+                    max_completion_length: int | None = None, num_sequences: int | None = None,
+                    num_items_in_batch: float | None = None) -> torch.Tensor:
     """Per-token weights [N, T] (0 where masked) such that ``sum(weight * per_token_loss)`` is TRL's loss:
 
     * ``grpo``: mean over each sequence's tokens, then mean over sequences -> ``1 / (N * n_i)``;
@@ -152,7 +157,8 @@ def loss_normalizer(mask: torch.Tensor, loss_type: LossType = "grpo", max_comple
         length = max_completion_length if max_completion_length is not None else mask.shape[1]
         return mask / (n * length)
     if loss_type == "bnpo" and num_items_in_batch is not None:
-        raise ConfigError("bnpo normalises by its own micro-batch's token count; num_items_in_batch is dapo's")
+        raise ConfigError("bnpo normalises by its own micro-batch's token count; num_items_in_batch is "
+                          "dapo's")
     total = num_items_in_batch if num_items_in_batch is not None else mask.sum().item()
     return mask / max(float(total), 1.0)
 
@@ -172,7 +178,8 @@ def batch_loss_weights(mask: torch.Tensor, counted: torch.Tensor, loss_type: Los
     """
     mask = mask.float() * counted.to(mask.device).unsqueeze(1)
     if loss_type != "bnpo":
-        return loss_normalizer(mask, loss_type, max_completion_length, num_sequences=max(int(counted.sum()), 1))
+        kept = max(int(counted.sum()), 1)
+        return loss_normalizer(mask, loss_type, max_completion_length, num_sequences=kept)
     local = mask.shape[0] // processes
     spans = micro_batches if micro_batches is not None else [(0, local)]
     weights = torch.zeros_like(mask)
@@ -260,9 +267,9 @@ def _clip_stats(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, epsi
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advantages: torch.Tensor,
-              mask: torch.Tensor, loss_type: LossType = "grpo", epsilon_low: float = 0.2, epsilon_high: float = 0.2,
-              beta: float = 0.0, ref_logprobs: torch.Tensor | None = None, max_completion_length: int | None = None,
-              num_sequences: int | None = None,
+              mask: torch.Tensor, loss_type: LossType = "grpo", epsilon_low: float = 0.2,
+              epsilon_high: float = 0.2, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
+              max_completion_length: int | None = None, num_sequences: int | None = None,
               num_items_in_batch: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss of a full batch (``[N, T]`` log-probs, ``[N]`` advantages) and TRL's metrics.
     Equal to the sum of :func:`token_loss_terms` over any split of the tokens into segments."""

@@ -36,7 +36,8 @@ class MetricsLogger:
                 import wandb
             except ImportError:
                 raise ConfigError("report_to wandb needs the wandb package: pip install wandb") from None
-            self._wandb = wandb.init(project="thoughtfold", dir=str(output_dir), config=config, resume="allow")
+            self._wandb = wandb.init(project="thoughtfold", dir=str(output_dir), config=config,
+                                     resume="allow")
 
     def log(self, metrics: dict[str, float]) -> None:
         """Append one logged step's metrics everywhere."""

@@ -35,16 +35,18 @@ class SFTTrainer(Trainer):
             return rows
         for i, row in enumerate(rows):
             target = row.get(field_name)
-            is_ids = isinstance(target, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in target)
+            is_ids = isinstance(target, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                      for t in target)
             if not (isinstance(target, str) or is_ids) or not target:
-                raise DataError(f"dataset row {i} has no text or token ids in {field_name!r} (the SFT target; set "
-                                "data.completion_field)")
+                raise DataError(f"dataset row {i} has no text or token ids in {field_name!r} (the SFT "
+                                "target; set data.completion_field)")
         return rows
 
     def train_step(self, examples: list[dict]) -> dict[str, float]:
         """One update on a batch of traces; `loss` is the token-mean NLL before the update."""
         c, device = self.config, self.policy.device
-        prompt_ids = self.policy.encode([e["prompt"] for e in examples], c.data.chat_template, c.data.system_prompt)
+        prompts = [e["prompt"] for e in examples]
+        prompt_ids = self.policy.encode(prompts, c.data.chat_template, c.data.system_prompt)
         if c.sft_targets == "full_cache":
             completions = self._full_cache_traces(prompt_ids)
         else:
@@ -59,7 +61,8 @@ class SFTTrainer(Trainer):
         grad_norm = self.optimizer_step()
         return {"loss": self.dp.sum([loss])[0], "grad_norm": grad_norm, "num_tokens": num_tokens}
 
-    def _replay_nll(self, prompt_ids: list[list[int]], completions: list[list[int]], weights: torch.Tensor) -> float:
+    def _replay_nll(self, prompt_ids: list[list[int]], completions: list[list[int]],
+                    weights: torch.Tensor) -> float:
         """Backward of the weighted NLL of one micro-batch, segment by segment; returns its value."""
         loss = 0.0
 
@@ -77,7 +80,8 @@ class SFTTrainer(Trainer):
         """What the base model (adapters off) samples under a full cache: the behaviour the bounded
         policy should imitate. Seeds follow (seed, step, process), so a resumed run sees the same."""
         c, policy = self.config, self.policy
-        with torch.no_grad(), adapters_disabled(policy.wrappers), policy.using_cache(CacheConfig(window=None)):
+        full_cache = policy.using_cache(CacheConfig(window=None))
+        with torch.no_grad(), adapters_disabled(policy.wrappers), full_cache:
             seed = random.Random(f"sft:{c.seed}:{self.step}:{self.dp.rank}").randrange(2**31)
             result = policy.generate(prompt_ids, **c.sampling(seed).to_dict(), chat_template=False)
         return result.completion_ids

@@ -15,8 +15,8 @@ SHAPES = {
     # a toy shape for smoke tests (seconds on a CPU)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
-    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                       num_key_value_heads=2, vocab_size=151936),
+    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936),
 }
 BENCHMARKS = ("decode", "replay", "grpo", "encoder", "eviction")
 DECODE_METHODS = ("bounded", "bounded-compiled", "full", "hf-static", "hf")
@@ -29,7 +29,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 def _check_names(what: str, names: tuple[str, ...], allowed: tuple[str, ...]) -> None:
     unknown = [n for n in names if n not in allowed]
     if not names or unknown:
-        raise ConfigError(f"unknown {what}(s) {', '.join(unknown) or 'none given'}; choose from {', '.join(allowed)}")
+        raise ConfigError(f"unknown {what}(s) {', '.join(unknown) or 'none given'}; "
+                          f"choose from {', '.join(allowed)}")
 
 
 @dataclass

@@ -63,7 +63,8 @@ def decode_benchmark(config: BenchConfig) -> Table:
 def _labels(config: BenchConfig) -> dict[str, str]:
     graph = " (CUDA graph)" if config.cuda else ""
     w = config.window
-    return {"bounded": f"bounded W={w}{graph}", "bounded-compiled": f"bounded W={w} (compiled{graph and ' + graph'})",
+    return {"bounded": f"bounded W={w}{graph}",
+            "bounded-compiled": f"bounded W={w} (compiled{graph and ' + graph'})",
             "full": "full cache (ours)", "hf-static": "HF static cache + compile", "hf": "HF generate"}
 
 
@@ -76,14 +77,16 @@ def _method(model, ids: list[list[int]], method: str,
         static = {"cache_implementation": "static"} if method == "hf-static" else {}
 
         def hf(n: int) -> object:
-            return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, pad_token_id=0, **static)
+            mask = torch.ones_like(prompts)
+            return model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0, **static)
 
         return hf, None
     cache = CacheConfig(window=None if method == "full" else config.window)
     policy = Policy(model, None, cache=cache, compile_decode=method == "bounded-compiled")
     policy.generate(ids, max_new_tokens=config.window + 8, temperature=0)  # set-up costs, compilation
-    check = agreement_with_eager(policy, ids, CHECK_TOKENS) if policy.cuda_graph or policy.compile_decode else None
+    captured = policy.cuda_graph or policy.compile_decode
+    check = agreement_with_eager(policy, ids, CHECK_TOKENS) if captured else None
     return (lambda n: policy.generate(ids, max_new_tokens=n, temperature=0)), check
 
 
@@ -100,9 +103,11 @@ def _add_rows(table: Table, model, speed: dict[tuple[int, str], float], peak: di
         best = max(bounded, key=lambda m: speed[n, m], default=None)
         for m in measured:
             if best and m.startswith("hf"):
-                table.add(n, f"{labels[best]} / {labels[m]}", speed[n, best] / speed[n, m], None, kind="ratio")
+                table.add(n, f"{labels[best]} / {labels[m]}", speed[n, best] / speed[n, m], None,
+                          kind="ratio")
         for m in bounded if bandwidth is not None else []:
-            floor = decode_floor_seconds(model, config.batch, PROMPT_TOKENS + min(n, config.window), bandwidth)
+            cached = PROMPT_TOKENS + min(n, config.window)
+            floor = decode_floor_seconds(model, config.batch, cached, bandwidth)
             what = f"{labels[m]} step vs floor ({floor * 1e3:.2f} ms at {bandwidth / 1e12:.2f} TB/s copy)"
             table.add(n, what, floor * speed[n, m] / config.batch, None, kind="share")
 

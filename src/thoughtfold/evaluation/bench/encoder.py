@@ -51,9 +51,10 @@ def encoder_benchmark(config: BenchConfig) -> Table:
     return table
 
 
-def _rollout_seconds(policy: Policy, ids: list[list[int]], config: BenchConfig, label: str) -> tuple[float, int]:
+def _rollout_seconds(policy: Policy, ids: list[list[int]], config: BenchConfig,
+                     label: str) -> tuple[float, int]:
     """The median time of a greedy rollout of `tokens` tokens, and its eviction events."""
-    policy.generate(ids, max_new_tokens=config.window + 8, temperature=0)  # warm-up: set-up costs, compilation
+    policy.generate(ids, max_new_tokens=config.window + 8, temperature=0)  # warm-up: set-up, compilation
     results = []
     runs = [seconds(lambda: results.append(policy.generate(ids, max_new_tokens=config.tokens, temperature=0)),
                     config.device) for _ in range(REPEATS)]
@@ -69,4 +70,5 @@ def _absorb_seconds(policy: Policy, config: BenchConfig) -> tuple[int, float]:
     state = encoder.initial_state(config.batch)
     with torch.no_grad():
         encoder.absorb(state, keys, keys)
-        return block, seconds(lambda: [encoder.absorb(state, keys, keys) for _ in range(20)], config.device) / 20
+        took = seconds(lambda: [encoder.absorb(state, keys, keys) for _ in range(20)], config.device)
+        return block, took / 20

@@ -30,8 +30,8 @@ def random_model(shape: str, device: str, dtype: torch.dtype, max_positions: int
 
 def random_prompts(shape: str, batch: int, length: int = 32, seed: int = 0) -> list[list[int]]:
     """`batch` random token-id prompts of `length` tokens (id 0 is the padding id)."""
-    ids = torch.randint(1, SHAPES[shape]["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
-    return ids.tolist()
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, SHAPES[shape]["vocab_size"], (batch, length), generator=generator).tolist()
 
 
 def _sync(device: str) -> None:

@@ -24,8 +24,8 @@ from .table import Table
 from .training import eviction_benchmark, grpo_benchmark, replay_benchmark
 
 BENCHMARK_RUNS: dict[str, Callable[[BenchConfig], Table]] = {
-    "decode": decode_benchmark, "replay": replay_benchmark, "grpo": grpo_benchmark, "encoder": encoder_benchmark,
-    "eviction": eviction_benchmark,
+    "decode": decode_benchmark, "replay": replay_benchmark, "grpo": grpo_benchmark,
+    "encoder": encoder_benchmark, "eviction": eviction_benchmark,
 }
 
 
@@ -55,7 +55,8 @@ def run_benchmarks(config: BenchConfig) -> BenchResult:
         table = tables[name] = BENCHMARK_RUNS[name](config)
         print(f"\n{table.title}\n{table.markdown()}", flush=True)
         if out is not None and table.plot:
-            title = f"{table.title.split(':')[0]}, batch {config.batch}, W={config.window} ({config.shape}, {config.device})"
+            what = table.title.split(":")[0]
+            title = f"{what}, batch {config.batch}, W={config.window} ({config.shape}, {config.device})"
             plots.append(table.draw(out / f"{name}.png", title))
     sections = ["# thoughtfold bench", "", header, ""]
     for table in tables.values():

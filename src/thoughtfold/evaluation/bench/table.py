@@ -42,8 +42,8 @@ class Table:
         self.rows.append(Row(list(cells), kind))
 
     def markdown(self) -> str:
-        text = markdown_table(self.header, [[_format(c, self._format(row, i)) for i, c in enumerate(row.cells)]
-                                            for row in self.rows])
+        cells = [[_format(c, self._format(row, i)) for i, c in enumerate(row.cells)] for row in self.rows]
+        text = markdown_table(self.header, cells)
         return text + (f"\n\n{self.note}" if self.note else "")
 
     def _format(self, row: Row, column: int) -> str | None:

@@ -25,10 +25,11 @@ from .table import Table
 REPLAY_TITLE = "Replay + backward: time and peak memory vs completion length"
 GRPO_TITLE = ("One GRPO step (rollouts + rewards + replay update): time and peak memory vs completion "
               "length")
-GRPO_NOTE = "For scale: the paper reports a PTE / LoRA peak of about 0.55x at 3K tokens with W = 1K (Qwen2.5-3B)."
+GRPO_NOTE = ("For scale: the paper reports a PTE / LoRA peak of about 0.55x at 3K tokens with W = 1K "
+             "(Qwen2.5-3B).")
 EVICTION_TITLE = "Eviction policies: decode speed and GRPO step time of PTE under the bounded cache"
-EVICTION_NOTE = ("For scale: the paper reports about +37% runtime for PTE with HeadKV eviction over the sliding "
-                 "window (DeepSeek-R1-Distill-Llama-8B).")
+EVICTION_NOTE = ("For scale: the paper reports about +37% runtime for PTE with HeadKV eviction over the "
+                 "sliding window (DeepSeek-R1-Distill-Llama-8B).")
 LORA = "LoRA, full cache (any backprop)"
 
 Result = tuple[float, int, int | None] | None  # seconds, peak bytes, total peak bytes; None: out of memory
@@ -44,7 +45,8 @@ def replay_benchmark(config: BenchConfig) -> Table:
         prompt, completion = tokens[:32], tokens[32:]
 
         def replay(prompts: list[list[int]], completions: list[list[int]]) -> None:
-            policy.replay_logprobs(prompts, completions, loss_fn=lambda lp, a, b, rows: -lp.mean(), backprop=backprop)
+            policy.replay_logprobs(prompts, completions, loss_fn=lambda lp, a, b, rows: -lp.mean(),
+                                   backprop=backprop)
 
         replay([prompt], [completion[: config.window + 8]])  # warm-up: one eviction event
         return lambda: replay([prompt] * config.batch, [completion] * config.batch)
@@ -79,8 +81,8 @@ def grpo_step(policy: Policy, prompt: list[int], n: int, config: BenchConfig, ou
 
     def trainer(length: int, where: Path) -> GRPOTrainer:
         args = TrainConfig(num_generations=config.batch, prompts_per_step=1, max_completion_length=length,
-                           max_steps=1, save_steps=0, output_dir=str(where), progress=False, backprop=backprop,
-                           replay_batch_size=config.replay_batch)
+                           max_steps=1, save_steps=0, output_dir=str(where), progress=False,
+                           backprop=backprop, replay_batch_size=config.replay_batch)
         return GRPOTrainer(policy, random_reward, args, [{"prompt": prompt}])
 
     warm = trainer(min(n, config.window + 8), Path(output_dir) / "warm-up")
@@ -91,7 +93,8 @@ def grpo_step(policy: Policy, prompt: list[int], n: int, config: BenchConfig, ou
 
 
 def _comparison_table(title: str, config: BenchConfig, note: str | None = None) -> Table:
-    header, formats = ["completion tokens", "method", "seconds", "peak MiB"], [None, None, "{:.2f}", "{:,.1f}"]
+    header = ["completion tokens", "method", "seconds", "peak MiB"]
+    formats = [None, None, "{:.2f}", "{:,.1f}"]
     if config.cuda:  # the allocator's peak including weights, adapters and optimizer state
         header, formats = [*header, "peak MiB with weights"], [*formats, "{:,.1f}"]
     return Table(title, header, formats, note=note, plot={3: "peak memory (MiB)", 2: "seconds"},
@@ -112,11 +115,11 @@ def _pte_vs_lora(model, config: BenchConfig, prepare: Prepare, name: str, table:
             policy = Policy(model, None, cache=cache, adapter=adapter)
             for label, backprop in modes.items():
                 results[n, label] = _measured(partial(prepare, policy, n, backprop), config.device)
-                done = results[n, label]
-                progress(f"{name} {n} tokens, {label}: " + ("out of memory" if done is None else
-                                                            f"{done[0]:.2f} s, peak {done[1] / 2**20:,.1f} MiB"))
+                r = results[n, label]
+                took = "out of memory" if r is None else f"{r[0]:.2f} s, peak {r[1] / 2**20:,.1f} MiB"
+                progress(f"{name} {n} tokens, {label}: {took}")
             policy.unwrap()  # the next policy wraps a clean model
-            gc.collect()  # free this policy's trainers now: on CUDA their memory would count in the next total
+            gc.collect()  # free this policy's trainers now: on CUDA they would count in the next total
             if config.cuda:
                 torch.cuda.empty_cache()  # and give back what an out-of-memory call left reserved
     add_comparison_rows(table, results, list(pte), config.cuda)
@@ -171,14 +174,16 @@ def eviction_benchmark(config: BenchConfig) -> Table:
             sample = partial(policy.generate, ids, temperature=1.0, seed=0)
             sample(max_new_tokens=config.window + 8)  # warm-up (headkv: calibration)
             for n in config.lengths_for("eviction"):
-                speed[n, eviction] = config.batch * n / seconds(partial(sample, max_new_tokens=n), config.device)
+                took = seconds(partial(sample, max_new_tokens=n), config.device)
+                speed[n, eviction] = config.batch * n / took
                 update = grpo_step(policy, ids[0], n, config, tempfile.mkdtemp(dir=tmp))
                 step[n, eviction] = seconds(update, config.device)
                 progress(f"eviction {eviction}, {n} tokens: decode {speed[n, eviction]:,.0f} tokens/s, "
                          f"grpo step {step[n, eviction]:.2f} s")
             policy.unwrap()  # the next policy wraps a clean model
-    table = Table(EVICTION_TITLE, ["tokens", "eviction", "decode tokens/s", "decode time vs oldest", "grpo step s",
-                                   "grpo step vs oldest"], [None, None, "{:,.0f}", "{:.2f}x", "{:.2f}", "{:.2f}x"],
+    header = ["tokens", "eviction", "decode tokens/s", "decode time vs oldest", "grpo step s",
+              "grpo step vs oldest"]
+    table = Table(EVICTION_TITLE, header, [None, None, "{:,.0f}", "{:.2f}x", "{:.2f}", "{:.2f}x"],
                   note=EVICTION_NOTE, plot={2: "decode tokens/s", 4: "GRPO step seconds"}, xlabel="tokens")
     base = "oldest" if "oldest" in config.evictions else config.evictions[0]
     for n in config.lengths_for("eviction"):
