@@ -51,7 +51,8 @@ def test_arith_knobs():
 def test_parse_arith_spec():
     assert parse_arith_spec("arith") == ARITH_PRESETS["easy"]
     assert parse_arith_spec("arith:hard") == ARITH_PRESETS["hard"]
-    assert parse_arith_spec("arith:easy,n=100,seed=7") == ArithConfig(steps=2, digits=1, ops="+", n=100, seed=7)
+    assert parse_arith_spec("arith:easy,n=100,seed=7") == ArithConfig(steps=2, digits=1, ops="+",
+                                                                      n=100, seed=7)
     assert parse_arith_spec("arith:steps=3,digits=2,n=200,seed=0") == ArithConfig(steps=3, digits=2, n=200)
 
 
@@ -82,4 +83,5 @@ def test_arith_reward_is_bounded_on_huge_exponents():
 
 def test_arith_reward():
     completions = ["= \\boxed{42}", "so 41", "The total is 1,234 apples.", "\\boxed{7}", "<think>42"]
-    assert arith_reward(None, completions, answer=["42", "42", "1234", "x", "42"]) == [1.0, 0.0, 1.0, None, 0.0]
+    golds = ["42", "42", "1234", "x", "42"]
+    assert arith_reward(None, completions, answer=golds) == [1.0, 0.0, 1.0, None, 0.0]

@@ -36,10 +36,12 @@ def test_bench_command_smoke(tmp_path, capsys):
     for name in ("replay", "grpo"):  # a PTE row per backprop mode, one LoRA row (it never evicts)
         rows = [row["cells"] for row in tables[name]["rows"]]
         methods = [cells[1] for cells in rows if cells[0] == 16]
-        assert methods[:4] == [*(f"PTE, bounded, {b} backprop" for b in BACKPROP), "LoRA, full cache (any backprop)"]
+        assert methods[:4] == [*(f"PTE, bounded, {b} backprop" for b in BACKPROP),
+                               "LoRA, full cache (any backprop)"]
         assert "PTE, bounded, full backprop: peak at 16 / at 8 tokens" in [cells[1] for cells in rows]
         measured = [row["cells"] for row in tables[name]["rows"] if row["kind"] == "measured"]
-        assert all(isinstance(c, float) and c > 0 for cells in measured for c in cells[2:])  # numbers, not text
+        # numbers, not text
+        assert all(isinstance(c, float) and c > 0 for cells in measured for c in cells[2:])
     eviction = [row["cells"] for row in tables["eviction"]["rows"] if row["cells"][0] == 16]  # one per policy
     assert [cells[1] for cells in eviction] == ["oldest", "h2o", "snapkv", "headkv"]
     assert eviction[0][3] == eviction[0][5] == 1.0 and is_png(out / "eviction.png")
@@ -55,10 +57,11 @@ def test_bench_grpo_with_the_gpu_steps_options(tmp_path, capsys):
     assert rc == 0, captured.err
     report = json.loads((tmp_path / "bench.json").read_text())
     settings = report["settings"]
-    assert (settings["rank"], settings["global_tokens"], settings["replay_batch"], settings["batch"]) == (32, 32, 4, 8)
+    assert [settings[k] for k in ("rank", "global_tokens", "replay_batch", "batch")] == [32, 32, 4, 8]
     rows = {(row["cells"][0], row["cells"][1]): row["cells"][2:] for row in report["tables"]["grpo"]["rows"]}
-    assert set(rows) == {(n, m) for n in (12, 24) for m in ("PTE, bounded, state backprop", "LoRA, full cache (any backprop)",
-                                                            "PTE, bounded, state / LoRA peak")} | {
+    methods = ("PTE, bounded, state backprop", "LoRA, full cache (any backprop)",
+               "PTE, bounded, state / LoRA peak")
+    assert set(rows) == {(n, m) for n in (12, 24) for m in methods} | {
         ("24 vs 12", "PTE, bounded, state backprop: peak at 24 / at 12 tokens")}
     assert all(rows[n, "PTE, bounded, state backprop"][0] > 0 for n in (12, 24))
     assert "0.55x at 3K tokens" in (tmp_path / "bench.md").read_text()
@@ -70,7 +73,8 @@ def test_comparison_rows_report_out_of_memory():
     """A call that ran out of CUDA memory is a row saying so; the ratios it would enter stay blank."""
     results = {(8, "PTE"): (1.0, 2 * 2**20, 8 * 2**20), (8, LORA): None,
                (16, "PTE"): (2.0, 2 * 2**20, 8 * 2**20), (16, LORA): (3.0, 4 * 2**20, 10 * 2**20)}
-    table = Table("t", ["n", "method", "seconds", "peak", "total"], [None, None, "{:.2f}", "{:.1f}", "{:.1f}"])
+    table = Table("t", ["n", "method", "seconds", "peak", "total"],
+                  [None, None, "{:.2f}", "{:.1f}", "{:.1f}"])
     add_comparison_rows(table, results, ["PTE"], with_total=True)
     assert [(r.cells, r.kind) for r in table.rows] == [
         ([8, "PTE", 1.0, 2.0, 8.0], "measured"), ([8, LORA, "out of memory", None, None], "measured"),
@@ -79,7 +83,8 @@ def test_comparison_rows_report_out_of_memory():
         ([16, "PTE / LoRA peak", None, 0.5, 0.8], "ratio"),
         (["16 vs 8", "PTE: peak at 16 / at 8 tokens", None, 1.0, 1.0], "ratio")]
     printed = {tuple(c.strip() for c in line.strip("|").split("|")) for line in table.markdown().splitlines()}
-    assert ("8", LORA, "out of memory", "", "") in printed and ("16", "PTE / LoRA peak", "", "0.50x", "0.80x") in printed
+    assert ("8", LORA, "out of memory", "", "") in printed
+    assert ("16", "PTE / LoRA peak", "", "0.50x", "0.80x") in printed
     assert table.series(2) == {"PTE": [(8.0, 1.0), (16.0, 2.0)], LORA: [(16.0, 3.0)]}  # what is plotted
 
 

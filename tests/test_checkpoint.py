@@ -9,7 +9,8 @@ from thoughtfold.training.checkpoint import list_checkpoints, save_checkpoint
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_dirs):
-    policy = Policy.from_pretrained(str(tiny_dirs["llama"]), adapter=AdapterConfig(mode="lora", rank=4), device="cpu")
+    policy = Policy.from_pretrained(str(tiny_dirs["llama"]), adapter=AdapterConfig(mode="lora", rank=4),
+                                    device="cpu")
     root = tmp_path / "ckpts"
     (root / ".step-00000009.half-written").mkdir(parents=True)  # what a kill during a save leaves
     assert list_checkpoints(root) == []

@@ -13,8 +13,8 @@ from thoughtfold.config import LEGACY_NAMES, TrainConfig, config_to_yaml, load_c
 from thoughtfold.tasks.example import SYSTEM_PROMPT
 
 
-@pytest.mark.parametrize("window,ratio,block", [(8, 0.25, 2), (10, 0.25, 3), (7, 1.0, 7), (12, 0.3, 4), (1, 0.25, 1),
-                                                (100, 0.01, 1)])
+@pytest.mark.parametrize("window,ratio,block", [(8, 0.25, 2), (10, 0.25, 3), (7, 1.0, 7), (12, 0.3, 4),
+                                                (1, 0.25, 1), (100, 0.01, 1)])
 def test_evict_block_is_ceil_of_ratio_times_window(window, ratio, block):
     assert CacheConfig(window=window, evict_ratio=ratio).evict_block == block
 
@@ -77,10 +77,12 @@ def test_saved_config_reloads_and_a_later_layer_wins_across_spellings(tmp_path):
 
 def test_load_config_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("cache: {window: 16}\nadapter: {mode: lora, rank: 4}\nrewards: [arith, format]\nlearning_rate: 1.0e-3\n")
+    path.write_text("cache: {window: 16}\nadapter: {mode: lora, rank: 4}\n"
+                    "rewards: [arith, format]\nlearning_rate: 1.0e-3\n")
     config = load_config(path, ["learning_rate=5e-4", "cache.window=null", "data.dataset=arith:medium"])
     assert config.cache.window is None and config.adapter.mode == "lora" and config.adapter.rank == 4
-    assert config.learning_rate == 5e-4 and config.rewards == ["arith", "format"] and config.data.dataset == "arith:medium"
+    assert config.learning_rate == 5e-4 and config.rewards == ["arith", "format"]
+    assert config.data.dataset == "arith:medium"
 
 
 @pytest.mark.parametrize("override, words", [
@@ -115,13 +117,13 @@ def test_quickstart_yaml_is_the_default_run():
     assert quickstart == TrainConfig(overwrite_output_dir=True)
 
 
-@pytest.mark.parametrize("name, mode, window", [("paper-qwen2.5-3b", "pte", 1024), ("lora-full", "lora", None),
-                                                ("lora-window", "lora", 1024)])
+@pytest.mark.parametrize("name, mode, window", [("paper-qwen2.5-3b", "pte", 1024),
+                                                ("lora-full", "lora", None), ("lora-window", "lora", 1024)])
 def test_paper_configs(name, mode, window):
     config = load_config(CONFIGS / f"{name}.yaml")
     assert (config.adapter.mode, config.cache.window) == (mode, window)
-    assert (config.model, config.data.dataset, config.learning_rate, config.max_completion_length, config.adapter.rank) == (
-        "Qwen/Qwen2.5-3B-Instruct", "dapo-math-17k", 1e-5, 3072, 32)
+    assert (config.model, config.data.dataset, config.learning_rate, config.max_completion_length,
+            config.adapter.rank) == ("Qwen/Qwen2.5-3B-Instruct", "dapo-math-17k", 1e-5, 3072, 32)
     assert config.num_generations * config.prompts_per_step == 512
     assert config.adapter.global_tokens == (32 if mode == "pte" else 0)
     assert config.data.system_prompt == SYSTEM_PROMPT
@@ -133,7 +135,8 @@ def test_reading_the_settings_imports_neither_torch_nor_transformers():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom thoughtfold import TrainConfig, load_config\nTrainConfig()\nload_config(None, ['max_steps=2'])\n"
+    code = ("import sys\nfrom thoughtfold import TrainConfig, load_config\n"
+            "TrainConfig()\nload_config(None, ['max_steps=2'])\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

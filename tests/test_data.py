@@ -25,7 +25,8 @@ def test_load_jsonl_maps_fields_and_keeps_columns(tmp_path: Path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1?", "answer": 2, "level": 1}, "",
                                                {"problem": "2+2?", "answer": "4", "level": 2}])
     rows = load_jsonl(path)
-    assert rows == [{"prompt": "1+1?", "answer": "2", "level": 1}, {"prompt": "2+2?", "answer": "4", "level": 2}]
+    assert rows == [{"prompt": "1+1?", "answer": "2", "level": 1},
+                    {"prompt": "2+2?", "answer": "4", "level": 2}]
     assert isinstance(rows[0], Example) and rows[0].prompt == "1+1?"
     assert len(load_jsonl(path, limit=1)) == 1
 
@@ -46,14 +47,16 @@ def test_load_jsonl_missing_file(tmp_path: Path):
 
 
 def test_load_jsonl_bad_json_names_file_and_line(tmp_path: Path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "a", "answer": "1"}, "", '{"problem": "b", "answer": '])
+    path = write_jsonl(tmp_path / "bad.jsonl",
+                       [{"problem": "a", "answer": "1"}, "", '{"problem": "b", "answer": '])
     with pytest.raises(DataError, match=r"^bad\.jsonl line 3: invalid JSON \("):
         load_jsonl(path)
 
 
 def test_load_jsonl_missing_field_lists_fields_present(tmp_path: Path):
     path = write_jsonl(tmp_path / "f.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b", "idx": 7}])
-    with pytest.raises(DataError, match=r"^f\.jsonl line 2: missing field 'answer' \(fields present: problem, idx\)"):
+    with pytest.raises(DataError,
+                       match=r"^f\.jsonl line 2: missing field 'answer' \(fields present: problem, idx\)"):
         load_jsonl(path)
 
 
@@ -117,13 +120,15 @@ DAPO_TAIL = "\n\nRemember to put your answer on its own line after \"Answer:\""
 
 
 def _dapo_row(problem: str, answer: str, index: int) -> dict:
-    return {"data_source": "math_dapo", "prompt": [{"content": DAPO_INSTR + problem + DAPO_TAIL, "role": "user"}],
+    return {"data_source": "math_dapo",
+            "prompt": [{"content": DAPO_INSTR + problem + DAPO_TAIL, "role": "user"}],
             "ability": "MATH", "reward_model": {"ground_truth": answer, "style": "rule-lighteval/MATH_v2"},
             "extra_info": {"index": str(index)}}
 
 
 def test_dapo_mapping_through_datasets(tmp_path: Path):
-    rows = [_dapo_row("What is $2+3$?", "5", 0), _dapo_row("What is $2+3$?", "5", 0), _dapo_row("Find $x$.", "34", 1)]
+    rows = [_dapo_row("What is $2+3$?", "5", 0), _dapo_row("What is $2+3$?", "5", 0),
+            _dapo_row("Find $x$.", "34", 1)]
     path = write_jsonl(tmp_path / "dapo.jsonl", rows)
     examples = load_dataset_by_name("dapo-math-17k", data_files=str(path))
     assert [e.prompt for e in examples] == ["What is $2+3$?", "Find $x$."]  # deduplicated
@@ -135,7 +140,8 @@ def test_dapo_mapping_through_datasets(tmp_path: Path):
 
 def test_hub_field_mappings_through_datasets(tmp_path: Path):
     math500 = write_jsonl(tmp_path / "m.jsonl", [{"problem": "p", "solution": "s \\boxed{3}", "answer": "3",
-                                                  "subject": "Algebra", "level": 1, "unique_id": "test/x/1.json"}])
+                                                  "subject": "Algebra", "level": 1,
+                                                  "unique_id": "test/x/1.json"}])
     (row,) = load_dataset_by_name("HuggingFaceH4/MATH-500", data_files=str(math500))
     assert (row.prompt, row.answer, row["subject"]) == ("p", "3", "Algebra")
     olymp = write_jsonl(tmp_path / "o.jsonl", [{"id": 1, "question": "q", "final_answer": ["$\\frac{1}{2}$"],
@@ -159,7 +165,8 @@ def test_parquet_and_csv_files_go_through_datasets(tmp_path: Path):
 
 def test_hub_id_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match="could not load dataset 'someone/not-a-dataset'.*Offline, use a local file"):
+    with pytest.raises(DataError,
+                       match="could not load dataset 'someone/not-a-dataset'.*Offline, use a local file"):
         load_dataset_by_name("someone/not-a-dataset")
 
 

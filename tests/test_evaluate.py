@@ -67,10 +67,12 @@ def test_pass_at_k_matches_binomial_formula_and_rejects_bad_input():
 
 
 def test_math_verify_grading_of_fixture_set():
-    rows = [json.loads(line) for line in (FIXTURES / "grading.jsonl").read_text().splitlines() if line.strip()]
+    lines = (FIXTURES / "grading.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
     grader = Grader("math")
     try:
-        scores = grader([""] * len(rows), [r["completion"] for r in rows], [{"answer": r["gold"]} for r in rows])
+        scores = grader([""] * len(rows), [r["completion"] for r in rows],
+                        [{"answer": r["gold"]} for r in rows])
     finally:
         grader.close()
     assert [s == 1.0 for s in scores] == [r["correct"] for r in rows]
@@ -219,9 +221,9 @@ def test_killed_eval_command_resumes(tiny_dirs, tiny_policy, tmp_path):
 
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "thoughtfold.cli", "eval", "--model", str(tiny_dirs["qwen2"]), "--dataset",
-            str(PROBLEMS), "--window", "4,none", "--n-samples", "4", "--batch-size", "2", "--temperature", "1.0",
-            "--max-new-tokens", "48", "--reward", "arith", "--device", "cpu", "--output", str(out),
-            "--no-progress"]
+            str(PROBLEMS), "--window", "4,none", "--n-samples", "4", "--batch-size", "2",
+            "--temperature", "1.0", "--max-new-tokens", "48", "--reward", "arith", "--device", "cpu",
+            "--output", str(out), "--no-progress"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     samples = out / SAMPLES_NAME
@@ -244,8 +246,9 @@ def test_killed_eval_command_resumes(tiny_dirs, tiny_policy, tmp_path):
     assert f"{24 - before} samples generated now, {before} reused" in rerun.stderr
     assert len(read_samples(samples)) == 24
 
-    expected = evaluate(tiny_policy, _config(tmp_path / "uninterrupted", n_samples=4, batch_size=2,
-                                             max_new_tokens=48, reward="arith"), model=str(tiny_dirs["qwen2"]))
+    uninterrupted = _config(tmp_path / "uninterrupted", n_samples=4, batch_size=2, max_new_tokens=48,
+                            reward="arith")
+    expected = evaluate(tiny_policy, uninterrupted, model=str(tiny_dirs["qwen2"]))
     resumed = json.loads((out / SUMMARY_NAME).read_text())
     assert resumed["results"] == expected["results"]
 
@@ -280,8 +283,9 @@ def test_eval_refuses_samples_of_another_adapter_saved_at_the_same_path(tiny_dir
     policy = Policy.from_pretrained(str(tiny_dirs["qwen2"]), cache=CacheConfig(window=6),
                                     adapter=AdapterConfig(mode="lora", rank=4), device="cpu")
     adapter, out = tmp_path / "adapter", tmp_path / "eval"
-    args = ["eval", "--adapter", str(adapter), "--dataset", str(PROBLEMS), "--limit", "1", "--max-new-tokens", "4",
-            "--reward", "arith", "--output", str(out), "--device", "cpu", "--no-progress"]
+    args = ["eval", "--adapter", str(adapter), "--dataset", str(PROBLEMS), "--limit", "1",
+            "--max-new-tokens", "4", "--reward", "arith", "--output", str(out), "--device", "cpu",
+            "--no-progress"]
     policy.save_adapter(str(adapter))
     assert main(args) == 0, capsys.readouterr().err
     policy.save_adapter(str(adapter))  # the same weights again: the finished samples are reused
@@ -303,8 +307,8 @@ def test_eval_with_an_unknown_reward_writes_nothing(tmp_path, capsys):
 def test_eval_into_an_unwritable_output_fails_before_the_model_loads(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(["eval", "--model", str(tmp_path / "no-model"), "--dataset", str(PROBLEMS), "--reward", "arith",
-                 "--output", str(blocker / "eval")]) == 2
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--dataset", str(PROBLEMS),
+                 "--reward", "arith", "--output", str(blocker / "eval")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write to the output directory") and err.count("\n") == 1
 

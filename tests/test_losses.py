@@ -48,7 +48,8 @@ def test_group_advantages_batch_and_none_scaling():
     # batch std of the 8 rewards: mean 0.625, sum sq = 5 * 0.375^2 + 3 * 0.625^2 = 1.875, / 7
     batch_std = math.sqrt(1.875 / 7)
     adv = group_advantages(rewards, 4, "batch")
-    assert adv.advantages.tolist() == approx([0.75 / (batch_std + EPS)] + [-0.25 / (batch_std + EPS)] * 3 + [0] * 4)
+    scale = batch_std + EPS
+    assert adv.advantages.tolist() == approx([0.75 / scale] + [-0.25 / scale] * 3 + [0] * 4)
     assert adv.zero_std.tolist() == [False] * 4 + [True] * 4  # still the group's std
     none = group_advantages(rewards, 4, "none")
     assert none.advantages.tolist() == approx([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
@@ -60,7 +61,8 @@ def test_group_advantages_match_trl_formula_without_nans():
     mean = rewards.view(-1, g).mean(1).repeat_interleave(g)
     std = rewards.view(-1, g).std(1).repeat_interleave(g)
     assert torch.allclose(group_advantages(rewards, g).advantages, (rewards - mean) / (std + EPS))
-    assert torch.allclose(group_advantages(rewards, g, "batch").advantages, (rewards - mean) / (rewards.std() + EPS))
+    assert torch.allclose(group_advantages(rewards, g, "batch").advantages,
+                          (rewards - mean) / (rewards.std() + EPS))
 
 
 def test_group_advantages_skip_none_rewards():
@@ -68,8 +70,9 @@ def test_group_advantages_skip_none_rewards():
     rewards = torch.tensor([1.0, nan, 0.0, 0.0, nan, nan, nan, nan])
     adv = group_advantages(rewards, 4)
     std = math.sqrt((4 / 9 + 1 / 9 + 1 / 9) / 2)  # over the 3 valid rewards, mean 1/3
-    assert adv.advantages.tolist() == approx([(2 / 3) / (std + EPS), 0, (-1 / 3) / (std + EPS), (-1 / 3) / (std + EPS),
-                                              0, 0, 0, 0])
+    scale = std + EPS
+    expected = [(2 / 3) / scale, 0, (-1 / 3) / scale, (-1 / 3) / scale, 0, 0, 0, 0]
+    assert adv.advantages.tolist() == approx(expected)
     assert adv.valid.tolist() == [True, False, True, True, False, False, False, False]
     assert adv.zero_std[4:].all() and not adv.zero_std[:4].any()
     assert adv.keep_mask().tolist() == [True, False, True, True, False, False, False, False]
@@ -113,14 +116,15 @@ ROW1 = [2.0, 2.0 * math.exp(0.3)]
 
 
 def _loss(loss_type, **kw):
-    return grpo_loss(torch.tensor(LP), torch.tensor(OLD), torch.tensor(ADV), torch.tensor(MASK, dtype=torch.float32),
-                     loss_type=loss_type, **kw)
+    return grpo_loss(torch.tensor(LP), torch.tensor(OLD), torch.tensor(ADV),
+                     torch.tensor(MASK, dtype=torch.float32), loss_type=loss_type, **kw)
 
 
 def test_grpo_loss_value():
     loss, metrics = _loss("grpo")
     assert loss.item() == approx((sum(ROW0) / 3 + sum(ROW1) / 2) / 2)
-    assert metrics == approx({"clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.2, "clip_ratio/region_mean": 0.2})
+    assert metrics == approx({"clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.2,
+                              "clip_ratio/region_mean": 0.2})
 
 
 def test_dapo_and_bnpo_loss_value():
@@ -156,7 +160,8 @@ def test_batch_loss_weights_by_hand(loss_type, norm, expected):
     mask = (torch.arange(5)[None] < torch.tensor(LENGTHS)[:, None]).float()
     counted = torch.tensor(KEPT) if norm == "kept" else torch.ones(4, dtype=torch.bool)
     weights = batch_loss_weights(mask, counted, loss_type, max_completion_length=5, processes=2)
-    assert weights.tolist() == [approx([w] * n + [0.0] * (5 - n)) for w, n in zip(expected, LENGTHS, strict=True)]
+    assert weights.tolist() == [approx([w] * n + [0.0] * (5 - n)) for w,
+                                n in zip(expected, LENGTHS, strict=True)]
     if loss_type != "bnpo":  # one process or two: the same normalisation of the whole batch
         assert torch.equal(weights, batch_loss_weights(mask, counted, loss_type, 5))
 
@@ -169,7 +174,8 @@ def test_bnpo_normalises_each_micro_batch_then_averages():
     mask = (torch.arange(5)[None] < torch.tensor(LENGTHS)[:, None]).float()
     weights = batch_loss_weights(mask, torch.ones(4, dtype=torch.bool), "bnpo", processes=2,
                                  micro_batches=[(0, 1), (1, 2)])
-    assert weights.sum(1).tolist() == approx([1 / 4] * 4)  # every micro-batch's tokens: weight 1/(2 x 2) in all
+    # every micro-batch's tokens: weight 1/(2 x 2) in all
+    assert weights.sum(1).tolist() == approx([1 / 4] * 4)
     assert weights[1, 0].item() == approx(1 / (4 * 2 * 2))
 
 
@@ -206,7 +212,8 @@ def test_clipping_zeroes_gradient_where_trl_does():
     old = torch.zeros(4, 1)
     lp = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]])).requires_grad_()
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    loss, metrics = grpo_loss(lp, old, adv, torch.ones(4, 1), loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2)
+    loss, metrics = grpo_loss(lp, old, adv, torch.ones(4, 1), loss_type="dapo", epsilon_low=0.2,
+                              epsilon_high=0.2)
     loss.backward()
     # d(-r A)/dlogp = -r A, / 4 tokens; zero where the clipped branch is the min (constant in logp)
     assert lp.grad.squeeze(1).tolist() == approx([0.0, 1.5 / 4, -0.5 / 4, 0.0])
@@ -253,8 +260,9 @@ def test_segment_sum_equals_one_shot_loss_and_grad(loss_type):
     weights = loss_normalizer(mask, loss_type, max_completion_length=16)  # from the WHOLE mask
     total, stats = torch.zeros(()), LossStats()
     for start, end in [(0, 2), (2, 7), (7, 12)]:  # backward per segment, as the replay does
-        terms, seg_stats = token_loss_terms(seg_lp[:, start:end], old[:, start:end], adv, weights[:, start:end],
-                                            mask[:, start:end], beta=0.05, ref_logprobs=ref[:, start:end])
+        terms, seg_stats = token_loss_terms(seg_lp[:, start:end], old[:, start:end], adv,
+                                            weights[:, start:end], mask[:, start:end], beta=0.05,
+                                            ref_logprobs=ref[:, start:end])
         terms.sum().backward()
         total += terms.sum().detach()
         stats = stats + seg_stats
@@ -268,7 +276,8 @@ def test_micro_batches_with_global_normaliser_equal_full_batch(loss_type):
     lp, old, _, adv, mask = _random_batch()
     full, _ = grpo_loss(lp, old, adv, mask, loss_type, max_completion_length=12)
     kw = dict(num_sequences=4, num_items_in_batch=mask.sum().item(), max_completion_length=12)
-    parts = [grpo_loss(lp[rows], old[rows], adv[rows], mask[rows], loss_type, **kw)[0] for rows in (slice(0, 2), slice(2, 4))]
+    parts = [grpo_loss(lp[rows], old[rows], adv[rows], mask[rows], loss_type, **kw)[0]
+             for rows in (slice(0, 2), slice(2, 4))]
     assert sum(p.item() for p in parts) == approx(full.item())
 
 

@@ -20,7 +20,8 @@ def test_layout_and_distance():
     # the answer sits D tokens after the early value
     assert task.render(trace)[task.distance] == "7"
     add = RecallTask(steps=31, combine="add").trace(3, 4, 7)
-    assert add[:-2] == trace[:-2] and RecallTask(31, "add").render(add)[64] == str((7 + task.chain(3, 4)[-1]) % 10)
+    assert add[:-2] == trace[:-2]
+    assert RecallTask(31, "add").render(add)[64] == str((7 + task.chain(3, 4)[-1]) % 10)
     assert max(trace) < task.vocab_size
     with pytest.raises(ValueError):
         RecallTask(steps=3, combine="mul")

@@ -158,7 +158,8 @@ def test_load_reward_builtin_and_dotted(tmp_path: Path):
     assert load_reward("thoughtfold.tasks.rewards:format_reward") is format_reward
     assert load_reward("thoughtfold.tasks.arith.arith_reward") is load_reward("arith")
     module = tmp_path / "my_rewards.py"
-    module.write_text("def length(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
+    module.write_text("def length(prompts, completions, **kw):\n    return [float(len(c)) for c in "
+                      "completions]\n")
     fn = load_reward(f"{module}:length")
     assert fn(None, ["ab", "abc"]) == [2.0, 3.0]
 

@@ -90,7 +90,8 @@ def test_bounded_logits_match_visible_token_reference(tiny_dirs, family, window,
     folder = StateFolder(model, [], None)
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=3)
     seen = []  # every forward's next-token logits, read off the output layer: the prefill, then each step
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: seen.append(out[:, -1].clone()))
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i,
+                                                               out: seen.append(out[:, -1].clone()))
     try:
         raw = rollout(model, folder, PROMPTS, cfg, sampling, eos_ids=set(), pad_id=0)
     finally:
