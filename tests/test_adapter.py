@@ -28,7 +28,7 @@ def test_zero_init_adapters_give_the_base_model_exactly(tiny_dirs, family):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_every_linear_gets_its_own_state_modulated_update(tiny_dirs, family):
     """Grouped siblings (q/k/v, gate/up share one down GEMM and one state product) still give each
-    linear exactly W x + (alpha/r) A S B x with its own A and B and the layer's state."""
+    linear exactly W x + (alpha/r) B S A x with its own A and B and the layer's state."""
     p = adapted_policy(tiny_dirs, family, "pte")
     torch.manual_seed(1)
     layer = p.model.model.layers[0]

@@ -70,7 +70,7 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 class Reference:
-    """The plain HF model of `directory` plus hooks that add (alpha/r) A (S_t (B x)) with a per-token S_t."""
+    """The plain HF model of `directory` plus hooks that add (alpha/r) B (S_t (A x)) with a per-token S_t."""
 
     def __init__(self, directory, policy: Policy, state_update: str):
         self.model = float64_norms(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64,

@@ -509,12 +509,12 @@ def _last_token_only(tmp_path, tiny_dirs, backprop: str) -> GRPOTrainer:
     """A GRPO trainer whose loss is the last completion token alone (`loss_mask_prefix` masks the
     15 before it; the random model never ends early), under a 4-token window: that token is decoded
     after 12 eviction events, long after the global tokens made the state before the first one.
-    The adapters' A matrices are made non-zero, as after some training."""
+    The adapters' up-projections (B, zero at init) are made non-zero, as after some training."""
     rows = [{"prompt": p, "answer": "", "loss_mask_prefix": 15} for p in PROMPTS]
     config = _config(tmp_path, tiny_dirs["llama"], window=4, backprop=backprop, filter_zero_std=False)
     trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=rows)
     torch.manual_seed(1)
-    with torch.no_grad():  # A is zero at init, which gives the state no gradient at all
+    with torch.no_grad():  # B is zero at init, which gives the state no gradient at all
         for w in trainer.policy.wrappers:
             w.lora_up.normal_(0, 0.3)
     return trainer

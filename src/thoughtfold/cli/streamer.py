@@ -1,5 +1,5 @@
-"""The terminal streamer `thoughtfold generate` prints a single prompt's completion with as it is
-generated."""
+"""The terminal streamer with which `thoughtfold generate` prints a single prompt's completion as it
+is generated."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """Low-rank adapters on the target linears (docs/design.md §1), attached by module replacement.
 
-  y = W x + (alpha / r) * A (S (B x)),   A: d_out x r (zero-init), B: r x d_in
+  y = W x + (alpha / r) * B (S (A x)),   A: r x d_in (`lora_down`), B: d_out x r (`lora_up`, zero-init)
 
-`lora` mode fixes S = I (a static LoRA, PEFT-equivalent: B is PEFT's lora_A, A is its lora_B);
-`pte` mode reads a per-sequence state S [batch, r, r] that the engine sets at every eviction event.
-A zero-init A makes every mode exactly the base model at step 0.
+The letters are PEFT's: A is its lora_A (the down-projection), B its lora_B (the up-projection).
+`lora` mode fixes S = I (a static LoRA, PEFT-equivalent); `pte` mode reads a per-sequence state
+S [batch, r, r] that the engine sets at every eviction event. A zero-init B makes every mode exactly
+the base model at step 0.
 
-Linears that read the same input (q/k/v; gate/up) share an `AdapterGroup`: their B's run as one
+Linears that read the same input (q/k/v; gate/up) share an `AdapterGroup`: their A's run as one
 GEMM and the layer's state is applied once, so a pte decode step launches 4 down-projections and 4
 state products per layer instead of 7 of each (docs/design.md §3: a decode step is launch- and
 bandwidth-bound, and PTE should add little to it).
@@ -61,13 +62,13 @@ class LowRankLinear(nn.Module):
         if not self.enabled:
             return y
         u = self.group.project(x, self)
-        # y + scaling * u A^T as one kernel: a decode step runs this for every target linear
+        # y + scaling * u B^T as one kernel: a decode step runs this for every target linear
         out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), self.up(x.dtype).t(),
                           alpha=self.scaling)
         return out.view_as(y)
 
     def up(self, dtype: torch.dtype) -> torch.Tensor:
-        """A in `dtype` (see `_stacked`)."""
+        """B (the up-projection) in `dtype` (see `_stacked`)."""
         return _stacked(self, (self.lora_up,), dtype)
 
 
@@ -94,7 +95,7 @@ def _stacked(owner, params: tuple[nn.Parameter, ...], dtype: torch.dtype) -> tor
 
 @torch.no_grad()
 def refresh_casts(wrappers: list[LowRankLinear], dtype: torch.dtype) -> None:
-    """Bring every adapter's no-grad copies (A, and the group's stacked B's) up to date for
+    """Bring every adapter's no-grad copies (B, and the group's stacked A's) up to date for
     activations of `dtype`. A compiled decode step reads them as they are, so the rollout calls
     this before decoding (the optimizer may have changed the adapters since the last rollout)."""
     for w in wrappers:
@@ -105,7 +106,7 @@ def refresh_casts(wrappers: list[LowRankLinear], dtype: torch.dtype) -> None:
 
 class AdapterGroup:
     """The adapters of one layer whose linears read the same tensor. The first member called with
-    a new input computes u = S B x for every member (one GEMM over the stacked B's, one state
+    a new input computes u = S A x for every member (one GEMM over the stacked A's, one state
     product); the others take their slice of it. Once each member has taken its slice the group
     lets go of the input, so nothing outlives the forward pass."""
 
@@ -127,7 +128,7 @@ class AdapterGroup:
         return u
 
     def down(self, dtype: torch.dtype) -> torch.Tensor:
-        """The members' B's stacked, [members * r, d_in], in `dtype` (see `_stacked`)."""
+        """The members' A's (down-projections) stacked, [members * r, d_in], in `dtype` (see `_stacked`)."""
         return _stacked(self, tuple(m.lora_down for m in self.members), dtype)
 
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
