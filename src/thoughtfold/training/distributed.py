@@ -53,6 +53,17 @@ class DataParallel:
         """The process that logs, plots and writes checkpoints."""
         return self.rank == 0
 
+    def local_rows(self, n: int) -> slice:
+        """This process's `n` rows of a batch that holds every process's rows in rank order."""
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def device(self) -> str | None:
+        """The device of a model this process loads: its own GPU when several processes share a
+        machine's GPUs, else None (the loader's default)."""
+        if self.world > 1 and torch.cuda.is_available():
+            return f"cuda:{torch.cuda.current_device()}"
+        return None
+
     def gather(self, obj: Any) -> list[Any]:
         """Every process's `obj` (small, picklable), in rank order."""
         if self.world == 1:
@@ -130,6 +141,11 @@ class ReplayPlan:
             shard_base_model(policy.model, policy.wrappers)
             policy.configure_decoding(cuda_graph=False, compile_decode=False, lockstep=dp.all)
         return cls(policy, dp, config.replay_batch_size, config.backprop, lockstep)
+
+    def runs(self, rows: int) -> bool:
+        """Whether a replay of `rows` rows runs on this process: always in lockstep (the others may
+        have rows), else only when there are some."""
+        return rows > 0 or self.lockstep
 
     def width(self, completions: Sequence[Sequence[int]]) -> int:
         """The width replays are padded to: the longest completion here, or over all processes."""

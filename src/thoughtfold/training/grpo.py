@@ -142,7 +142,7 @@ class GRPOTrainer(Trainer):
         rewards = combine_rewards(stats.scores, c.reward_weights)
         adv = group_advantages(rewards, c.num_generations, c.scale_rewards)
         weights, keep = self._loss_weights(stats, adv, len(prompts))
-        local = slice(self.dp.rank * len(prompts), (self.dp.rank + 1) * len(prompts))
+        local = self.dp.local_rows(len(prompts))
         rows = keep[local].nonzero()[:, 0].tolist()
         batch = self._policy_batch(rollout, adv.advantages[local], rows, weights[local])
         return {**self._rollout_metrics(stats, rewards, adv), **self._update(batch)}
@@ -213,7 +213,7 @@ class GRPOTrainer(Trainer):
         batch = PolicyBatch([rollout.prompt_ids[i] for i in rows], completions,
                             [rollout.eviction_log[i] for i in rows], old.to(device),
                             advantages[rows].to(device), weights[rows, :width].to(device))
-        if self.config.beta != 0 and (rows or self.replays.lockstep):
+        if self.config.beta != 0 and self.replays.runs(len(rows)):
             batch.ref = self._reference_logprobs(batch)
         return batch
 

@@ -100,11 +100,8 @@ class Trainer:
 
     def _load_policy(self) -> Policy:
         c = self.config
-        device = c.device
-        if device is None and self.dp.world > 1 and torch.cuda.is_available():
-            device = f"cuda:{torch.cuda.current_device()}"  # one GPU per process
-        return Policy.from_pretrained(c.model, cache=c.cache, adapter=c.adapter, dtype=c.dtype, device=device,
-                                      compile_decode=c.compile_decode)
+        return Policy.from_pretrained(c.model, cache=c.cache, adapter=c.adapter, dtype=c.dtype,
+                                      device=c.device or self.dp.device(), compile_decode=c.compile_decode)
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         """HF's schedules (warmup then constant / linear / cosine decay), one tick per optimizer update."""
@@ -171,7 +168,7 @@ class Trainer:
         """This process's `prompts_per_step` rows of the next global batch (all processes advance
         through the same order, so the global batch is what one process would have drawn)."""
         n = self.config.prompts_per_step
-        return self.next_examples(n * self.dp.world)[self.dp.rank * n : (self.dp.rank + 1) * n]
+        return self.next_examples(n * self.dp.world)[self.dp.local_rows(n)]
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
