@@ -10,7 +10,6 @@ Nothing here imports torch or transformers, so reading settings is instant; the 
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -308,6 +307,8 @@ a run's saved config.yaml that a resume reloads, still load."""
 def _with_current_names(layer, source: str):
     """`layer` (an OmegaConf DictConfig) with legacy names renamed to the current ones; an unknown
     top-level key is a ConfigError that suggests the closest known name."""
+    import difflib
+
     from omegaconf import OmegaConf
 
     known = {f.name for f in fields(TrainConfig)}
