@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from thoughtfold.config import AdapterConfig
-from thoughtfold.diagnostics import ParameterDiagnostics, state_metrics
-from thoughtfold.encoder import ThoughtEncoder
+from thoughtfold.engine.encoder import ThoughtEncoder
+from thoughtfold.training.diagnostics import ParameterDiagnostics, state_metrics
 
 
 def test_gradient_norms_are_averaged_over_updates_and_changes_measured_from_init():
@@ -37,15 +37,19 @@ def test_state_rms_and_global_share_equal_a_one_shot_softmax():
     layers, batch, kv, n_g = 3, 2, 12, 5
     encoder = ThoughtEncoder(layers, kv, AdapterConfig(mode="pte", rank=4, global_tokens=n_g)).double()
     state = encoder.initial_state(batch)
-    assert all(v == pytest.approx(1.0) for k, v in state_metrics(encoder, state).items() if "global_share" in k)
+    shares = [v for k, v in state_metrics(encoder, state).items() if "global_share" in k]
+    assert shares and all(v == pytest.approx(1.0) for v in shares)
     keys, values = torch.randn(2, layers, batch, 6, kv, dtype=torch.float64)
-    state = encoder.absorb(encoder.absorb(state, keys[:, :, :3], values[:, :, :3]), keys[:, :, 3:], values[:, :, 3:])
+    state = encoder.absorb(state, keys[:, :, :3], values[:, :, :3])
+    state = encoder.absorb(state, keys[:, :, 3:], values[:, :, 3:])
     out = state_metrics(encoder, state)
     for layer in range(layers):
         q, wk = encoder.queries[layer], encoder.key_proj[layer]
-        every = torch.cat([encoder.global_keys[layer][None].expand(batch, -1, -1), keys[layer]], 1)  # [B, n_g + 6, kv]
+        globals_ = encoder.global_keys[layer][None].expand(batch, -1, -1)
+        every = torch.cat([globals_, keys[layer]], 1)  # [B, n_g + 6, kv]
         p = torch.softmax(torch.einsum("ra,bna->brn", q, every @ wk) / math.sqrt(q.shape[-1]), -1)
-        assert out[f"diag/global_share/l{layer:02d}"] == pytest.approx(p[..., :n_g].sum(-1).mean().item(), rel=1e-9)
+        expected = p[..., :n_g].sum(-1).mean().item()
+        assert out[f"diag/global_share/l{layer:02d}"] == pytest.approx(expected, rel=1e-9)
         rms = state.read()[layer].pow(2).mean().sqrt().item()
         assert out[f"diag/state_rms/l{layer:02d}"] == pytest.approx(rms, rel=1e-9)
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import adapted_policy, assert_close_to_scale
-from thoughtfold.distill import TeacherTargets, first_distilled_token, teacher_targets, token_kl
-from thoughtfold.eviction import EvictionEvent
-from thoughtfold.fidelity import token_fidelity
+from thoughtfold.engine.eviction import EvictionEvent
+from thoughtfold.evaluation.fidelity import token_fidelity
+from thoughtfold.training.distill import TeacherTargets, first_distilled_token, teacher_targets, token_kl
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12]]
 
@@ -40,7 +40,8 @@ def test_top_k_kl_is_the_kl_of_the_coarsened_distributions():
         rest = torch.log1p(-kept.exp().sum(-1))
         kl = token_kl(student, TeacherTargets(kept, ids, rest))
         p = torch.cat([kept.exp(), rest.exp()[..., None]], -1)
-        q = torch.cat([student.gather(-1, ids).exp(), 1 - student.gather(-1, ids).exp().sum(-1, keepdim=True)], -1)
+        mine = student.gather(-1, ids).exp()
+        q = torch.cat([mine, 1 - mine.sum(-1, keepdim=True)], -1)
         assert_close_to_scale(kl, (p * (p.log() - q.log())).sum(-1), rel=1e-10)
         assert bool((kl <= full + 1e-12).all()) and bool((kl >= previous - 1e-12).all())
         previous = kl
@@ -68,13 +69,14 @@ def test_teacher_targets_are_the_full_cache_base_model_one_sequence_at_a_time(ti
     with torch.no_grad():
         for w in policy.wrappers:
             w.lora_up.normal_(std=0.3)
-    completions = [c for c in policy.generate(PROMPTS, max_new_tokens=20, temperature=1.0, seed=0).completion_ids]
+    completions = policy.generate(PROMPTS, max_new_tokens=20, temperature=1.0, seed=0).completion_ids
     targets = teacher_targets(policy, PROMPTS, completions, top_k=top_k, width=25)
     assert targets.logprobs.shape[:2] == (2, 25)
     exact = teacher_targets(policy, PROMPTS, completions, top_k=None)
     if top_k is not None:
         assert targets.ids.shape[-1] == top_k
-        assert_close_to_scale(targets.logprobs[:, :20], exact.logprobs[:, :20].topk(top_k, -1).values, rel=1e-6)
+        kept = exact.logprobs[:, :20].topk(top_k, -1).values
+        assert_close_to_scale(targets.logprobs[:, :20], kept, rel=1e-6)
     kl_sum, tokens = 0.0, 0
     starts = [first_distilled_token(log, after_eviction=True) for log in
               policy.generate(PROMPTS, max_new_tokens=20, temperature=1.0, seed=0).eviction_log]

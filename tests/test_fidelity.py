@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig
-from thoughtfold.fidelity import (
+from thoughtfold.evaluation.fidelity import (
     TokenFidelity,
     answer_agreement,
     full_cache_traces,
@@ -61,9 +61,10 @@ def test_token_fidelity_is_zero_kl_for_a_window_that_never_fills_and_positive_af
     reference = policy_of(tiny_dirs, window=None)
     traces = full_cache_traces(reference, PROMPTS, max_new_tokens=16, chat_template=False)
     wide, narrow = policy_of(tiny_dirs, window=13), policy_of(tiny_dirs, window=4)
-    out = token_fidelity({"wide": wide, "narrow": narrow}, reference, traces.prompt_ids, traces.completion_ids,
-                         batch_size=2)
-    # W = 13 evicts once, at step 13, before which it equals the full cache: only 2 tokens per trace are compared
+    out = token_fidelity({"wide": wide, "narrow": narrow}, reference, traces.prompt_ids,
+                         traces.completion_ids, batch_size=2)
+    # W = 13 evicts once, at step 13, before which it equals the full cache: only 2 tokens per trace
+    # are compared
     assert out["wide"].tokens == 2 * len(PROMPTS)
     assert out["narrow"].tokens == (16 - 5) * len(PROMPTS)
     assert out["narrow"].kl_after_eviction > 1e-3
@@ -81,7 +82,8 @@ def test_kl_matches_a_direct_computation(tiny_dirs):
     narrow = policy_of(tiny_dirs, window=4)
     out = token_fidelity({"n": narrow}, reference, traces.prompt_ids, traces.completion_ids)["n"]
     prompt, trace = traces.prompt_ids[0], traces.completion_ids[0]
-    ref = torch.log_softmax(reference.model(input_ids=torch.tensor([prompt + trace[:-1]])).logits[0, len(prompt) - 1 :], -1)
+    logits = reference.model(input_ids=torch.tensor([prompt + trace[:-1]])).logits
+    ref = torch.log_softmax(logits[0, len(prompt) - 1 :], -1)
     dists = {}
     narrow.replay_logprobs([prompt], [trace], distribution_fn=lambda lp, a, b, rows: dists.update(
         {t: lp[0, t - a] for t in range(a, b)}))
@@ -96,7 +98,8 @@ def test_sequence_fidelity_is_token_fidelity_trace_by_trace(tiny_dirs):
     reference = policy_of(tiny_dirs, window=None)
     traces = full_cache_traces(reference, PROMPTS, max_new_tokens=14, chat_template=False)
     narrow = policy_of(tiny_dirs, window=4)
-    per_trace = sequence_fidelity({"n": narrow}, reference, traces.prompt_ids, traces.completion_ids, batch_size=2)["n"]
+    per_trace = sequence_fidelity({"n": narrow}, reference, traces.prompt_ids, traces.completion_ids,
+                                  batch_size=2)["n"]
     alone = [token_fidelity({"n": narrow}, reference, [p], [t])["n"]
              for p, t in zip(traces.prompt_ids, traces.completion_ids, strict=True)]
     assert [f.tokens for f in per_trace] == [f.tokens for f in alone]

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
-from thoughtfold.cache import BoundedKVCache
-from thoughtfold.graph import DecodeStep
+from thoughtfold.engine.cache import BoundedKVCache
+from thoughtfold.engine.graph import DecodeStep
 from thoughtfold.policy import Policy
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -82,7 +82,7 @@ def test_compiled_decode_equals_eager(tiny_dirs, mode, eviction):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     eager = make_policy(tiny_dirs, "qwen2", mode, device, cuda_graph=False, eviction=eviction)
     compiled = make_policy(tiny_dirs, "qwen2", mode, device, cuda_graph=device == "cuda", eviction=eviction)
-    compiled.compile_decode = True
+    compiled.configure_decoding(compile_decode=True)
     a = eager.generate(PROMPTS, max_new_tokens=24, temperature=0)
     b = compiled.generate(PROMPTS, max_new_tokens=24, temperature=0)
     assert a.stats["evictions"] > 3
@@ -98,7 +98,7 @@ def test_compiled_decode_compiles_once_across_prompt_lengths(tiny_dirs):
     recompile either, and reaches the compiled step (which reads the adapters' stacked copies)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = make_policy(tiny_dirs, "qwen2", "pte", device, cuda_graph=device == "cuda")
-    policy.compile_decode = True
+    policy.configure_decoding(compile_decode=True)
     eager = make_policy(tiny_dirs, "qwen2", "pte", device, cuda_graph=False)
     policy.generate(PROMPTS, max_new_tokens=4, temperature=0)  # widest prompt: 7 tokens
     with torch.no_grad():  # what an optimizer step does between two rollouts

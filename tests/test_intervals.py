@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from thoughtfold.intervals import bootstrap_interval, newcombe_interval
+from thoughtfold.evaluation.intervals import bootstrap_interval, newcombe_interval, wilson_interval
 
 
 def test_newcombe_matches_the_published_example():
@@ -36,3 +36,10 @@ def test_paired_bootstrap_sees_a_consistent_difference_that_unpaired_noise_hides
     assert 0.2 < lo < 0.3 < hi < 0.4
     with pytest.raises(ValueError):
         bootstrap_interval(lambda i: 0.0, 0)
+
+
+def test_wilson_interval_by_hand():
+    # k = 5 of n = 10, z = 1.96: centre 0.5, half-width 1.96 * sqrt(0.025 + 0.0096) / 1.384 = 0.2366
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0) and wilson_interval(0, 500)[0] == 0.0

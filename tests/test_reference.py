@@ -26,8 +26,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from conftest import byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig
-from thoughtfold.distill import teacher_targets, token_kl
 from thoughtfold.policy import Policy
+from thoughtfold.training.distill import teacher_targets, token_kl
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
 TOL = 1e-9
@@ -43,11 +43,12 @@ def attention_with_history(module, query, key, value, attention_mask, dropout=0.
     if layer_visible is not None:
         attention_mask = layer_visible[module.layer_idx][None, None]
     if live is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     rep = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    scores = torch.where(live, query @ key.transpose(-1, -2), query @ key.detach().transpose(-1, -2)) * scaling
+    keys_t = key.transpose(-1, -2)
+    scores = torch.where(live, query @ keys_t, query @ keys_t.detach()) * scaling
     p = scores.masked_fill(~attention_mask, -math.inf).softmax(-1)
     out = (p * live) @ value + (p * ~live) @ value.detach()
     return out.transpose(1, 2).contiguous(), None
@@ -70,7 +71,7 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 class Reference:
-    """The plain HF model of `directory` plus hooks that add (alpha/r) A (S_t (B x)) with a per-token S_t."""
+    """The plain HF model of `directory` plus hooks that add (alpha/r) B (S_t (A x)) with a per-token S_t."""
 
     def __init__(self, directory, policy: Policy, state_update: str):
         self.model = float64_norms(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64,
@@ -86,8 +87,8 @@ class Reference:
         for name, module in self.model.named_modules():
             if f"{name}.lora_down" in adapter:
                 layer = int(name.split(".layers.")[1].split(".")[0])
-                module.register_forward_hook(self._low_rank(adapter[f"{name}.lora_down"], adapter[f"{name}.lora_up"],
-                                                            layer))
+                hook = self._low_rank(adapter[f"{name}.lora_down"], adapter[f"{name}.lora_up"], layer)
+                module.register_forward_hook(hook)
         for i, layer in enumerate(self.model.model.layers):  # after the adapter hooks: K/V include the update
             attn = layer.self_attn
             getattr(attn, "k_norm", attn.k_proj).register_forward_hook(self._capture(self.keys, i))
@@ -147,7 +148,8 @@ class Reference:
             out.append(torch.stack(states))
         return torch.stack(out)
 
-    def logprobs(self, prompt: list[int], completion: list[int], log: list, backprop: str = "full") -> torch.Tensor:
+    def logprobs(self, prompt: list[int], completion: list[int], log: list,
+                 backprop: str = "full") -> torch.Tensor:
         """Log-probs [n] of `completion` (see `log_distributions`)."""
         return self.log_distributions(prompt, completion, log, backprop).gather(
             -1, torch.tensor(completion)[:, None])[:, 0]
@@ -175,7 +177,8 @@ class Reference:
             kwargs["live"] = segment[:, None] == segment[None]
         width = self.encoder["value_proj"].shape[-1]
         for key in range(layers):
-            self.keys[key] = self.values[key] = torch.zeros(t, self.encoder["key_proj"].shape[1], dtype=torch.float64)
+            self.keys[key] = self.values[key] = torch.zeros(t, self.encoder["key_proj"].shape[1],
+                                                            dtype=torch.float64)
         for _ in range(len(events) + 1):  # each pass makes one more segment's K/V exact
             states = self._segment_states(blocks, detach_kv, truncated=backprop == "truncated")
             self.states = states[:, segment].reshape(layers, t, width, width)
@@ -203,15 +206,17 @@ def case(tiny_dirs, family: str, state_update: str, window: int, ratio: float, e
     lengths = [n, n - 2, n - 5]
     completions = [c[:m] for c, m in zip(res.completion_ids, lengths, strict=True)]
     logs = [[e for e in log if e.step <= m - 2] for log, m in zip(res.eviction_log, lengths, strict=True)]
-    rollout_lp = [torch.tensor(lp[:m], dtype=torch.float64) for lp, m in zip(res.logprobs, lengths, strict=True)]
+    rollout_lp = [torch.tensor(lp[:m], dtype=torch.float64) for lp,
+                  m in zip(res.logprobs, lengths, strict=True)]
     assert all(len(log) >= 3 for log in logs) and len(set(map(len, logs))) > 1
     weights = torch.randn(len(PROMPTS), n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     weights *= torch.arange(n)[None] < torch.tensor(lengths)[:, None]
     return policy, Reference(tiny_dirs[family], policy, state_update), completions, logs, rollout_lp, weights
 
 
-CASES = [("llama", "exact", 6, 0.5, False), ("llama", "paper", 5, 0.4, False), ("qwen2", "exact", 5, 0.4, False),
-         ("qwen2", "paper", 8, 0.25, False), ("qwen3", "exact", 8, 0.25, False), ("qwen3", "paper", 6, 0.5, False),
+CASES = [("llama", "exact", 6, 0.5, False), ("llama", "paper", 5, 0.4, False),
+         ("qwen2", "exact", 5, 0.4, False), ("qwen2", "paper", 8, 0.25, False),
+         ("qwen3", "exact", 8, 0.25, False), ("qwen3", "paper", 6, 0.5, False),
          ("llama", "exact", 5, 0.4, True), ("qwen3", "paper", 8, 0.25, True)]
 CASE_NAMES = ("family", "state_update", "window", "ratio", "residual")
 
@@ -232,7 +237,8 @@ def assert_close(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize(CASE_NAMES, CASES)
-def test_rollout_and_replay_logprobs_equal_reference(tiny_dirs, family, state_update, window, ratio, residual):
+def test_rollout_and_replay_logprobs_equal_reference(tiny_dirs, family, state_update, window, ratio,
+                                                     residual):
     policy, ref, completions, logs, rollout_lp, _ = case(tiny_dirs, family, state_update, window, ratio,
                                                          residual=residual)
     replayed = policy.replay_logprobs(PROMPTS, completions, logs)
@@ -280,7 +286,8 @@ def test_scored_eviction_equals_reference(tiny_dirs, family, state_update, windo
     assert_close(policy.replay_logprobs(PROMPTS, completions, logs), expected)
 
     def replay() -> None:
-        policy.replay_logprobs(PROMPTS, completions, logs, loss_fn=lambda lp, a, b, rows: (lp * weights[rows, a:b]).sum())
+        policy.replay_logprobs(PROMPTS, completions, logs, loss_fn=lambda lp, a, b,
+                               rows: (lp * weights[rows, a:b]).sum())
 
     def reference() -> None:
         sum((ref.logprobs(p, c, log, "state") * w[: len(c)]).sum()
@@ -291,7 +298,8 @@ def test_scored_eviction_equals_reference(tiny_dirs, family, state_update, windo
 
 @pytest.mark.parametrize("backprop", ["full", "state", "truncated"])
 @pytest.mark.parametrize(CASE_NAMES, [CASES[0], CASES[3], CASES[6]])
-def test_distillation_gradients_equal_reference(tiny_dirs, family, state_update, window, ratio, residual, backprop):
+def test_distillation_gradients_equal_reference(tiny_dirs, family, state_update, window, ratio, residual,
+                                                backprop):
     """The dense distillation loss through the replay (full log-distributions with autograd, the
     teacher's from `teacher_targets`) has the gradient of sum_t w_t KL(teacher_t || policy_t) computed
     directly: the teacher a plain HF forward of the base model, the policy the reference."""

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
-from thoughtfold.eviction import EvictionEvent
+from thoughtfold.engine.eviction import EvictionEvent
+from thoughtfold.engine.replay import default_schedule
 from thoughtfold.policy import Policy
-from thoughtfold.replay import default_schedule
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
 
@@ -79,7 +79,7 @@ def naive_two_segment_loss(policy, prompt, completion, event, weights, detach, d
     then segment 1. `detach` cuts the graph at the boundary (truncated backprop)."""
     from transformers import DynamicCache
 
-    from thoughtfold.cache import cache_kwarg
+    from thoughtfold.engine.cache import cache_kwarg
 
     model, folder, p, s, n = policy.model, policy.folder, len(prompt), event.step, len(completion)
     kw, cache = cache_kwarg(model), DynamicCache(config=model.config)
@@ -138,8 +138,8 @@ def test_replay_gradients_match_naive_two_segment(tiny_dirs, backprop):
     for a, b in zip(ours, ref, strict=True):
         assert_close_to_scale(a, b, rel=1e-5)
     if backprop == "full":  # the encoder's queries get gradient through the pre-eviction state too
-        trunc = grads_of(policy, lambda: policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn,
-                                                                backprop="truncated"))
+        trunc = grads_of(policy, lambda: policy.replay_logprobs([prompt], [completion], [log],
+                                                                loss_fn=loss_fn, backprop="truncated"))
         assert any(not torch.allclose(a, b) for a, b in zip(ours, trunc, strict=True))
 
 
@@ -180,10 +180,10 @@ def test_full_backprop_equals_plain_autograd_full_cache(tiny_dirs):
 def test_state_backprop_equals_one_graph_with_only_the_cached_kv_detached(tiny_dirs, monkeypatch):
     """Over several eviction events: the segment-wise replay plus the second pass through the state
     chain gives the gradients of one full graph in which only the cached K/V are detached."""
-    import thoughtfold.replay as replay_mod
+    import thoughtfold.engine.replay as replay_mod
 
-    res = make_policy(tiny_dirs, "llama", "pte", window=4).generate(PROMPTS, max_new_tokens=14, temperature=1.0,
-                                                                     seed=3)
+    res = make_policy(tiny_dirs, "llama", "pte", window=4).generate(PROMPTS, max_new_tokens=14,
+                                                                     temperature=1.0, seed=3)
     assert min(len(log) for log in res.eviction_log) >= 3
     total = sum(map(len, res.completion_ids))
 
@@ -193,8 +193,9 @@ def test_state_backprop_equals_one_graph_with_only_the_cached_kv_detached(tiny_d
     def run(backprop):
         torch.manual_seed(0)
         policy = make_policy(tiny_dirs, "llama", "pte", window=4)
-        return grads_of(policy, lambda: policy.replay_logprobs(res.prompt_ids, res.completion_ids, res.eviction_log,
-                                                               loss_fn=loss_fn, backprop=backprop))
+        return grads_of(policy, lambda: policy.replay_logprobs(res.prompt_ids, res.completion_ids,
+                                                               res.eviction_log, loss_fn=loss_fn,
+                                                               backprop=backprop))
 
     state = run("state")
 
@@ -219,7 +220,8 @@ def test_scored_eviction_replays_its_rollout(tiny_dirs, family, eviction):
     res = policy.generate(PROMPTS, max_new_tokens=40, temperature=1.0, seed=5)
     assert res.stats["evictions"] >= 4
     assert all(e.layers is not None for log in res.eviction_log for e in log)
-    if eviction != "h2o":  # (h2o on a random model tends to evict the same just-unprotected tokens everywhere)
+    # (h2o on a random model tends to evict the same just-unprotected tokens everywhere)
+    if eviction != "h2o":
         assert len({tuple(e.layers for e in log) for log in res.eviction_log}) > 1  # rows chose differently
     logs = [[EvictionEvent.from_dict(e.to_dict()) for e in log] for log in res.eviction_log]
     replayed = policy.replay_logprobs(res.prompt_ids, res.completion_ids, logs)

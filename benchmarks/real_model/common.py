@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from thoughtfold.metrics import read_metrics
+from thoughtfold import SFTTrainer
+from thoughtfold.config import TrainConfig, load_config
 from thoughtfold.policy import Policy
-from thoughtfold.train_config import TrainConfig, load_config
-from thoughtfold.trainer import SFTTrainer
+from thoughtfold.training.metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -80,8 +80,9 @@ def train_arm(config: TrainConfig, log: Log, label: str) -> Policy:
     trainer = SFTTrainer(args=config)
     result = trainer.train()
     losses = [r["loss"] for r in read_metrics(result["metrics"])]
-    log(f"{label}: {config.max_steps} SFT steps in {time.perf_counter() - start:.0f}s, loss {losses[0]:.4f} -> "
-        f"{sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10)")
+    seconds, tail = time.perf_counter() - start, losses[-10:]
+    log(f"{label}: {config.max_steps} SFT steps in {seconds:.0f}s, loss {losses[0]:.4f} -> "
+        f"{sum(tail) / len(tail):.4f} (mean of the last 10)")
     return trainer.policy
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from common import Log, arm_config, row, run_arms, train_arm
 
-from thoughtfold.checkpoint import ADAPTER_DIR, list_checkpoints
-from thoughtfold.data import load_dataset_by_name
-from thoughtfold.distill import first_distilled_token, teacher_targets, token_kl
-from thoughtfold.fidelity import TokenFidelity, sequence_fidelity
-from thoughtfold.intervals import bootstrap_interval
+from thoughtfold.engine.replay import default_schedule
+from thoughtfold.evaluation.fidelity import TokenFidelity, sequence_fidelity
+from thoughtfold.evaluation.intervals import bootstrap_interval
 from thoughtfold.policy import Policy
-from thoughtfold.replay import default_schedule
+from thoughtfold.tasks.data import load_dataset_by_name
+from thoughtfold.training.checkpoint import ADAPTER_DIR, list_checkpoints
+from thoughtfold.training.distill import first_distilled_token, teacher_targets, token_kl
 
 NAME = "gsm8k-distill"
 _CALCULATOR = re.compile(r"<<[^>]*>>")
@@ -47,7 +47,8 @@ def solution_rows(settings: dict, split: str, start: int, n: int) -> list[dict]:
 def encode(policy: Policy, settings: dict, rows: list[dict]) -> tuple[list, list]:
     """Prompt ids (with the experiment's system prompt) and target ids, cut as SFTTrainer cuts them."""
     limit = settings["train"]["max_completion_length"]
-    prompts = policy.encode([r["prompt"] for r in rows], system_prompt=settings["train"]["data"]["system_prompt"])
+    system = settings["train"]["data"]["system_prompt"]
+    prompts = policy.encode([r["prompt"] for r in rows], system_prompt=system)
     tok = policy.tokenizer
     targets = []
     for r in rows:
@@ -100,8 +101,8 @@ def run_arm(arm: str, settings: dict, out: Path, log_path: Path) -> dict:
     scores = sequence_fidelity({arm: policy}, policy, *test, ev["batch"])[arm]
     extra = {}
     if config.adapter.mode == "none":
-        k = ev["topk_traces"]
-        extra["topk_change"] = topk_change(policy, test[0][:k], test[1][:k], settings["train"]["distill_top_k"])
+        k, top_k = ev["topk_traces"], settings["train"]["distill_top_k"]
+        extra["topk_change"] = topk_change(policy, test[0][:k], test[1][:k], top_k)
     total = sum(scores, TokenFidelity())
     log(f"{NAME} {arm}: validation KL curve {' '.join(f'{s}:{v:.4f}' for s, v in curve)}; chosen {best[1]}; "
         f"test KL {total.kl_after_eviction:.4f} top-1 {total.top1_agreement:.3f} ({total.tokens} tokens)")
@@ -117,10 +118,10 @@ def ratio(values: torch.Tensor, tokens: torch.Tensor):
 def arm_rows(arm: str, res: dict) -> list[dict]:
     kl, hits, tokens = (torch.tensor(res[k], dtype=torch.float64) for k in ("kl", "hits", "tokens"))
     n = int(tokens.sum())
-    rows = [row(arm, "kl_after_eviction", float(kl.sum() / n), n, bootstrap_interval(ratio(kl, tokens), len(kl)),
-                traces=len(kl), chosen=res["chosen"]),
-            row(arm, "top1_agreement", float(hits.sum() / n), n, bootstrap_interval(ratio(hits, tokens), len(kl)),
-                traces=len(kl))]
+    rows = [row(arm, "kl_after_eviction", float(kl.sum() / n), n,
+                bootstrap_interval(ratio(kl, tokens), len(kl)), traces=len(kl), chosen=res["chosen"]),
+            row(arm, "top1_agreement", float(hits.sum() / n), n,
+                bootstrap_interval(ratio(hits, tokens), len(kl)), traces=len(kl))]
     if "topk_change" in res:
         rows.append(row(arm, "topk_kl_rel_change", res["topk_change"], n))
     return rows
@@ -154,7 +155,8 @@ def criteria(rows: list[dict], settings: dict) -> dict[str, bool]:
     rel = get[(f"{c['method']}-{c['baseline']}", "kl_relative")]
     top1 = get[(f"{c['method']}-{c['baseline']}", "top1_agreement")]
     return {
-        "adapters_below_base": all(get[(m, "kl_after_eviction")]["value"] < base for m in (c["method"], c["baseline"])),
+        "adapters_below_base": all(get[(m, "kl_after_eviction")]["value"] < base
+                                   for m in (c["method"], c["baseline"])),
         "kl_gain": rel["value"] <= -c["min_relative_kl_gain"] and rel["hi"] < 0,
         "top1_not_worse": top1["value"] >= 0 or top1["hi"] > 0,
     }
@@ -162,7 +164,8 @@ def criteria(rows: list[dict], settings: dict) -> dict[str, bool]:
 
 def run(settings: dict, out: Path, log: Log) -> dict:
     d = settings["data"]
-    train = solution_rows(settings, "train", 0, settings["train"]["max_steps"] * settings["train"]["prompts_per_step"])
+    budget = settings["train"]["max_steps"] * settings["train"]["prompts_per_step"]
+    train = solution_rows(settings, "train", 0, budget)
     val = solution_rows(settings, "train", len(train), d["validation"])
     test = solution_rows(settings, "test", 0, d["test"])
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
@@ -170,8 +173,8 @@ def run(settings: dict, out: Path, log: Log) -> dict:
     for name, rows in (("validation", val), ("test", test)):
         (out / f"{name}.json").write_text(json.dumps(encode(policy, settings, rows)))
     lengths = [len(t) for t in json.loads((out / "test.json").read_text())[1]]
-    log(f"{NAME}: {len(train)} training, {len(val)} validation, {len(test)} test solutions of {d['dataset']}; "
-        f"window {settings['window']}, test targets {min(lengths)}-{max(lengths)} tokens "
+    log(f"{NAME}: {len(train)} training, {len(val)} validation, {len(test)} test solutions of "
+        f"{d['dataset']}; window {settings['window']}, test targets {min(lengths)}-{max(lengths)} tokens "
         f"(mean {sum(lengths) / len(lengths):.0f})")
     del policy
     results = run_arms(run_arm, list(settings["arms"]), settings["workers"], settings, out, log.path)

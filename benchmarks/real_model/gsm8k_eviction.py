@@ -15,9 +15,9 @@ from pathlib import Path
 from common import Log, arm_config, row, train_arm
 
 from thoughtfold.config import EVICTIONS, CacheConfig
-from thoughtfold.data import load_dataset_by_name
-from thoughtfold.fidelity import answer_agreement, full_cache_traces, token_fidelity
+from thoughtfold.evaluation.fidelity import answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
+from thoughtfold.tasks.data import load_dataset_by_name
 
 NAME = "gsm8k-eviction"
 
@@ -40,8 +40,8 @@ def run(settings: dict, out: Path, log: Log) -> dict:
             policies[f"base@{eviction}"] = Policy.from_pretrained(t.get("model", "default"), cache=cache)
         if "pte" in settings["methods"]:
             arm = {**settings, "arms": {"pte": {"adapter": {"mode": "pte"}, "cache": {"eviction": eviction}}}}
-            policies[f"pte@{eviction}"] = train_arm(arm_config(arm, "pte", out / f"pte-{eviction}", data), log,
-                                                    f"{NAME} pte@{eviction}")
+            config = arm_config(arm, "pte", out / f"pte-{eviction}", data)
+            policies[f"pte@{eviction}"] = train_arm(config, log, f"{NAME} pte@{eviction}")
     n_train = len(train)
     prompts, test_traces = traces.prompt_ids[n_train:], traces.completion_ids[n_train:]
     fidelity = token_fidelity(policies, teacher, prompts, test_traces)
@@ -53,8 +53,8 @@ def run(settings: dict, out: Path, log: Log) -> dict:
         rows += [row(method, "kl_after_eviction", f.kl_after_eviction, f.tokens),
                  row(method, "top1_agreement", f.top1_agreement, f.tokens),
                  row(method, "answer_agreement", agreement, compared)]
-        log(f"{NAME} {method:12s} KL {f.kl_after_eviction:.4f} top1 {f.top1_agreement:.3f} ({f.tokens} tokens) "
-            f"answers {agreement:.3f} ({compared})")
+        log(f"{NAME} {method:12s} KL {f.kl_after_eviction:.4f} top1 {f.top1_agreement:.3f} "
+            f"({f.tokens} tokens) answers {agreement:.3f} ({compared})")
     return {"name": NAME, "window": settings["window"], "evict_ratio": settings["evict_ratio"],
-            "max_new_tokens": t["max_completion_length"], "train_problems": len(train), "test_problems": len(test),
-            "settings": settings, "rows": rows}
+            "max_new_tokens": t["max_completion_length"], "train_problems": len(train),
+            "test_problems": len(test), "settings": settings, "rows": rows}

@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 from common import Log, arm_config, row, run_arms, train_arm
 
-from thoughtfold.checkpoint import ADAPTER_DIR, list_checkpoints
 from thoughtfold.config import CacheConfig
-from thoughtfold.evaluate import wilson_interval
-from thoughtfold.intervals import bootstrap_interval, newcombe_interval
+from thoughtfold.engine.replay import default_schedule
+from thoughtfold.evaluation.intervals import bootstrap_interval, newcombe_interval, wilson_interval
 from thoughtfold.policy import Policy
-from thoughtfold.replay import default_schedule
+from thoughtfold.training.checkpoint import ADAPTER_DIR, list_checkpoints
 
 NAME = "recall-words"
 
@@ -72,7 +71,8 @@ class WordRecall:
         repeated. Returns the distance in tokens from the noun to its repetition."""
         for item in self.items:
             if len(tokenizer.encode(" " + item, add_special_tokens=False)) != 1:
-                raise SystemExit(f"error: recall-words: item {item!r} is not one token: choose single-token nouns")
+                raise SystemExit(f"error: recall-words: item {item!r} is not one token: choose single-token "
+                                 "nouns")
         ids = {tokenizer.encode(" " + item, add_special_tokens=False)[0] for item in self.items}
         distances = set()
         for start in range(1, self.start_max + 1):
@@ -80,11 +80,14 @@ class WordRecall:
             first, last = (i for i, t in enumerate(trace) if t in ids)
             others = set(tokenizer.encode(self.prompt(start), add_special_tokens=False)) | set(trace)
             if len(others & ids) != 1:
-                raise SystemExit("error: recall-words: an item occurs in a prompt or in the filler; change the items")
-            out = next((s for s in range(window, len(trace), evict_block) if s - window + evict_block > first), None)
+                raise SystemExit("error: recall-words: an item occurs in a prompt or in the filler; "
+                                 "change the items")
+            events = range(window, len(trace), evict_block)
+            out = next((s for s in events if s - window + evict_block > first), None)
             if out is None or last < out + window:
-                raise SystemExit(f"error: recall-words: with window {window} the noun is not evicted a whole window "
-                                 f"before it is repeated (start {start}); lengthen the filler or shrink the window")
+                raise SystemExit(f"error: recall-words: with window {window} the noun is not evicted a "
+                                 f"whole window before it is repeated (start {start}); lengthen the filler "
+                                 "or shrink the window")
             distances.add(last - first)
         return min(distances)
 
@@ -96,7 +99,8 @@ def answer_positions(policy: Policy, task: WordRecall, rows: list[dict]) -> tupl
     tok = policy.tokenizer
     targets = [tok.encode(r["solution"], add_special_tokens=False) + [tok.eos_token_id] for r in rows]
     noun = [tok.encode(" " + r["answer"], add_special_tokens=False)[0] for r in rows]
-    return prompts, targets, [max(i for i, t in enumerate(ids) if t == n) for ids, n in zip(targets, noun, strict=True)]
+    where = [max(i for i, t in enumerate(ids) if t == n) for ids, n in zip(targets, noun, strict=True)]
+    return prompts, targets, where
 
 
 @torch.no_grad()
@@ -118,8 +122,8 @@ def sample_checks(policy: Policy, task: WordRecall, rows: list[dict], ev: dict) 
     checks = []
     for a in range(0, len(rows), ev["batch"]):
         part = rows[a : a + ev["batch"]]
-        res = policy.generate([r["prompt"] for r in part], max_new_tokens=max_new, temperature=ev["temperature"],
-                              seed=ev["seed"] + a)
+        res = policy.generate([r["prompt"] for r in part], max_new_tokens=max_new,
+                              temperature=ev["temperature"], seed=ev["seed"] + a)
         checks += [task.check(text, r["start"]) for text, r in zip(res.texts, part, strict=True)]
     return checks
 

@@ -2,7 +2,8 @@
 
     python benchmarks/real_model/run.py --experiments recall-words [--set key=value ...]
     python benchmarks/real_model/run.py --experiments gsm8k-distill
-    python benchmarks/real_model/run.py --experiments gsm8k-eviction --results benchmarks/real_model/eviction/results.json
+    python benchmarks/real_model/run.py --experiments gsm8k-eviction \
+        --results benchmarks/real_model/eviction/results.json
 
 * recall-words (recall_words.py): recall of a self-chosen word after it left the window.
 * gsm8k-distill (gsm8k_distill.py): dense KL self-distillation under the window on GSM8K solutions.
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment["wall_seconds"] = round(time.perf_counter() - start, 1)
         write_results(args.results, experiment)
         plot_experiment(experiment, args.results.with_name(f"{name}.png"))
-        log(f"{name}: done in {experiment['wall_seconds']:.0f}s (main process {time.process_time() - cpu:.0f} CPU-s); "
-            f"criteria {experiment.get('criteria', {})}")
+        log(f"{name}: done in {experiment['wall_seconds']:.0f}s (main process "
+            f"{time.process_time() - cpu:.0f} CPU-s); criteria {experiment.get('criteria', {})}")
     return 0
 
 
