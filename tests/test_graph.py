@@ -31,7 +31,7 @@ def make_policy(tiny_dirs, family, mode, device, dtype=torch.float32, cuda_graph
 def test_capture_needs_cuda(tiny_dirs):
     with pytest.raises(ConfigError, match="CUDA device"):
         make_policy(tiny_dirs, "qwen2", "none", "cpu", cuda_graph=True)
-    cache = BoundedKVCache(2, torch.ones(1, 3, dtype=torch.bool), window=4, block=1)
+    cache = BoundedKVCache(2, 1, 3, window=4, block=1, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="CUDA"):
         DecodeStep(torch.nn.Linear(1, 1), cache, capture=True)
 
