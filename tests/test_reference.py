@@ -256,3 +256,31 @@ def test_scored_eviction_equals_reference(tiny_dirs, family, state_update, windo
             for p, c, log, w in zip(PROMPTS, completions, logs, weights, strict=True)).backward()
 
     assert_close(grads(policy, replay), grads(policy, reference))
+
+
+@pytest.mark.parametrize(("family", "eviction"), [("llama", "oldest"), ("qwen3", "h2o")])
+def test_rows_admitted_at_different_steps_equal_reference(tiny_dirs, family, eviction):
+    """Continuous batching, 2 slots for 3 prompts: the first sequence ends early (EOS), and the third
+    takes its slot while the second still decodes. Each row's rollout and replay log-probs equal the
+    reference, which decodes every row alone."""
+    model = float64_norms(AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float64).eval())
+    torch.manual_seed(1)
+    policy = Policy(model, byte_tokenizer(), cache=CacheConfig(window=6, evict_ratio=0.5, eviction=eviction),
+                    adapter=AdapterConfig(mode="pte", rank=RANK, alpha=ALPHA, global_tokens=2))
+    for w in policy.wrappers:
+        torch.nn.init.normal_(w.lora_up, std=0.3)
+    n_new = 40
+    free = policy.generate(PROMPTS, max_new_tokens=n_new, seed=1).completion_ids
+    # an EOS token that ends the first sequence after 3 events, the second never and the third late
+    end = next(t for d, t in enumerate(free[0])
+               if d >= 13 and free[0].index(t) == d and t not in free[1] and t not in free[2][:13])
+    policy.model.generation_config.eos_token_id = [256, end]
+    res = policy.generate(PROMPTS, max_new_tokens=n_new, seed=1, slots=2)
+    assert res.stats["prefills"] == 2 and len(res.completion_ids[0]) < 32 < len(res.completion_ids[1])
+    assert all(len(log) >= 3 for log in res.eviction_log), [len(c) for c in res.completion_ids]
+    completions, logs = res.completion_ids, res.eviction_log
+    ref = Reference(tiny_dirs[family], policy, "exact")
+    with torch.no_grad():
+        expected = [ref.logprobs(p, c, log) for p, c, log in zip(PROMPTS, completions, logs, strict=True)]
+    assert_close([torch.tensor(lp, dtype=torch.float64) for lp in res.logprobs], expected)
+    assert_close(policy.replay_logprobs(PROMPTS, completions, logs), expected)

@@ -50,6 +50,20 @@ def test_replay_is_exact_in_float64_with_large_adapters(tiny_dirs, family):
         assert_close_to_scale(ours, ref, rel=1e-6)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replay_equals_continuous_batching_logprobs(tiny_dirs, family):
+    """Sequences admitted into slots at different steps (2 slots, sequences ending at EOS) replay
+    to their rollout log-probs."""
+    policy = make_policy(tiny_dirs, family, "pte")
+    policy.model.generation_config.eos_token_id = [256, 65, 66, 67]
+    res = policy.generate(PROMPTS * 2, max_new_tokens=40, temperature=1.5, seed=3, slots=2)
+    assert res.stats["prefills"] > 1 and len({len(c) for c in res.completion_ids}) > 2
+    assert max(res.evictions) >= 4
+    replayed = policy.replay_logprobs(res.prompt_ids, res.completion_ids, res.eviction_log, temperature=1.5)
+    for ours, ref in zip(replayed, res.logprobs, strict=True):
+        assert_close_to_scale(ours, ref, rel=1e-5)
+
+
 def test_replay_with_default_schedule_and_variable_lengths(tiny_dirs):
     policy = make_policy(tiny_dirs, "llama", "pte", window=6, ratio=0.5)
     policy.model.generation_config.eos_token_id = [256, 65, 66, 67]
