@@ -68,9 +68,13 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tensor | N
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest prefix reaching top_p
         filtered = filtered.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    cdf = filtered.softmax(-1).double().cumsum(-1)  # float64: a uniform near 1 stays below the total
+    probs = filtered.softmax(-1)
+    cdf = probs.double().cumsum(-1)
     at = (uniforms.to(cdf) * cdf[:, -1])[:, None]
-    tokens = torch.searchsorted(cdf, at, right=True)[:, 0].clamp_max(cdf.shape[-1] - 1)  # skips zero mass
+    tokens = torch.searchsorted(cdf, at, right=True)[:, 0]  # the first token whose mass ends above: skips zeros
+    # a uniform just below 1 can round to the total: it falls in the last token with mass
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    tokens = torch.minimum(tokens, last)
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
 
