@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
+from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer, end_at_different_steps
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
 from thoughtfold.eviction import EvictionEvent
 from thoughtfold.policy import Policy
@@ -55,7 +55,7 @@ def test_replay_equals_continuous_batching_logprobs(tiny_dirs, family):
     """Sequences admitted into slots at different steps (2 slots, sequences ending at EOS) replay
     to their rollout log-probs."""
     policy = make_policy(tiny_dirs, family, "pte")
-    policy.model.generation_config.eos_token_id = [256, 65, 66, 67]
+    end_at_different_steps(policy, PROMPTS * 2, 40, temperature=1.5, seed=3)
     res = policy.generate(PROMPTS * 2, max_new_tokens=40, temperature=1.5, seed=3, slots=2)
     assert res.stats["prefills"] > 1 and len({len(c) for c in res.completion_ids}) > 2
     assert max(res.evictions) >= 4

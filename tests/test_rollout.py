@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
+from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer, end_at_different_steps
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
 from thoughtfold.cache import cache_kwarg
 from thoughtfold.fold import StateFolder
@@ -179,20 +179,6 @@ def float64_policy(tiny_dirs, family, eviction="oldest", eviction_policy=None):
     for w in policy.wrappers:
         torch.nn.init.normal_(w.lora_up, std=0.3)
     return policy
-
-
-def end_at_different_steps(policy, prompts, n_new, **sampling):
-    """Make EOS tokens of some tokens that the sequences (decoded with `sampling`) first produce at
-    different depths, never before the window's second event: the sequences then end, and free their
-    slots, at different steps (each keeps its tokens: its random stream is its own)."""
-    policy.model.generation_config.eos_token_id = 256
-    free = policy.generate(prompts, max_new_tokens=n_new, **sampling).completion_ids
-    first = {}
-    for row in free:
-        for depth, token in enumerate(row):
-            first[token] = min(first.get(token, n_new), depth)
-    late = sorted((depth, token) for token, depth in first.items() if depth >= 9)
-    policy.model.generation_config.eos_token_id = [256, *(token for _, token in late[::3][:3])]
 
 
 def assert_same_sequences(got, want, rel):

@@ -8,8 +8,9 @@ states start empty, and the other slots go on decoding. Before a token would ove
 window, a block is evicted and folded into its state at that sequence's own step. So every sequence
 computes what it would alone, and samples from its own random stream: results do not depend on the
 number of slots. Shapes stay static (the decode step of B slots is captured once as a CUDA graph);
-the host reads the device only at sync points (every SYNC_EVERY steps, and when a sequence reaches
-its token budget) and to stream.
+the host waits for the device only at sync points -- every SYNC_EVERY steps, when a sequence reaches
+its token budget, and when an asynchronous copy of the done flags shows that one ended -- and to
+stream.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .eviction import EvictionEvent, EvictionPolicy, ScoredEviction
 from .fold import StateFolder
 from .graph import DecodeStep
 from .sampling import SamplingConfig, TokenChooser
-from .slots import SYNC_EVERY, Finished, SlotOutputs, SlotTable
+from .slots import SYNC_EVERY, DonePeek, Finished, SlotOutputs, SlotTable
 
 STOP_TAIL = 64  # how many of a sequence's last tokens a stop check sees
 
@@ -159,6 +160,7 @@ class _Slots:
         self.outputs = SlotOutputs(batch, self.n_new + SYNC_EVERY, self.device, wide_dtype(folder.dtype),
                                    options.keep_logits)
         self.done = torch.ones(batch, dtype=torch.bool, device=self.device)
+        self.peek = DonePeek(self.done)
         self.eos = torch.tensor(sorted(options.eos_ids), dtype=torch.long, device=self.device)
         self.finished: list[Finished] = []
         self.prefills = 0
@@ -182,6 +184,12 @@ class _Slots:
         else:
             self.done.index_copy_(0, slots, ended)
         return token
+
+    def due(self, step: int) -> bool:
+        """Whether to sync at `step`: at the table's steps, and, unless processes must agree on the
+        steps (lockstep), as soon as the host sees that a sequence ended."""
+        lockstep = self.options.lockstep is not None
+        return self.table.due(step, lockstep) or (not lockstep and self.peek.ended(self.table))
 
     def start(self, slots: list[int], rows: list[int], token: torch.Tensor) -> torch.Tensor:
         """Prefill prompts `rows` into `slots`, which start afresh; returns `token` with each slot's
@@ -274,12 +282,13 @@ def rollout(model: nn.Module, folder: StateFolder, prompts: list[list[int]], cac
         for step in itertools.count():
             if options.streamer is not None:
                 options.streamer.put(token.cpu())
-            if run.table.due(step, options.lockstep is not None):
+            if run.due(step):
                 token, finished = run.sync(step, token)
                 if finished:
                     break
             evict_and_fold(run, step)
             token = run.choose(decode(token, *run.cache.admit()))
+            run.peek.start(run.done, step + 1)
     if options.streamer is not None:
         options.streamer.end()
     folder.apply(None)

@@ -3,8 +3,9 @@ which prompts still wait, and what each slot's sequence has produced (docs/desig
 
 Everything the decode loop needs to know per step -- which sequences evict now (each on its own
 clock), which reach their token budget -- follows from the steps at which sequences were admitted,
-so it is host arithmetic, with no read of the device. Tokens and log-probs stay on the device until
-a sequence is seen finished at a sync point.
+so it is host arithmetic, with no read of the device. That a sequence met an EOS the host learns
+from an asynchronous copy of the done flags; tokens and log-probs stay on the device until a
+sequence is seen finished at a sync point.
 """
 
 from __future__ import annotations
@@ -112,6 +113,34 @@ class SlotTable:
     def release(self, slots: list[int]) -> None:
         for slot in slots:
             self.row[slot] = -1
+
+
+class DonePeek:
+    """The sequences' done flags as last copied to the host, read without waiting for the device.
+    After every step an asynchronous copy starts (into pinned memory on CUDA; on the CPU it is
+    immediate), and the host looks at the newest copy that has arrived: it learns that a sequence
+    ended a step or two late instead of at the next periodic sync, and only then syncs."""
+
+    def __init__(self, done: torch.Tensor):
+        self.cuda = done.is_cuda
+        self.host = torch.zeros(done.shape, dtype=torch.bool, pin_memory=self.cuda)
+        self.arrived = torch.cuda.Event() if self.cuda else None
+        self.step = -1  # the step whose flags `host` holds
+
+    def start(self, done: torch.Tensor, step: int) -> None:
+        """Copy the flags as they are after `step` (unless the previous copy is still on its way)."""
+        if self.cuda and self.step >= 0 and not self.arrived.query():
+            return
+        self.host.copy_(done, non_blocking=self.cuda)
+        self.step = step
+        if self.cuda:
+            self.arrived.record()
+
+    def ended(self, table: SlotTable) -> bool:
+        """Whether the newest arrived flags show an ended sequence (one admitted before they were taken)."""
+        if self.step < 0 or (self.cuda and not self.arrived.query()):
+            return False
+        return bool((self.host.numpy() & table.occupied & (table.start <= self.step)).any())
 
 
 class SlotOutputs:
