@@ -11,7 +11,7 @@ from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer, end_at_dif
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
 from thoughtfold.eviction import EvictionEvent
 from thoughtfold.policy import Policy
-from thoughtfold.replay import default_schedule
+from thoughtfold.replay import default_schedule, token_logprobs
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
 
@@ -244,3 +244,61 @@ def test_scored_eviction_replays_its_rollout(tiny_dirs, family, eviction):
     assert policy.eviction_logs(res.prompt_ids, res.completion_ids) == res.eviction_log
     policy.cache_config = CacheConfig(window=8)
     assert policy.eviction_logs(res.prompt_ids, res.completion_ids) is None  # oldest: the default schedule
+
+
+def test_token_logprobs_equal_the_full_log_softmax_and_its_gradient():
+    """Chunked over tokens, the sampled tokens' log-probs and their gradient are the full
+    log-softmax's (float64), whatever the chunk, at any temperature; half-precision logits are
+    widened chunk by chunk."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 50, dtype=torch.float64, generator=gen) * 4
+    tokens = torch.randint(0, 50, (3, 7), generator=gen)
+    weights = torch.randn(3, 7, dtype=torch.float64, generator=gen)
+    for temperature in (1.0, 0.6):
+        full = logits.clone().requires_grad_()
+        want = torch.log_softmax(full / temperature, -1).gather(-1, tokens[..., None])[..., 0]
+        (want * weights).sum().backward()
+        for chunk in (1, 4, 21, None):
+            mine = logits.clone().requires_grad_()
+            got = token_logprobs(mine, tokens, temperature, torch.float64, chunk)
+            (got * weights).sum().backward()
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+            torch.testing.assert_close(mine.grad, full.grad, rtol=0, atol=1e-13)
+    half = logits.to(torch.bfloat16)
+    expected = torch.log_softmax(half.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(token_logprobs(half, tokens, 1.0, torch.float32, 5), expected)
+
+
+def test_chunked_replay_losses_and_gradients_equal_the_unchunked_computation(tiny_dirs, monkeypatch):
+    """The replay's losses and gradients (float64, every backprop mode, temperature) are those of the
+    full float32 log-softmax it computed before, with the chunk down to one token."""
+    import thoughtfold.replay as replay_mod
+
+    policy = make_policy(tiny_dirs, "qwen2", "pte", dtype=torch.float64)
+    res = policy.generate(PROMPTS, max_new_tokens=30, temperature=0.8, seed=4)
+    weights = torch.randn(len(PROMPTS), 30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(backprop):
+        losses = []
+
+        def loss_fn(lp, a, b, rows):
+            losses.append((lp * weights[rows, a:b]).sum())
+            return losses[-1]
+
+        grads = grads_of(policy, lambda: policy.replay_logprobs(res.prompt_ids, res.completion_ids, res.eviction_log,
+                                                                loss_fn=loss_fn, temperature=0.8, backprop=backprop))
+        return torch.stack(losses).detach(), grads
+
+    def unchunked(logits, tokens, temperature, dtype):
+        return torch.log_softmax(logits.to(dtype) / temperature, -1).gather(-1, tokens[..., None])[..., 0]
+
+    for backprop in ("state", "truncated", "full"):
+        monkeypatch.setattr(replay_mod, "LOGPROB_CHUNK", 1)
+        losses, grads = run(backprop)
+        monkeypatch.setattr(replay_mod, "token_logprobs", unchunked)
+        want_losses, want_grads = run(backprop)
+        monkeypatch.undo()
+        assert len(losses) > 4 and all(g.abs().max() > 0 for g in want_grads)
+        torch.testing.assert_close(losses, want_losses, rtol=1e-12, atol=0)
+        for a, b in zip(grads, want_grads, strict=True):
+            assert_close_to_scale(a, b, rel=1e-12)

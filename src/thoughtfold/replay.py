@@ -49,6 +49,52 @@ BACKPROP = ("state", "truncated", "full")
 """
 
 
+LOGPROB_CHUNK = 1 << 22
+"""Logits (tokens x vocabulary) that `token_logprobs` widens to float32 at a time: 16 MB."""
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """log softmax(logits / T) at the given tokens, chunk by chunk over tokens: the full float32
+    log-softmax is never materialised. Backward saves only the logits (in their own dtype) and each
+    token's log-normaliser, and recomputes softmax chunk by chunk: d lp / d logits = (onehot - p) / T."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, dtype: torch.dtype,
+                chunk: int) -> torch.Tensor:
+        flat, index = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
+        out = torch.empty(index.shape[0], dtype=dtype, device=logits.device)
+        norm = torch.empty_like(out)
+        for a in range(0, flat.shape[0], chunk):
+            x = flat[a : a + chunk].to(dtype) / temperature
+            norm[a : a + chunk] = x.logsumexp(-1)
+            out[a : a + chunk] = x.gather(-1, index[a : a + chunk])[:, 0] - norm[a : a + chunk]
+        ctx.save_for_backward(logits, tokens, norm)
+        ctx.temperature, ctx.dtype, ctx.chunk = temperature, dtype, chunk
+        return out.view(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, tokens, norm = ctx.saved_tensors
+        flat, index = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
+        grad = grad.reshape(-1, 1).to(ctx.dtype)
+        out = torch.empty_like(flat)
+        for a in range(0, flat.shape[0], ctx.chunk):
+            x = flat[a : a + ctx.chunk].to(ctx.dtype) / ctx.temperature
+            g = grad[a : a + ctx.chunk]
+            d = (x - norm[a : a + ctx.chunk, None]).exp_().mul_(-g).scatter_add_(-1, index[a : a + ctx.chunk], g)
+            out[a : a + ctx.chunk] = d / ctx.temperature
+        return out.view_as(logits), None, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, dtype: torch.dtype,
+                   chunk: int | None = None) -> torch.Tensor:
+    """log softmax(logits / temperature) [..., V] at `tokens` [...], in `dtype` (differentiable), with at
+    most `chunk` tokens' logits widened at a time (default: LOGPROB_CHUNK elements' worth), as TRL's
+    selective log-softmax: the update's memory stays bounded in the vocabulary."""
+    chunk = chunk or max(1, LOGPROB_CHUNK // logits.shape[-1])
+    return _TokenLogProbs.apply(logits, tokens, temperature, dtype, chunk)
+
+
 class _SegmentLayer(CacheLayerMixin):
     """Context K/V from earlier segments plus the current segment's own K/V."""
 
@@ -336,13 +382,12 @@ def _replay_batch(
         first = a if k == 0 else a + 1
         out = model(input_ids=seg_ids, attention_mask=mask, position_ids=seg_pos, use_cache=True,
                     logits_to_keep=b + 1 - first, **{kw: cache})
-        logits = out.logits.to(dtype) / temperature
-        logprobs = torch.log_softmax(logits, -1)
-        lp = logprobs.gather(-1, comp[:, first : b + 1, None])[..., 0]
+        lp = token_logprobs(out.logits, comp[:, first : b + 1], temperature, dtype)
         out_lp[:, first : b + 1] = lp.detach()
         if distribution_fn is not None:
-            distribution_fn(logprobs.detach(), first, b + 1, rows)
-        del logprobs
+            with torch.no_grad():
+                distribution_fn(torch.log_softmax(out.logits.to(dtype) / temperature, -1), first, b + 1, rows)
+        del out
         new_valid = torch.ones(batch, b - a, dtype=torch.bool, device=device)
         if k == 0:
             new_valid = torch.cat([valid, new_valid], 1)
