@@ -3,6 +3,9 @@ evictions, step-by-step equality with the plain HF model decoding over exactly t
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -10,6 +13,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer, end_at_different_steps
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
 from thoughtfold.cache import cache_kwarg
+from thoughtfold.eviction import EvictionEvent
 from thoughtfold.fold import StateFolder
 from thoughtfold.policy import Policy
 from thoughtfold.rollout import RolloutOptions, SamplingConfig, rollout
@@ -279,3 +283,54 @@ def test_slots_must_be_a_positive_integer(tiny_dirs):
         with pytest.raises(ConfigError, match="slots must be an integer >= 1"):
             policy.generate(PROMPTS, max_new_tokens=4, slots=bad)
     assert policy.generate(PROMPTS, max_new_tokens=4, slots=10).stats["slots"] == len(PROMPTS)
+
+
+def lockstep_policy(directory: str, eos: list[int]) -> Policy:
+    """The float32 pte policy of the two-process test, with `eos` ending sequences early."""
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    policy = Policy(model, byte_tokenizer(), cache=CacheConfig(window=6, evict_ratio=0.5),
+                    adapter=AdapterConfig(mode="pte", rank=4, global_tokens=2))
+    for w in policy.wrappers:
+        torch.nn.init.normal_(w.lora_up, std=0.3)
+    policy.model.generation_config.eos_token_id = eos
+    return policy
+
+
+_FSDP_SLOTS_RANK = """
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_rollout import QUEUE, lockstep_policy
+from thoughtfold.parallel import DataParallel, shard_base_model
+torch.set_num_threads(1)
+dp = DataParallel()
+policy = lockstep_policy({model!r}, {eos!r})
+shard_base_model(policy.model, policy.wrappers)
+policy.lockstep = dp.all
+prompts = QUEUE if dp.rank == 0 else QUEUE[:2]  # rank 1 runs out of prompts first
+res = policy.generate(prompts, max_new_tokens=30, temperature=1.0, seed=2, slots=2)
+out = {{"ids": res.completion_ids, "logprobs": res.logprobs, "logs": [[e.to_dict() for e in l] for l in res.eviction_log]}}
+open({out!r} + f"/rank{{dp.rank}}.json", "w").write(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # two processes: 20 s to minutes on a shared 2-core CPU
+def test_fsdp_processes_with_different_queues_decode_in_lockstep(tmp_path, tiny_dirs):
+    """Two gloo processes with the base weights sharded (every forward is a collective), 2 slots
+    each, 6 prompts on one and 2 on the other: the second decodes idle steps and joins the first's
+    prefills, neither hangs, and each decodes what one unsharded process decodes."""
+    from test_trainer import _launch
+
+    probe = lockstep_policy(str(tiny_dirs["llama"]), 256)
+    end_at_different_steps(probe, QUEUE, 30, temperature=1.0, seed=2)
+    eos = probe.model.generation_config.eos_token_id
+    _launch(_FSDP_SLOTS_RANK.format(tests=str(Path(__file__).parent), model=str(tiny_dirs["llama"]), eos=eos,
+                                    out=str(tmp_path)))
+    for rank, prompts in ((0, QUEUE), (1, QUEUE[:2])):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        want = probe.generate(prompts, max_new_tokens=30, temperature=1.0, seed=2, slots=2)
+        assert got["ids"] == want.completion_ids
+        assert [[EvictionEvent.from_dict(e) for e in log] for log in got["logs"]] == want.eviction_log
+        for a, b in zip(got["logprobs"], want.logprobs, strict=True):
+            assert_close_to_scale(a, b, rel=1e-5)
