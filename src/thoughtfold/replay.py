@@ -136,8 +136,9 @@ def default_schedule(length: int, cache: CacheConfig) -> list[EvictionEvent]:
 
 def _schedule_groups(logs: Sequence[Sequence[EvictionEvent]]) -> list[tuple[list[int], list[int]]]:
     """Sequences that can be replayed together: (rows, the longest list of event steps) where every
-    row's steps are a prefix of it. The rows of one lockstep rollout form one group, whatever tokens
-    each row evicted; events past a row's end do not change its log-probs."""
+    row's steps are a prefix of it. Every sequence evicts at W, W + E, ... of its own steps, so the
+    rows of a rollout form one group, whatever tokens each evicted and whichever slot decoded it;
+    events past a row's end do not change its log-probs."""
     groups: list[tuple[list[int], list[int]]] = []
     for i, log in enumerate(logs):
         steps = [e.step for e in log]
