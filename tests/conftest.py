@@ -107,7 +107,8 @@ def adapted_policy(tiny_dirs: dict[str, Path], family: str, mode: str, window: i
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
     return Policy(model, byte_tokenizer(), cache=CacheConfig(window=window),
-                  adapter=AdapterConfig(mode=mode, rank=4, global_tokens=3, **adapter), base_model=str(tiny_dirs[family]))
+                  adapter=AdapterConfig(mode=mode, rank=4, global_tokens=3, **adapter),
+                  base_model=str(tiny_dirs[family]))
 
 
 def assert_close_to_scale(actual, expected, rel: float) -> None:

@@ -28,7 +28,7 @@ def test_zero_init_adapters_give_the_base_model_exactly(tiny_dirs, family):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_every_linear_gets_its_own_state_modulated_update(tiny_dirs, family):
     """Grouped siblings (q/k/v, gate/up share one down GEMM and one state product) still give each
-    linear exactly W x + (alpha/r) A S B x with its own A and B and the layer's state."""
+    linear exactly W x + (alpha/r) B S A x with its own A and B and the layer's state."""
     p = adapted_policy(tiny_dirs, family, "pte")
     torch.manual_seed(1)
     layer = p.model.model.layers[0]
@@ -46,7 +46,8 @@ def test_every_linear_gets_its_own_state_modulated_update(tiny_dirs, family):
             assert_close_to_scale(w(x), expected, rel=1e-5)
         assert layer.self_attn.q_proj.group._input is None  # released once every member has its slice
         up = layer.mlp.up_proj  # a member called alone, first, still gets its own update
-        assert_close_to_scale(up(x), up.base(x) + up.scaling * x @ up.lora_down.T @ state.mT @ up.lora_up.T, rel=1e-5)
+        expected = up.base(x) + up.scaling * x @ up.lora_down.T @ state.mT @ up.lora_up.T
+        assert_close_to_scale(up(x), expected, rel=1e-5)
 
 
 class _CountMatmuls(TorchDispatchMode):
@@ -82,7 +83,7 @@ def test_target_modules_and_bad_targets(tiny_dirs):
 
 
 def test_detach_adapters_restores_the_plain_model(tiny_dirs):
-    from thoughtfold.adapter import LowRankLinear, detach_adapters
+    from thoughtfold.engine.adapter import LowRankLinear, detach_adapters
 
     p = adapted_policy(tiny_dirs, "llama", "lora")
     for t in p.trainable_parameters():
@@ -92,7 +93,8 @@ def test_detach_adapters_restores_the_plain_model(tiny_dirs):
         adapted = p.model(input_ids=ids).logits
         detach_adapters(p.model, p.wrappers)
         plain = p.model(input_ids=ids).logits
-        base = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32)(input_ids=ids).logits
+        fresh = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32)
+        base = fresh(input_ids=ids).logits
     assert not any(isinstance(m, LowRankLinear) for m in p.model.modules())
     assert torch.equal(plain, base) and not torch.allclose(adapted, base)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import time
 
-from thoughtfold.answers import extract_answer, last_boxed
+from thoughtfold.tasks.answers import extract_answer, last_boxed
 
 
 def test_last_box_counts_and_nested_braces():
-    assert last_boxed("First \\boxed{3}, then I fix it: \\boxed{\\frac{1}{\\sqrt{4}}}") == "\\frac{1}{\\sqrt{4}}"
+    text = "First \\boxed{3}, then I fix it: \\boxed{\\frac{1}{\\sqrt{4}}}"
+    assert last_boxed(text) == "\\frac{1}{\\sqrt{4}}"
 
 
 def test_truncated_box_is_not_an_answer():

@@ -10,7 +10,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
 from thoughtfold import CacheConfig, ConfigError
-from thoughtfold.attention import NAME, grouped_decode_attention, use_grouped_decode
+from thoughtfold.engine.attention import NAME, grouped_decode_attention, use_grouped_decode
 from thoughtfold.policy import Policy
 
 

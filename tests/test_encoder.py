@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_close_to_scale
 from thoughtfold import AdapterConfig
-from thoughtfold.encoder import ThoughtEncoder
+from thoughtfold.engine.encoder import ThoughtEncoder
 
 L, B, D = 3, 2, 12
 

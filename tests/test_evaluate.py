@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from thoughtfold.cli import main
+from thoughtfold.config import SamplingConfig
 from thoughtfold.errors import ConfigError
-from thoughtfold.evaluate import (
+from thoughtfold.evaluation.evaluate import (
     SAMPLES_NAME,
     SUMMARY_NAME,
     EvalConfig,
@@ -66,10 +67,12 @@ def test_pass_at_k_matches_binomial_formula_and_rejects_bad_input():
 
 
 def test_math_verify_grading_of_fixture_set():
-    rows = [json.loads(line) for line in (FIXTURES / "grading.jsonl").read_text().splitlines() if line.strip()]
+    lines = (FIXTURES / "grading.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
     grader = Grader("math")
     try:
-        scores = grader([""] * len(rows), [r["completion"] for r in rows], [{"answer": r["gold"]} for r in rows])
+        scores = grader([""] * len(rows), [r["completion"] for r in rows],
+                        [{"answer": r["gold"]} for r in rows])
     finally:
         grader.close()
     assert [s == 1.0 for s in scores] == [r["correct"] for r in rows]
@@ -106,9 +109,11 @@ def tiny_policy(tiny_dirs):
     return Policy.from_pretrained(str(tiny_dirs["qwen2"]), device="cpu")
 
 
-def _config(out: Path, **overrides) -> EvalConfig:
-    kwargs = dict(datasets=[str(PROBLEMS)], windows=[4, None], n_samples=2, temperature=1.0, top_p=0.95,
-                  max_new_tokens=12, batch_size=4, reward="math", output_dir=str(out), progress=False)
+def _config(out: Path, temperature: float = 1.0, max_new_tokens: int = 12, **overrides) -> EvalConfig:
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=0)
+    kwargs = dict(datasets=[str(PROBLEMS)], windows=[4, None], n_samples=2, batch_size=4, reward="math",
+                  sampling=sampling,
+                  output_dir=str(out), progress=False)
     kwargs.update(overrides)
     return EvalConfig(**kwargs)
 
@@ -216,9 +221,9 @@ def test_killed_eval_command_resumes(tiny_dirs, tiny_policy, tmp_path):
 
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "thoughtfold.cli", "eval", "--model", str(tiny_dirs["qwen2"]), "--dataset",
-            str(PROBLEMS), "--window", "4,none", "--n-samples", "4", "--batch-size", "2", "--temperature", "1.0",
-            "--max-new-tokens", "48", "--reward", "arith", "--device", "cpu", "--output", str(out),
-            "--no-progress"]
+            str(PROBLEMS), "--window", "4,none", "--n-samples", "4", "--batch-size", "2",
+            "--temperature", "1.0", "--max-new-tokens", "48", "--reward", "arith", "--device", "cpu",
+            "--output", str(out), "--no-progress"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     samples = out / SAMPLES_NAME
@@ -241,8 +246,9 @@ def test_killed_eval_command_resumes(tiny_dirs, tiny_policy, tmp_path):
     assert f"{24 - before} samples generated now, {before} reused" in rerun.stderr
     assert len(read_samples(samples)) == 24
 
-    expected = evaluate(tiny_policy, _config(tmp_path / "uninterrupted", n_samples=4, batch_size=2,
-                                             max_new_tokens=48, reward="arith"), model=str(tiny_dirs["qwen2"]))
+    uninterrupted = _config(tmp_path / "uninterrupted", n_samples=4, batch_size=2, max_new_tokens=48,
+                            reward="arith")
+    expected = evaluate(tiny_policy, uninterrupted, model=str(tiny_dirs["qwen2"]))
     resumed = json.loads((out / SUMMARY_NAME).read_text())
     assert resumed["results"] == expected["results"]
 
@@ -277,8 +283,9 @@ def test_eval_refuses_samples_of_another_adapter_saved_at_the_same_path(tiny_dir
     policy = Policy.from_pretrained(str(tiny_dirs["qwen2"]), cache=CacheConfig(window=6),
                                     adapter=AdapterConfig(mode="lora", rank=4), device="cpu")
     adapter, out = tmp_path / "adapter", tmp_path / "eval"
-    args = ["eval", "--adapter", str(adapter), "--dataset", str(PROBLEMS), "--limit", "1", "--max-new-tokens", "4",
-            "--reward", "arith", "--output", str(out), "--device", "cpu", "--no-progress"]
+    args = ["eval", "--adapter", str(adapter), "--dataset", str(PROBLEMS), "--limit", "1",
+            "--max-new-tokens", "4", "--reward", "arith", "--output", str(out), "--device", "cpu",
+            "--no-progress"]
     policy.save_adapter(str(adapter))
     assert main(args) == 0, capsys.readouterr().err
     policy.save_adapter(str(adapter))  # the same weights again: the finished samples are reused
@@ -300,8 +307,8 @@ def test_eval_with_an_unknown_reward_writes_nothing(tmp_path, capsys):
 def test_eval_into_an_unwritable_output_fails_before_the_model_loads(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(["eval", "--model", str(tmp_path / "no-model"), "--dataset", str(PROBLEMS), "--reward", "arith",
-                 "--output", str(blocker / "eval")]) == 2
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--dataset", str(PROBLEMS),
+                 "--reward", "arith", "--output", str(blocker / "eval")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write to the output directory") and err.count("\n") == 1
 
@@ -309,7 +316,7 @@ def test_eval_into_an_unwritable_output_fails_before_the_model_loads(tmp_path, c
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_eval_temperature_must_be_a_finite_number(value):
     with pytest.raises(ConfigError, match="temperature must be a number >= 0"):
-        EvalConfig(datasets=["x.jsonl"], temperature=float(value))
+        EvalConfig(datasets=["x.jsonl"], sampling=SamplingConfig(temperature=float(value)))
 
 
 def test_grader_refuses_scores_that_are_not_numbers():
@@ -319,7 +326,7 @@ def test_grader_refuses_scores_that_are_not_numbers():
 
 
 def test_wilson_interval_by_hand():
-    from thoughtfold.evaluate import wilson_interval
+    from thoughtfold.evaluation.evaluate import wilson_interval
 
     # k = 5 of n = 10, z = 1.96: centre 0.5, half-width 1.96 * sqrt(0.025 + 0.0096) / 1.384 = 0.2366
     lo, hi = wilson_interval(5, 10)

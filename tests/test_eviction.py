@@ -7,16 +7,24 @@ import pytest
 import torch
 
 from thoughtfold import CacheConfig, ConfigError
-from thoughtfold.attention_stats import AttentionStats
-from thoughtfold.cache import _relocation
-from thoughtfold.eviction import H2O, EvictionEvent, HeadKV, OldestBlock, SnapKV, head_weights_from_peaks
+from thoughtfold.engine.attention_stats import AttentionStats
+from thoughtfold.engine.cache import _relocation
+from thoughtfold.engine.eviction import (
+    H2O,
+    EvictionEvent,
+    HeadKV,
+    OldestBlock,
+    SnapKV,
+    head_weights_from_peaks,
+)
 
 
 def stats_with(total=None, recent=None) -> AttentionStats:
     """AttentionStats whose buffers are the given [L, B, H, W] totals / [L, k, B, H, W] recents."""
     shape = (total if total is not None else recent[:, 0]).shape
     stats = AttentionStats(shape[0], shape[1], shape[2], 0, shape[3], torch.device("cpu"),
-                           cumulative=total is not None, recent_queries=0 if recent is None else recent.shape[1])
+                           cumulative=total is not None,
+                           recent_queries=0 if recent is None else recent.shape[1])
     if total is not None:
         stats.total.copy_(total)
     if recent is not None:
@@ -54,7 +62,8 @@ def test_snapkv_pools_in_token_order_and_headkv_weights_heads():
     recent = by_slot[None, None, None].expand(1, k, 1, 2, window) / k
     stats = stats_with(recent=recent.clone())
     evict = lambda policy, block: sorted(  # noqa: E731
-        slot_token.gather(-1, policy.select(stats, slot_token, step=9, block=block, protect=0))[0, 0].tolist())
+        slot_token.gather(-1, policy.select(stats, slot_token, step=9, block=block, protect=0))[0, 0]
+        .tolist())
     # pooling over 5 neighbours spreads token 2's score to tokens 0..4 and token 6's to 4..8
     kept_by_snapkv = set(range(9)) - set(evict(SnapKV(), 4))
     assert kept_by_snapkv == {0, 1, 2, 3, 4}
@@ -74,7 +83,8 @@ def test_attention_stats_record_softmax_attention_summed_over_query_groups():
     mask = torch.tensor([[True] * 5, [False, True, True, True, True]])[:, None, None]
     stats = AttentionStats(1, 2, 2, 1, 4, torch.device("cpu"), cumulative=True, recent_queries=3)
     stats.observe(0, query, key, mask, None)
-    weights = (query.reshape(2, 2, 2, 8) @ key.transpose(-1, -2) / 8**0.5).masked_fill(~mask, -torch.inf).softmax(-1)
+    scores = query.reshape(2, 2, 2, 8) @ key.transpose(-1, -2) / 8**0.5
+    weights = scores.masked_fill(~mask, -torch.inf).softmax(-1)
     expected = weights.sum(2)[..., 1:]  # the first slot is the prompt's: not tracked
     assert torch.allclose(stats.total[0], expected)
     assert torch.allclose(stats.recent[0, 0], expected) and stats.recent[0, 1:].abs().sum() == 0

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig
-from thoughtfold.fidelity import TokenFidelity, answer_agreement, full_cache_traces, token_fidelity
+from thoughtfold.evaluation.fidelity import TokenFidelity, answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
 
 PROMPTS = ["abc", "hello there", "xyz"]
@@ -55,9 +55,10 @@ def test_token_fidelity_is_zero_kl_for_a_window_that_never_fills_and_positive_af
     reference = policy_of(tiny_dirs, window=None)
     traces = full_cache_traces(reference, PROMPTS, max_new_tokens=16, chat_template=False)
     wide, narrow = policy_of(tiny_dirs, window=13), policy_of(tiny_dirs, window=4)
-    out = token_fidelity({"wide": wide, "narrow": narrow}, reference, traces.prompt_ids, traces.completion_ids,
-                         batch_size=2)
-    # W = 13 evicts once, at step 13, before which it equals the full cache: only 2 tokens per trace are compared
+    out = token_fidelity({"wide": wide, "narrow": narrow}, reference, traces.prompt_ids,
+                         traces.completion_ids, batch_size=2)
+    # W = 13 evicts once, at step 13, before which it equals the full cache: only 2 tokens per trace
+    # are compared
     assert out["wide"].tokens == 2 * len(PROMPTS)
     assert out["narrow"].tokens == (16 - 5) * len(PROMPTS)
     assert out["narrow"].kl_after_eviction > 1e-3
@@ -75,7 +76,8 @@ def test_kl_matches_a_direct_computation(tiny_dirs):
     narrow = policy_of(tiny_dirs, window=4)
     out = token_fidelity({"n": narrow}, reference, traces.prompt_ids, traces.completion_ids)["n"]
     prompt, trace = traces.prompt_ids[0], traces.completion_ids[0]
-    ref = torch.log_softmax(reference.model(input_ids=torch.tensor([prompt + trace[:-1]])).logits[0, len(prompt) - 1 :], -1)
+    logits = reference.model(input_ids=torch.tensor([prompt + trace[:-1]])).logits
+    ref = torch.log_softmax(logits[0, len(prompt) - 1 :], -1)
     dists = {}
     narrow.replay_logprobs([prompt], [trace], distribution_fn=lambda lp, a, b, rows: dists.update(
         {t: lp[0, t - a] for t in range(a, b)}))

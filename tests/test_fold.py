@@ -9,8 +9,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from conftest import assert_close_to_scale
 from thoughtfold import AdapterConfig
-from thoughtfold.encoder import ThoughtEncoder
-from thoughtfold.fold import StateFolder
+from thoughtfold.engine.encoder import ThoughtEncoder
+from thoughtfold.engine.fold import StateFolder
 
 
 def test_state_is_position_free(tiny_dirs):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
+from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer, end_at_different_steps
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
-from thoughtfold.cache import BoundedKVCache
-from thoughtfold.graph import DecodeStep
+from thoughtfold.engine.cache import BoundedKVCache
+from thoughtfold.engine.graph import DecodeStep
 from thoughtfold.policy import Policy
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -75,6 +75,25 @@ def test_captured_decode_equals_eager(tiny_dirs, family, mode, dtype, eviction):
             assert_close_to_scale(y, x, rel=1e-5)
 
 
+@cuda
+@pytest.mark.parametrize("eviction", ["oldest", "snapkv"])
+def test_captured_decode_with_continuous_batching_equals_eager(tiny_dirs, eviction):
+    """One graph of 2 slots, captured once, serves sequences admitted at different steps (each
+    admission resets its slot's window, state and statistics in place): the same tokens, eviction
+    logs and log-probs as eager decoding."""
+    eager = make_policy(tiny_dirs, "qwen2", "pte", "cuda", cuda_graph=False, eviction=eviction)
+    graph = make_policy(tiny_dirs, "qwen2", "pte", "cuda", cuda_graph=True, eviction=eviction)
+    prompts = PROMPTS * 2
+    end_at_different_steps(eager, prompts, 40, temperature=1.0, seed=7)
+    graph.model.generation_config.eos_token_id = eager.model.generation_config.eos_token_id
+    a = eager.generate(prompts, max_new_tokens=40, temperature=1.0, seed=7, slots=2)
+    b = graph.generate(prompts, max_new_tokens=40, temperature=1.0, seed=7, slots=2)
+    assert a.stats["prefills"] > 1 and a.stats["evictions"] > 3
+    assert a.completion_ids == b.completion_ids and a.eviction_log == b.eviction_log
+    for x, y in zip(a.logprobs, b.logprobs, strict=True):
+        assert_close_to_scale(y, x, rel=1e-5)
+
+
 @pytest.mark.parametrize(("mode", "eviction"), [("none", "oldest"), ("pte", "oldest"), ("pte", "h2o")])
 def test_compiled_decode_equals_eager(tiny_dirs, mode, eviction):
     """torch.compile'd decode steps give the eager tokens (and log-probs to fp32 rounding); under a
@@ -82,7 +101,7 @@ def test_compiled_decode_equals_eager(tiny_dirs, mode, eviction):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     eager = make_policy(tiny_dirs, "qwen2", mode, device, cuda_graph=False, eviction=eviction)
     compiled = make_policy(tiny_dirs, "qwen2", mode, device, cuda_graph=device == "cuda", eviction=eviction)
-    compiled.compile_decode = True
+    compiled.configure_decoding(compile_decode=True)
     a = eager.generate(PROMPTS, max_new_tokens=24, temperature=0)
     b = compiled.generate(PROMPTS, max_new_tokens=24, temperature=0)
     assert a.stats["evictions"] > 3
@@ -98,7 +117,7 @@ def test_compiled_decode_compiles_once_across_prompt_lengths(tiny_dirs):
     recompile either, and reaches the compiled step (which reads the adapters' stacked copies)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = make_policy(tiny_dirs, "qwen2", "pte", device, cuda_graph=device == "cuda")
-    policy.compile_decode = True
+    policy.configure_decoding(compile_decode=True)
     eager = make_policy(tiny_dirs, "qwen2", "pte", device, cuda_graph=False)
     policy.generate(PROMPTS, max_new_tokens=4, temperature=0)  # widest prompt: 7 tokens
     with torch.no_grad():  # what an optimizer step does between two rollouts

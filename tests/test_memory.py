@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from thoughtfold.memory import PeakMemory
+from thoughtfold.evaluation.bench.memory import PeakMemory
 
 SCRIPT = r"""
 import json, sys, torch
@@ -17,13 +17,14 @@ sys.path.insert(0, sys.argv[1])
 from conftest import byte_tokenizer
 from transformers import AutoModelForCausalLM
 from thoughtfold import AdapterConfig, CacheConfig
-from thoughtfold.memory import PeakMemory
+from thoughtfold.evaluation.bench.memory import PeakMemory
 from thoughtfold.policy import Policy
 
 model_dir, length, window = sys.argv[2], int(sys.argv[3]), sys.argv[4]
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 cache = CacheConfig(window=None if window == "none" else int(window))
-policy = Policy(model, byte_tokenizer(), cache=cache, adapter=AdapterConfig(mode="pte" if cache.bounded else "lora", rank=4, global_tokens=4))
+adapter = AdapterConfig(mode="pte" if cache.bounded else "lora", rank=4, global_tokens=4)
+policy = Policy(model, byte_tokenizer(), cache=cache, adapter=adapter)
 g = torch.Generator().manual_seed(0)
 prompt = torch.randint(0, 250, (12,), generator=g).tolist()
 completion = torch.randint(0, 250, (length,), generator=g).tolist()

@@ -97,7 +97,8 @@ def test_unsupported_architecture_checked_before_weights(tmp_path):
     from transformers import MistralConfig
 
     d = tmp_path / "mistral"
-    MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(d)
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config.save_pretrained(d)
     assert not list(d.glob("*.safetensors"))
     with pytest.raises(UnsupportedArchitectureError, match="'mistral'"):
         load_model(str(d))
@@ -258,8 +259,10 @@ ROPE_CASES = {
     "linear": {"factor": 2.0},
     "dynamic": {"factor": 2.0},
     "yarn": {"factor": 4.0, "original_max_position_embeddings": 128},
-    "longrope": {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "original_max_position_embeddings": 128},
-    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+    "longrope": {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                 "original_max_position_embeddings": 128},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 128},
     "proportional": {"partial_rotary_factor": 0.5},
 }
 LENGTH_DEPENDENT = {"dynamic", "longrope"}
@@ -279,9 +282,9 @@ def test_every_rope_type_derotates_exactly_or_is_refused(tmp_path, family, rope_
     rotation; types whose frequencies follow the sequence length are refused at load."""
     from transformers import DynamicCache
 
-    from thoughtfold.cache import cache_kwarg
-    from thoughtfold.encoder import derotate_keys
-    from thoughtfold.fold import StateFolder
+    from thoughtfold.engine.cache import cache_kwarg
+    from thoughtfold.engine.encoder import derotate_keys
+    from thoughtfold.engine.fold import StateFolder
 
     rope = {"rope_type": rope_type, "rope_theta": 10000.0, **ROPE_CASES[rope_type]}
     path = make_tiny_model_dir(family, tmp_path / rope_type, rope_parameters=rope)
@@ -292,7 +295,8 @@ def test_every_rope_type_derotates_exactly_or_is_refused(tmp_path, family, rope_
     model, _ = load_model(str(path), dtype="float32", device="cpu")
     attn = model.model.layers[0].self_attn
     raw: list[torch.Tensor] = []
-    hook = (attn.k_norm if family == "qwen3" else attn.k_proj).register_forward_hook(lambda m, i, o: raw.append(o))
+    keys = attn.k_norm if family == "qwen3" else attn.k_proj
+    hook = keys.register_forward_hook(lambda m, i, o: raw.append(o))
     positions = torch.arange(300, 340)[None]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -308,7 +312,8 @@ def test_every_rope_type_derotates_exactly_or_is_refused(tmp_path, family, rope_
 
 @pytest.mark.parametrize("rope_type", ["linear", "yarn", "llama3"])
 def test_partial_rotary_with_scaled_rope_is_refused(tmp_path, rope_type):
-    rope = {"rope_type": rope_type, "rope_theta": 10000.0, "partial_rotary_factor": 0.5, **ROPE_CASES[rope_type]}
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            **ROPE_CASES[rope_type]}
     path = make_tiny_model_dir("llama", tmp_path / rope_type, rope_parameters=rope)
     with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor 0.5"):
         load_model(str(path))
@@ -322,7 +327,8 @@ def test_legacy_rope_scaling_and_model_objects_are_checked_too(tmp_path):
 
     with pytest.raises(UnsupportedArchitectureError, match="rope_type 'dynamic'"):
         check_rope("old", {"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2.0}})
-    with pytest.raises(UnsupportedArchitectureError, match="rope_type 'ntk', which thoughtfold has not validated"):
+    with pytest.raises(UnsupportedArchitectureError,
+                       match="rope_type 'ntk', which thoughtfold has not validated"):
         check_rope("new", {"model_type": "llama", "rope_parameters": {"rope_type": "ntk"}})
     check_rope("qwen2.5", {"model_type": "qwen2", "rope_scaling": None})
     cfg = tiny_config("llama", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,

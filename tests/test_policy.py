@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
-from thoughtfold.adapter import LowRankLinear
-from thoughtfold.attention import NAME
 from thoughtfold.config import AdapterConfig, CacheConfig
+from thoughtfold.engine.adapter import LowRankLinear
+from thoughtfold.engine.attention import NAME
 from thoughtfold.errors import ConfigError
 from thoughtfold.policy import Policy
 
@@ -19,7 +19,8 @@ PROMPT = [[5, 17, 99, 3, 42]]
 
 def _random_llama() -> torch.nn.Module:
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32,
+                                            attn_implementation="sdpa")
 
 
 @pytest.mark.parametrize("mode", ["lora", "pte"])
@@ -27,7 +28,8 @@ def test_unwrap_gives_back_the_model_as_it_was(mode):
     model, fresh = _random_llama(), _random_llama()
     fresh.load_state_dict(model.state_dict())
     model.lm_head.weight.requires_grad_(False)  # a flag of the user's own that unwrap must keep
-    policy = Policy(model, None, cache=CacheConfig(window=4), adapter=AdapterConfig(mode=mode, rank=4, global_tokens=2))
+    policy = Policy(model, None, cache=CacheConfig(window=4),
+                    adapter=AdapterConfig(mode=mode, rank=4, global_tokens=2))
     for w in policy.wrappers:
         torch.nn.init.normal_(w.lora_up, std=0.3)  # an adapter that changes the outputs
     result = policy.generate(PROMPT, max_new_tokens=12, temperature=0)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from thoughtfold.data import load_dataset_by_name
 from thoughtfold.errors import ConfigError
-from thoughtfold.recall import BOS, EOS, RecallTask, recall_reward, recall_tokenizer
-from thoughtfold.rewards import load_reward
+from thoughtfold.tasks.data import load_dataset_by_name
+from thoughtfold.tasks.recall import BOS, EOS, RecallTask, recall_reward, recall_tokenizer
+from thoughtfold.tasks.rewards import load_reward
 
 
 def test_layout_and_distance():
@@ -20,7 +20,8 @@ def test_layout_and_distance():
     # the answer sits D tokens after the early value
     assert task.render(trace)[task.distance] == "7"
     add = RecallTask(steps=31, combine="add").trace(3, 4, 7)
-    assert add[:-2] == trace[:-2] and RecallTask(31, "add").render(add)[64] == str((7 + task.chain(3, 4)[-1]) % 10)
+    assert add[:-2] == trace[:-2]
+    assert RecallTask(31, "add").render(add)[64] == str((7 + task.chain(3, 4)[-1]) % 10)
     assert max(trace) < task.vocab_size
     with pytest.raises(ValueError):
         RecallTask(steps=3, combine="mul")

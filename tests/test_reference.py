@@ -42,11 +42,12 @@ def attention_with_history(module, query, key, value, attention_mask, dropout=0.
     if layer_visible is not None:
         attention_mask = layer_visible[module.layer_idx][None, None]
     if live is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     rep = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    scores = torch.where(live, query @ key.transpose(-1, -2), query @ key.detach().transpose(-1, -2)) * scaling
+    keys_t = key.transpose(-1, -2)
+    scores = torch.where(live, query @ keys_t, query @ keys_t.detach()) * scaling
     p = scores.masked_fill(~attention_mask, -math.inf).softmax(-1)
     out = (p * live) @ value + (p * ~live) @ value.detach()
     return out.transpose(1, 2).contiguous(), None
@@ -69,7 +70,7 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 class Reference:
-    """The plain HF model of `directory` plus hooks that add (alpha/r) A (S_t (B x)) with a per-token S_t."""
+    """The plain HF model of `directory` plus hooks that add (alpha/r) B (S_t (A x)) with a per-token S_t."""
 
     def __init__(self, directory, policy: Policy, state_update: str):
         self.model = float64_norms(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64,
@@ -84,8 +85,8 @@ class Reference:
         for name, module in self.model.named_modules():
             if f"{name}.lora_down" in adapter:
                 layer = int(name.split(".layers.")[1].split(".")[0])
-                module.register_forward_hook(self._low_rank(adapter[f"{name}.lora_down"], adapter[f"{name}.lora_up"],
-                                                            layer))
+                hook = self._low_rank(adapter[f"{name}.lora_down"], adapter[f"{name}.lora_up"], layer)
+                module.register_forward_hook(hook)
         for i, layer in enumerate(self.model.model.layers):  # after the adapter hooks: K/V include the update
             attn = layer.self_attn
             getattr(attn, "k_norm", attn.k_proj).register_forward_hook(self._capture(self.keys, i))
@@ -131,7 +132,8 @@ class Reference:
             out.append(torch.stack(states))
         return torch.stack(out)
 
-    def logprobs(self, prompt: list[int], completion: list[int], log: list, detach_kv: bool = False) -> torch.Tensor:
+    def logprobs(self, prompt: list[int], completion: list[int], log: list,
+                 detach_kv: bool = False) -> torch.Tensor:
         """Log-probs [n] of `completion`; `detach_kv`: K/V cached in an earlier segment and evicted K/V
         enter without gradient (the states keep theirs)."""
         p, n = len(prompt), len(completion)
@@ -150,7 +152,8 @@ class Reference:
             kwargs["live"] = segment[:, None] == segment[None]
         width = self.encoder["value_proj"].shape[-1]
         for key in range(layers):
-            self.keys[key] = self.values[key] = torch.zeros(t, self.encoder["key_proj"].shape[1], dtype=torch.float64)
+            self.keys[key] = self.values[key] = torch.zeros(t, self.encoder["key_proj"].shape[1],
+                                                            dtype=torch.float64)
         for _ in range(len(events) + 1):  # each pass makes one more segment's K/V exact
             states = self._segment_states(blocks, detach_kv)
             self.states = states[:, segment].reshape(layers, t, width, width)
@@ -176,7 +179,8 @@ def case(tiny_dirs, family: str, state_update: str, window: int, ratio: float, e
     lengths = [n, n - 2, n - 5]
     completions = [c[:m] for c, m in zip(res.completion_ids, lengths, strict=True)]
     logs = [[e for e in log if e.step <= m - 2] for log, m in zip(res.eviction_log, lengths, strict=True)]
-    rollout_lp = [torch.tensor(lp[:m], dtype=torch.float64) for lp, m in zip(res.logprobs, lengths, strict=True)]
+    rollout_lp = [torch.tensor(lp[:m], dtype=torch.float64) for lp,
+                  m in zip(res.logprobs, lengths, strict=True)]
     assert all(len(log) >= 3 for log in logs) and len(set(map(len, logs))) > 1
     weights = torch.randn(len(PROMPTS), n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     # a completion that ended (EOS) before its cut is shorter: padding gets no weight
@@ -249,7 +253,8 @@ def test_scored_eviction_equals_reference(tiny_dirs, family, state_update, windo
     assert_close(policy.replay_logprobs(PROMPTS, completions, logs), expected)
 
     def replay() -> None:
-        policy.replay_logprobs(PROMPTS, completions, logs, loss_fn=lambda lp, a, b, rows: (lp * weights[rows, a:b]).sum())
+        policy.replay_logprobs(PROMPTS, completions, logs, loss_fn=lambda lp, a, b,
+                               rows: (lp * weights[rows, a:b]).sum())
 
     def reference() -> None:
         sum((ref.logprobs(p, c, log, detach_kv=True) * w[: len(c)]).sum()

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer, end_at_different_steps
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
-from thoughtfold.eviction import EvictionEvent
+from thoughtfold.engine.eviction import EvictionEvent
+from thoughtfold.engine.replay import default_schedule, token_logprobs
 from thoughtfold.policy import Policy
-from thoughtfold.replay import default_schedule, token_logprobs
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
 
@@ -93,7 +93,7 @@ def naive_two_segment_loss(policy, prompt, completion, event, weights, detach, d
     then segment 1. `detach` cuts the graph at the boundary (truncated backprop)."""
     from transformers import DynamicCache
 
-    from thoughtfold.cache import cache_kwarg
+    from thoughtfold.engine.cache import cache_kwarg
 
     model, folder, p, s, n = policy.model, policy.folder, len(prompt), event.step, len(completion)
     kw, cache = cache_kwarg(model), DynamicCache(config=model.config)
@@ -152,8 +152,8 @@ def test_replay_gradients_match_naive_two_segment(tiny_dirs, backprop):
     for a, b in zip(ours, ref, strict=True):
         assert_close_to_scale(a, b, rel=1e-5)
     if backprop == "full":  # the encoder's queries get gradient through the pre-eviction state too
-        trunc = grads_of(policy, lambda: policy.replay_logprobs([prompt], [completion], [log], loss_fn=loss_fn,
-                                                                backprop="truncated"))
+        trunc = grads_of(policy, lambda: policy.replay_logprobs([prompt], [completion], [log],
+                                                                loss_fn=loss_fn, backprop="truncated"))
         assert any(not torch.allclose(a, b) for a, b in zip(ours, trunc, strict=True))
 
 
@@ -194,10 +194,10 @@ def test_full_backprop_equals_plain_autograd_full_cache(tiny_dirs):
 def test_state_backprop_equals_one_graph_with_only_the_cached_kv_detached(tiny_dirs, monkeypatch):
     """Over several eviction events: the segment-wise replay plus the second pass through the state
     chain gives the gradients of one full graph in which only the cached K/V are detached."""
-    import thoughtfold.replay as replay_mod
+    import thoughtfold.engine.replay as replay_mod
 
-    res = make_policy(tiny_dirs, "llama", "pte", window=4).generate(PROMPTS, max_new_tokens=14, temperature=1.0,
-                                                                     seed=3)
+    res = make_policy(tiny_dirs, "llama", "pte", window=4).generate(PROMPTS, max_new_tokens=14,
+                                                                     temperature=1.0, seed=3)
     assert min(len(log) for log in res.eviction_log) >= 3
     total = sum(map(len, res.completion_ids))
 
@@ -207,8 +207,9 @@ def test_state_backprop_equals_one_graph_with_only_the_cached_kv_detached(tiny_d
     def run(backprop):
         torch.manual_seed(0)
         policy = make_policy(tiny_dirs, "llama", "pte", window=4)
-        return grads_of(policy, lambda: policy.replay_logprobs(res.prompt_ids, res.completion_ids, res.eviction_log,
-                                                               loss_fn=loss_fn, backprop=backprop))
+        return grads_of(policy, lambda: policy.replay_logprobs(res.prompt_ids, res.completion_ids,
+                                                               res.eviction_log, loss_fn=loss_fn,
+                                                               backprop=backprop))
 
     state = run("state")
 
@@ -233,12 +234,13 @@ def test_scored_eviction_replays_its_rollout(tiny_dirs, family, eviction):
     res = policy.generate(PROMPTS, max_new_tokens=40, temperature=1.0, seed=5)
     assert res.stats["evictions"] >= 4
     assert all(e.layers is not None for log in res.eviction_log for e in log)
-    if eviction != "h2o":  # (h2o on a random model tends to evict the same just-unprotected tokens everywhere)
+    # (h2o on a random model tends to evict the same just-unprotected tokens everywhere)
+    if eviction != "h2o":
         assert len({tuple(e.layers for e in log) for log in res.eviction_log}) > 1  # rows chose differently
     logs = [[EvictionEvent.from_dict(e.to_dict()) for e in log] for log in res.eviction_log]
     replayed = policy.replay_logprobs(res.prompt_ids, res.completion_ids, logs)
-    for ours, ref in zip(replayed, res.logprobs, strict=True):
-        assert_close_to_scale(ours, ref, rel=1e-5)
+    for ours, ref in zip(replayed, res.logprobs, strict=True):  # float32: rounding amplified by the states
+        assert_close_to_scale(ours, ref, rel=2e-5)  # (docs/design.md §1.5: typically <= 1e-4)
     # teacher-forcing the same completions through the decode path makes the same choices: what
     # SFT and fidelity replays of given targets use
     assert policy.eviction_logs(res.prompt_ids, res.completion_ids) == res.eviction_log
@@ -272,7 +274,7 @@ def test_token_logprobs_equal_the_full_log_softmax_and_its_gradient():
 def test_chunked_replay_losses_and_gradients_equal_the_unchunked_computation(tiny_dirs, monkeypatch):
     """The replay's losses and gradients (float64, every backprop mode, temperature) are those of the
     full float32 log-softmax it computed before, with the chunk down to one token."""
-    import thoughtfold.replay as replay_mod
+    import thoughtfold.engine.replay as replay_mod
 
     policy = make_policy(tiny_dirs, "qwen2", "pte", dtype=torch.float64)
     res = policy.generate(PROMPTS, max_new_tokens=30, temperature=0.8, seed=4)
@@ -285,8 +287,9 @@ def test_chunked_replay_losses_and_gradients_equal_the_unchunked_computation(tin
             losses.append((lp * weights[rows, a:b]).sum())
             return losses[-1]
 
-        grads = grads_of(policy, lambda: policy.replay_logprobs(res.prompt_ids, res.completion_ids, res.eviction_log,
-                                                                loss_fn=loss_fn, temperature=0.8, backprop=backprop))
+        grads = grads_of(policy, lambda: policy.replay_logprobs(
+            res.prompt_ids, res.completion_ids, res.eviction_log, loss_fn=loss_fn, temperature=0.8,
+            backprop=backprop))
         return torch.stack(losses).detach(), grads
 
     def unchunked(logits, tokens, temperature, dtype):

@@ -28,7 +28,8 @@ def test_pipeline_smoke(tmp_path, capsys):
     run = _load_run()
     config = run.merge(run.DEFAULT_CONFIG, run.QUICK_CONFIG)
     # one method and one ablation (lora_c runs the same job code with another adapter mode)
-    config.update(windows=[3], methods=["pte"], ablations=["pte_fb_global0"], sft={**config["sft"], "max_steps": 1})
+    config.update(windows=[3], methods=["pte"], ablations=["pte_fb_global0"],
+                  sft={**config["sft"], "max_steps": 1})
     results_path = tmp_path / "results.json"
     run.run(config, tmp_path / "out", results_path, tmp_path / "RESULTS.md")
     results = json.loads(results_path.read_text())
@@ -49,8 +50,8 @@ def test_pipeline_smoke(tmp_path, capsys):
     assert (job / "grpo" / "adapter" / "adapter.safetensors").is_file()
     # the base model is an ordinary model directory: the CLI generates from it
     capsys.readouterr()
-    assert main(["generate", "--model", str(tmp_path / "out" / "base"), "--prompt", "^ 3 4", "--no-chat-template",
-                 "--max-new-tokens", "4", "--json"]) == 0
+    assert main(["generate", "--model", str(tmp_path / "out" / "base"), "--prompt", "^ 3 4",
+                 "--no-chat-template", "--max-new-tokens", "4", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["completion_ids"]) == 4
 
 

@@ -12,9 +12,9 @@ from conftest import is_png
 from thoughtfold.cli import main
 from thoughtfold.config import CacheConfig
 from thoughtfold.errors import DataError
-from thoughtfold.evaluate import EvalConfig, evaluate
+from thoughtfold.evaluation.evaluate import EvalConfig, evaluate
+from thoughtfold.evaluation.report import build_report, discover
 from thoughtfold.policy import GenerationResult, Policy
-from thoughtfold.report import build_report, discover
 
 RUNS = Path(__file__).parent / "fixtures" / "report_runs"
 

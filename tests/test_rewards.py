@@ -1,20 +1,19 @@
-"""Rewards: math-verify equivalence table, gold/extraction edge cases, the hard timeout, format reward,
-and lookup by name. Real math-verify throughout (graded in worker processes)."""
+"""Rewards: math-verify equivalence table, gold/extraction edge cases, format reward, and lookup by
+name. Real math-verify throughout (graded in worker processes; the pool itself: test_grading.py)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from thoughtfold.answers import extract_answer
 from thoughtfold.errors import ConfigError
-from thoughtfold.rewards import (
-    arith_reward,
+from thoughtfold.tasks.answers import extract_answer
+from thoughtfold.tasks.arith import arith_reward
+from thoughtfold.tasks.grading import grade_answer
+from thoughtfold.tasks.rewards import (
     format_reward,
-    grade_answer,
     load_reward,
     make_math_reward,
     math_reward,
@@ -116,34 +115,6 @@ def test_extra_columns_ignored_and_length_checked(reward):
         reward(None, ["\\boxed{2}"])
 
 
-@pytest.mark.parametrize("pathological", ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{(10^{10})!}"])
-def test_pathological_input_times_out(reward, pathological):
-    start = time.monotonic()
-    scores = reward(None, [pathological, "\\boxed{0.5}"], answer=["1", "1/2"])
-    elapsed = time.monotonic() - start
-    assert scores == [0.0, 1.0]
-    assert elapsed < TIMEOUT_S + 2.5, elapsed  # cut at the deadline, not minutes later
-
-
-def test_timeout_works_in_a_thread(reward):
-    """math-verify's signal-based timeout cannot work off the main thread; ours must."""
-    out: list = []
-    worker = threading.Thread(target=lambda: out.append(reward(None, ["\\boxed{9^{9^{9^{9}}}}"], answer=["2"])))
-    start = time.monotonic()
-    worker.start()
-    worker.join(timeout=30)
-    assert out == [[0.0]]
-    assert time.monotonic() - start < TIMEOUT_S + 2.5
-    assert reward(None, ["\\boxed{1/2}"], answer=["0.5"]) == [1.0]  # the pool recovered
-
-
-def test_dead_workers_are_replaced(reward):
-    for worker in reward.grader.workers:
-        worker.proc.kill()
-        worker.proc.wait()
-    assert reward(None, ["\\boxed{1/2}", "\\boxed{2/3}"], answer=["0.5", "0.5"]) == [1.0, 0.0]
-
-
 def test_default_math_reward_integers_fast_path():
     # plain integers are compared exactly in-process (no sympy): same verdicts as math-verify
     assert math_reward(None, ["\\boxed{1,000}", "\\boxed{999}", "nothing here"], answer=["1000"] * 3) == [
@@ -158,15 +129,6 @@ def test_integers_of_any_length_are_compared_exactly():
     assert math_reward(None, ["\\boxed{-0}", "\\boxed{-7}"], answer=["0", "7"]) == [1.0, 0.0]
     # the arith reward (small procedural numbers) skips such a gold and scores such a prediction 0
     assert arith_reward(None, completions, answer=[huge, "3", "3", "3"]) == [None, 0.0, 0.0, 1.0]
-
-
-def test_arith_reward_is_bounded_on_huge_exponents():
-    """Fraction("1e100000000") computes 10**1e8: such numbers are not numbers to the arith reward."""
-    start = time.monotonic()
-    scores = arith_reward(None, ["\\boxed{1e100000000}", "\\boxed{1e-99999999}", "\\boxed{2.5e3}"],
-                          answer=["1e100000000", "3", "2500"])
-    assert scores == [None, 0.0, 1.0]
-    assert time.monotonic() - start < 1.0
 
 
 def test_format_reward_is_linear_time_on_nested_boxes():
@@ -190,18 +152,14 @@ def test_format_reward():
     assert format_reward(None, completions) == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
 
 
-def test_arith_reward():
-    completions = ["= \\boxed{42}", "so 41", "The total is 1,234 apples.", "\\boxed{7}", "<think>42"]
-    assert arith_reward(None, completions, answer=["42", "42", "1234", "x", "42"]) == [1.0, 0.0, 1.0, None, 0.0]
-
-
 def test_load_reward_builtin_and_dotted(tmp_path: Path):
     assert load_reward("math") is math_reward
     assert load_reward("format") is format_reward
-    assert load_reward("thoughtfold.rewards:format_reward") is format_reward
-    assert load_reward("thoughtfold.rewards.arith_reward") is arith_reward
+    assert load_reward("thoughtfold.tasks.rewards:format_reward") is format_reward
+    assert load_reward("thoughtfold.tasks.arith.arith_reward") is load_reward("arith")
     module = tmp_path / "my_rewards.py"
-    module.write_text("def length(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
+    module.write_text("def length(prompts, completions, **kw):\n    return [float(len(c)) for c in "
+                      "completions]\n")
     fn = load_reward(f"{module}:length")
     assert fn(None, ["ab", "abc"]) == [2.0, 3.0]
 
@@ -211,8 +169,8 @@ def test_load_reward_builtin_and_dotted(tmp_path: Path):
     [
         ("nope", "unknown reward 'nope'"),
         ("no_such_pkg.mod:fn", "cannot import module 'no_such_pkg.mod'"),
-        ("thoughtfold.rewards:no_such_fn", "has no attribute 'no_such_fn'"),
-        ("thoughtfold.rewards:DEFAULT_TIMEOUT_S", "is not callable"),
+        ("thoughtfold.tasks.rewards:no_such_fn", "has no attribute 'no_such_fn'"),
+        ("thoughtfold.tasks.rewards:BUILTIN_REWARDS", "is not callable"),
         ("missing_file.py:fn", "file missing_file.py not found"),
         ("", "non-empty string"),
     ],

@@ -12,12 +12,13 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer, end_at_different_steps
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
-from thoughtfold.cache import cache_kwarg
-from thoughtfold.eviction import EvictionEvent
-from thoughtfold.fold import StateFolder
+from thoughtfold.config import SamplingConfig
+from thoughtfold.engine.cache import cache_kwarg
+from thoughtfold.engine.eviction import EvictionEvent
+from thoughtfold.engine.fold import StateFolder
+from thoughtfold.engine.rollout import rollout
+from thoughtfold.engine.sampling import sample
 from thoughtfold.policy import Policy
-from thoughtfold.rollout import RolloutOptions, SamplingConfig, rollout
-from thoughtfold.sampling import sample
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
 
@@ -93,7 +94,13 @@ def test_bounded_logits_match_visible_token_reference(tiny_dirs, family, window,
     cfg = CacheConfig(window=window, evict_ratio=ratio)
     folder = StateFolder(model, [], None)
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=3)
-    raw = rollout(model, folder, PROMPTS, cfg, sampling, RolloutOptions(keep_logits=True))
+    seen = []  # every forward's next-token logits, read off the output layer: the prefill, then each step
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i,
+                                                               out: seen.append(out[:, -1].clone()))
+    try:
+        raw = rollout(model, folder, PROMPTS, cfg, sampling)
+    finally:
+        hook.remove()
     events = raw.logs[0]
     assert len(events) >= 3 and all(log == events for log in raw.logs)
     block = cfg.evict_block
@@ -102,7 +109,7 @@ def test_bounded_logits_match_visible_token_reference(tiny_dirs, family, window,
         assert e.tokens == tuple(range(k * block, (k + 1) * block))
     with torch.no_grad():
         ref = reference_bounded_logits(model, PROMPTS, torch.stack(raw.tokens), events, window)
-    ours = torch.stack(raw.logits)
+    ours = torch.stack(seen, 1)
     assert ours.shape == ref.shape
     assert_close_to_scale(ours, ref, rel=1e-5)
 
@@ -126,7 +133,8 @@ def test_sampling_is_seeded_and_logprobs_untruncated(tiny_dirs):
     b = policy.generate(PROMPTS, max_new_tokens=20, temperature=0.7, top_p=0.9, top_k=20, seed=1)
     assert a.completion_ids == b.completion_ids and a.logprobs == b.logprobs
     logits = torch.randn(4, 50)
-    tok, lp = sample(logits, SamplingConfig(temperature=0.5, top_k=3, seed=0), torch.rand(4, dtype=torch.float64))
+    uniforms = torch.rand(4, dtype=torch.float64)
+    tok, lp = sample(logits, SamplingConfig(temperature=0.5, top_k=3, seed=0), uniforms)
     assert torch.allclose(lp, torch.log_softmax(logits / 0.5, -1).gather(-1, tok[:, None])[:, 0])
     kept = logits.topk(3, dim=-1).indices
     assert all(t in kept[i] for i, t in enumerate(tok.tolist()))
@@ -179,7 +187,8 @@ def float64_policy(tiny_dirs, family, eviction="oldest", eviction_policy=None):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float64).eval()
     torch.manual_seed(0)
     policy = Policy(model, byte_tokenizer(), cache=CacheConfig(window=6, evict_ratio=0.5, eviction=eviction),
-                    adapter=AdapterConfig(mode="pte", rank=4, global_tokens=2), eviction_policy=eviction_policy)
+                    adapter=AdapterConfig(mode="pte", rank=4, global_tokens=2),
+                    eviction_policy=eviction_policy)
     for w in policy.wrappers:
         torch.nn.init.normal_(w.lora_up, std=0.3)
     return policy
@@ -223,7 +232,8 @@ def test_continuous_batching_keeps_custom_host_policies_per_sequence(tiny_dirs):
     end_at_different_steps(policy, QUEUE, 30, temperature=1.0, seed=5)
     static = policy.generate(QUEUE, max_new_tokens=30, temperature=1.0, seed=5)
     assert any(e.tokens != tuple(range(e.step - 6, e.step - 3)) for log in static.eviction_log for e in log)
-    assert_same_sequences(policy.generate(QUEUE, max_new_tokens=30, temperature=1.0, seed=5, slots=2), static, 1e-9)
+    continuous = policy.generate(QUEUE, max_new_tokens=30, temperature=1.0, seed=5, slots=2)
+    assert_same_sequences(continuous, static, 1e-9)
 
 
 def test_stop_strings_free_slots_for_waiting_prompts(tiny_dirs):
@@ -310,7 +320,8 @@ shard_base_model(policy.model, policy.wrappers)
 policy.lockstep = dp.all
 prompts = QUEUE if dp.rank == 0 else QUEUE[:2]  # rank 1 runs out of prompts first
 res = policy.generate(prompts, max_new_tokens=30, temperature=1.0, seed=2, slots=2)
-out = {{"ids": res.completion_ids, "logprobs": res.logprobs, "logs": [[e.to_dict() for e in l] for l in res.eviction_log]}}
+logs = [[e.to_dict() for e in log] for log in res.eviction_log]
+out = {{"ids": res.completion_ids, "logprobs": res.logprobs, "logs": logs}}
 open({out!r} + f"/rank{{dp.rank}}.json", "w").write(json.dumps(out))
 """
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from thoughtfold.sampling import SamplingConfig, TokenChooser, row_uniforms, sample
+from thoughtfold.config import SamplingConfig
+from thoughtfold.engine.sampling import TokenChooser, row_uniforms, sample
 
 
 def test_inverse_cdf_sampling_draws_from_the_distribution():
@@ -48,7 +49,8 @@ def test_chooser_reads_each_slots_sequence_at_its_own_clock():
     clock = torch.tensor([4, 0, 9])
     tokens, _ = chooser(logits, clock)
     for slot, row in ((0, 1), (2, 5)):
-        alone, _ = sample(logits[slot : slot + 1], chooser.sampling, row_uniforms(11, row, 10)[clock[slot]][None])
+        uniform = row_uniforms(11, row, 10)[clock[slot]][None]
+        alone, _ = sample(logits[slot : slot + 1], chooser.sampling, uniform)
         assert tokens[slot] == alone[0]
     forced = TokenChooser(SamplingConfig(max_new_tokens=3, temperature=2.0), 2, torch.device("cpu"),
                           forced=torch.tensor([[4, 5, 6], [7, 8, 9]]))

@@ -21,14 +21,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_close_to_scale
-from thoughtfold.checkpoint import latest_checkpoint, list_checkpoints
-from thoughtfold.config import AdapterConfig, CacheConfig
+from thoughtfold import GRPOTrainer, SFTTrainer
+from thoughtfold.config import AdapterConfig, CacheConfig, DataConfig, TrainConfig
 from thoughtfold.errors import ConfigError, DataError
-from thoughtfold.metrics import read_metrics
-from thoughtfold.parallel import DataParallel
 from thoughtfold.policy import Policy, concat_rollouts
-from thoughtfold.train_config import DataConfig, TrainConfig
-from thoughtfold.trainer import GRPOTrainer, SFTTrainer
+from thoughtfold.training.checkpoint import list_checkpoints
+from thoughtfold.training.distributed import DataParallel
+from thoughtfold.training.metrics import read_metrics
 
 PROMPTS = ["abc", "hello", "xyz", "12+3"]
 
@@ -67,8 +66,8 @@ def per_group_generate(trainer, prompts):
     so that any split of the batch over processes samples the same completions."""
     g, c = trainer.config.num_generations, trainer.config
     return concat_rollouts([
-        trainer.policy.generate(prompts[i : i + g], max_new_tokens=c.max_completion_length, temperature=c.temperature,
-                                seed=zlib.crc32(prompts[i].encode()), system_prompt=None)
+        trainer.policy.generate(prompts[i : i + g], **c.sampling(zlib.crc32(prompts[i].encode())).to_dict(),
+                                system_prompt=None)
         for i in range(0, len(prompts), g)
     ])
 
@@ -86,14 +85,15 @@ def ragged_generate(trainer, prompts):
     return out
 
 
-def _config(tmp_path: Path, model: Path, mode: str = "pte", window: int | None = 8, **overrides) -> TrainConfig:
+def _config(tmp_path: Path, model: Path, mode: str = "pte", window: int | None = 8,
+            **overrides) -> TrainConfig:
     base = dict(
         model=str(model), dtype="float32", device="cpu",
         cache=CacheConfig(window=window),
         adapter=AdapterConfig(mode=mode, rank=4, alpha=8.0, global_tokens=4),
         data=DataConfig(system_prompt=None), num_generations=4, prompts_per_step=2,
-        max_completion_length=16, temperature=1.0, learning_rate=3e-2, warmup_steps=0, max_steps=12, save_steps=0,
-        output_dir=str(tmp_path / "run"), progress=False,
+        max_completion_length=16, temperature=1.0, learning_rate=3e-2, warmup_steps=0, max_steps=12,
+        save_steps=0, output_dir=str(tmp_path / "run"), progress=False,
     )
     base.update(overrides)
     return TrainConfig(**base)
@@ -101,6 +101,12 @@ def _config(tmp_path: Path, model: Path, mode: str = "pte", window: int | None =
 
 def _dataset() -> list[dict]:
     return [{"prompt": p, "answer": ""} for p in PROMPTS]
+
+
+def grpo_records(config: TrainConfig) -> list[dict]:
+    """The metrics log of a whole GRPO run of `config` on the test prompts, rewarded by `low_bytes`."""
+    trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
+    return read_metrics(trainer.train()["metrics"])
 
 
 # --------------------------------------------------------------------------- arguments
@@ -118,7 +124,8 @@ def test_trl_signature_loads_a_model_id_and_takes_the_rewards_once(tmp_path, tin
     with no rewards at all it is a one-line error before the model loads."""
     args = _config(tmp_path, tiny_dirs["llama"])
     trainer = GRPOTrainer(str(tiny_dirs["qwen2"]), low_bytes, args, _dataset())
-    assert trainer.policy.model.config.model_type == "qwen2" and trainer.config.model == str(tiny_dirs["qwen2"])
+    assert trainer.policy.model.config.model_type == "qwen2"
+    assert trainer.config.model == str(tiny_dirs["qwen2"])
     assert (trainer.policy.cache_config, trainer.policy.adapter_config) == (args.cache, args.adapter)
     assert trainer.reward_names == ["low_bytes"]
     no_rewards = _config(tmp_path / "other", tmp_path / "no-such-model", rewards=[])
@@ -153,7 +160,8 @@ def test_grpo_raises_a_learnable_reward(tmp_path, tiny_dirs, mode, window, backp
     expected_evictions = window is not None
     assert (records[0]["evictions_per_rollout"] > 0) == expected_evictions
     for key in ("reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-                "grad_norm", "learning_rate", "peak_memory_gb", "rollout_tokens_per_s", "rewards/low_bytes/mean"):
+                "grad_norm", "learning_rate", "peak_memory_gb", "rollout_tokens_per_s",
+                "rewards/low_bytes/mean"):
         assert key in records[0]
     assert result["plot"].is_file() and (result["adapter"] / "adapter.safetensors").is_file()
 
@@ -172,7 +180,7 @@ def test_groups_without_reward_spread_leave_the_adapter_unchanged(tmp_path, tiny
 
 def test_beta_logs_kl_against_the_adapter_free_model(tmp_path, tiny_dirs):
     config = _config(tmp_path, tiny_dirs["qwen2"], max_steps=2, beta=0.1, loss_type="grpo")
-    records = read_metrics(GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()["metrics"])
+    records = grpo_records(config)
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # A = 0 at init: the policy is the reference
     assert records[1]["kl"] > 0
 
@@ -183,7 +191,8 @@ def test_replay_micro_batches_accumulate_the_full_batch_gradient(tmp_path, tiny_
     grads = []
     for size in (None, 3):
         config = _config(tmp_path, tiny_dirs["llama"], loss_type=loss_type, replay_batch_size=size)
-        grads.append(one_step_gradients(GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())))
+        trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
+        grads.append(one_step_gradients(trainer))
     assert any(g.abs().max() > 0 for g in grads[0])
     for full, micro in zip(*grads, strict=True):
         assert_close_to_scale(micro, full, rel=1e-5)
@@ -192,16 +201,16 @@ def test_replay_micro_batches_accumulate_the_full_batch_gradient(tmp_path, tiny_
 def test_num_iterations_and_warmup_tick_the_schedule_per_update(tmp_path, tiny_dirs):
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=2, num_iterations=2, lr_scheduler_type="linear",
                      warmup_steps=1, loss_type="dr_grpo", mask_truncated_completions=True)
-    records = read_metrics(GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()["metrics"])
+    records = grpo_records(config)
     # 4 updates, 2 of warmup: the lr before each step's first update is 0, then the peak
     assert [r["learning_rate"] for r in records] == pytest.approx([0.0, 3e-2])
 
 
 def test_logging_steps_writes_a_mean_line_every_n_steps_and_at_checkpoints(tmp_path, tiny_dirs):
     """logging_steps=2 with save_steps=3 over 5 steps: lines at 2, 3 (a checkpoint), 4 and 5 (the last)."""
-    config = _config(tmp_path, tiny_dirs["llama"], max_steps=5, logging_steps=2, save_steps=3, num_generations=2,
-                     prompts_per_step=1, max_completion_length=8)
-    records = read_metrics(GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()["metrics"])
+    config = _config(tmp_path, tiny_dirs["llama"], max_steps=5, logging_steps=2, save_steps=3,
+                     num_generations=2, prompts_per_step=1, max_completion_length=8)
+    records = grpo_records(config)
     assert [r["step"] for r in records] == [2, 3, 4, 5]
 
 
@@ -217,7 +226,7 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_trainer import _config, _dataset, low_bytes
-from thoughtfold.trainer import GRPOTrainer
+from thoughtfold import GRPOTrainer
 calls = 0
 def low_bytes_then_die(prompts, completions, completion_ids, **columns):
     global calls
@@ -243,7 +252,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dirs):
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert latest_checkpoint(killed / "checkpoints").name == "step-00000002"
+    assert list_checkpoints(killed / "checkpoints")[-1].name == "step-00000002"
     assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == [1, 2, 3]
 
     resumed = _config(tmp_path, model, output_dir=str(killed), max_steps=4, save_steps=2, resume=True)
@@ -270,11 +279,12 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_trainer import _config, _dataset, low_bytes, one_step_gradients, per_group_generate
-from thoughtfold.trainer import GRPOTrainer
+from thoughtfold import GRPOTrainer
 torch.set_num_threads(1)
 GRPOTrainer.generate = per_group_generate
 for loss_type in {loss_types!r}:
-    config = _config(Path({tmp!r}), Path({model!r}), prompts_per_step=2, loss_type=loss_type, output_dir={out!r})
+    config = _config(Path({tmp!r}), Path({model!r}), prompts_per_step=2, loss_type=loss_type,
+                     output_dir={out!r})
     trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
     assert trainer.dp.world == 2
     grads = one_step_gradients(trainer)
@@ -292,12 +302,12 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, t
     _launch(_DDP_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
                              out=str(out), loss_types=DDP_LOSS_TYPES))
     assert [r["step"] for r in read_metrics(out / "run" / "metrics.jsonl")] == [1, 2]  # written once
-    assert latest_checkpoint(out / "run" / "checkpoints").name == "step-00000002"
+    assert list_checkpoints(out / "run" / "checkpoints")[-1].name == "step-00000002"
 
     monkeypatch.setattr(GRPOTrainer, "generate", per_group_generate)
     for loss_type in DDP_LOSS_TYPES:
-        single = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, model, prompts_per_step=4,
-                                                                  loss_type=loss_type), train_dataset=_dataset())
+        config = _config(tmp_path, model, prompts_per_step=4, loss_type=loss_type)
+        single = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
         assert_rank_gradients(out, f"grads-{loss_type}-{{rank}}.pt", one_step_gradients(single), rel=1e-5)
 
 
@@ -335,7 +345,7 @@ import torch
 from torch.distributed.tensor import DTensor
 sys.path.insert(0, {tests!r})
 from test_trainer import SFT_TRACES, _config, _dataset, low_bytes, one_step_gradients, ragged_generate
-from thoughtfold.trainer import GRPOTrainer, SFTTrainer
+from thoughtfold import GRPOTrainer, SFTTrainer
 torch.set_num_threads(1)
 real_generate = GRPOTrainer.generate
 GRPOTrainer.generate = ragged_generate
@@ -346,10 +356,11 @@ weight = trainer.policy.model.model.layers[0].mlp.down_proj.base.weight
 assert isinstance(weight, DTensor) and weight.to_local().shape[0] < weight.shape[0]  # really sharded
 torch.save(one_step_gradients(trainer), {out!r} + f"/grads-{{trainer.dp.rank}}.pt")
 GRPOTrainer.generate = real_generate  # real rollouts: ranks finish decoding at different steps
-config = _config(Path({tmp!r}), Path({model!r}), max_steps=2, save_steps=1, output_dir={out!r} + "/run", fsdp=True)
+config = _config(Path({tmp!r}), Path({model!r}), max_steps=2, save_steps=1, output_dir={out!r} + "/run",
+                 fsdp=True)
 GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
-config = _config(Path({tmp!r}), Path({model!r}), max_steps=1, prompts_per_step=1, max_completion_length=24, fsdp=True,
-                 output_dir={out!r} + "/sft")
+config = _config(Path({tmp!r}), Path({model!r}), max_steps=1, prompts_per_step=1, max_completion_length=24,
+                 fsdp=True, output_dir={out!r} + "/sft")
 SFTTrainer(args=config, train_dataset=SFT_TRACES).train()  # one short and one long trace: one per process
 """
 SFT_TRACES = [{"prompt": "2+2=?", "answer": "4", "solution": "4"},
@@ -363,12 +374,13 @@ def test_fsdp_shards_the_base_and_matches_one_process(tmp_path, tiny_dirs, monke
     process on the doubled batch; real rollouts end together and a run checkpoints."""
     model, out = tiny_dirs["llama"], tmp_path / "fsdp"
     out.mkdir()
-    _launch(_FSDP_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model), out=str(out)))
-    assert latest_checkpoint(out / "run" / "checkpoints").name == "step-00000002"
+    _launch(_FSDP_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
+                              out=str(out)))
+    assert list_checkpoints(out / "run" / "checkpoints")[-1].name == "step-00000002"
 
     monkeypatch.setattr(GRPOTrainer, "generate", ragged_generate)
-    single = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, model, prompts_per_step=4, replay_batch_size=2,
-                                                              beta=0.05, backprop="state"), train_dataset=_dataset())
+    config = _config(tmp_path, model, prompts_per_step=4, replay_batch_size=2, beta=0.05, backprop="state")
+    single = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
     assert_rank_gradients(out, "grads-{rank}.pt", one_step_gradients(single), rel=1e-5)
     # SFT: the sharded first-step loss over both processes' traces is one process's loss on both
     sft = SFTTrainer(args=_config(tmp_path, model, max_steps=1, prompts_per_step=2, max_completion_length=24,
@@ -383,10 +395,10 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_trainer import IDLE_TRACES, _config
-from thoughtfold.trainer import SFTTrainer
+from thoughtfold import SFTTrainer
 torch.set_num_threads(1)
-config = _config(Path({tmp!r}), Path({model!r}), max_steps=1, max_completion_length=24, fsdp=True, replay_batch_size=1,
-                 output_dir={out!r} + "/idle")
+config = _config(Path({tmp!r}), Path({model!r}), max_steps=1, max_completion_length=24, fsdp=True,
+                 replay_batch_size=1, output_dir={out!r} + "/idle")
 trainer = SFTTrainer(args=config, train_dataset=IDLE_TRACES)
 mine = IDLE_TRACES[:2] if trainer.dp.rank == 0 else IDLE_TRACES[2:]  # rank 1 runs out of rows first
 Path({out!r}, f"idle-{{trainer.dp.rank}}.json").write_text(json.dumps(trainer.train_step(mine)))
@@ -403,8 +415,9 @@ def test_fsdp_process_with_fewer_micro_batches_runs_idle_replays(tmp_path, tiny_
     out.mkdir()
     _launch(_FSDP_IDLE_RANK.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), model=str(model),
                                    out=str(out)))
-    one = SFTTrainer(args=_config(tmp_path, model, max_steps=1, max_completion_length=24, replay_batch_size=1,
-                                  output_dir=str(tmp_path / "single")), train_dataset=IDLE_TRACES).train_step(IDLE_TRACES)
+    config = _config(tmp_path, model, max_steps=1, max_completion_length=24, replay_batch_size=1,
+                     output_dir=str(tmp_path / "single"))
+    one = SFTTrainer(args=config, train_dataset=IDLE_TRACES).train_step(IDLE_TRACES)
     for rank in range(2):
         two = json.loads((out / f"idle-{rank}.json").read_text())
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["num_tokens"] == one["num_tokens"]
@@ -437,8 +450,8 @@ def test_sft_lowers_the_loss_on_a_fixed_trace(tmp_path, tiny_dirs):
 
 def test_sft_imitates_full_cache_traces_under_the_bounded_cache(tmp_path, tiny_dirs):
     """Near-greedy base-model traces (fresh each step) get likelier under the bounded-cache policy."""
-    config = _config(tmp_path, tiny_dirs["llama"], max_steps=8, max_completion_length=24, sft_targets="full_cache",
-                     temperature=0.1, learning_rate=1e-2)
+    config = _config(tmp_path, tiny_dirs["llama"], max_steps=8, max_completion_length=24,
+                     sft_targets="full_cache", temperature=0.1, learning_rate=1e-2)
     records = read_metrics(SFTTrainer(args=config, train_dataset=_dataset()[:1]).train()["metrics"])
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
@@ -449,8 +462,8 @@ def test_sft_under_scored_eviction_replays_the_policys_own_choices(tmp_path, tin
     """The SFT loss of a target under snapkv is the NLL with the evictions the policy makes while
     decoding that target (a teacher-forced pass), not the oldest-block schedule's."""
     prompt, target = [5, 17, 99, 3], list(range(40, 80))
-    config = _config(tmp_path, tiny_dirs["qwen2"], cache=CacheConfig(window=6, eviction="snapkv"), max_steps=1,
-                     max_completion_length=40, prompts_per_step=1)
+    config = _config(tmp_path, tiny_dirs["qwen2"], cache=CacheConfig(window=6, eviction="snapkv"),
+                     max_steps=1, max_completion_length=40, prompts_per_step=1)
     trainer = SFTTrainer(args=config, train_dataset=[{"prompt": prompt, "solution": target}])
     torch.manual_seed(0)
     for w in trainer.policy.wrappers:  # non-zero adapters: what is evicted changes the outputs
@@ -471,8 +484,8 @@ def test_sft_needs_the_trace_column(tmp_path, tiny_dirs):
 
 def test_metrics_go_to_json_lines_and_tensorboard(tmp_path, tiny_dirs):
     pytest.importorskip("tensorboard")
-    result = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, tiny_dirs["llama"], max_steps=1,
-                                                              report_to=["tensorboard"]), train_dataset=_dataset()).train()
+    config = _config(tmp_path, tiny_dirs["llama"], max_steps=1, report_to=["tensorboard"])
+    result = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
     lines = Path(result["metrics"]).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
@@ -498,12 +511,12 @@ def _last_token_only(tmp_path, tiny_dirs, backprop: str) -> GRPOTrainer:
     """A GRPO trainer whose loss is the last completion token alone (`loss_mask_prefix` masks the
     15 before it; the random model never ends early), under a 4-token window: that token is decoded
     after 12 eviction events, long after the global tokens made the state before the first one.
-    The adapters' A matrices are made non-zero, as after some training."""
+    The adapters' up-projections (B, zero at init) are made non-zero, as after some training."""
     rows = [{"prompt": p, "answer": "", "loss_mask_prefix": 15} for p in PROMPTS]
     config = _config(tmp_path, tiny_dirs["llama"], window=4, backprop=backprop, filter_zero_std=False)
     trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=rows)
     torch.manual_seed(1)
-    with torch.no_grad():  # A is zero at init, which gives the state no gradient at all
+    with torch.no_grad():  # B is zero at init, which gives the state no gradient at all
         for w in trainer.policy.wrappers:
             w.lora_up.normal_(0, 0.3)
     return trainer
@@ -524,7 +537,8 @@ def test_default_backprop_carries_the_last_tokens_loss_back_past_the_first_evict
     for name in global_tokens:
         assert grads["state"][name].abs().max() > 0, name
         assert grads["truncated"][name].abs().max() == 0, name
-    assert any(g.abs().max() > 0 for g in grads["truncated"].values())  # it does train the last block's encoding
+    # it does train the last block's encoding
+    assert any(g.abs().max() > 0 for g in grads["truncated"].values())
 
 
 def test_loss_mask_prefix_keeps_leading_tokens_out_of_the_loss(tmp_path, tiny_dirs):
@@ -574,7 +588,7 @@ def test_grpo_loss_with_per_row_eviction_schedules_equals_row_by_row(tmp_path, t
     lengths = [len(c) for c in rollout.completion_ids]
     width = max(lengths)
     weights = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).float() / sum(lengths)
-    batch = trainer._policy_batch(rollout, torch.tensor([1.0, -0.5, 0.25, -2.0]), [0, 1, 2, 3], weights, [0] * 4)
+    batch = trainer._policy_batch(rollout, torch.tensor([1.0, -0.5, 0.25, -2.0]), [0, 1, 2, 3], weights)
 
     def grads(spans):
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -641,7 +655,7 @@ def test_two_runs_cannot_share_an_output_dir(tmp_path, tiny_dirs):
     finally:
         holder.communicate("", timeout=60)
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=1)
-    GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()  # free again once it exits
+    GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()  # free once it exits
 
 
 def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path):
@@ -698,7 +712,8 @@ def test_zero_std_filter_normalised_over_kept_rows_or_as_trl(tmp_path, tiny_dirs
 
         def recording(prompts):
             out = generate(prompts)
-            lengths.update({p: lengths.get(p, 0) + len(c) for p, c in zip(prompts, out.completion_ids, strict=True)})
+            for prompt, completion in zip(prompts, out.completion_ids, strict=True):
+                lengths[prompt] = lengths.get(prompt, 0) + len(completion)
             return out
 
         trainer.generate = recording

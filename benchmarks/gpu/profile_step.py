@@ -19,7 +19,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from thoughtfold import AdapterConfig, CacheConfig
-from thoughtfold.bench import SHAPES, random_model
+from thoughtfold.evaluation.bench.config import SHAPES
+from thoughtfold.evaluation.bench.measure import random_model
 from thoughtfold.policy import Policy
 
 KINDS = (  # first match wins
@@ -57,9 +58,11 @@ def main() -> None:
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted((e for e in events if getattr(e, attr) > 0), key=lambda e: -getattr(e, attr))
     total = sum(getattr(e, attr) for e in events)
+    device = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"{args.shape} mode={args.mode} batch={args.batch} W={args.window} "
-          f"{'compiled' if not args.no_compile else 'eager'} on {torch.cuda.get_device_name() if cuda else 'cpu'}: "
-          f"{total / 1e3 / args.steps:.2f} ms of {'kernel' if cuda else 'op'} time per step (prefill included)")
+          f"{'compiled' if not args.no_compile else 'eager'} on {device}: "
+          f"{total / 1e3 / args.steps:.2f} ms of {'kernel' if cuda else 'op'} time per step "
+          "(prefill included)")
     by_kind: dict[str, float] = {}
     for e in events:
         by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + getattr(e, attr)

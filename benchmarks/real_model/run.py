@@ -8,7 +8,7 @@
    (configs/real-model/gsm8k-fidelity.yaml). On held-out GSM8K test problems, for the base model
    under W, LoRA_c and PTE: mean per-token KL(full-cache model || policy under W) and top-1 agreement
    on the tokens decoded after the first eviction, and final-answer agreement of the policy's own
-   greedy decoding with the full-cache trace (`thoughtfold.fidelity`).
+   greedy decoding with the full-cache trace (`thoughtfold.evaluation.fidelity`).
 2. **recall.** A chat task whose answer depends on a value the model wrote itself and that the
    window has evicted when it is needed: "choose a two-digit number, count from 1 to 12, then
    repeat your number". Full-cache LoRA, LoRA_c and PTE (W = D/4) are trained by SFTTrainer on
@@ -42,14 +42,14 @@ from pathlib import Path
 
 import torch
 
-from thoughtfold.config import EVICTIONS
-from thoughtfold.data import SYSTEM_PROMPT, load_dataset_by_name
-from thoughtfold.evaluate import wilson_interval
-from thoughtfold.fidelity import answer_agreement, full_cache_traces, token_fidelity
+from thoughtfold import SFTTrainer
+from thoughtfold.config import EVICTIONS, load_config
+from thoughtfold.evaluation.evaluate import wilson_interval
+from thoughtfold.evaluation.fidelity import answer_agreement, full_cache_traces, token_fidelity
 from thoughtfold.policy import Policy
 from thoughtfold.render import pyplot
-from thoughtfold.train_config import load_config
-from thoughtfold.trainer import SFTTrainer
+from thoughtfold.tasks.data import load_dataset_by_name
+from thoughtfold.tasks.example import SYSTEM_PROMPT
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -112,11 +112,12 @@ def gsm8k_traces(s: dict, out: Path, log: Log, name: str) -> tuple:
     test = load_dataset_by_name("gsm8k", split="test", limit=s["test"])
     teacher = Policy.from_pretrained(cfg.model)
     start = time.perf_counter()
-    traces = full_cache_traces(teacher, [e["prompt"] for e in train + test], cfg.max_completion_length, s["batch"],
-                               system_prompt=SYSTEM_PROMPT)
+    traces = full_cache_traces(teacher, [e["prompt"] for e in train + test], cfg.max_completion_length,
+                               s["batch"], system_prompt=SYSTEM_PROMPT)
     lengths = [len(c) for c in traces.completion_ids]
     log(f"{name}: {len(lengths)} full-cache greedy traces in {time.perf_counter() - start:.0f}s, mean length "
-        f"{sum(lengths) / len(lengths):.0f} tokens, {sum(t for t in traces.truncated) } cut at {cfg.max_completion_length}")
+        f"{sum(lengths) / len(lengths):.0f} tokens, {sum(traces.truncated)} cut at "
+        f"{cfg.max_completion_length}")
     data = write_jsonl(out / f"{name}_train_traces.jsonl", [
         {"prompt": e["prompt"], "answer": e["answer"], "solution": ids}
         for e, ids in zip(train, traces.completion_ids[: len(train)], strict=True)])
@@ -138,12 +139,14 @@ def fidelity_rows(policies: dict[str, Policy], teacher: Policy, cfg, test: list[
     for method, policy in policies.items():
         f = fidelity[method]
         agreement, compared = answer_agreement(policy, [e["prompt"] for e in test], traces.texts[n_train:],
-                                               cfg.max_completion_length, s["batch"], system_prompt=SYSTEM_PROMPT)
-        rows += [{"method": method, "metric": "kl_after_eviction", "value": f.kl_after_eviction, "n": f.tokens},
+                                               cfg.max_completion_length, s["batch"],
+                                               system_prompt=SYSTEM_PROMPT)
+        rows += [{"method": method, "metric": "kl_after_eviction", "value": f.kl_after_eviction,
+                  "n": f.tokens},
                  {"method": method, "metric": "top1_agreement", "value": f.top1_agreement, "n": f.tokens},
                  {"method": method, "metric": "answer_agreement", "value": agreement, "n": compared}]
-        log(f"{name} {method:12s} KL {f.kl_after_eviction:.4f} top1 {f.top1_agreement:.3f} ({f.tokens} tokens) "
-            f"answers {agreement:.3f} ({compared})")
+        log(f"{name} {method:12s} KL {f.kl_after_eviction:.4f} top1 {f.top1_agreement:.3f} "
+            f"({f.tokens} tokens) answers {agreement:.3f} ({compared})")
     return rows, evicting
 
 
@@ -152,12 +155,13 @@ def gsm8k_fidelity(out: Path, settings: dict, log: Log) -> dict:
     cfg, train, test, teacher, traces, data = gsm8k_traces(s, out, log, "gsm8k")
     policies = {"base": Policy.from_pretrained(cfg.model, cache=cfg.cache)}
     for method, mode in (("lora_c", "lora"), ("pte", "pte")):
-        policies[method] = sft("gsm8k-fidelity.yaml", [f"data.dataset={data}", f"adapter.mode={mode}",
-                                                       f"output_dir={out / ('gsm8k-' + method)}"], settings, log)
+        overrides = [f"data.dataset={data}", f"adapter.mode={mode}",
+                     f"output_dir={out / ('gsm8k-' + method)}"]
+        policies[method] = sft("gsm8k-fidelity.yaml", overrides, settings, log)
     rows, evicting = fidelity_rows(policies, teacher, cfg, test, traces, s, log, "gsm8k")
     return {"name": "gsm8k-fidelity", "window": cfg.cache.window, "evict_ratio": cfg.cache.evict_ratio,
-            "max_new_tokens": cfg.max_completion_length, "train_problems": len(train), "test_problems": len(test),
-            "test_traces_with_3_evictions": evicting, "rows": rows}
+            "max_new_tokens": cfg.max_completion_length, "train_problems": len(train),
+            "test_problems": len(test), "test_traces_with_3_evictions": evicting, "rows": rows}
 
 
 def gsm8k_eviction(out: Path, settings: dict, log: Log) -> dict:
@@ -169,15 +173,16 @@ def gsm8k_eviction(out: Path, settings: dict, log: Log) -> dict:
     policies = {}
     for eviction in EVICTIONS:
         if "base" in s["methods"]:
-            policies[f"base@{eviction}"] = Policy.from_pretrained(cfg.model, cache=replace(cfg.cache, eviction=eviction))
+            policies[f"base@{eviction}"] = Policy.from_pretrained(cfg.model,
+                                                                  cache=replace(cfg.cache, eviction=eviction))
         if "pte" in s["methods"]:
             policies[f"pte@{eviction}"] = sft("gsm8k-fidelity.yaml", [
                 f"data.dataset={data}", "adapter.mode=pte", f"cache.eviction={eviction}",
                 f"output_dir={out / ('gsm8k-eviction-pte-' + eviction)}"], settings, log)
     rows, evicting = fidelity_rows(policies, teacher, cfg, test, traces, s, log, "gsm8k-eviction")
     return {"name": "gsm8k-eviction", "window": cfg.cache.window, "evict_ratio": cfg.cache.evict_ratio,
-            "max_new_tokens": cfg.max_completion_length, "train_problems": len(train), "test_problems": len(test),
-            "test_traces_with_3_evictions": evicting, "rows": rows}
+            "max_new_tokens": cfg.max_completion_length, "train_problems": len(train),
+            "test_problems": len(test), "test_traces_with_3_evictions": evicting, "rows": rows}
 
 
 # --------------------------------------------------------------------------- 2. recall in a chat model
@@ -251,7 +256,8 @@ def recall(out: Path, settings: dict, log: Log) -> dict:
         log(f"recall {method:9s} accuracy {res['accuracy']:.3f} [{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}] "
             f"formatted {res['formatted']:.2f} H(number) {res['number_entropy_bits']:.2f} bits")
         del policy
-    return {"name": "recall", "window": cfg.cache.window, "distance": distance, "chance": 1 / 90, "rows": rows}
+    return {"name": "recall", "window": cfg.cache.window, "distance": distance, "chance": 1 / 90,
+            "rows": rows}
 
 
 # --------------------------------------------------------------------------- report
@@ -266,8 +272,8 @@ def plot(results: dict, path: Path) -> None:
         ax.bar([r["method"] for r in rows], [r["value"] for r in rows], color="#4C72B0")
         for r in rows:
             if "ci95" in r:
-                ax.errorbar(r["method"], r["value"], yerr=[[r["value"] - r["ci95"][0]], [r["ci95"][1] - r["value"]]],
-                            color="black", capsize=3)
+                low, high = r["value"] - r["ci95"][0], r["ci95"][1] - r["value"]
+                ax.errorbar(r["method"], r["value"], yerr=[[low], [high]], color="black", capsize=3)
         ax.set_title(f"{exp['name']} (W={exp['window']})\n{metric}", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.tick_params(axis="x", labelrotation=30)
@@ -312,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiments", default="gsm8k-fidelity,recall",
                     help=f"comma-separated, from {', '.join(EXPERIMENTS)} [default: %(default)s]")
     ap.add_argument("--eviction-methods", default="base,pte",
-                    help="gsm8k-eviction: the rows per policy, base (no training) and/or pte [default: %(default)s]")
+                    help="gsm8k-eviction: the rows per policy, base (no training) and/or pte "
+                    "[default: %(default)s]")
     args = ap.parse_args(argv)
     names = [n for n in args.experiments.split(",") if n]
     unknown = [n for n in names if n not in EXPERIMENTS]

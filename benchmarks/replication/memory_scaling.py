@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from thoughtfold.config import AdapterConfig, CacheConfig
-from thoughtfold.memory import PeakMemory
+from thoughtfold.evaluation.bench.memory import PeakMemory
 from thoughtfold.policy import Policy
-from thoughtfold.recall import RecallTask
+from thoughtfold.tasks.recall import RecallTask
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

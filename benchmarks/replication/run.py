@@ -2,7 +2,7 @@
 
     python benchmarks/replication/run.py [--config overrides.json] [--base BASE_DIR] [--out DIR]
 
-1. trains a tiny Llama from scratch on full-cache traces of the `recall` task (`thoughtfold.recall`)
+1. trains a tiny Llama from scratch on full-cache traces of the `recall` task (`thoughtfold.tasks.recall`)
    and saves it, with the task's word-level tokenizer, as an ordinary HF model directory
    (`<out>/base`: `thoughtfold generate --model <out>/base ...` works on it);
 2. evaluates it with the full cache and with bounded caches W in {D/8, D/4, D/2} (no adaptation);
@@ -36,14 +36,13 @@ from pathlib import Path
 
 import torch
 
-from thoughtfold.config import AdapterConfig, CacheConfig
-from thoughtfold.evaluate import wilson_interval
-from thoughtfold.memory import PeakMemory
-from thoughtfold.metrics import read_metrics
+from thoughtfold import GRPOTrainer, SFTTrainer
+from thoughtfold.config import AdapterConfig, CacheConfig, DataConfig, TrainConfig
+from thoughtfold.evaluation.bench.memory import PeakMemory
+from thoughtfold.evaluation.evaluate import wilson_interval
 from thoughtfold.policy import Policy
-from thoughtfold.recall import BOS, EOS, PAD, RecallTask, recall_tokenizer
-from thoughtfold.train_config import DataConfig, TrainConfig
-from thoughtfold.trainer import GRPOTrainer, SFTTrainer
+from thoughtfold.tasks.recall import BOS, EOS, PAD, RecallTask, recall_tokenizer
+from thoughtfold.training.metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,7 +56,8 @@ DEFAULT_CONFIG: dict = {
     "adapter": {"rank": 16, "alpha": 32.0, "global_tokens": 16},
     # TrainConfig fields of each stage (the rest are the library's defaults)
     "sft": {"max_steps": 160, "per_step": 32, "learning_rate": 2e-3},
-    "grpo": {"max_steps": 10, "num_generations": 8, "per_step": 8, "learning_rate": 1e-4},  # 5e-4 hurt saturated policies (RESULTS.md)
+    "grpo": {"max_steps": 10, "num_generations": 8, "per_step": 8,
+             "learning_rate": 1e-4},  # 5e-4 hurt saturated policies (RESULTS.md)
     "data_rows": 4096,
     "eval": {"n": 500, "batch": 250, "seed": 1234},
     "windows": None,  # default [D/8, D/4, D/2]
@@ -70,7 +70,8 @@ DEFAULT_CONFIG: dict = {
     "ablation_window": None,  # default D/4
     "sft_multiplier": {"pte": 3},  # methods trained for k x sft steps (each row records its sft_steps)
     "row_suffix": "",  # appended to the method names of the rows (variants with other settings)
-    "jobs": None,  # explicit [[method, window], ...] (a priority order); default: methods x windows, ablations
+    # explicit [[method, window], ...] (a priority order); default: methods x windows, ablations
+    "jobs": None,
     # a method may name an eviction policy: "pte@h2o" trains and evaluates PTE under cache.eviction=h2o
     "bounded_evictions": ["oldest"],  # the "bounded, no adaptation" reference rows, one per policy
     "workers": 2,  # training jobs run in this many processes (one torch thread each)
@@ -204,16 +205,19 @@ def evaluate(policy: Policy, task: RecallTask, n: int, batch: int, seed: int) ->
     }
 
 
-def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool, backprop: str = "state") -> dict:
+def measure_memory(policy: Policy, task: RecallTask, probe: int, train: bool,
+                   backprop: str = "state") -> dict:
     """Peak tensor bytes (CPU) of one rollout and one replay+backward on `probe` sequences."""
     prompts, traces = task.sample_traces(probe, seed=777)
     with PeakMemory("cpu") as m:
-        policy.generate(prompts, max_new_tokens=task.completion_length, temperature=1.0, seed=0, chat_template=False)
+        policy.generate(prompts, max_new_tokens=task.completion_length, temperature=1.0, seed=0,
+                        chat_template=False)
     out = {"rollout_peak_bytes": m.peak_bytes, "train_peak_bytes": None}
     if train:
         total = sum(map(len, traces))
         with PeakMemory("cpu") as m:
-            policy.replay_logprobs(prompts, traces, loss_fn=lambda lp, a, b, rows: -lp.sum() / total, backprop=backprop)
+            policy.replay_logprobs(prompts, traces, loss_fn=lambda lp, a, b, rows: -lp.sum() / total,
+                                   backprop=backprop)
         for p in policy.trainable_parameters():
             p.grad = None
         out["train_peak_bytes"] = m.peak_bytes
@@ -245,7 +249,8 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
         log(f"base model: {base_dir}")
     else:
         base = build_model(task, config["model"], seed)
-        log(f"model: Llama {config['model']} -> {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters")
+        log(f"model: Llama {config['model']} -> "
+            f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters")
         pre = pretrain(base, task, config["pretrain"], ecfg, seed, log)
         save_base(base, task, base_dir)
         log(f"base model saved to {base_dir}")
@@ -254,7 +259,8 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
 
     def make(window: int | None, mode: str, eviction: str = "oldest") -> Policy:
         acfg = AdapterConfig(mode=mode, **config["adapter"])
-        return Policy.from_pretrained(str(base_dir), cache=CacheConfig(window=window, eviction=eviction), adapter=acfg)
+        return Policy.from_pretrained(str(base_dir), cache=CacheConfig(window=window, eviction=eviction),
+                                      adapter=acfg)
 
     def add(method: str, window: int | None, policy: Policy, extra: dict) -> None:
         res = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])
@@ -264,7 +270,8 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
     # reference rows: full cache (its training memory: a LoRA replay step under the full cache)
     probe = config["memory_probe"]
     full = make(None, "lora")
-    n_params = sum(p.numel() for p in full.model.parameters()) - sum(p.numel() for p in full.trainable_parameters())
+    adapter_params = sum(p.numel() for p in full.trainable_parameters())
+    n_params = sum(p.numel() for p in full.model.parameters()) - adapter_params
     add("full", None, full, measure_memory(full, task, probe, train=True))
     for w in windows:
         for eviction in config["bounded_evictions"]:
@@ -277,7 +284,8 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
     jobs += [(a, abl_window) for a in config["ablations"]]
     if config.get("jobs"):
         jobs = [(m, int(w)) for m, w in config["jobs"]]
-    log(f"{len(jobs)} training jobs on {config['workers']} worker(s), {time.perf_counter() - t0:.0f}s elapsed")
+    log(f"{len(jobs)} training jobs on {config['workers']} worker(s), "
+        f"{time.perf_counter() - t0:.0f}s elapsed")
     done: dict[int, dict] = {}
     reference = list(rows)
 
@@ -306,10 +314,12 @@ def run(config: dict, out_dir: Path, results_path: Path | None, table_path: Path
 def row_line(row: dict) -> str:
     return (f"ROW {row['method']:18s} W={row['window']!s:5s} acc {row['accuracy']:.3f} {row['ci95']} chain "
             f"{row['chain_accuracy']:.3f} H(v) {row['value_entropy_bits']:.2f} "
-            f"rollout {row['rollout_peak_bytes'] / 1e6:.2f}MB train {(row.get('train_peak_bytes') or 0) / 1e6:.2f}MB")
+            f"rollout {row['rollout_peak_bytes'] / 1e6:.2f}MB "
+            f"train {(row.get('train_peak_bytes') or 0) / 1e6:.2f}MB")
 
 
-def train_configs(config: dict, base_dir: Path, method: str, window: int, job_dir: Path) -> tuple[TrainConfig, TrainConfig]:
+def train_configs(config: dict, base_dir: Path, method: str, window: int,
+                  job_dir: Path) -> tuple[TrainConfig, TrainConfig]:
     """The SFT and the GRPO TrainConfig of one job: the library's defaults, plus the task, the
     adapter, the window and the stage's budget from `config`."""
     base_method, _, eviction = method.partition("@")
@@ -322,11 +332,13 @@ def train_configs(config: dict, base_dir: Path, method: str, window: int, job_di
         data=DataConfig(dataset=f"recall:steps={task.steps},combine={task.combine},n={config['data_rows']}",
                         chat_template=False),
         rewards=["recall"], backprop=backprop, max_completion_length=task.completion_length, temperature=1.0,
-        max_steps=s["max_steps"] * config["sft_multiplier"].get(base_method, 1), prompts_per_step=s["per_step"],
+        max_steps=s["max_steps"] * config["sft_multiplier"].get(base_method, 1),
+        prompts_per_step=s["per_step"],
         learning_rate=s["learning_rate"], warmup_steps=0, save_steps=0, seed=config["seed"],
         output_dir=str(job_dir / "sft"), overwrite_output_dir=True, progress=False)
     grpo = replace(sft, max_steps=g["max_steps"], num_generations=g["num_generations"],
-                   prompts_per_step=g["per_step"], learning_rate=g["learning_rate"], output_dir=str(job_dir / "grpo"))
+                   prompts_per_step=g["per_step"], learning_rate=g["learning_rate"],
+                   output_dir=str(job_dir / "grpo"))
     return sft, grpo
 
 
@@ -344,7 +356,8 @@ def train_job(config: dict, base_dir: Path, method: str, window: int, out_dir: P
     start = time.perf_counter()
     sft = SFTTrainer(args=sft_cfg)
     policy = sft.policy
-    extra = {"adapter_mode": sft_cfg.adapter.mode, "adapter": sft_cfg.adapter.to_dict(), "backprop": sft_cfg.backprop,
+    extra = {"adapter_mode": sft_cfg.adapter.mode, "adapter": sft_cfg.adapter.to_dict(),
+             "backprop": sft_cfg.backprop,
              **measure_memory(policy, task, config["memory_probe"], train=True, backprop=sft_cfg.backprop)}
     sft.train()
     sft_log = read_metrics(Path(sft_cfg.output_dir) / "metrics.jsonl")
@@ -359,7 +372,8 @@ def train_job(config: dict, base_dir: Path, method: str, window: int, out_dir: P
         GRPOTrainer(policy, args=grpo_cfg).train()
         rewards = [r["reward"] for r in read_metrics(Path(grpo_cfg.output_dir) / "metrics.jsonl")]
         extra.update({"grpo_steps": len(rewards), "grpo_seconds": round(time.perf_counter() - grpo_start, 1),
-                      "grpo_reward_first": rewards[0], "grpo_reward_last5": sum(rewards[-5:]) / len(rewards[-5:])})
+                      "grpo_reward_first": rewards[0],
+                      "grpo_reward_last5": sum(rewards[-5:]) / len(rewards[-5:])})
         log(f"  {name} W={window} grpo reward first {rewards[0]:.3f} last5 {extra['grpo_reward_last5']:.3f}")
     extra["job_seconds"] = round(time.perf_counter() - start, 1)
     res = evaluate(policy, task, ecfg["n"], ecfg["batch"], ecfg["seed"])
@@ -369,8 +383,9 @@ def train_job(config: dict, base_dir: Path, method: str, window: int, out_dir: P
 def write(config: dict, task: RecallTask, n_params: int, pre: dict, rows: list[dict], seconds: float,
           results_path: Path | None, table_path: Path | None) -> dict:
     results = {
-        "task": {"name": "delayed_recall", "combine": task.combine, "D": task.distance, "chance": task.chance, "steps": task.steps,
-                 "prompt_tokens": 3, "completion_tokens": task.completion_length, "vocab_size": task.vocab_size},
+        "task": {"name": "delayed_recall", "combine": task.combine, "D": task.distance, "chance": task.chance,
+                 "steps": task.steps, "prompt_tokens": 3, "completion_tokens": task.completion_length,
+                 "vocab_size": task.vocab_size},
         "model": {"family": "llama", "parameters": n_params, **config["model"]},
         "pretrain": {k: v for k, v in pre.items() if k != "history"},
         "config": config,
@@ -423,12 +438,12 @@ def render_table(results: dict) -> str:
     t = results["task"]
     lines = [
         f"Delayed recall, D = {t['D']} tokens, chance = {t['chance']:.2f}; tiny Llama "
-        f"({results['model']['parameters'] / 1e6:.2f}M parameters) trained from scratch; accuracy = strict trace "
-        f"check, sampled at temperature 1 on n prompts, 95% Wilson interval. Peak memory = tensor bytes of one "
-        f"rollout / one replay+backward on {results['config']['memory_probe']} sequences (CPU).",
+        f"({results['model']['parameters'] / 1e6:.2f}M parameters) trained from scratch; accuracy = strict "
+        "trace check, sampled at temperature 1 on n prompts, 95% Wilson interval. Peak memory = tensor bytes "
+        f"of one rollout / one replay+backward on {results['config']['memory_probe']} sequences (CPU).",
         "",
-        "| method | window | accuracy | 95% CI | n | SFT steps | after SFT | chain ok | H(value) bits | rollout peak "
-        "| train peak |",
+        "| method | window | accuracy | 95% CI | n | SFT steps | after SFT | chain ok | H(value) bits "
+        "| rollout peak | train peak |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = ["full", "bounded", *METHODS]
@@ -442,9 +457,9 @@ def render_table(results: dict) -> str:
         sft_acc = "" if "accuracy_after_sft" not in r else f"{r['accuracy_after_sft']:.3f}"
         train = "" if r.get("train_peak_bytes") is None else f"{r['train_peak_bytes'] / 2**20:.2f} MiB"
         lines.append(
-            f"| {r['method']} | {w} | {r['accuracy']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['n']} | "
-            f"{r.get('sft_steps', '')} | {sft_acc} | {r['chain_accuracy']:.3f} | {r['value_entropy_bits']:.2f} | "
-            f"{r['rollout_peak_bytes'] / 2**20:.2f} MiB | {train} |")
+            f"| {r['method']} | {w} | {r['accuracy']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+            f"| {r['n']} | {r.get('sft_steps', '')} | {sft_acc} | {r['chain_accuracy']:.3f} "
+            f"| {r['value_entropy_bits']:.2f} | {r['rollout_peak_bytes'] / 2**20:.2f} MiB | {train} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -467,7 +482,8 @@ def summary_table(results: dict) -> str:
     d = results["task"]["D"]
     windows = sorted({r["window"] for r in results["rows"] if r["window"] is not None})
     names = [f"W = {w} (D/{d // w})" if d % w == 0 else f"W = {w}" for w in windows]
-    lines = [f"| method | {' | '.join(names)} | train peak (W = {d // 4}) |", "|---" * (len(windows) + 2) + "|"]
+    lines = [f"| method | {' | '.join(names)} | train peak (W = {d // 4}) |",
+             "|---" * (len(windows) + 2) + "|"]
     for method, label in SUMMARY_NAMES.items():
         rows = {r["window"]: r for r in results["rows"] if r["method"] == method}
         if not rows:
@@ -488,20 +504,24 @@ def write_readme_table(readme: Path, results: dict) -> None:
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"{readme}: no {README_BEGIN} ... {README_END} markers")
     head, rest = text.split(README_BEGIN, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{summary_table(results)}{README_END}{rest.split(README_END, 1)[1]}")
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_BEGIN}\n{summary_table(results)}{README_END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=None, help="JSON overrides of the default config")
     ap.add_argument("--quick", action="store_true", help="toy scale (seconds): a smoke test of the pipeline")
-    ap.add_argument("--out", type=Path, default=HERE / "runs" / "latest", help="logs, checkpoints, base model")
+    ap.add_argument("--out", type=Path, default=HERE / "runs" / "latest",
+                    help="logs, checkpoints, base model")
     ap.add_argument("--results", type=Path, default=None, help="default: results.json next to this script")
     ap.add_argument("--base", type=Path, default=None, help="skip pretraining: use this base model directory")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
-                    help="only merge the rows of these results.json files into --results (default results.json)")
+                    help="only merge the rows of these results.json files into --results "
+                    "(default results.json)")
     ap.add_argument("--readme", type=Path, default=None,
-                    help="only rewrite the summary table in this README from --results (default results.json)")
+                    help="only rewrite the summary table in this README from --results "
+                    "(default results.json)")
     args = ap.parse_args(argv)
     if args.readme:
         write_readme_table(args.readme, json.loads((args.results or HERE / "results.json").read_text()))

@@ -1,12 +1,13 @@
 """thoughtfold: reasoning LMs under a fixed-size KV cache with Progressive Thought Encoding.
 
-The configs and errors import eagerly (they are light); the engine and the trainers load on first
-use (`from thoughtfold import Policy, GRPOTrainer`), so `import thoughtfold` stays fast."""
+The settings and errors import eagerly (plain data: no torch, no transformers); the engine and the
+trainers load on first use (`from thoughtfold import Policy, GRPOTrainer`), so `import thoughtfold`
+stays fast."""
 
 from importlib import import_module
 from typing import Any
 
-from .config import AdapterConfig, CacheConfig
+from .config import AdapterConfig, CacheConfig, DataConfig, SamplingConfig, TrainConfig, load_config
 from .errors import (
     ConfigError,
     DataError,
@@ -19,13 +20,10 @@ from .errors import (
 _LAZY = {
     "Policy": "policy",
     "GenerationResult": "policy",
-    "EvictionPolicy": "eviction",
-    "EvictionEvent": "eviction",
-    "TrainConfig": "train_config",
-    "DataConfig": "train_config",
-    "GRPOTrainer": "trainer",
-    "SFTTrainer": "trainer",
-    "load_config": "train_config",
+    "EvictionPolicy": "engine.eviction",
+    "EvictionEvent": "engine.eviction",
+    "GRPOTrainer": "training.grpo",
+    "SFTTrainer": "training.sft",
 }
 
 
@@ -41,11 +39,15 @@ __all__ = [
     "AdapterConfig",
     "CacheConfig",
     "ConfigError",
+    "DataConfig",
     "DataError",
     "ModelLoadError",
     "PromptTooLongError",
+    "SamplingConfig",
     "ThoughtfoldError",
+    "TrainConfig",
     "UnsupportedArchitectureError",
+    "load_config",
     *_LAZY,
 ]
 __version__ = "0.1.0"

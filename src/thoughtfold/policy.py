@@ -10,23 +10,24 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from .adapter import LowRankLinear, attach_adapters, detach_adapters, wide_dtype
-from .attention import switch_attention, use_grouped_decode
-from .config import AdapterConfig, CacheConfig
-from .encoder import ThoughtEncoder
-from .errors import ConfigError, DataError, PromptTooLongError
-from .eviction import (
+from .config import AdapterConfig, CacheConfig, SamplingConfig
+from .engine.adapter import LowRankLinear, attach_adapters, detach_adapters, wide_dtype
+from .engine.attention import switch_attention, use_grouped_decode
+from .engine.encoder import ThoughtEncoder
+from .engine.eviction import (
     EvictionEvent,
     EvictionPolicy,
     ScoredEviction,
+    events_within,
     eviction_policy_for,
     head_weights_from_peaks,
 )
-from .fold import StateFolder
+from .engine.fold import StateFolder
+from .engine.replay import DistributionFn, LossFn, replay
+from .engine.rollout import RawRollout, RolloutOptions, Streamer, right_pad, rollout
+from .errors import ConfigError, DataError, PromptTooLongError
 from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
 from .persist import adapter_settings, load_adapter_weights, save_adapter
-from .replay import DistributionFn, LossFn, replay
-from .rollout import RawRollout, RolloutOptions, SamplingConfig, Streamer, rollout
 
 Prompt = str | Sequence[int]
 
@@ -96,14 +97,28 @@ class Policy:
             cfg = model.config
             kv_dim = cfg.num_key_value_heads * head_dim(cfg)
             dtype = wide_dtype(next(model.parameters()).dtype)
-            self.encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config).to(self.device, dtype)
+            encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config)
+            self.encoder = encoder.to(self.device, dtype)
         self.folder = StateFolder(model, self.wrappers, self.encoder)
+        self.cuda_graph = self.device.type == "cuda"
+        self.compile_decode = False
+        self.lockstep: Callable[[bool], bool] | None = None
+        self.configure_decoding(cuda_graph=cuda_graph, compile_decode=compile_decode)
+
+    def configure_decoding(self, *, cuda_graph: bool | None = None, compile_decode: bool | None = None,
+                           lockstep: Callable[[bool], bool] | None = None) -> None:
+        """How `generate` decodes from now on; an argument left None keeps its setting. `cuda_graph`:
+        capture the decode step as a CUDA graph (CUDA only); `compile_decode`: run it through
+        torch.compile; `lockstep(done_here) -> done_everywhere`: for processes whose forward passes
+        are collectives (FSDP), so that all of them stop decoding at the same step."""
         if cuda_graph and self.device.type != "cuda":
             raise ConfigError(f"cuda_graph=True needs the model on a CUDA device, but it is on {self.device}")
-        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.compile_decode = compile_decode
-        # set by the trainer under FSDP: every process must stop decoding at the same step
-        self.lockstep: Callable[[bool], bool] | None = None
+        if cuda_graph is not None:
+            self.cuda_graph = cuda_graph
+        if compile_decode is not None:
+            self.compile_decode = compile_decode
+        if lockstep is not None:
+            self.lockstep = lockstep
 
     @classmethod
     def from_pretrained(
@@ -124,7 +139,8 @@ class Policy:
         if adapter_path is not None:
             saved_adapter, cache, model = adapter_settings(adapter_path, model, cache)
             if adapter is not None and adapter != saved_adapter:
-                raise ConfigError(f"adapter settings conflict with the adapter saved in {adapter_path}; pass one")
+                raise ConfigError(f"adapter settings conflict with the adapter saved in {adapter_path}; "
+                                  "pass one")
             adapter = saved_adapter
         model = model or "default"
         hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
@@ -149,8 +165,8 @@ class Policy:
 
     def _check_wrapped(self) -> None:
         if self._unwrapped:
-            raise ConfigError("this Policy was unwrapped (Policy.unwrap() gave its model back): wrap the model "
-                              "in a new Policy to use it again")
+            raise ConfigError("this Policy was unwrapped (Policy.unwrap() gave its model back): wrap the "
+                              "model in a new Policy to use it again")
 
     def save_adapter(self, directory: str) -> None:
         """Write the adapter (safetensors + JSON settings; in lora mode also a PEFT directory)."""
@@ -181,7 +197,8 @@ class Policy:
     def encode(self, prompts: Prompt | Sequence[Prompt], chat_template: bool = True,
                system_prompt: str | None = None) -> list[list[int]]:
         """Token ids of each prompt (chat template applied to strings when asked and available)."""
-        ids = [encode_prompt(self.tokenizer, p, chat_template, system_prompt) for p in _as_prompt_list(prompts)]
+        ids = [encode_prompt(self.tokenizer, p, chat_template, system_prompt)
+               for p in _as_prompt_list(prompts)]
         limit = max_positions(self.model)
         vocab = self.model.get_input_embeddings().num_embeddings
         for i, p in enumerate(ids):
@@ -192,7 +209,8 @@ class Policy:
                                 f"{vocab - 1}: use token ids of this model's tokenizer")
             if limit is not None and len(p) >= limit:
                 raise PromptTooLongError(
-                    f"prompt {i} has {len(p)} tokens but the model handles at most {limit} positions; shorten it"
+                    f"prompt {i} has {len(p)} tokens but the model handles at most {limit} positions; "
+                    "shorten it"
                 )
         return ids
 
@@ -221,12 +239,14 @@ class Policy:
         self._check_wrapped()
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
         options = RolloutOptions(self.eos_token_ids, self.pad_token_id, slots, streamer=streamer,
-                                 lockstep=self.lockstep, cuda_graph=self.cuda_graph, compile_step=self.compile_decode)
+                                 lockstep=self.lockstep, cuda_graph=self.cuda_graph,
+                                 compile_step=self.compile_decode)
         prompt_ids = self.encode(prompts, chat_template, system_prompt)
         limit, longest = max_positions(self.model), max(map(len, prompt_ids))
         if limit is not None and longest + max_new_tokens > limit:
             raise PromptTooLongError(
-                f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
+                f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
+                f"{longest + max_new_tokens} "
                 f"positions, but the model handles at most {limit}: lower max_new_tokens to "
                 f"{limit - longest} or shorten the prompt"
             )
@@ -237,7 +257,8 @@ class Policy:
         raw = rollout(self.model, self.folder, prompt_ids, self.cache_config, sampling, options)
         return self._finish(raw, prompt_ids, stop)
 
-    def _eviction_policy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> EvictionPolicy | ScoredEviction:
+    def _eviction_policy(self, prompt_ids: list[list[int]],
+                         max_new_tokens: int) -> EvictionPolicy | ScoredEviction:
         """The custom policy, else the one the cache config names (headkv: calibrated on these
         prompts the first time)."""
         if self.eviction_policy is not None:
@@ -253,18 +274,17 @@ class Policy:
         for the default oldest-block schedule (the replay's default), else a teacher-forced pass of
         the completions through the decode path (a scored policy chooses from the attention these
         very tokens receive). What a replay of given targets (SFT, fidelity) needs."""
-        if not self.cache_config.bounded or (self.eviction_policy is None and self.cache_config.eviction == "oldest"):
+        cache = self.cache_config
+        if not cache.bounded or (self.eviction_policy is None and cache.eviction == "oldest"):
             return None
         prompts = [list(p) for p in prompt_ids]
         width = max(map(len, completion_ids))
-        forced = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        for i, c in enumerate(completion_ids):
-            forced[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
-        options = RolloutOptions(pad_id=self.pad_token_id, eviction_policy=self._eviction_policy(prompts, width),
-                                 forced=forced)
-        raw = rollout(self.model, self.folder, prompts, self.cache_config, SamplingConfig(width, temperature=1.0),
+        forced = right_pad(completion_ids, width, self.pad_token_id)
+        options = RolloutOptions(pad_id=self.pad_token_id, forced=forced,
+                                 eviction_policy=self._eviction_policy(prompts, width))
+        raw = rollout(self.model, self.folder, prompts, cache, SamplingConfig(width, temperature=1.0),
                       options)
-        return [[e for e in log if e.step <= len(c) - 2] for log, c in zip(raw.logs, completion_ids, strict=True)]
+        return [events_within(log, len(c)) for log, c in zip(raw.logs, completion_ids, strict=True)]
 
     def calibrate_heads(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64) -> torch.Tensor:
         """Per-head weights for `eviction="headkv"` [layers, kv_heads]: decode `prompts` greedily under
@@ -356,7 +376,7 @@ class Policy:
             if cut is not None:
                 n, finished = cut, True
             ids = row[:n]
-            log = [e for e in events if e.step <= n - 2]
+            log = events_within(events, n)
             held = n - 1 if window is None else min(window, n - 1)
             result.completion_ids.append(ids)
             result.logprobs.append(lps[:n].tolist())
@@ -382,13 +402,16 @@ class Policy:
 
 
 def concat_rollouts(parts: list[GenerationResult]) -> GenerationResult:
-    """One GenerationResult from several generate calls (rows in order, token rate over all calls)."""
+    """One GenerationResult from several generate calls: rows in order, and run totals over all the
+    calls (tokens, seconds, eviction events, the token rate, the peak cache)."""
     if len(parts) == 1:
         return parts[0]
     lists = {f.name: [x for p in parts for x in getattr(p, f.name)] for f in fields(GenerationResult)
              if f.name != "stats"}
     tokens = sum(p.stats["generated_tokens"] for p in parts)
     seconds = sum(p.stats["seconds"] for p in parts)
-    stats = {"generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
-             "evictions": sum(p.stats["evictions"] for p in parts)}
+    stats = {"generated_tokens": tokens, "seconds": seconds,
+             "tokens_per_s": tokens / seconds if seconds else 0.0,
+             "evictions": sum(p.stats["evictions"] for p in parts),
+             "peak_cache_tokens": max(p.stats["peak_cache_tokens"] for p in parts)}
     return GenerationResult(**lists, stats=stats)

@@ -1,0 +1,1 @@
+"""The bounded-cache engine: cache, eviction, attention, encoder, fold, adapters, rollout, replay."""

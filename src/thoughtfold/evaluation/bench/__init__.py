@@ -1,0 +1,1 @@
+"""Benchmarks that print tables and draw plots (`thoughtfold bench`)."""

@@ -1,0 +1,165 @@
+"""Reward functions with TRL's signature: ``fn(prompts, completions, **columns) -> list[float | None]``.
+
+* :func:`math_reward` -- 1.0 when the completion's final answer equals the gold answer according to
+  ``math-verify`` (fractions, decimals, LaTeX, sets, equations ...), else 0.0; ``None`` when the gold
+  answer itself cannot be parsed (the caller skips the sample and counts it). Graded in killable
+  worker processes (``grading.py``).
+* :func:`format_reward` -- 1.0 for exactly one final ``\\boxed{}`` answer (and a closed ``<think>``).
+* the tasks' own rewards: ``arith`` (``arith.py``) and ``recall`` (``recall.py``).
+* :func:`load_reward` -- a built-in by name, or a user function by dotted path / file path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .answers import boxed_spans, completion_text, extract_answer, final_section, gold_answers
+from .arith import arith_reward
+from .grading import DEFAULT_TIMEOUT_S, MathGrader, default_grader
+from .recall import recall_reward
+
+RewardFn = Callable[..., list]
+
+
+# --------------------------------------------------------------------------- reward functions
+
+
+def make_math_reward(timeout_s: float = DEFAULT_TIMEOUT_S, num_workers: int | None = None) -> RewardFn:
+    """A :func:`math_reward` with its own grader (per-item timeout, worker count)."""
+    grader = MathGrader(timeout_s=timeout_s, num_workers=num_workers)
+
+    def math_reward(prompts: Sequence[Any] | None, completions: Sequence[Any],
+                    answer: Sequence[Any] | None = None, **columns: Any) -> list[float | None]:
+        return _math_reward(grader, completions, answer)
+
+    math_reward.grader = grader  # type: ignore[attr-defined]
+    return math_reward
+
+
+def _math_reward(grader: MathGrader, completions: Sequence[Any],
+                 answer: Sequence[Any] | None) -> list[float | None]:
+    golds = gold_answers(answer, len(completions), "math_reward")
+    preds = [extract_answer(c) for c in completions]
+    todo = [i for i, g in enumerate(golds) if g is not None]
+    scores = grader.grade([(preds[i], golds[i]) for i in todo])  # type: ignore[misc]
+    results: list[float | None] = [None] * len(completions)
+    for i, score in zip(todo, scores, strict=True):
+        results[i] = score
+    return results
+
+
+def math_reward(prompts: Sequence[Any] | None, completions: Sequence[Any],
+                answer: Sequence[Any] | None = None, **columns: Any) -> list[float | None]:
+    """1.0 if the completion's final answer (last ``\\boxed{}`` after ``</think>``, else the stated /
+    last answer) is equivalent to the gold ``answer`` per math-verify, else 0.0; None where the gold
+    cannot be parsed. Each item has a hard timeout (:data:`DEFAULT_TIMEOUT_S`) scoring 0.0."""
+    return _math_reward(default_grader(), completions, answer)
+
+
+def format_reward(prompts: Sequence[Any] | None, completions: Sequence[Any], **columns: Any) -> list[float]:
+    """1.0 if the completion ends its reasoning (a ``<think>`` is closed) and gives exactly one
+    non-empty ``\\boxed{}`` answer after it, else 0.0."""
+    scores = []
+    for completion in completions:
+        text = final_section(completion_text(completion))
+        boxes = boxed_spans(text) if text is not None else []
+        scores.append(1.0 if len(boxes) == 1 and text[slice(*boxes[0])].strip() else 0.0)
+    return scores
+
+
+def score_completions(name: str, fn: RewardFn, prompts: list, completions: list, completion_ids: list | None,
+                      examples: Sequence[dict], repeat: int = 1) -> list[float | None]:
+    """`fn`'s checked scores, called the TRL way: prompts, completions, completion_ids and every
+    dataset column but the prompt as a keyword list aligned with the completions (each example
+    stands for `repeat` consecutive completions: a GRPO group)."""
+    keys = sorted({k for e in examples for k in e if k != "prompt"})
+    columns = {k: [e.get(k) for e in examples for _ in range(repeat)] for k in keys}
+    scores = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    return checked_scores(name, scores, len(completions))
+
+
+def checked_scores(name: str, scores: Any, n: int) -> list[float | None]:
+    """A reward function's output as floats (None = skipped), or a one-line ConfigError: a reward
+    that returns strings or the wrong count is a bug in that function, not in the run."""
+    if not isinstance(scores, Sequence) or isinstance(scores, (str, bytes)):
+        raise ConfigError(f"reward {name} returned {type(scores).__name__}, not a list of {n} scores")
+    if len(scores) != n:
+        raise ConfigError(f"reward {name} returned {len(scores)} scores for {n} completions")
+    return [None if s is None else _score_value(name, s) for s in scores]
+
+
+def _score_value(name: str, score: Any) -> float:
+    try:
+        if isinstance(score, (str, bytes)):
+            raise TypeError
+        return float(score)  # also numpy scalars and one-element tensors
+    except (TypeError, ValueError):
+        raise ConfigError(f"reward {name} returned {score!r:.60} ({type(score).__name__}); "
+                          "scores must be numbers or None") from None
+
+
+# --------------------------------------------------------------------------- lookup by name
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "math": math_reward,
+    "accuracy": math_reward,
+    "format": format_reward,
+    "arith": arith_reward,
+    "recall": recall_reward,
+}
+
+
+def load_reward(spec: str | Callable) -> RewardFn:
+    """A reward function from a built-in name (``math``, ``accuracy``, ``format``, ``arith``,
+    ``recall``), a dotted path (``pkg.module:function`` or ``pkg.module.function``) or a file
+    (``path/to/file.py:function``)."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"reward spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" in spec:
+        module_name, _, attr = spec.rpartition(":")
+    elif "." in spec:
+        module_name, _, attr = spec.rpartition(".")
+    else:
+        raise ConfigError(
+            f"unknown reward {spec!r}: use one of {sorted(BUILTIN_REWARDS)} or a dotted path "
+            "'pkg.module:function'"
+        )
+    module = _import_reward_module(spec, module_name)
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ConfigError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ConfigError(f"reward {spec!r}: {attr!r} is not callable")
+    return fn
+
+
+def _import_reward_module(spec: str, module_name: str):
+    """Import ``module_name``, which may also be a path to a ``.py`` file."""
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ConfigError(f"reward {spec!r}: file {module_name} not found")
+        file_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(file_spec)
+        try:
+            file_spec.loader.exec_module(module)
+        except Exception as e:
+            raise ConfigError(f"reward {spec!r}: importing {module_name} failed "
+                              f"({type(e).__name__}: {e})") from e
+        return module
+    try:
+        return importlib.import_module(module_name)
+    except Exception as e:
+        raise ConfigError(
+            f"reward {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e})"
+        ) from e

@@ -1,0 +1,293 @@
+"""The training loop the trainers share (`GRPOTrainer` in grpo.py, `SFTTrainer` in sft.py): the
+model, the data order, the optimiser and its schedule, checkpoints and the metrics log. A trainer
+supplies `train_step`; the loop runs it to `max_steps`.
+
+The settings are a `TrainConfig` (config.py); each step's metrics go to metrics.py's log.
+Checkpoints (checkpoint.py) make a run resumable exactly, even after a SIGKILL. Under `torchrun`
+each process takes its share of the prompts and replays through a `ReplayPlan` (distributed.py),
+which is all a trainer needs to know about processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig, config_to_yaml
+from ..errors import ConfigError, DataError
+from ..persist import lock_directory
+from ..policy import Policy
+from ..render import plot_curves
+from ..tasks.data import load_dataset_by_name
+from .checkpoint import (
+    ADAPTER_DIR,
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .distributed import DataParallel, ReplayPlan
+from .metrics import METRICS_NAME, MetricsLogger, mean_metrics, peak_memory_gb, read_metrics
+
+log = logging.getLogger("thoughtfold")
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class Trainer:
+    """The parts GRPO and SFT share: model, data order, optimizer and schedule, checkpoints, logs.
+    Arguments as TRL's trainers take them: `model` is a `Policy`, trained as it is (its cache and
+    adapter settings win over `args`'), or a model id / path loaded with `args`' cache and adapter
+    settings, or None for `args.model`; `args` is the TrainConfig (default: the quickstart run); a
+    given `train_dataset` (rows with a "prompt" and the reward's columns) replaces `args.data`."""
+
+    kind = "train"
+    plot_key = "loss"
+
+    def __init__(self, model: Policy | str | None = None, args: TrainConfig | None = None,
+                 train_dataset: Sequence[dict] | None = None):
+        if model is not None and not isinstance(model, (Policy, str)):
+            raise ConfigError("model must be a thoughtfold Policy, a model id or path, or None "
+                              f"(args.model), got {type(model).__name__}")
+        args = args if args is not None else TrainConfig()
+        # a model named here is the run's model: the saved config.yaml must say so for a resume
+        self.config = replace(args, model=model) if isinstance(model, str) else args
+        config = self.config
+        self.output_dir = Path(config.output_dir)
+        self.dp = DataParallel()
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)  # same adapter init on every process
+        self.dataset = self._load_dataset(train_dataset)
+        # one run per output_dir, until train() ends; taken before the model loads
+        self._lock = lock_directory(self.output_dir, "training run") if self.dp.main else None
+        self._check_output_dir()
+        self.policy = model if isinstance(model, Policy) else self._load_policy()
+        self.replays = ReplayPlan.for_run(self.policy, self.dp, config)
+        self.params = self.policy.trainable_parameters()
+        if not self.params:
+            raise ConfigError("adapter mode 'none' has nothing to train: set adapter.mode to lora or pte")
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = self._make_scheduler()
+        self.step = 0
+        self.data_pos = 0
+        self._orders: dict[int, list[int]] = {}
+        self._saved_step = -1
+        if config.resume:
+            self._resume()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- setup
+
+    def _load_dataset(self, dataset: Sequence[dict] | None) -> list[dict]:
+        d = self.config.data
+        rows = list(dataset) if dataset is not None else load_dataset_by_name(
+            d.dataset, d.split, d.limit, d.prompt_field, d.answer_field)
+        if not rows:
+            raise DataError(f"dataset {d.dataset!r} has no examples")
+        return rows
+
+    def _load_policy(self) -> Policy:
+        c = self.config
+        return Policy.from_pretrained(c.model, cache=c.cache, adapter=c.adapter, dtype=c.dtype,
+                                      device=c.device or self.dp.device(), compile_decode=c.compile_decode)
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """HF's schedules (warmup then constant / linear / cosine decay), one tick per optimizer update."""
+        from transformers import get_scheduler
+
+        c = self.config
+        name = "constant_with_warmup" if c.lr_scheduler_type == "constant" else c.lr_scheduler_type
+        updates = c.max_steps * self.updates_per_step
+        return get_scheduler(name, self.optimizer, num_warmup_steps=c.warmup_steps * self.updates_per_step,
+                             num_training_steps=updates)
+
+    @property
+    def updates_per_step(self) -> int:
+        return 1
+
+    def _check_output_dir(self) -> None:
+        """Never mix a new run into an old one (checked before the model loads): refuse, or with
+        `overwrite_output_dir` delete the old checkpoints so a later resume cannot pick them up."""
+        c, checkpoints = self.config, self.output_dir / CHECKPOINTS_DIR
+        if c.resume or not list_checkpoints(checkpoints):
+            return
+        if not c.overwrite_output_dir:
+            raise ConfigError(f"{self.output_dir} already holds checkpoints: set resume=true to continue "
+                              "that run, overwrite_output_dir=true to start over, or pick another output_dir")
+        self.dp.barrier()  # every process has looked before the main one deletes
+        if self.dp.main:
+            log.info("overwrite_output_dir: removing the old checkpoints in %s", checkpoints)
+            shutil.rmtree(checkpoints)
+
+    def _resume(self) -> None:
+        """Continue from the newest intact checkpoint (a fresh start if there is none yet). A corrupt
+        one (a disk that filled up, a truncated copy) is skipped with a warning and renamed aside,
+        so that checkpoint pruning and later resumes do not count it."""
+        checkpoints = self.output_dir / CHECKPOINTS_DIR
+        found = list_checkpoints(checkpoints)
+        if not found:
+            log.info("no checkpoint in %s: starting from step 0", checkpoints)
+            return
+        for path in reversed(found):
+            try:
+                self._restore(path)
+            except ConfigError as e:
+                log.warning("checkpoint %s is unusable, trying the one before: %s", path.name, e)
+                if self.dp.main:
+                    path.rename(path.with_name(path.name + ".corrupt"))
+                continue
+            log.info("resumed from %s (step %d)", path, self.step)
+            return
+        raise ConfigError(f"none of the {len(found)} checkpoints in {checkpoints} is intact (see the "
+                          "warnings); start over with overwrite_output_dir=true or restore them from a copy")
+
+    # ---- data
+
+    def next_examples(self, n: int) -> list[dict]:
+        """The next `n` rows of the (per-epoch reshuffled) dataset; a pure function of data_pos."""
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.data_pos, len(self.dataset))
+            out.append(self.dataset[self._order(epoch)[i]])
+            self.data_pos += 1
+        return out
+
+    def local_examples(self) -> list[dict]:
+        """This process's `prompts_per_step` rows of the next global batch (all processes advance
+        through the same order, so the global batch is what one process would have drawn)."""
+        n = self.config.prompts_per_step
+        return self.next_examples(n * self.dp.world)[self.dp.local_rows(n)]
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.dataset)))
+            if self.config.data.shuffle:
+                random.Random(f"{self.config.seed}:{epoch}").shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    # ---- optimisation
+
+    def optimizer_step(self) -> float:
+        """Clip, step, tick the schedule; returns the pre-clip gradient norm."""
+        self.dp.sum_gradients(self.params)
+        limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
+
+    def train_step(self, examples: list[dict]) -> dict[str, float]:
+        """One step on this process's `examples`; returns the step's metrics (the trainers' own)."""
+        raise NotImplementedError
+
+    # ---- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Adapter + optimizer + schedule + RNG + data position, atomically (by the main process;
+        the others wait, so no process runs ahead of the last complete checkpoint)."""
+        path = self.output_dir / CHECKPOINTS_DIR / checkpoint_name(self.step)
+        if self.dp.main:
+            self._write_checkpoint()
+        self.dp.barrier()
+        self._saved_step = self.step
+        return path
+
+    def _write_checkpoint(self) -> None:
+        state = {
+            "step": self.step,
+            "data_pos": self.data_pos,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+        save_checkpoint(self.output_dir / CHECKPOINTS_DIR, self.step, self.policy, state,
+                        keep=self.config.save_total_limit)
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path, self.policy)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
+        self._saved_step = self.step
+
+    # ---- the loop
+
+    def train(self) -> dict[str, Path | None]:
+        """Run to `max_steps`, checkpointing every `save_steps` steps and at the end, logging every
+        `logging_steps` steps (and at each checkpoint and the last step); returns the paths of the
+        adapter, the metrics log and the plot. Releases the output directory's lock."""
+        try:
+            return self._train()
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+
+    def _train(self) -> dict[str, Path | None]:
+        c = self.config
+        logger = None
+        if self.dp.main:
+            (self.output_dir / "config.yaml").write_text(config_to_yaml(c))
+            logger = MetricsLogger(self.output_dir, c.report_to, self.step,
+                                   asdict(c))
+        bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and self.dp.main),
+                   desc=self.kind, unit="step", dynamic_ncols=True)
+        unlogged: list[dict[str, float]] = []  # the steps since the last log line
+        try:
+            while self.step < c.max_steps:
+                unlogged.append(self._timed_step())
+                bar.update(1)
+                checkpoint = bool(c.save_steps) and self.step % c.save_steps == 0
+                # a checkpoint always logs: a resumed run then logs the same lines as an uninterrupted one
+                if checkpoint or self.step % c.logging_steps == 0 or self.step == c.max_steps:
+                    metrics, unlogged = mean_metrics(unlogged), []
+                    if logger is not None:
+                        logger.log(metrics)
+                    bar.set_postfix(self._postfix(metrics), refresh=False)
+                if checkpoint:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        return self._finish()
+
+    def _timed_step(self) -> dict[str, float]:
+        device = self.policy.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        lr = self.scheduler.get_last_lr()[0]
+        start = time.perf_counter()
+        metrics = self.train_step(self.local_examples())
+        self.step += 1
+        return {"step": self.step, "epoch": self.data_pos / len(self.dataset), "learning_rate": lr, **metrics,
+                "peak_memory_gb": peak_memory_gb(device), "step_seconds": time.perf_counter() - start}
+
+    def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics.get('loss', 0.0):.4f}"}
+
+    def _finish(self) -> dict[str, Path | None]:
+        adapter = self.output_dir / ADAPTER_DIR
+        metrics_path = self.output_dir / METRICS_NAME
+        plot_path = self.output_dir / f"{self.plot_key}.png"
+        if self.dp.main:
+            self.policy.save_adapter(adapter)
+            plot_path = plot_curves({self.kind: read_metrics(metrics_path)}, self.plot_key, plot_path,
+                                    self.output_dir.name)
+        self.dp.barrier()
+        return {"adapter": adapter, "metrics": metrics_path, "plot": plot_path}

@@ -1,0 +1,101 @@
+"""`SFTTrainer`: supervised fine-tuning through the replay, called as TRL's (`SFTTrainer(model, args,
+train_dataset)`). Cross-entropy on given traces teaches the bounded-cache policy to reproduce
+full-cache reasoning (the paper's goal pi^D ~ pi), with the memory of the replay: bounded by the
+window, not by the trace length.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from ..config import CacheConfig
+from ..engine.adapter import adapters_disabled
+from ..errors import DataError
+from .loop import Trainer
+from .losses import loss_mask
+
+
+class SFTTrainer(Trainer):
+    """Cross-entropy through the replay: teaches the bounded-cache policy to reproduce full-cache
+    reasoning. Targets are the dataset's traces (`sft_targets: dataset`, column
+    `data.completion_field`, cut at `max_completion_length`) or completions the base model samples under a
+    full cache for each batch (`sft_targets: full_cache`). `prompts_per_step` traces make one batch,
+    with the token-mean loss over the whole batch."""
+
+    kind = "sft"
+    plot_key = "loss"
+
+    def _load_dataset(self, dataset: Sequence[dict] | None) -> list[dict]:
+        rows = super()._load_dataset(dataset)
+        field_name = self.config.data.completion_field
+        if self.config.sft_targets == "full_cache":
+            return rows
+        for i, row in enumerate(rows):
+            target = row.get(field_name)
+            is_ids = isinstance(target, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                      for t in target)
+            if not (isinstance(target, str) or is_ids) or not target:
+                raise DataError(f"dataset row {i} has no text or token ids in {field_name!r} (the SFT "
+                                "target; set data.completion_field)")
+        return rows
+
+    def train_step(self, examples: list[dict]) -> dict[str, float]:
+        """One update on a batch of traces; `loss` is the token-mean NLL before the update."""
+        c, device = self.config, self.policy.device
+        prompts = [e["prompt"] for e in examples]
+        prompt_ids = self.policy.encode(prompts, c.data.chat_template, c.data.system_prompt)
+        if c.sft_targets == "full_cache":
+            completions = self._full_cache_traces(prompt_ids)
+        else:
+            completions = [self._target_ids(e[c.data.completion_field]) for e in examples]
+        width = self.replays.width(completions)
+        num_tokens = self.dp.sum([sum(map(len, completions))])[0]
+        weights = loss_mask([len(x) for x in completions], width).to(device) / num_tokens
+        loss = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for a, b in self.replays.spans(len(completions), width, train=True):
+            loss += self._replay_nll(prompt_ids[a:b], completions[a:b], weights[a:b])
+        grad_norm = self.optimizer_step()
+        return {"loss": self.dp.sum([loss])[0], "grad_norm": grad_norm, "num_tokens": num_tokens}
+
+    def _replay_nll(self, prompt_ids: list[list[int]], completions: list[list[int]],
+                    weights: torch.Tensor) -> float:
+        """Backward of the weighted NLL of one micro-batch, segment by segment; returns its value."""
+        loss = 0.0
+
+        def loss_fn(lp: torch.Tensor, start: int, end: int, rows: list[int]) -> torch.Tensor:
+            nonlocal loss
+            total = -(lp * weights[rows, start:end]).sum()
+            loss += total.item()
+            return total
+
+        logs = self.policy.eviction_logs(prompt_ids, completions)  # None: the default schedule
+        self.replays.replay(prompt_ids, completions, logs, weights.shape[1], loss_fn=loss_fn)
+        return loss
+
+    def _full_cache_traces(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """What the base model (adapters off) samples under a full cache: the behaviour the bounded
+        policy should imitate. Seeds follow (seed, step, process), so a resumed run sees the same."""
+        c, policy = self.config, self.policy
+        full_cache = policy.using_cache(CacheConfig(window=None))
+        with torch.no_grad(), adapters_disabled(policy.wrappers), full_cache:
+            seed = random.Random(f"sft:{c.seed}:{self.step}:{self.dp.rank}").randrange(2**31)
+            result = policy.generate(prompt_ids, **c.sampling(seed).to_dict(), chat_template=False)
+        return result.completion_ids
+
+    def _target_ids(self, target: str | list[int]) -> list[int]:
+        """The trace's tokens plus EOS (no EOS when cut at max_completion_length: the trace goes on). A
+        token-id target is taken as it is (its own EOS included), cut at max_completion_length."""
+        if isinstance(target, list):
+            return target[: self.config.max_completion_length]
+        tokenizer = self.policy.tokenizer
+        ids = tokenizer.encode(target, add_special_tokens=False)
+        if len(ids) >= self.config.max_completion_length or tokenizer.eos_token_id is None:
+            return ids[: self.config.max_completion_length]
+        return ids + [tokenizer.eos_token_id]
+
+
+__all__ = ["SFTTrainer"]
