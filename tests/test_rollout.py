@@ -279,7 +279,7 @@ def test_lockstep_decodes_idle_steps_and_joins_other_prefills(tiny_dirs):
     passes = []
     hook = policy.model.register_forward_pre_hook(lambda m, args, kw: passes.append(kw.get("use_cache")),
                                                   with_kwargs=True)
-    policy.lockstep = other_process_still_busy
+    policy.configure_decoding(lockstep=other_process_still_busy)
     stepped = policy.generate(QUEUE, max_new_tokens=30, temperature=1.0, seed=2, slots=3)
     hook.remove()
     assert answers["done"] == 9 and stepped.stats["decode_steps"] == 8 * 16
@@ -312,12 +312,12 @@ import json, sys
 import torch
 sys.path.insert(0, {tests!r})
 from test_rollout import QUEUE, lockstep_policy
-from thoughtfold.parallel import DataParallel, shard_base_model
+from thoughtfold.training.distributed import DataParallel, shard_base_model
 torch.set_num_threads(1)
 dp = DataParallel()
 policy = lockstep_policy({model!r}, {eos!r})
 shard_base_model(policy.model, policy.wrappers)
-policy.lockstep = dp.all
+policy.configure_decoding(lockstep=dp.all)
 prompts = QUEUE if dp.rank == 0 else QUEUE[:2]  # rank 1 runs out of prompts first
 res = policy.generate(prompts, max_new_tokens=30, temperature=1.0, seed=2, slots=2)
 logs = [[e.to_dict() for e in log] for log in res.eviction_log]
