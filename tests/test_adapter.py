@@ -3,6 +3,8 @@ at initialisation, taken out again by detach_adapters, and no-grad weight copies
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -10,6 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import adapted_policy, assert_close_to_scale, byte_tokenizer
 from thoughtfold import AdapterConfig, ConfigError
+from thoughtfold.engine.adapter import set_states
+from thoughtfold.persist import adapter_settings
 from thoughtfold.policy import Policy
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12]]
@@ -48,6 +52,44 @@ def test_every_linear_gets_its_own_state_modulated_update(tiny_dirs, family):
         up = layer.mlp.up_proj  # a member called alone, first, still gets its own update
         expected = up.base(x) + up.scaling * x @ up.lora_down.T @ state.mT @ up.lora_up.T
         assert_close_to_scale(up(x), expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_residual_pte_is_lora_c_plus_the_state_contribution(tiny_dirs, family):
+    """`residual`: W x + (alpha/r) A (I + S) B x. With a zero state it is exactly the static LoRA with
+    the same A and B (LoRA_c is its special case); otherwise it adds A S B x to it."""
+    lora = adapted_policy(tiny_dirs, family, "lora")
+    pte = adapted_policy(tiny_dirs, family, "pte", residual=True)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for a, b in zip(lora.wrappers, pte.wrappers, strict=True):
+            a.lora_up.normal_()
+            b.lora_up.copy_(a.lora_up)
+            b.lora_down.copy_(a.lora_down)
+        x = torch.randn(2, 5, lora.model.config.hidden_size)
+        state = torch.randn(2, 4, 4)
+        for a, b in zip(lora.wrappers, pte.wrappers, strict=True):
+            if b.base.in_features != x.shape[-1]:
+                continue
+            set_states(pte.wrappers, torch.zeros(2, 2, 4, 4))  # [layers, batch, r, r]
+            # a fresh input per call: a group caches its siblings' slices of one input
+            assert_close_to_scale(b(x.clone()), a(x.clone()), rel=1e-6)
+            set_states(pte.wrappers, state.expand(2, -1, -1, -1))
+            expected = a(x.clone()) + b.scaling * x @ b.lora_down.T @ state.mT @ b.lora_up.T
+            assert_close_to_scale(b(x.clone()), expected, rel=1e-5)
+
+
+def test_residual_is_validated_and_old_adapters_load_as_the_paper_form(tmp_path, tiny_dirs):
+    with pytest.raises(ConfigError, match="residual must be true or false"):
+        AdapterConfig(mode="pte", residual="yes")
+    policy = adapted_policy(tiny_dirs, "llama", "pte", residual=True)
+    policy.save_adapter(str(tmp_path / "a"))
+    meta_path = tmp_path / "a" / "thoughtfold_adapter.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["adapter"]["residual"] is True
+    del meta["adapter"]["residual"]  # written before the option existed: the paper's A S B
+    meta_path.write_text(json.dumps(meta))
+    assert adapter_settings(tmp_path / "a")[0].residual is False
 
 
 class _CountMatmuls(TorchDispatchMode):

@@ -323,12 +323,3 @@ def test_grader_refuses_scores_that_are_not_numbers():
     grader = Grader(lambda prompts, completions, **kw: ["1.0"] * len(completions))
     with pytest.raises(ConfigError, match=r"returned '1.0' \(str\); scores must be numbers or None"):
         grader(["p"], ["c"], [{"prompt": "p"}])
-
-
-def test_wilson_interval_by_hand():
-    from thoughtfold.evaluation.evaluate import wilson_interval
-
-    # k = 5 of n = 10, z = 1.96: centre 0.5, half-width 1.96 * sqrt(0.025 + 0.0096) / 1.384 = 0.2366
-    lo, hi = wilson_interval(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
-    assert wilson_interval(0, 0) == (0.0, 1.0) and wilson_interval(0, 500)[0] == 0.0

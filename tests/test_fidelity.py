@@ -9,7 +9,13 @@ from transformers import AutoModelForCausalLM
 
 from conftest import byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig
-from thoughtfold.evaluation.fidelity import TokenFidelity, answer_agreement, full_cache_traces, token_fidelity
+from thoughtfold.evaluation.fidelity import (
+    TokenFidelity,
+    answer_agreement,
+    full_cache_traces,
+    sequence_fidelity,
+    token_fidelity,
+)
 from thoughtfold.policy import Policy
 
 PROMPTS = ["abc", "hello there", "xyz"]
@@ -86,6 +92,19 @@ def test_kl_matches_a_direct_computation(tiny_dirs):
     assert out.tokens == len(kl)
     assert out.kl_after_eviction == pytest.approx(float(sum(kl) / len(kl)), rel=1e-4)
     assert out.top1_agreement == pytest.approx(sum(hits) / len(hits))
+
+
+def test_sequence_fidelity_is_token_fidelity_trace_by_trace(tiny_dirs):
+    reference = policy_of(tiny_dirs, window=None)
+    traces = full_cache_traces(reference, PROMPTS, max_new_tokens=14, chat_template=False)
+    narrow = policy_of(tiny_dirs, window=4)
+    per_trace = sequence_fidelity({"n": narrow}, reference, traces.prompt_ids, traces.completion_ids,
+                                  batch_size=2)["n"]
+    alone = [token_fidelity({"n": narrow}, reference, [p], [t])["n"]
+             for p, t in zip(traces.prompt_ids, traces.completion_ids, strict=True)]
+    assert [f.tokens for f in per_trace] == [f.tokens for f in alone]
+    assert [f.kl_sum for f in per_trace] == pytest.approx([f.kl_sum for f in alone], rel=1e-4)
+    assert [f.top1_hits for f in per_trace] == [f.top1_hits for f in alone]
 
 
 def test_token_fidelity_sums_add_up():

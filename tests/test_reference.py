@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from conftest import byte_tokenizer
 from thoughtfold import AdapterConfig, CacheConfig
 from thoughtfold.policy import Policy
+from thoughtfold.training.distill import teacher_targets, token_kl
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
 TOL = 1e-9
@@ -77,6 +78,7 @@ class Reference:
                                                                         attn_implementation=ATTENTION).eval())
         self.model.requires_grad_(False)
         self.exact = state_update == "exact"
+        self.residual = policy.adapter_config.residual  # (I + S_t) in place of S_t
         self.encoder = dict(policy.encoder.named_parameters())
         adapter = dict(policy.model.named_parameters())
         self.states: torch.Tensor | None = None  # [layers, T, r, r] for the current pass
@@ -94,7 +96,8 @@ class Reference:
 
     def _low_rank(self, down: torch.Tensor, up: torch.Tensor, layer: int) -> Callable:
         def hook(module, args, out):
-            u = torch.einsum("tij,btj->bti", self.states[layer], args[0] @ down.T)
+            v = args[0] @ down.T
+            u = torch.einsum("tij,btj->bti", self.states[layer], v) + (v if self.residual else 0.0)
             return out + (ALPHA / RANK) * u @ up.T
         return hook
 
@@ -104,9 +107,11 @@ class Reference:
             store[layer] = out[0].flatten(1)  # [T, kv_heads * head_dim], batch of one
         return hook
 
-    def _segment_states(self, layer_blocks: list[list[list[int]]], detach_kv: bool) -> torch.Tensor:
+    def _segment_states(self, layer_blocks: list[list[list[int]]], detach_kv: bool,
+                        truncated: bool = False) -> torch.Tensor:
         """[layers, segments, r, r]: the state each segment reads, from the last pass's K/V
-        (`layer_blocks[layer][k]`: what event k evicted from that layer)."""
+        (`layer_blocks[layer][k]`: what event k evicted from that layer). `truncated`: what came
+        before event k enters state k without gradient (only block k's own terms keep theirs)."""
         e = self.encoder
         out = []
         for layer in range(e["queries"].shape[0]):
@@ -114,6 +119,10 @@ class Reference:
 
             def attend(k, v):
                 return torch.softmax(q @ (k @ wk).T / math.sqrt(q.shape[-1]), -1) @ (v @ wv)  # noqa: B023
+
+            def sums(k, v):  # the softmax's numerator and normaliser, unnormalised (float64, small scores)
+                w = torch.exp(q @ (k @ wk).T / math.sqrt(q.shape[-1]))  # noqa: B023
+                return w @ (v @ wv), w.sum(-1, keepdim=True)  # noqa: B023
 
             def rms(s):
                 return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -124,7 +133,14 @@ class Reference:
             gk, gv = e["global_keys"][layer], e["global_values"][layer]
             states = [attend(gk, gv) if self.exact else rms(attend(gk, gv))]
             for k in range(len(blocks)):
-                if self.exact:  # one softmax over the global tokens and everything evicted so far
+                if truncated and self.exact:
+                    before = sums(torch.cat([gk, keys[[i for b in blocks[:k] for i in b]]]),
+                                  torch.cat([gv, values[[i for b in blocks[:k] for i in b]]]))
+                    new = sums(keys[blocks[k]], values[blocks[k]])
+                    states.append((before[0].detach() + new[0]) / (before[1].detach() + new[1]))
+                elif truncated:
+                    states.append(rms(states[-1].detach() + attend(keys[blocks[k]], values[blocks[k]])))
+                elif self.exact:  # one softmax over the global tokens and everything evicted so far
                     gone = [i for b in blocks[: k + 1] for i in b]
                     states.append(attend(torch.cat([gk, keys[gone]]), torch.cat([gv, values[gone]])))
                 else:
@@ -133,9 +149,18 @@ class Reference:
         return torch.stack(out)
 
     def logprobs(self, prompt: list[int], completion: list[int], log: list,
-                 detach_kv: bool = False) -> torch.Tensor:
-        """Log-probs [n] of `completion`; `detach_kv`: K/V cached in an earlier segment and evicted K/V
-        enter without gradient (the states keep theirs)."""
+                 backprop: str = "full") -> torch.Tensor:
+        """Log-probs [n] of `completion` (see `log_distributions`)."""
+        return self.log_distributions(prompt, completion, log, backprop).gather(
+            -1, torch.tensor(completion)[:, None])[:, 0]
+
+    def log_distributions(self, prompt: list[int], completion: list[int], log: list,
+                          backprop: str = "full") -> torch.Tensor:
+        """Next-token log-distributions [n, vocab] at every token of `completion`. Gradients as the
+        replay's `backprop`: "full" everything; "state": K/V cached in an earlier segment and evicted
+        K/V enter without gradient (the states keep theirs); "truncated": as "state", and each state
+        takes gradient only through the block evicted just before it."""
+        detach_kv = backprop != "full"
         p, n = len(prompt), len(completion)
         t = p + n - 1
         events = [e for e in log if e.step <= n - 2]
@@ -155,20 +180,22 @@ class Reference:
             self.keys[key] = self.values[key] = torch.zeros(t, self.encoder["key_proj"].shape[1],
                                                             dtype=torch.float64)
         for _ in range(len(events) + 1):  # each pass makes one more segment's K/V exact
-            states = self._segment_states(blocks, detach_kv)
+            states = self._segment_states(blocks, detach_kv, truncated=backprop == "truncated")
             self.states = states[:, segment].reshape(layers, t, width, width)
             logits = self.model(input_ids=ids, attention_mask=visible[:1, None],
                                 position_ids=torch.arange(t)[None], **kwargs).logits[0, p - 1:]
         self.states = None
-        return F.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+        return F.log_softmax(logits, -1)
 
 
-def case(tiny_dirs, family: str, state_update: str, window: int, ratio: float, eviction: str = "oldest"):
+def case(tiny_dirs, family: str, state_update: str, window: int, ratio: float, eviction: str = "oldest",
+         residual: bool = False):
     """A float64 pte policy with non-zero adapters, its reference, and a rollout of 3 left-padded
     prompts cut to unequal lengths (each keeps >= 3 evictions; a row that stops early has the same
     prefix, logs and log-probs as the lockstep rollout)."""
     model = float64_norms(AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float64).eval())
-    adapter = AdapterConfig(mode="pte", rank=RANK, alpha=ALPHA, global_tokens=2, state_update=state_update)
+    adapter = AdapterConfig(mode="pte", rank=RANK, alpha=ALPHA, global_tokens=2, state_update=state_update,
+                            residual=residual)
     cache = CacheConfig(window=window, evict_ratio=ratio, eviction=eviction)
     torch.manual_seed(1)  # the encoder's initialisation too: the case must not depend on the tests run before
     policy = Policy(model, byte_tokenizer(), cache=cache, adapter=adapter)
@@ -188,8 +215,11 @@ def case(tiny_dirs, family: str, state_update: str, window: int, ratio: float, e
     return policy, Reference(tiny_dirs[family], policy, state_update), completions, logs, rollout_lp, weights
 
 
-CASES = [("llama", "exact", 6, 0.5), ("llama", "paper", 5, 0.4), ("qwen2", "exact", 5, 0.4),
-         ("qwen2", "paper", 8, 0.25), ("qwen3", "exact", 8, 0.25), ("qwen3", "paper", 6, 0.5)]
+CASES = [("llama", "exact", 6, 0.5, False), ("llama", "paper", 5, 0.4, False),
+         ("qwen2", "exact", 5, 0.4, False), ("qwen2", "paper", 8, 0.25, False),
+         ("qwen3", "exact", 8, 0.25, False), ("qwen3", "paper", 6, 0.5, False),
+         ("llama", "exact", 5, 0.4, True), ("qwen3", "paper", 8, 0.25, True)]
+CASE_NAMES = ("family", "state_update", "window", "ratio", "residual")
 
 
 def grads(policy: Policy, fn: Callable[[], None]) -> list[torch.Tensor]:
@@ -207,9 +237,11 @@ def assert_close(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
     assert worst <= TOL * max(1.0, *(r.abs().max().item() for r in ref)), worst
 
 
-@pytest.mark.parametrize(("family", "state_update", "window", "ratio"), CASES)
-def test_rollout_and_replay_logprobs_equal_reference(tiny_dirs, family, state_update, window, ratio):
-    policy, ref, completions, logs, rollout_lp, _ = case(tiny_dirs, family, state_update, window, ratio)
+@pytest.mark.parametrize(CASE_NAMES, CASES)
+def test_rollout_and_replay_logprobs_equal_reference(tiny_dirs, family, state_update, window, ratio,
+                                                     residual):
+    policy, ref, completions, logs, rollout_lp, _ = case(tiny_dirs, family, state_update, window, ratio,
+                                                         residual=residual)
     replayed = policy.replay_logprobs(PROMPTS, completions, logs)
     with torch.no_grad():
         expected = [ref.logprobs(p, c, log) for p, c, log in zip(PROMPTS, completions, logs, strict=True)]
@@ -217,18 +249,20 @@ def test_rollout_and_replay_logprobs_equal_reference(tiny_dirs, family, state_up
     assert_close(replayed, expected)
 
 
-@pytest.mark.parametrize("backprop", ["full", "state"])
-@pytest.mark.parametrize(("family", "state_update", "window", "ratio"), CASES)
-def test_replay_gradients_equal_reference(tiny_dirs, family, state_update, window, ratio, backprop):
-    """"full": everything differentiated, under a window; "state": cached and evicted K/V detached."""
-    policy, ref, completions, logs, _, weights = case(tiny_dirs, family, state_update, window, ratio)
+@pytest.mark.parametrize("backprop", ["full", "state", "truncated"])
+@pytest.mark.parametrize(CASE_NAMES, CASES)
+def test_replay_gradients_equal_reference(tiny_dirs, family, state_update, window, ratio, residual, backprop):
+    """"full": everything differentiated, under a window; "state": cached and evicted K/V detached;
+    "truncated": as "state", each state differentiated only through the block folded into it."""
+    policy, ref, completions, logs, _, weights = case(tiny_dirs, family, state_update, window, ratio,
+                                                      residual=residual)
 
     def replay() -> None:
         policy.replay_logprobs(PROMPTS, completions, logs, backprop=backprop,
                                loss_fn=lambda lp, a, b, rows: (lp * weights[rows, a:b]).sum())
 
     def reference() -> None:
-        sum((ref.logprobs(p, c, log, detach_kv=backprop == "state") * w[: len(c)]).sum()
+        sum((ref.logprobs(p, c, log, backprop) * w[: len(c)]).sum()
             for p, c, log, w in zip(PROMPTS, completions, logs, weights, strict=True)).backward()
 
     assert_close(grads(policy, replay), grads(policy, reference))
@@ -257,8 +291,39 @@ def test_scored_eviction_equals_reference(tiny_dirs, family, state_update, windo
                                rows: (lp * weights[rows, a:b]).sum())
 
     def reference() -> None:
-        sum((ref.logprobs(p, c, log, detach_kv=True) * w[: len(c)]).sum()
+        sum((ref.logprobs(p, c, log, "state") * w[: len(c)]).sum()
             for p, c, log, w in zip(PROMPTS, completions, logs, weights, strict=True)).backward()
+
+    assert_close(grads(policy, replay), grads(policy, reference))
+
+
+@pytest.mark.parametrize("backprop", ["full", "state", "truncated"])
+@pytest.mark.parametrize(CASE_NAMES, [CASES[0], CASES[3], CASES[6]])
+def test_distillation_gradients_equal_reference(tiny_dirs, family, state_update, window, ratio, residual,
+                                                backprop):
+    """The dense distillation loss through the replay (full log-distributions with autograd, the
+    teacher's from `teacher_targets`) has the gradient of sum_t w_t KL(teacher_t || policy_t) computed
+    directly: the teacher a plain HF forward of the base model, the policy the reference."""
+    policy, ref, completions, logs, _, weights = case(tiny_dirs, family, state_update, window, ratio,
+                                                      residual=residual)
+    targets = teacher_targets(policy, PROMPTS, completions, top_k=None)
+    plain = float64_norms(AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float64).eval())
+    with torch.no_grad():
+        teacher = [F.log_softmax(plain(input_ids=torch.tensor([p + c[:-1]])).logits[0, len(p) - 1:], -1)
+                   for p, c in zip(PROMPTS, completions, strict=True)]
+    assert_close([targets.logprobs[i, : len(c)] for i, c in enumerate(completions)], teacher)
+
+    def replay() -> None:
+        policy.replay_logprobs(PROMPTS, completions, logs, backprop=backprop, loss_input="distribution",
+                               loss_fn=lambda lp, a, b, rows: (token_kl(lp, targets.rows(rows, a, b))
+                                                               * weights[rows, a:b]).sum())
+
+    def reference() -> None:
+        total = 0.0
+        for p, c, log, w, t in zip(PROMPTS, completions, logs, weights, teacher, strict=True):
+            mine = ref.log_distributions(p, c, log, backprop)
+            total = total + ((t.exp() * (t - mine)).sum(-1) * w[: len(c)]).sum()
+        total.backward()
 
     assert_close(grads(policy, replay), grads(policy, reference))
 

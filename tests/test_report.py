@@ -95,3 +95,22 @@ def test_report_on_real_eval_output_and_cli(tmp_path, capsys):
     assert "report.md" in captured.err
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
     assert "error: run directory" in capsys.readouterr().err
+
+
+def test_report_plots_the_training_diagnostics_of_a_real_run(tmp_path, tiny_dirs):
+    from thoughtfold import AdapterConfig, GRPOTrainer, TrainConfig
+
+    config = TrainConfig(model=str(tiny_dirs["llama"]), dtype="float32", device="cpu",
+                         cache=CacheConfig(window=6),
+                         adapter=AdapterConfig(mode="pte", rank=4, global_tokens=2),
+                         num_generations=2, prompts_per_step=1, max_completion_length=12, max_steps=2,
+                         save_steps=0, progress=False, output_dir=str(tmp_path / "pte-run"), temperature=1.0)
+
+    def longer(prompts, completions, **columns):
+        return [float(len(c)) for c in completions]
+
+    rows = [{"prompt": "abc"}, {"prompt": "xyz"}]
+    GRPOTrainer(reward_funcs=longer, args=config, train_dataset=rows).train()
+    text, plots = build_report([tmp_path / "pte-run"], tmp_path / "report")
+    assert [p.name for p in plots if p.name.startswith("diagnostics")] == ["diagnostics_pte-run.png"]
+    assert is_png(tmp_path / "report" / "diagnostics_pte-run.png") and "diagnostics_pte-run.png" in text

@@ -24,6 +24,7 @@ from conftest import assert_close_to_scale
 from thoughtfold import GRPOTrainer, SFTTrainer
 from thoughtfold.config import AdapterConfig, CacheConfig, DataConfig, TrainConfig
 from thoughtfold.errors import ConfigError, DataError
+from thoughtfold.evaluation.fidelity import token_fidelity
 from thoughtfold.policy import Policy, concat_rollouts
 from thoughtfold.training.checkpoint import list_checkpoints
 from thoughtfold.training.distributed import DataParallel
@@ -475,6 +476,70 @@ def test_sft_under_scored_eviction_replays_the_policys_own_choices(tmp_path, tin
         oldest = -trainer.policy.replay_logprobs([prompt], [target])[0].mean().item()
     loss = read_metrics(trainer.train()["metrics"])[0]["loss"]
     assert loss == pytest.approx(expected, rel=1e-5) and abs(loss - oldest) > 1e-3
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_sft_kl_loss_is_the_kl_to_the_full_cache_model_after_the_first_eviction(tmp_path, tiny_dirs, top_k):
+    """`sft_loss: kl`: the first step's loss (before any update) is the mean per-token KL from the
+    full-cache base model to the bounded policy over the tokens after each row's first eviction,
+    what `token_fidelity` measures (exactly with the whole vocabulary, and training lowers it; a
+    lower bound with top-k)."""
+    targets = [list(range(40, 70)), list(range(90, 112))]
+    rows = [{"prompt": [5, 17, 99, 3], "solution": targets[0]}, {"prompt": [11, 12], "solution": targets[1]}]
+    config = _config(tmp_path, tiny_dirs["llama"], window=6, max_steps=1 if top_k else 6,
+                     max_completion_length=40, prompts_per_step=2, sft_loss="kl", distill_top_k=top_k,
+                     learning_rate=5e-2,
+                     adapter=AdapterConfig(mode="pte", rank=4, alpha=8.0, global_tokens=4, residual=True))
+    trainer = SFTTrainer(args=config, train_dataset=rows)
+    torch.manual_seed(0)
+    for w in trainer.policy.wrappers:  # a bounded policy that differs from its base model
+        torch.nn.init.normal_(w.lora_up, std=0.3)
+    prompts = [r["prompt"] for r in rows]
+    expected = token_fidelity({"p": trainer.policy}, trainer.policy, prompts, targets)["p"]
+    records = read_metrics(trainer.train()["metrics"])
+    assert records[0]["num_tokens"] == expected.tokens
+    if top_k is None:
+        assert records[0]["loss"] == pytest.approx(expected.kl_after_eviction, rel=1e-4)
+        assert records[-1]["loss"] < 0.9 * records[0]["loss"], [r["loss"] for r in records]
+    else:
+        assert 0 < records[0]["loss"] < expected.kl_after_eviction
+
+
+def test_sft_kl_after_eviction_needs_a_bounded_cache(tmp_path, tiny_dirs):
+    with pytest.raises(ConfigError, match="needs a bounded cache"):
+        _config(tmp_path, tiny_dirs["llama"], window=None, sft_loss="kl")
+    _config(tmp_path, tiny_dirs["llama"], window=None, sft_loss="kl", distill_tokens="all")
+
+
+def test_encoder_gets_its_own_learning_rate_and_the_schedule_scales_both(tmp_path, tiny_dirs):
+    config = _config(tmp_path, tiny_dirs["llama"], encoder_lr_ratio=4.0, learning_rate=1e-2, warmup_steps=2,
+                     max_steps=2)
+    trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
+    adapters, encoder = trainer.optimizer.param_groups
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in trainer.policy.encoder.parameters()}
+    assert len(adapters["params"]) == 2 * len(trainer.policy.wrappers)
+    assert adapters["initial_lr"] == 1e-2
+    assert encoder["initial_lr"] == pytest.approx(4 * adapters["initial_lr"])
+    trainer.optimizer.step()
+    trainer.scheduler.step()  # halfway through the warm-up: both at half their rate
+    assert encoder["lr"] == pytest.approx(2e-2) and adapters["lr"] == pytest.approx(5e-3)
+    lora = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path / "l", tiny_dirs["llama"], "lora"),
+                       train_dataset=_dataset())
+    assert len(lora.optimizer.param_groups) == 1
+
+
+def test_metrics_hold_the_diagnostics_per_parameter_group_and_layer(tmp_path, tiny_dirs):
+    config = _config(tmp_path, tiny_dirs["qwen3"], max_steps=2)
+    trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
+    records = read_metrics(trainer.train()["metrics"])
+    for group in ("adapter_down", "adapter_up", "encoder"):
+        assert records[-1][f"diag/grad_norm/{group}"] > 0 and records[-1][f"diag/update_norm/{group}"] > 0
+    assert "diag/rel_change/adapter_up" not in records[-1]  # it starts at zero
+    assert 0 < records[-1]["diag/rel_change/encoder"] < 1
+    assert records[0]["diag/update_norm/adapter_up"] > 0  # after the first update
+    for layer in ("l00", "l01"):
+        assert records[-1][f"diag/state_rms/{layer}"] > 0
+        assert 0 < records[-1][f"diag/global_share/{layer}"] <= 1
 
 
 def test_sft_needs_the_trace_column(tmp_path, tiny_dirs):

@@ -39,7 +39,7 @@ import torch
 from thoughtfold import GRPOTrainer, SFTTrainer
 from thoughtfold.config import AdapterConfig, CacheConfig, DataConfig, TrainConfig
 from thoughtfold.evaluation.bench.memory import PeakMemory
-from thoughtfold.evaluation.evaluate import wilson_interval
+from thoughtfold.evaluation.intervals import wilson_interval
 from thoughtfold.policy import Policy
 from thoughtfold.tasks.recall import BOS, EOS, PAD, RecallTask, recall_tokenizer
 from thoughtfold.training.metrics import read_metrics
@@ -58,6 +58,8 @@ DEFAULT_CONFIG: dict = {
     "sft": {"max_steps": 160, "per_step": 32, "learning_rate": 2e-3},
     "grpo": {"max_steps": 10, "num_generations": 8, "per_step": 8,
              "learning_rate": 1e-4},  # 5e-4 hurt saturated policies (RESULTS.md)
+    # other TrainConfig fields of both stages (e.g. encoder_lr_ratio); the library's defaults otherwise
+    "train": {},
     "data_rows": 4096,
     "eval": {"n": 500, "batch": 250, "seed": 1234},
     "windows": None,  # default [D/8, D/4, D/2]
@@ -102,6 +104,9 @@ METHODS = {  # name -> (adapter mode, adapter overrides, TrainConfig.backprop)
     "pte_fb_global0": ("pte", {"global_tokens": 0}, "full"),
     "pte_fb_global_only": ("pte", {"global_only": True}, "full"),
     "pte_fb_paper_update": ("pte", {"state_update": "paper"}, "full"),
+    # the two adapter updates side by side, whatever the library's default: A (I + S) B and A S B
+    "pte_residual": ("pte", {"residual": True}, "state"),
+    "pte_paper_form": ("pte", {"residual": False}, "state"),
 }
 
 
@@ -335,7 +340,7 @@ def train_configs(config: dict, base_dir: Path, method: str, window: int,
         max_steps=s["max_steps"] * config["sft_multiplier"].get(base_method, 1),
         prompts_per_step=s["per_step"],
         learning_rate=s["learning_rate"], warmup_steps=0, save_steps=0, seed=config["seed"],
-        output_dir=str(job_dir / "sft"), overwrite_output_dir=True, progress=False)
+        output_dir=str(job_dir / "sft"), overwrite_output_dir=True, progress=False, **config["train"])
     grpo = replace(sft, max_steps=g["max_steps"], num_generations=g["num_generations"],
                    prompts_per_step=g["per_step"], learning_rate=g["learning_rate"],
                    output_dir=str(job_dir / "grpo"))

@@ -25,6 +25,8 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SFT_TARGETS = ("dataset", "full_cache")
+SFT_LOSSES = ("nll", "kl")
+DISTILL_TOKENS = ("after_eviction", "all")
 REPORT_TO = ("tensorboard", "wandb")
 ZERO_STD_NORMS = ("kept", "batch")
 BACKPROP = ("state", "truncated", "full")
@@ -105,7 +107,11 @@ class CacheConfig:
 @dataclass
 class AdapterConfig:
     """Low-rank adapter on the target linears. `none`: the base model; `lora`: static LoRA (S = I);
-    `pte`: the state S_l built by the thought encoder from evicted tokens modulates A S_l B."""
+    `pte`: the state S_l built by the thought encoder from evicted tokens modulates the update.
+
+    `residual` (pte only) chooses the update: B (I + S_l) A, which is LoRA_c's B A plus the state's
+    contribution (so PTE starts as a static LoRA and learns the static part as fast), or the
+    paper's B S_l A (`residual=False`), which has no static path."""
 
     mode: str = "none"
     rank: int = 32
@@ -115,6 +121,7 @@ class AdapterConfig:
     state_update: str = "exact"
     global_only: bool = False
     encoder_dim: int | None = None
+    residual: bool = False
 
     def __post_init__(self) -> None:
         check_choice("adapter mode", self.mode, ADAPTER_MODES)
@@ -125,6 +132,8 @@ class AdapterConfig:
             raise ConfigError(f"global_tokens must be an integer >= 0, got {self.global_tokens!r}")
         if self.encoder_dim is not None and self.encoder_dim < 1:
             raise ConfigError(f"encoder_dim must be >= 1, got {self.encoder_dim}")
+        if not isinstance(self.residual, bool):
+            raise ConfigError(f"residual must be true or false, got {self.residual!r}")
         if not math.isfinite(self.alpha):
             raise ConfigError(f"adapter alpha must be a finite number, got {self.alpha}")
         self.target_modules = tuple(self.target_modules)
@@ -220,6 +229,7 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     learning_rate: float = 1e-3
+    encoder_lr_ratio: float = 1.0  # the thought encoder's learning rate / learning_rate (as LoRA+'s ratio)
     weight_decay: float = 0.0
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 1
@@ -234,6 +244,9 @@ class TrainConfig:
     mask_truncated_completions: bool = False
     num_iterations: int = 1
     sft_targets: str = "dataset"
+    sft_loss: str = "nll"  # "nll": cross-entropy on the targets; "kl": dense distillation from the teacher
+    distill_tokens: str = "after_eviction"  # sft_loss=kl: the tokens after each row's first eviction, "all"
+    distill_top_k: int | None = 64  # sft_loss=kl: teacher entries kept per token (+ the rest); null: all
     # how replay gradients cross evictions (BACKPROP); "truncated" cannot learn recall
     backprop: str = "state"
     generation_batch_size: int | None = None
@@ -256,7 +269,8 @@ class TrainConfig:
     def _check_choices(self) -> None:
         for name, allowed in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS),
                               ("lr_scheduler_type", LR_SCHEDULERS), ("sft_targets", SFT_TARGETS),
-                              ("backprop", BACKPROP), ("zero_std_norm", ZERO_STD_NORMS)):
+                              ("backprop", BACKPROP), ("zero_std_norm", ZERO_STD_NORMS),
+                              ("sft_loss", SFT_LOSSES), ("distill_tokens", DISTILL_TOKENS)):
             check_choice(name, getattr(self, name), allowed)
         unknown = [r for r in self.report_to if r not in REPORT_TO]
         if unknown:
@@ -280,9 +294,15 @@ class TrainConfig:
         self.sampling()  # top_p, top_k
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.encoder_lr_ratio <= 0:
+            raise ConfigError(f"encoder_lr_ratio must be > 0, got {self.encoder_lr_ratio}")
+        full_cache = isinstance(self.cache, CacheConfig) and not self.cache.bounded
+        if self.sft_loss == "kl" and self.distill_tokens == "after_eviction" and full_cache:
+            raise ConfigError("sft_loss=kl with distill_tokens=after_eviction needs a bounded cache (a full "
+                              "cache never evicts): set cache.window or distill_tokens=all")
         if self.epsilon < 0 or self.epsilon_high < 0:
             raise ConfigError("epsilon and epsilon_high must be >= 0")
-        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit"):
+        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit", "distill_top_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
 

@@ -147,7 +147,9 @@ def adapter_settings(directory: str | os.PathLike, model: str | None = None, cac
         raise ConfigError(f"{directory} is not a thoughtfold adapter directory ({CONFIG_NAME} not found)")
     try:
         meta = json.loads(path.read_text())
-        adapter, saved_cache = AdapterConfig(**meta["adapter"]), CacheConfig(**meta["cache"])
+        # adapters saved before the residual form existed computed the paper's A S B
+        adapter = AdapterConfig(**{"residual": False, **meta["adapter"]})
+        saved_cache = CacheConfig(**meta["cache"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConfigError(f"{path} is malformed ({e}); re-save the adapter") from e
     cache = cache if cache is not None else replace(saved_cache, **cache_fields)

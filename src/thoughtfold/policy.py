@@ -194,6 +194,15 @@ class Policy:
             params += list(self.encoder.parameters())
         return params
 
+    def parameter_groups(self) -> dict[str, list[torch.Tensor]]:
+        """The trainable tensors by role, for per-group learning rates and diagnostics: the adapters'
+        down-projections B (PEFT's lora_A), their up-projections A (PEFT's lora_B, zero at init) and
+        the thought encoder (queries, projections, global tokens); roles without tensors left out."""
+        groups = {"adapter_down": [w.lora_down for w in self.wrappers],
+                  "adapter_up": [w.lora_up for w in self.wrappers],
+                  "encoder": [] if self.encoder is None else list(self.encoder.parameters())}
+        return {name: params for name, params in groups.items() if params}
+
     def encode(self, prompts: Prompt | Sequence[Prompt], chat_template: bool = True,
                system_prompt: str | None = None) -> list[list[int]]:
         """Token ids of each prompt (chat template applied to strings when asked and available)."""
@@ -307,6 +316,7 @@ class Policy:
         backprop: str = "state",
         min_length: int = 0,
         distribution_fn: DistributionFn | None = None,
+        loss_input: str = "tokens",
     ) -> list[torch.Tensor]:
         """Teacher-forced log-probs of `completion_ids` under this policy's cache, segment by
         segment. `eviction_log=None` uses the default oldest-block schedule. With `loss_fn(logprobs
@@ -318,12 +328,13 @@ class Policy:
         across evictions) or "full" (one graph; memory grows with length). `min_length` pads the batch
         to at least that many tokens (same segments on every process). `distribution_fn(logprobs
         [b, m, vocab], start, end, rows)` receives the full next-token log-distributions of each
-        segment (see replay.DistributionFn)."""
+        segment (see replay.DistributionFn). `loss_input="distribution"` hands `loss_fn` those full
+        log-distributions [b, m, vocab], with autograd, instead of the tokens' log-probs (distillation)."""
         self._check_wrapped()
         return replay(
             self.model, self.folder, prompt_ids, completion_ids, self.cache_config, eviction_log,
             loss_fn=loss_fn, temperature=temperature, backprop=backprop, pad_id=self.pad_token_id,
-            min_length=min_length, distribution_fn=distribution_fn,
+            min_length=min_length, distribution_fn=distribution_fn, loss_input=loss_input,
         )
 
     @property

@@ -1,10 +1,11 @@
 """Low-rank adapters on the target linears (docs/design.md §1), attached by module replacement.
 
-  y = W x + (alpha / r) * B (S (A x)),   A: r x d_in (`lora_down`), B: d_out x r (`lora_up`, zero-init)
+  y = W x + (alpha / r) * B (M (A x)),   A: r x d_in (`lora_down`), B: d_out x r (`lora_up`, zero-init)
 
 The letters are PEFT's: A is its lora_A (the down-projection), B its lora_B (the up-projection).
-`lora` mode fixes S = I (a static LoRA, PEFT-equivalent); `pte` mode reads a per-sequence state
-S [batch, r, r] that the engine sets at every eviction event. A zero-init B makes every mode exactly
+`lora` mode fixes M = I (a static LoRA, PEFT-equivalent); `pte` mode reads a per-sequence state
+S [batch, r, r] that the engine sets at every eviction event, with M = I + S (`residual`: LoRA_c
+plus the state's contribution) or M = S (the paper's form). A zero-init B makes every mode exactly
 the base model at step 0.
 
 Linears that read the same input (q/k/v; gate/up) share an `AdapterGroup`: their A's run as one
@@ -42,11 +43,13 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
 class LowRankLinear(nn.Module):
     """A frozen base linear plus a (possibly state-modulated) low-rank update."""
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dynamic: bool, layer: int):
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dynamic: bool, layer: int,
+                 residual: bool = False):
         super().__init__()
         self.base = base
         self.scaling = scaling
         self.dynamic = dynamic
+        self.residual = residual  # dynamic only: M = I + S rather than S
         self.layer = layer
         kw = {"device": base.weight.device, "dtype": wide_dtype(base.weight.dtype)}
         self.lora_down = nn.Parameter(torch.empty(rank, base.in_features, **kw))
@@ -138,9 +141,10 @@ class AdapterGroup:
         if first.dynamic:
             if first.state is None:
                 raise RuntimeError("pte adapter called without a state: run it through a Policy")
-            # one state product for the whole group: [B, T * members, r] @ S^T [B, r, r]
-            state_t = first.state.to(x.dtype).transpose(-1, -2)
-            u = torch.bmm(u.reshape(u.shape[0], -1, rank), state_t).view_as(u)
+            # one state product for the whole group: [B, T * members, r] @ M^T, M = S or I + S
+            rows, state_t = u.reshape(u.shape[0], -1, rank), first.state.to(x.dtype).transpose(-1, -2)
+            product = torch.baddbmm(rows, rows, state_t) if first.residual else torch.bmm(rows, state_t)
+            u = product.view_as(u)
         return list(u.split(rank, dim=-1))
 
 
@@ -165,7 +169,8 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> list[LowRankLine
         )
     wrappers, groups = [], {}
     for parent, child_name, child, layer in found:
-        wrapper = LowRankLinear(child, config.rank, config.scaling, config.mode == "pte", layer)
+        wrapper = LowRankLinear(child, config.rank, config.scaling, config.mode == "pte", layer,
+                                config.residual)
         setattr(parent, child_name, wrapper)
         wrappers.append(wrapper)
         shared = [i for i, names in enumerate(SHARED_INPUT) if child_name in names]

@@ -39,6 +39,7 @@ class StateFolder:
         self.encoder = encoder
         self.dtype = next(model.parameters()).dtype
         self._pinned: torch.Tensor | None = None  # the adapters' state buffer while pinned
+        self.last: EncoderState | None = None  # the newest state (detached), for diagnostics
 
     @property
     def active(self) -> bool:
@@ -50,6 +51,7 @@ class StateFolder:
             return None
         state = self.encoder.initial_state(batch)
         self.apply(state)
+        self.last = state.detach()
         return state
 
     def fold(
@@ -70,6 +72,7 @@ class StateFolder:
         mine = self.encoder.absorb(mine, _heads_last(free), _heads_last(values.to(dtype)))
         state = mine if rows is None else _with_rows(state, rows, mine)
         self.apply(state)
+        self.last = state.detach()
         return state
 
     def reset(self, state: EncoderState | None, rows: torch.Tensor) -> EncoderState | None:

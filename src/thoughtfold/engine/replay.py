@@ -27,10 +27,14 @@ from .fold import StateFolder
 from .rollout import pad_prompts, prompt_positions, right_pad
 
 LossFn = Callable[[torch.Tensor, int, int, list[int]], torch.Tensor]
-"""loss_fn(logprobs [b, m], start, end, rows) -> scalar, for completion tokens [start, end) of the
-sequences `rows` (indices into the replayed batch, one per logprobs row). Sequences whose eviction
-logs differ (a custom eviction policy, rollouts made in separate chunks) are replayed group by
-group, so `rows` may be any subset: index per-sequence tensors with it."""
+"""loss_fn(logprobs, start, end, rows) -> scalar, for completion tokens [start, end) of the
+sequences `rows` (indices into the replayed batch, one per logprobs row). `logprobs` is [b, m], the
+log-probs of the given tokens, or with `loss_input="distribution"` [b, m, vocab], the full
+next-token log-distributions (a distillation loss). Sequences whose eviction logs differ (a custom
+eviction policy, rollouts made in separate chunks) are replayed group by group, so `rows` may be
+any subset: index per-sequence tensors with it."""
+
+LOSS_INPUTS = ("tokens", "distribution")
 
 DistributionFn = Callable[[torch.Tensor, int, int, list[int]], None]
 """distribution_fn(logprobs [b, m, vocab], start, end, rows): the full next-token log-distribution
@@ -81,6 +85,16 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     selective log-softmax: the update's memory stays bounded in the vocabulary."""
     chunk = chunk or max(1, LOGPROB_CHUNK // logits.shape[-1])
     return _TokenLogProbs.apply(logits, tokens, temperature, dtype, chunk)
+
+
+def segment_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, dtype: torch.dtype,
+                     full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A segment's log-probs of `tokens`, and with `full` its whole next-token log-distributions
+    [..., V] (for a distribution loss or callback); without, those are never materialised."""
+    if not full:
+        return token_logprobs(logits, tokens, temperature, dtype), None
+    logprobs = torch.log_softmax(logits.to(dtype) / temperature, -1)
+    return logprobs.gather(-1, tokens[..., None])[..., 0], logprobs
 
 
 class _SegmentLayer(CacheLayerMixin):
@@ -223,6 +237,7 @@ def replay(
     pad_id: int = 0,
     min_length: int = 0,
     distribution_fn: DistributionFn | None = None,
+    loss_input: str = "tokens",
 ) -> list[torch.Tensor]:
     """Per-token log-probs (detached, one tensor per sequence) of `completion_ids` given the prompts,
     under the same cache and state history as the rollout that produced them.
@@ -233,9 +248,12 @@ def replay(
     everything). `min_length` pads the batch (with
     `pad_id`, after every sequence) to at least that many tokens and replays the default schedule
     over it: processes of a sharded model then run the same segments whatever their own lengths.
-    `distribution_fn` receives each segment's full next-token log-distributions."""
+    `distribution_fn` receives each segment's full next-token log-distributions; `loss_input` says
+    what `loss_fn` receives (see LossFn)."""
     if backprop not in BACKPROP:
         raise ConfigError(f"backprop must be one of {', '.join(BACKPROP)}, got {backprop!r}")
+    if loss_input not in LOSS_INPUTS:
+        raise ConfigError(f"loss_input must be one of {', '.join(LOSS_INPUTS)}, got {loss_input!r}")
     if len(prompt_ids) != len(completion_ids):
         raise ConfigError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     if any(len(c) == 0 for c in completion_ids):
@@ -253,7 +271,7 @@ def replay(
         part = _replay_batch(
             model, chain or folder, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], steps,
             [logs[i] for i in rows], rows, loss_fn, temperature, backprop == "full", pad_id, min_length,
-            distribution_fn,
+            distribution_fn, loss_input == "distribution",
         )
         if chain is not None:
             chain.backward()
@@ -331,6 +349,7 @@ def _replay_batch(
     pad_id: int,
     min_length: int = 0,
     distribution_fn: DistributionFn | None = None,
+    distribution_loss: bool = False,
 ) -> list[torch.Tensor]:
     """Replay sequences that share one eviction schedule (a lockstep batch): events at `steps`, each
     row evicting what its own log says; `rows`: their indices in the caller's batch, for `loss_fn`."""
@@ -374,18 +393,19 @@ def _replay_batch(
         first = a if k == 0 else a + 1
         out = model(input_ids=seg_ids, attention_mask=mask, position_ids=seg_pos, use_cache=True,
                     logits_to_keep=b + 1 - first, **{kw: cache})
-        lp = token_logprobs(out.logits, comp[:, first : b + 1], temperature, dtype)
+        lp, logprobs = segment_logprobs(out.logits, comp[:, first : b + 1], temperature, dtype,
+                                        full=distribution_loss or distribution_fn is not None)
         out_lp[:, first : b + 1] = lp.detach()
         if distribution_fn is not None:
-            with torch.no_grad():
-                distribution_fn(torch.log_softmax(out.logits.to(dtype) / temperature, -1), first, b + 1, rows)
-        del out
+            distribution_fn(logprobs.detach(), first, b + 1, rows)
+        loss_input = logprobs if distribution_loss else lp
+        del out, logprobs
         new_valid = torch.ones(batch, b - a, dtype=torch.bool, device=device)
         if k == 0:
             new_valid = torch.cat([valid, new_valid], 1)
         context.append(cache, range(a, b), new_valid, detach=not full_backprop)
         if loss_fn is not None:
-            loss = loss_fn(lp, first, b + 1, rows)
+            loss = loss_fn(loss_input, first, b + 1, rows)
             if full_backprop:
                 total = loss if total is None else total + loss
             elif loss.requires_grad:

@@ -63,13 +63,21 @@ def full_cache_traces(policy: Policy, prompts: Sequence, max_new_tokens: int, ba
     return concat_rollouts(parts)
 
 
-@torch.no_grad()
 def token_fidelity(policies: dict[str, Policy], reference: Policy, prompt_ids: Sequence[Sequence[int]],
                    traces: Sequence[Sequence[int]], batch_size: int = 4) -> dict[str, TokenFidelity]:
     """Per policy, the KL to and top-1 agreement with `reference` (run with a full cache and its
     adapters off) on the tokens of `traces` decoded after the policy's first eviction. Each policy
     replays the traces under its own cache and eviction policy (`Policy.eviction_logs`)."""
-    totals = {name: TokenFidelity() for name in policies}
+    per_trace = sequence_fidelity(policies, reference, prompt_ids, traces, batch_size)
+    return {name: sum(scores, TokenFidelity()) for name, scores in per_trace.items()}
+
+
+@torch.no_grad()
+def sequence_fidelity(policies: dict[str, Policy], reference: Policy, prompt_ids: Sequence[Sequence[int]],
+                      traces: Sequence[Sequence[int]], batch_size: int = 4) -> dict[str, list[TokenFidelity]]:
+    """`token_fidelity` trace by trace (for paired intervals over traces): per policy, one
+    TokenFidelity per trace, in order."""
+    out: dict[str, list[TokenFidelity]] = {name: [] for name in policies}
     for start in range(0, len(traces), batch_size):
         span = slice(start, start + batch_size)
         prompts, batch = list(prompt_ids[span]), list(traces[span])
@@ -88,10 +96,11 @@ def token_fidelity(policies: dict[str, Policy], reference: Policy, prompt_ids: S
             ours = _distributions(policy, prompts, batch, width, full_cache=False)
             positions = torch.arange(width)[None]
             mask = (positions >= after) & (positions < lengths[:, None])
-            kl = (ref.exp() * (ref - ours)).sum(-1)
-            hits = ours.argmax(-1) == targets
-            totals[name] += TokenFidelity(kl[mask].sum().item(), hits[mask].sum().item(), int(mask.sum()))
-    return totals
+            kl = (ref.exp() * (ref - ours)).sum(-1) * mask
+            hits = (ours.argmax(-1) == targets) & mask
+            out[name] += [TokenFidelity(kl[i].sum().item(), hits[i].sum().item(), int(mask[i].sum()))
+                          for i in range(len(batch))]
+    return out
 
 
 def _distributions(policy: Policy, prompts: list[list[int]], traces: list[list[int]], width: int,
@@ -138,4 +147,4 @@ def answer_agreement(policy: Policy, prompts: Sequence, reference_texts: Sequenc
     return (sum(graded) / len(graded) if graded else 0.0), len(graded)
 
 
-__all__ = ["TokenFidelity", "answer_agreement", "full_cache_traces", "token_fidelity"]
+__all__ = ["TokenFidelity", "answer_agreement", "full_cache_traces", "sequence_fidelity", "token_fidelity"]

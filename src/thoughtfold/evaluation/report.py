@@ -274,7 +274,60 @@ def training_section(trains: list[TrainRun], out: Path) -> tuple[list[str], list
         if plot_curves({lab: t.records for lab, t in zip(labels, trains, strict=True)}, key, path, title):
             lines += [f"![{key} curves]({path.name})", ""]
             plots.append(path)
+    for label, t in zip(labels, trains, strict=True):
+        path = out / f"diagnostics_{_slug(label)}.png"
+        if plot_diagnostics(t.records, path, label):
+            lines += [f"![diagnostics of {label}]({path.name})", ""]
+            plots.append(path)
     return lines, plots
+
+
+def _series(records: list[dict], prefix: str) -> dict[str, list[tuple[float, float]]]:
+    """Every metric under `prefix` (e.g. "diag/grad_norm/") against the step, keyed by its last part."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith(prefix) and isinstance(value, (int, float)):
+                out.setdefault(key[len(prefix):], []).append((r["step"], value))
+    return out
+
+
+def plot_diagnostics(records: list[dict], path: Path, title: str) -> Path | None:
+    """The training diagnostics of one run (None if it logged none): gradient norm and distance from
+    init per parameter group, and per layer the state's RMS and the encoder's share of attention on
+    its global tokens (one line per layer, dark to light from the first layer to the last)."""
+    panels = [("diag/grad_norm/", "gradient norm (pre-clip)", True),
+              ("diag/rel_change/", "|theta - theta_0| / |theta_0|", True),
+              ("diag/state_rms/", "RMS of the state S, per layer", False),
+              ("diag/global_share/", "attention share of global tokens, per layer", False)]
+    data = [(_series(records, prefix), label, log) for prefix, label, log in panels]
+    up = _series(records, "diag/update_norm/").get("adapter_up")
+    if up:  # the up-projection starts at zero: its distance from init, not a ratio
+        data[1][0]["adapter_up (|theta|)"] = up
+    data = [d for d in data if d[0]]
+    if not data:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.6), squeeze=False)
+    for ax, (series, label, log) in zip(axes[0], data, strict=True):
+        per_layer = all(name.startswith("l") and name[1:].isdigit() for name in series)
+        cmap = plt.get_cmap("viridis")
+        for i, (name, points) in enumerate(sorted(series.items())):
+            steps, values = zip(*points, strict=True)
+            color = cmap(i / max(len(series) - 1, 1)) if per_layer else None
+            ax.plot(steps, values, color=color, linewidth=1, label=None if per_layer else name)
+        if log and any(v > 0 for points in series.values() for _, v in points):
+            ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if not per_layer:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: diagnostics", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------- the report

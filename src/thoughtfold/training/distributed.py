@@ -163,12 +163,12 @@ class ReplayPlan:
 
     def replay(self, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                logs: Sequence[Sequence[EvictionEvent]] | None, width: int, loss_fn: LossFn | None = None,
-               temperature: float = 1.0) -> list[torch.Tensor]:
+               temperature: float = 1.0, loss_input: str = "tokens") -> list[torch.Tensor]:
         """`Policy.replay_logprobs` of these rows: with their eviction `logs` (None: the default
         schedule), or in lockstep with the default schedule padded to `width`."""
         schedule = {"eviction_log": None, "min_length": width} if self.lockstep else {"eviction_log": logs}
         return self.policy.replay_logprobs(prompt_ids, completions, loss_fn=loss_fn, temperature=temperature,
-                                           backprop=self.backprop, **schedule)
+                                           backprop=self.backprop, loss_input=loss_input, **schedule)
 
     def _idle_replay(self, width: int, train: bool) -> None:
         """What a process with no rows left runs while the others replay: one padding sequence of

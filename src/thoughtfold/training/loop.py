@@ -37,6 +37,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .diagnostics import ParameterDiagnostics, state_metrics
 from .distributed import DataParallel, ReplayPlan
 from .metrics import METRICS_NAME, MetricsLogger, mean_metrics, peak_memory_gb, read_metrics
 
@@ -77,7 +78,8 @@ class Trainer:
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise ConfigError("adapter mode 'none' has nothing to train: set adapter.mode to lora or pte")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+        self.diagnostics = ParameterDiagnostics(self.policy.parameter_groups())
+        self.optimizer = torch.optim.AdamW(self._optimizer_groups(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = self._make_scheduler()
         self.step = 0
@@ -102,6 +104,15 @@ class Trainer:
         c = self.config
         return Policy.from_pretrained(c.model, cache=c.cache, adapter=c.adapter, dtype=c.dtype,
                                       device=c.device or self.dp.device(), compile_decode=c.compile_decode)
+
+    def _optimizer_groups(self) -> list[dict]:
+        """The adapters at `learning_rate`, the thought encoder at `encoder_lr_ratio` times it."""
+        encoder = {id(p) for p in self.policy.parameter_groups().get("encoder", [])}
+        groups = [{"params": [p for p in self.params if id(p) not in encoder]}]
+        if encoder:
+            groups.append({"params": [p for p in self.params if id(p) in encoder],
+                           "lr": self.config.learning_rate * self.config.encoder_lr_ratio})
+        return groups
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         """HF's schedules (warmup then constant / linear / cosine decay), one tick per optimizer update."""
@@ -183,6 +194,7 @@ class Trainer:
     def optimizer_step(self) -> float:
         """Clip, step, tick the schedule; returns the pre-clip gradient norm."""
         self.dp.sum_gradients(self.params)
+        self.diagnostics.record_gradients()
         limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
         self.optimizer.step()
@@ -275,6 +287,9 @@ class Trainer:
         start = time.perf_counter()
         metrics = self.train_step(self.local_examples())
         self.step += 1
+        metrics.update(self.diagnostics.metrics())
+        if self.policy.encoder is not None and self.policy.folder.last is not None:
+            metrics.update(state_metrics(self.policy.encoder, self.policy.folder.last))
         return {"step": self.step, "epoch": self.data_pos / len(self.dataset), "learning_rate": lr, **metrics,
                 "peak_memory_gb": peak_memory_gb(device), "step_seconds": time.perf_counter() - start}
 

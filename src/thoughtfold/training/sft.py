@@ -1,7 +1,8 @@
 """`SFTTrainer`: supervised fine-tuning through the replay, called as TRL's (`SFTTrainer(model, args,
-train_dataset)`). Cross-entropy on given traces teaches the bounded-cache policy to reproduce
-full-cache reasoning (the paper's goal pi^D ~ pi), with the memory of the replay: bounded by the
-window, not by the trace length.
+train_dataset)`). Cross-entropy on given traces, or (`sft_loss: kl`) the KL from the full-cache
+teacher's next-token distributions, teaches the bounded-cache policy to reproduce full-cache
+reasoning (the paper's goal pi^D ~ pi), with the memory of the replay: bounded by the window, not by
+the trace length.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 
 from ..config import CacheConfig
 from ..engine.adapter import adapters_disabled
+from ..engine.replay import default_schedule
 from ..errors import DataError
+from .distill import TeacherTargets, first_distilled_token, teacher_targets, token_kl
 from .loop import Trainer
 from .losses import loss_mask
 
@@ -43,7 +46,8 @@ class SFTTrainer(Trainer):
         return rows
 
     def train_step(self, examples: list[dict]) -> dict[str, float]:
-        """One update on a batch of traces; `loss` is the token-mean NLL before the update."""
+        """One update on a batch of traces; `loss` is the token-mean loss before the update: the NLL of
+        the targets, or (`sft_loss: kl`) the KL from the teacher's distributions to the policy's."""
         c, device = self.config, self.policy.device
         prompts = [e["prompt"] for e in examples]
         prompt_ids = self.policy.encode(prompts, c.data.chat_template, c.data.system_prompt)
@@ -52,28 +56,39 @@ class SFTTrainer(Trainer):
         else:
             completions = [self._target_ids(e[c.data.completion_field]) for e in examples]
         width = self.replays.width(completions)
-        num_tokens = self.dp.sum([sum(map(len, completions))])[0]
-        weights = loss_mask([len(x) for x in completions], width).to(device) / num_tokens
+        logs = self.policy.eviction_logs(prompt_ids, completions)  # None: the default schedule
+        targets, starts = None, None
+        if c.sft_loss == "kl":
+            targets = teacher_targets(self.policy, prompt_ids, completions, c.distill_top_k, width)
+            schedules = logs or [default_schedule(len(x), self.policy.cache_config) for x in completions]
+            starts = [first_distilled_token(log, c.distill_tokens == "after_eviction") for log in schedules]
+        mask = loss_mask([len(x) for x in completions], width, starts).to(device)
+        num_tokens = self.dp.sum([int(mask.sum())])[0]
+        weights = mask / max(num_tokens, 1)
         loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for a, b in self.replays.spans(len(completions), width, train=True):
-            loss += self._replay_nll(prompt_ids[a:b], completions[a:b], weights[a:b])
+            part = None if targets is None else targets.rows(list(range(a, b)), 0, width)
+            loss += self._replay_loss(prompt_ids[a:b], completions[a:b], None if logs is None else logs[a:b],
+                                      weights[a:b], part)
         grad_norm = self.optimizer_step()
         return {"loss": self.dp.sum([loss])[0], "grad_norm": grad_norm, "num_tokens": num_tokens}
 
-    def _replay_nll(self, prompt_ids: list[list[int]], completions: list[list[int]],
-                    weights: torch.Tensor) -> float:
-        """Backward of the weighted NLL of one micro-batch, segment by segment; returns its value."""
+    def _replay_loss(self, prompt_ids: list[list[int]], completions: list[list[int]], logs: list | None,
+                     weights: torch.Tensor, targets: TeacherTargets | None) -> float:
+        """Backward of one micro-batch's weighted loss, segment by segment (the NLL, or with
+        `targets` the KL from them); returns its value."""
         loss = 0.0
 
         def loss_fn(lp: torch.Tensor, start: int, end: int, rows: list[int]) -> torch.Tensor:
             nonlocal loss
-            total = -(lp * weights[rows, start:end]).sum()
+            terms = -lp if targets is None else token_kl(lp, targets.rows(rows, start, end))
+            total = (terms * weights[rows, start:end]).sum()
             loss += total.item()
             return total
 
-        logs = self.policy.eviction_logs(prompt_ids, completions)  # None: the default schedule
-        self.replays.replay(prompt_ids, completions, logs, weights.shape[1], loss_fn=loss_fn)
+        self.replays.replay(prompt_ids, completions, logs, weights.shape[1], loss_fn=loss_fn,
+                            loss_input="tokens" if targets is None else "distribution")
         return loss
 
     def _full_cache_traces(self, prompt_ids: list[list[int]]) -> list[list[int]]:
