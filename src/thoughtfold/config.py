@@ -159,8 +159,9 @@ class AdapterConfig:
 @dataclass
 class SamplingConfig:
     """How a rollout samples: `max_new_tokens` per sequence, `temperature` (0 = greedy), nucleus
-    `top_p` and `top_k` (0 = off) truncation, and the `seed` of the sampling generator (None: the
-    global RNG). The field names are `Policy.generate`'s keywords."""
+    `top_p` and `top_k` (0 = off) truncation, and the `seed` of the sequences' random streams (each
+    sequence's is a function of the seed and its index; None: a seed from the global RNG). The field
+    names are `Policy.generate`'s keywords."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
