@@ -199,6 +199,53 @@ def test_replay_micro_batches_accumulate_the_full_batch_gradient(tmp_path, tiny_
         assert_close_to_scale(micro, full, rel=1e-5)
 
 
+def replay_losses(trainer) -> list[float]:
+    """The loss of each replay micro-batch `trainer` runs from now on, in order."""
+    losses, inner = [], trainer._replay_loss
+
+    def replay_loss(batch):
+        loss, stats = inner(batch)
+        losses.append(loss)
+        return loss, stats
+
+    trainer._replay_loss = replay_loss
+    return losses
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo"])
+def test_memory_budget_splits_replays_without_changing_loss_or_gradients(tmp_path, tiny_dirs, loss_type):
+    """A replay_memory_gb that holds one row per replay gives the loss and gradients of replaying the
+    whole batch at once (bnpo included: its normalisation follows replay_batch_size only)."""
+    runs = []
+    for budget in (None, 1e-4):
+        config = _config(tmp_path, tiny_dirs["llama"], loss_type=loss_type, replay_memory_gb=budget)
+        trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
+        if budget is not None:
+            assert trainer.replays.rows_per_replay(prompt_tokens=4, width=2) == 1
+        losses = replay_losses(trainer)
+        runs.append((one_step_gradients(trainer), sum(losses), len(losses)))
+    (full_grads, full_loss, one), (split_grads, split_loss, many) = runs
+    assert one == 1 and many > 1 and any(g.abs().max() > 0 for g in full_grads)
+    assert split_loss == pytest.approx(full_loss, rel=1e-5, abs=1e-7)
+    for full, split in zip(full_grads, split_grads, strict=True):
+        assert_close_to_scale(split, full, rel=1e-5)
+
+
+def test_generation_batch_size_slots_sample_what_one_batch_samples(tmp_path, tiny_dirs):
+    """GRPO rollouts decode generation_batch_size slots at once, with continuous batching: the same
+    completions and log-probs as every row at once (each row samples from its own stream)."""
+    results = []
+    for slots in (None, 3):
+        config = _config(tmp_path, tiny_dirs["qwen2"], generation_batch_size=slots)
+        trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
+        results.append(trainer.generate([p for p in PROMPTS[:2] for _ in range(4)]))
+    static, continuous = results
+    assert static.stats["slots"] == 8 and continuous.stats["slots"] == 3
+    assert continuous.completion_ids == static.completion_ids
+    for a, b in zip(continuous.logprobs, static.logprobs, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
 def test_num_iterations_and_warmup_tick_the_schedule_per_update(tmp_path, tiny_dirs):
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=2, num_iterations=2, lr_scheduler_type="linear",
                      warmup_steps=1, loss_type="dr_grpo", mask_truncated_completions=True)

@@ -252,6 +252,8 @@ class TrainConfig:
     backprop: str = "state"
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
+    # GiB of activations and logits one replay micro-batch holds (rows chosen to fit); null: no limit
+    replay_memory_gb: float | None = 0.25
     max_steps: int = 16
     save_steps: int = 8
     logging_steps: int = 1  # metrics line and progress postfix every N steps (means over them)
@@ -303,6 +305,8 @@ class TrainConfig:
                               "cache never evicts): set cache.window or distill_tokens=all")
         if self.epsilon < 0 or self.epsilon_high < 0:
             raise ConfigError("epsilon and epsilon_high must be >= 0")
+        if self.replay_memory_gb is not None and self.replay_memory_gb <= 0:
+            raise ConfigError(f"replay_memory_gb must be > 0 or null (no limit), got {self.replay_memory_gb}")
         for name in ("generation_batch_size", "replay_batch_size", "save_total_limit", "distill_top_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")

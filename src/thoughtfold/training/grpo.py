@@ -22,7 +22,7 @@ from ..config import TrainConfig
 from ..engine.adapter import adapters_disabled
 from ..engine.rollout import right_pad
 from ..errors import ConfigError, DataError
-from ..policy import GenerationResult, Policy, concat_rollouts
+from ..policy import GenerationResult, Policy
 from ..tasks.rewards import load_reward, score_completions
 from .distributed import row_spans
 from .loop import Trainer
@@ -96,6 +96,11 @@ class PolicyBatch:
         """Padded completion length (in lockstep: the longest over all processes)."""
         return self.old.shape[1]
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The longest prompt's length."""
+        return max(map(len, self.prompt_ids), default=0)
+
 
 class GRPOTrainer(Trainer):
     """Cache-aware GRPO: rollouts under the bounded cache, updates through the segment-wise replay.
@@ -148,15 +153,15 @@ class GRPOTrainer(Trainer):
         return {**self._rollout_metrics(stats, rewards, adv), **self._update(batch)}
 
     def generate(self, prompts: list[str]) -> GenerationResult:
-        """Sample under the bounded cache, `generation_batch_size` rows per call; the seeds are a
-        function of (seed, step, process, chunk), so a resumed run samples exactly what it would have."""
+        """Sample under the bounded cache in one call, `generation_batch_size` slots decoding at once
+        (None: every row) with continuous batching: a finished sequence's slot takes the next row.
+        Each row samples from its own stream, a function of (seed, step, process, row), so a
+        resumed run samples exactly what it would have, whatever the number of slots."""
         c = self.config
         rng = random.Random(f"rollout:{c.seed}:{self.step}:{self.dp.rank}")
-        return concat_rollouts([
-            self.policy.generate(prompts[a:b], **c.sampling(rng.randrange(2**31)).to_dict(),
-                                 chat_template=c.data.chat_template, system_prompt=c.data.system_prompt)
-            for a, b in row_spans(len(prompts), c.generation_batch_size)
-        ])
+        return self.policy.generate(prompts, **c.sampling(rng.randrange(2**31)).to_dict(),
+                                    chat_template=c.data.chat_template, system_prompt=c.data.system_prompt,
+                                    slots=c.generation_batch_size)
 
     def _score(self, examples: list[dict], prompts: list[str], rollout: GenerationResult) -> torch.Tensor:
         """[n, F] scores of each reward function (TRL's call: prompts, completions, completion_ids and
@@ -221,7 +226,7 @@ class GRPOTrainer(Trainer):
         """Log-probs under the adapter-disabled model and the same cache: the KL reference."""
         ref: list[torch.Tensor] = []
         with torch.no_grad(), adapters_disabled(self.policy.wrappers):
-            for a, b in self.replays.spans(len(batch), batch.width, train=False):
+            for a, b in self.replays.spans(len(batch), batch.width, False, batch.prompt_tokens):
                 part = batch.rows(a, b)
                 ref += self.replays.replay(part.prompt_ids, part.completions, part.logs, batch.width,
                                            temperature=self.config.temperature)
@@ -229,11 +234,12 @@ class GRPOTrainer(Trainer):
 
     def _update(self, batch: PolicyBatch) -> dict[str, float]:
         """`num_iterations` optimizer updates, each accumulating gradients over replay micro-batches
-        (`replay_batch_size` rows) and segments; an empty batch (all groups filtered) steps nothing."""
+        (at most `replay_batch_size` rows, as many as `replay_memory_gb` holds) and segments; an empty
+        batch (all groups filtered) steps nothing."""
         stats, loss, norms = LossStats(), 0.0, []
         for _ in range(self.config.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for a, b in self.replays.spans(len(batch), batch.width, train=True):
+            for a, b in self.replays.spans(len(batch), batch.width, True, batch.prompt_tokens):
                 part_loss, part_stats = self._replay_loss(batch.rows(a, b))
                 loss, stats = loss + part_loss, stats + part_stats
             norms.append(self.optimizer_step())

@@ -67,7 +67,9 @@ class SFTTrainer(Trainer):
         weights = mask / max(num_tokens, 1)
         loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for a, b in self.replays.spans(len(completions), width, train=True):
+        spans = self.replays.spans(len(completions), width, True, max(map(len, prompt_ids)),
+                                   "tokens" if targets is None else "distribution")
+        for a, b in spans:
             part = None if targets is None else targets.rows(list(range(a, b)), 0, width)
             loss += self._replay_loss(prompt_ids[a:b], completions[a:b], None if logs is None else logs[a:b],
                                       weights[a:b], part)
