@@ -39,7 +39,14 @@ from .checkpoint import (
 )
 from .diagnostics import ParameterDiagnostics, state_metrics
 from .distributed import DataParallel, ReplayPlan
-from .metrics import METRICS_NAME, MetricsLogger, mean_metrics, peak_memory_gb, read_metrics
+from .metrics import (
+    METRICS_NAME,
+    MetricsLogger,
+    mean_metrics,
+    peak_memory_gb,
+    read_metrics,
+    reset_peak_memory,
+)
 
 log = logging.getLogger("thoughtfold")
 
@@ -285,8 +292,7 @@ class Trainer:
 
     def _timed_step(self) -> dict[str, float]:
         device = self.policy.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)  # the step's own peak
         lr = self.scheduler.get_last_lr()[0]
         start = time.perf_counter()
         metrics = self.train_step(self.local_examples())

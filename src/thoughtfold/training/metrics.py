@@ -4,6 +4,7 @@ records."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 from collections.abc import Sequence
@@ -96,8 +97,26 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+PEAK_RSS_RESET = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak RSS
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the accelerator's allocator statistics, or on Linux the process's peak RSS
+    (elsewhere the CPU peak stays the process's since it started)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        PEAK_RSS_RESET.write_text("5")
+
+
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory since the last reset, or the process's peak RSS on CPU."""
+    """Peak accelerator memory since the last reset, or the process's peak RSS on CPU (since the last
+    reset where Linux allows one)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
