@@ -1,6 +1,6 @@
 """Run the benchmarks a `BenchConfig` names: print each table, and with an output directory write
 `bench.md` (the tables), `bench.json` (the settings and every table's numbers, for scripts) and a
-plot per length sweep (`decode.png`, `replay.png`, `grpo.png`, `eviction.png`).
+plot per sweep (`decode.png`, `replay.png`, `grpo.png`, `eviction.png`, `rollout.png`).
 
 Random-init models of a chosen shape, so nothing is downloaded. On a CPU, time and memory are
 measured in separate passes: the memory tracker slows every op, so it never runs while timing.
@@ -20,12 +20,13 @@ from .config import BenchConfig
 from .decode import decode_benchmark
 from .encoder import encoder_benchmark
 from .measure import describe_device
+from .rollout import rollout_benchmark
 from .table import Table
 from .training import eviction_benchmark, grpo_benchmark, replay_benchmark
 
 BENCHMARK_RUNS: dict[str, Callable[[BenchConfig], Table]] = {
     "decode": decode_benchmark, "replay": replay_benchmark, "grpo": grpo_benchmark,
-    "encoder": encoder_benchmark, "eviction": eviction_benchmark,
+    "encoder": encoder_benchmark, "eviction": eviction_benchmark, "rollout": rollout_benchmark,
 }
 
 
