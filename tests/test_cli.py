@@ -128,6 +128,19 @@ def test_single_prompt_streams_the_returned_text(tiny_dirs, capsys):
     assert run_main(capsys, *args, "--stop", stop).stdout == cut_text + "\n"
 
 
+def test_generate_slots_change_no_output(tiny_dirs, two_prompts, capsys):
+    """--slots 1 decodes the batch's prompts one after the other in one call (continuous batching):
+    the same tokens and log-probs as both at once."""
+    args = ("generate", "--model", str(tiny_dirs["llama"]), "--prompts-file", str(two_prompts),
+            "--window", "6", "--max-new-tokens", "16", "--temperature", "1", "--seed", "3", "--json")
+    both, one = run_main(capsys, *args), run_main(capsys, *args, "--slots", "1")
+    assert both.returncode == one.returncode == 0, one.stderr
+    for a, b in zip(map(json.loads, both.stdout.splitlines()), map(json.loads, one.stdout.splitlines()),
+                    strict=True):
+        assert a["completion_ids"] == b["completion_ids"]
+        assert_close_to_scale(a["logprobs"], b["logprobs"], rel=1e-5)
+
+
 # --------------------------------------------------------------------------- one-line errors
 
 

@@ -177,6 +177,18 @@ def test_eval_resume_after_interruption(tiny_policy, tmp_path):
         evaluate(CountingPolicy(tiny_policy), _config(resumed_dir, temperature=0.5), model="tiny")
 
 
+def test_eval_slots_decode_a_batch_continuously_and_sample_the_same(tiny_policy, tmp_path):
+    """With 2 slots for batches of 4, each batch is one generate call whose finished slots take the
+    batch's next prompts: the samples are those of decoding every prompt of the batch at once."""
+    every = evaluate(tiny_policy, _config(tmp_path / "every", windows=[4]), model="tiny")
+    policy = CountingPolicy(tiny_policy)
+    slots = evaluate(policy, _config(tmp_path / "slots", windows=[4], slots=2), model="tiny")
+    assert policy.calls == 2 and slots["results"] == every["results"]
+    assert read_samples(tmp_path / "slots" / SAMPLES_NAME) == read_samples(tmp_path / "every" / SAMPLES_NAME)
+    with pytest.raises(ConfigError, match="slots"):
+        _config(tmp_path / "bad", slots=0)
+
+
 def test_eval_config_validation():
     with pytest.raises(ConfigError, match="n-samples"):
         EvalConfig(datasets=["x.jsonl"], n_samples=0)

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         datasets=split_dataset_list(args.datasets),
         windows=list(dict.fromkeys(getattr(args, "window", [cache.window]))),
         cache=cache, sampling=flags.sampling_config(args), n_samples=args.n_samples, limit=args.limit,
-        batch_size=args.batch_size, split=args.split,
+        batch_size=args.batch_size, slots=args.slots, split=args.split,
         system_prompt=None if args.no_system_prompt else args.system_prompt,
         chat_template=not args.no_chat_template, reward=args.reward, method=args.name,
         output_dir=args.output or str(Path("runs") / "eval" / name), progress=not args.no_progress,

@@ -120,11 +120,16 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperat
 
 
 def add_prompt_flags(p: argparse.ArgumentParser, system_prompt: str | None, system_help: str) -> None:
-    """--system-prompt, --no-chat-template, --batch-size (prompts decoded together)."""
+    """--system-prompt, --no-chat-template, --batch-size (prompts per generate call), --slots (of them,
+    how many decode at once)."""
     p.add_argument("--system-prompt", default=system_prompt, help=system_help)
     p.add_argument("--no-chat-template", action="store_true", help="encode prompts as plain text")
     p.add_argument("--batch-size", type=count("batch-size"), default=16, metavar="B",
-                   help="sequences decoded together [default: %(default)s]")
+                   help="prompts generated per call [default: %(default)s]")
+    p.add_argument("--slots", type=count("slots"), default=None, metavar="S",
+                   help="sequences decoding at once: with fewer slots than --batch-size, a finished "
+                   "sequence's slot takes the next prompt (continuous batching); the outputs do not "
+                   "change [default: the batch size]")
 
 
 def cache_config(args: argparse.Namespace, *fields: str) -> CacheConfig:

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         seed = None if sampling.seed is None else sampling.seed + start
         res = policy.generate(batch, **replace(sampling, seed=seed).to_dict(),
                               chat_template=not args.no_chat_template, stop=args.stop or None,
-                              streamer=streamer, system_prompt=args.system_prompt)
+                              streamer=streamer, system_prompt=args.system_prompt, slots=args.slots)
         for i in range(len(batch)):
             if args.json:
                 record = {"text": res.texts[i], "completion_ids": res.completion_ids[i],

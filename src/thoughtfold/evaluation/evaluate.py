@@ -98,6 +98,7 @@ class EvalConfig:
     n_samples: int = 1
     limit: int | None = None
     batch_size: int = 16
+    slots: int | None = None  # of a batch, how many decode at once (None: all); the samples do not change
     split: str | None = None
     prompt_field: str | None = None
     answer_field: str | None = None
@@ -118,6 +119,8 @@ class EvalConfig:
         for name, value in (("n-samples", self.n_samples), ("batch-size", self.batch_size)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.slots is not None and self.slots < 1:
+            raise ConfigError(f"slots must be >= 1, got {self.slots}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if isinstance(self.reward, str):
@@ -314,7 +317,7 @@ def _run_batch(policy, grader: Grader, c: EvalConfig, name: str, window: int | N
     prompts = [e["prompt"] for e in examples]
     sampling = replace(c.sampling, seed=_batch_seed(c.sampling.seed, name, start))
     res = policy.generate(prompts, **sampling.to_dict(), chat_template=c.chat_template,
-                          system_prompt=c.system_prompt)
+                          system_prompt=c.system_prompt, slots=c.slots)
     scores = grader(prompts, res.texts, examples, res.completion_ids)
     records = []
     for j, (i, s) in enumerate(batch):
