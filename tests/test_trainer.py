@@ -150,8 +150,10 @@ def test_mode_none_has_nothing_to_train(tmp_path, tiny_dirs):
                          ids=["pte-bounded", "pte-bounded-state-backprop", "lora-bounded", "lora-full"])
 def test_grpo_raises_a_learnable_reward(tmp_path, tiny_dirs, mode, window, backprop):
     # 12 steps of 8 rollouts are few: whether the margin below is reached depends on the sampled
-    # completions (one seed in a handful reaches it in all four modes; this is one)
-    config = _config(tmp_path, tiny_dirs["llama"], mode=mode, window=window, backprop=backprop, seed=5)
+    # completions (one seed in a handful reaches it in all four modes; this is one, at lr 2e-2: the
+    # residual PTE update moves faster than the paper's, and 3e-2 overshoots it)
+    config = _config(tmp_path, tiny_dirs["llama"], mode=mode, window=window, backprop=backprop, seed=5,
+                     learning_rate=2e-2)
     result = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
     records = read_metrics(result["metrics"])
     assert [r["step"] for r in records] == list(range(1, 13))
