@@ -737,7 +737,7 @@ def test_resume_skips_a_corrupt_checkpoint_and_refuses_when_none_is_intact(tmp_p
     resume = _config(tmp_path, tiny_dirs["llama"], max_steps=3, save_steps=1, resume=True)
     trainer = GRPOTrainer(reward_funcs=low_bytes, args=resume, train_dataset=_dataset())
     assert trainer.step == 1
-    assert "step-00000002 is unusable" in caplog.text and "truncated or corrupt" in caplog.text
+    assert "step-00000002 is damaged" in caplog.text and "truncated or corrupt" in caplog.text
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000001"]  # the bad one moved aside
     (checkpoints / "step-00000001" / "trainer_state.pt").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="none of the 1 checkpoints .* is intact"):

@@ -5,6 +5,7 @@ The limits keep a typo such as rank 10**12 from trying to allocate terabytes."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 from .errors import ConfigError
@@ -36,7 +37,7 @@ def is_number(value: object) -> bool:
 
 
 _KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"),
-          "bool": ((bool,), "true or false"), "str": ((str,), "text"),
+          "bool": ((bool,), "true or false"), "str": ((str, os.PathLike), "text"),
           "list[str]": ((str,), "a list of names"),
           "list[float]": ((int, float), "a list of numbers")}
 
@@ -70,3 +71,9 @@ def check_utf8(text: str, what: str, error: type[Exception] = ConfigError) -> No
         found = f"byte {byte:#x}" if byte is not None else f"a lone surrogate {text[e.start]!a}"
         raise error(f"{what} is not valid UTF-8 text ({found} at character {e.start}); re-encode it as "
                     "UTF-8") from None
+
+
+def is_token_ids(value: object) -> bool:
+    """A non-empty list of whole numbers >= 0 (not booleans): a prompt or target given as token ids."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checks import check_utf8
+from .checks import check_utf8, is_token_ids
 from .errors import ConfigError, DataError, ModelLoadError, PromptTooLongError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
@@ -378,7 +378,7 @@ def encode_prompt(
     if isinstance(prompt, (list, tuple)):
         if not prompt:
             raise DataError("empty prompt: a token-id prompt needs at least one token")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        if not is_token_ids(list(prompt)):
             raise DataError("a token-id prompt must be a list of non-negative integers")
         return [int(t) for t in prompt]
     if not isinstance(prompt, str):

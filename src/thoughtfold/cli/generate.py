@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..checks import is_token_ids
 from ..errors import DataError
 from . import flags
 
@@ -95,7 +96,7 @@ def _prompt(item: Any, where: str) -> str | list[int]:
             raise DataError(f'{where}: no "prompt" field (keys found: {keys})')
         item = item["prompt"]
         if isinstance(item, list):
-            if not item or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item):
+            if not is_token_ids(item):
                 raise DataError(f'{where}: a token-id "prompt" must be a non-empty list of integers >= 0')
         elif not isinstance(item, str):
             raise DataError(f'{where}: "prompt" must be a string, got {_json_type(item)}')

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..checks import is_token_ids
 from ..errors import DataError
 from .answers import last_boxed
 
@@ -22,7 +23,7 @@ class Example(dict):
     """One row: ``prompt`` (the problem text), ``answer`` (the gold string) and any other columns.
     A dict, so it goes straight into ``datasets.Dataset.from_list`` and reward ``**columns``."""
 
-    where = "a row"  # the row's file and line (or index), for messages about it
+    where: str | None = None  # the row's file and line, for messages about it
 
     def __init__(self, prompt: str | list[int], answer: str, **columns: Any) -> None:
         super().__init__(prompt=prompt, answer=answer, **columns)
@@ -43,8 +44,7 @@ def prompt_text(value: Any, where: str = "row") -> str | list[int]:
     if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
         users = [m for m in value if m.get("role", "user") == "user"] or value
         return prompt_text(users[-1]["content"], where)
-    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                 for t in value):
+    if is_token_ids(value):
         return value
     if not isinstance(value, str):
         kind = "an empty list" if value == [] else f"{type(value).__name__} {value!r:.40}"
