@@ -2,6 +2,13 @@
 the problem and the fix. The CLI prints them without a traceback."""
 
 
+import errno
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                            errno.EIO})
+"""What a refused write reports: a full disk or quota, a read-only disk, no permission, an I/O error."""
+
+
 class ThoughtfoldError(Exception):
     """Base class of all errors thoughtfold raises on bad input."""
 

@@ -25,13 +25,12 @@ from torch import nn
 from .config import AdapterConfig, CacheConfig
 from .engine.adapter import LowRankLinear, adapter_state_dict
 from .engine.encoder import ThoughtEncoder
-from .errors import ConfigError, CorruptFileError, StorageError
+from .errors import STORAGE_ERRNOS, ConfigError, CorruptFileError, StorageError
 
 CONFIG_NAME = "thoughtfold_adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PEFT_DIR = "peft"
 LOCK_NAME = ".lock"
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 HEAD_WEIGHTS = "eviction.head_weights"  # headkv's per-head weights [layers, kv_heads], when calibrated
 
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..checks import is_token_ids
+from ..checks import SEED_LIMIT, is_token_ids
 from ..errors import DataError
 from . import flags
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         streamer = TerminalStreamer(policy.tokenizer, policy.eos_token_ids, args.stop) if stream else None
-        seed = None if sampling.seed is None else sampling.seed + start
+        seed = None if sampling.seed is None else (sampling.seed + start) % SEED_LIMIT
         res = policy.generate(batch, **replace(sampling, seed=seed).to_dict(),
                               chat_template=not args.no_chat_template, stop=args.stop or None,
                               streamer=streamer, system_prompt=args.system_prompt)

@@ -27,6 +27,7 @@ from ..errors import ConfigError, CorruptFileError, DataError, RewardError
 from ..persist import atomic_write_text, lock_directory
 from ..policy import Policy
 from ..render import plot_curves
+from ..rows import check_rows
 from ..tasks.data import load_dataset_by_name
 from ..tasks.rewards import keep_traceback
 from .checkpoint import (
@@ -44,7 +45,6 @@ from .diagnostics import ParameterDiagnostics, state_metrics
 from .distributed import DataParallel, ReplayPlan
 from .metrics import METRICS_NAME, MetricsLogger, mean_metrics, peak_memory_gb, read_metrics
 from .resume import check_run_settings
-from .rows import check_rows
 
 log = logging.getLogger("thoughtfold")
 
@@ -82,7 +82,8 @@ class Trainer:
         self._lock = lock_directory(self.output_dir, "training run") if self.dp.main else None
         self._check_output_dir()
         self.policy = model if isinstance(model, Policy) else self._load_policy()
-        check_rows(self.policy, self.dataset, config, self._completion_tokens)  # all of them, before step 1
+        check_rows(self.policy, self.dataset, config.data.chat_template, config.data.system_prompt,
+                   self._completion_tokens, "max_completion_length")  # every row, before step 1
         self.replays = ReplayPlan.for_run(self.policy, self.dp, config)
         self.params = self.policy.trainable_parameters()
         if not self.params:

@@ -17,10 +17,10 @@ from ..config import CacheConfig
 from ..engine.adapter import adapters_disabled
 from ..engine.replay import default_schedule
 from ..errors import DataError
+from ..rows import row_location
 from .distill import TeacherTargets, first_distilled_token, teacher_targets, token_kl
 from .loop import Trainer
 from .losses import loss_mask
-from .rows import row_location
 
 
 class SFTTrainer(Trainer):
