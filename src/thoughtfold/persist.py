@@ -48,8 +48,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def storage_error(error: OSError, path: Path) -> StorageError:
     """A failed write as a one-line StorageError that names the file and what to do."""
-    return StorageError(error.errno, f"cannot write {path}: {error.strerror or error}; free space there or "
-                        "choose another output directory")
+    storage = StorageError(f"cannot write {path}: {error.strerror or error}; free space there or choose "
+                           "another output directory")
+    storage.errno = error.errno
+    return storage
 
 
 def output_directory(directory: str | os.PathLike, what: str = "output directory") -> Path:
