@@ -276,3 +276,52 @@ def test_adapter_tensors_of_another_rank_are_a_conflict_not_damage(tiny_dirs, tm
         load_adapter_weights(tmp_path / "a", other.model, other.wrappers, other.encoder)
     assert not isinstance(caught.value, CorruptFileError)
     assert load_file(tmp_path / "a" / "adapter.safetensors")  # untouched
+
+
+def test_token_id_prompts_stay_ids_in_grpo_sft_and_eval(tiny_dirs, tmp_path):
+    """A JSONL file with token-id prompts: GRPO's rewards and rollouts, SFT's replay and eval's samples
+    all see the ids (not their printed form "[1, 4, 5]")."""
+    from test_trainer import _config
+    from thoughtfold import GRPOTrainer, SFTTrainer
+    from thoughtfold.config import DataConfig
+    from thoughtfold.evaluation.evaluate import evaluate
+    from thoughtfold.policy import Policy
+
+    data = tmp_path / "ids.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "1", "solution": [7, 8, 9]}) + "\n"
+                            for p in ([1, 4, 5], [2, 6], [3, 3, 3, 3])))
+    seen = []
+
+    def lengths(prompts, completions, completion_ids, **columns):
+        seen.extend(prompts)
+        return [float(len(c)) for c in completion_ids]
+
+    ids = DataConfig(str(data), chat_template=False)
+    grpo = _config(tmp_path, tiny_dirs["llama"], max_steps=1, data=ids)
+    GRPOTrainer(reward_funcs=lengths, args=grpo).train()
+    assert seen and all(p in ([1, 4, 5], [2, 6], [3, 3, 3, 3]) for p in seen)
+    sft = SFTTrainer(args=_config(tmp_path, tiny_dirs["llama"], max_steps=1, output_dir=str(tmp_path / "sft"),
+                                  data=ids))
+    assert sft.policy.encode([sft.dataset[0]["prompt"]], chat_template=False) == [[1, 4, 5]]
+    sft.train()
+    policy = Policy.from_pretrained(str(tiny_dirs["llama"]), device="cpu")
+    evaluate(policy, EvalConfig(datasets=[str(data)], reward="arith", chat_template=False, progress=False,
+                                sampling=SamplingConfig(max_new_tokens=3), output_dir=str(tmp_path / "eval")))
+    records = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [[1, 4, 5], [2, 6], [3, 3, 3, 3]]
+
+
+def test_a_reward_that_scores_nothing_is_logged_as_nan_with_a_warning(tiny_dirs, tmp_path, caplog):
+    from test_trainer import _config, _dataset
+    from thoughtfold import GRPOTrainer
+    from thoughtfold.training.metrics import read_metrics
+
+    def nothing(prompts, completions, **columns):
+        return [float("nan")] * len(completions)
+
+    trainer = GRPOTrainer(reward_funcs=nothing, args=_config(tmp_path, tiny_dirs["llama"], max_steps=1),
+                          train_dataset=_dataset())
+    record = read_metrics(trainer.train()["metrics"])[0]
+    assert record["rewards/nothing/mean"] != record["rewards/nothing/mean"]  # NaN, not 0.0
+    assert record["reward"] != record["reward"] and record["rewards/skipped"] == 8
+    assert "reward nothing scored none of the 8 completions" in caplog.text
