@@ -286,8 +286,23 @@ class Trainer:
             if self._lock is not None:
                 self._lock.close()
 
+    def _calibrate_heads(self) -> None:
+        """headkv's head weights, unless the policy has them (from a checkpoint, an adapter, or a call of
+        its own): calibrated on the run's first global batch of prompts, the same on every process, so
+        that processes evict alike and any resume finds them in its checkpoint."""
+        c, policy = self.config, self.policy
+        if policy.cache_config.eviction != "headkv" or policy.eviction_policy is not None \
+                or policy.head_weights is not None:
+            return
+        position, self.data_pos = self.data_pos, 0
+        rows = self.next_examples(c.prompts_per_step * self.dp.world)
+        self.data_pos = position
+        prompts = policy.encode([r["prompt"] for r in rows], c.data.chat_template, c.data.system_prompt)
+        policy.calibrate_heads(prompts, c.max_completion_length)
+
     def _train(self) -> dict[str, Path | None]:
         c = self.config
+        self._calibrate_heads()
         logger = None
         if self.dp.main:
             atomic_write_text(self.output_dir / RUN_CONFIG_NAME, config_to_yaml(c))
