@@ -105,7 +105,7 @@ CASES = {
     "seed_2_64": (GEN + ["--seed", str(2**64)], ["seed must be an integer >= 0 and < 2**64"]),
     "train_seed_2_64": (TRAIN + [f"seed={2**64}"], ["seed must be an integer >= 0 and < 2**64"]),
     "observe_window_huge": (TRAIN + ["cache.observe_window=10000000"],
-                            ["observe_window must be at most the window"]),
+                            ["observe_window must be an integer >= 1 and at most the window"]),
     "rank_huge_setting": (TRAIN + ["adapter.rank=1000000000000"],
                           ["adapter rank must be an integer", "2**16"]),
     "globals_vs_model": (TRAIN + ["adapter.global_tokens=60000"], ["more than the base model's"]),
@@ -126,8 +126,8 @@ CASES = {
     # adapters are files people download: validated like configs, sizes before allocation
     "adapter_rank_huge": (GEN + ["--adapter", "{rank_huge}"],
                           ["thoughtfold_adapter.json is malformed", "rank"]),
-    "adapter_rank_bool": (GEN + ["--adapter", "{rank_bool}"], ["adapter rank must be an integer", "True"]),
-    "adapter_alpha_huge": (GEN + ["--adapter", "{alpha_huge}"], ["alpha must be non-zero and at most 1e6"]),
+    "adapter_rank_bool": (GEN + ["--adapter", "{rank_bool}"], ["rank must be an integer", "True"]),
+    "adapter_alpha_huge": (GEN + ["--adapter", "{alpha_huge}"], ["alpha must be a finite number, non-zero"]),
     "adapter_globals_huge": (GEN + ["--adapter", "{globals_huge}"], ["more than the base model's"]),
     "adapter_nested_json": (GEN + ["--adapter", "{nested}"], ["not valid JSON (nested too deeply)"]),
     "adapter_latin1_json": (GEN + ["--adapter", "{latin1}"], ["is not UTF-8 text"]),
@@ -175,11 +175,11 @@ def test_bad_input_is_one_line(case, files, capsys):
 
 
 PYTHON_CASES = [
-    (CacheConfig, {"window": 8, "observe_window": 10**7}, "observe_window must be at most the window"),
+    (CacheConfig, {"window": 8, "observe_window": 10**7}, "observe_window must be .* at most the window"),
     (CacheConfig, {"eviction": "snapkv"}, "evicts none"),
-    (CacheConfig, {"window": 8, "evict_ratio": True}, "evict_ratio must be in"),
+    (CacheConfig, {"window": 8, "evict_ratio": True}, "evict_ratio must be a number"),
     (AdapterConfig, {"rank": 10**12}, "adapter rank must be an integer"),
-    (AdapterConfig, {"alpha": "big"}, "alpha must be a finite number"),
+    (AdapterConfig, {"alpha": "big"}, "alpha must be a number"),
     (AdapterConfig, {"target_modules": "q_proj"}, "target_modules must be a list"),
     (SamplingConfig, {"seed": 2**64}, r"seed must be an integer >= 0 and < 2\*\*64"),
     (SamplingConfig, {"top_k": 1.5}, "top_k must be"),

@@ -25,17 +25,6 @@ def check_int(name: str, value: object, low: int, high: int, optional: bool = Fa
         raise ConfigError(f"{name} must be an integer >= {low} and < {top}{none}, got {value!r:.80}")
 
 
-def check_flag(name: str, value: object) -> None:
-    """A ConfigError unless `value` is True or False."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r:.80}")
-
-
-def is_number(value: object) -> bool:
-    """An int or float that is not a bool (YAML's true is no learning rate)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 _KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"),
           "bool": ((bool,), "true or false"), "str": ((str, os.PathLike), "text"),
           "list[str]": ((str,), "a list of names"),

@@ -20,10 +20,8 @@ from .checks import (
     SIZE_LIMIT,
     WINDOW_LIMIT,
     check_field_types,
-    check_flag,
     check_int,
     check_utf8,
-    is_number,
 )
 from .errors import ConfigError
 
@@ -76,13 +74,10 @@ class CacheConfig:
     observe_window: int | None = None
 
     def __post_init__(self) -> None:
-        if self.window is not None:
-            if isinstance(self.window, bool) or not isinstance(self.window, int):
-                raise ConfigError(f"window must be an integer >= 1 or None (full cache), got {self.window!r}")
-            if self.window < 1:
-                raise ConfigError(f"window must be >= 1 (or None for a full cache), got {self.window}")
-            check_int("window", self.window, 1, WINDOW_LIMIT)
-        if not is_number(self.evict_ratio) or not 0.0 < float(self.evict_ratio) <= 1.0:
+        check_field_types(self)  # the types first: the checks below compare numbers
+        if self.window is not None and not 1 <= self.window < WINDOW_LIMIT:
+            raise ConfigError(f"window must be >= 1 (or None: a full cache) and < 2**24, got {self.window}")
+        if not 0.0 < self.evict_ratio <= 1.0:
             raise ConfigError(f"evict_ratio must be in (0, 1], got {self.evict_ratio!r}")
         self.evict_ratio = float(self.evict_ratio)
         check_choice("eviction", self.eviction, EVICTIONS)
@@ -90,11 +85,9 @@ class CacheConfig:
             raise ConfigError(f"eviction {self.eviction!r} chooses which tokens leave a bounded cache, but "
                               "a full cache (window None) evicts none: set a window or eviction oldest")
         observe = self.observe_window
-        if observe is not None and (isinstance(observe, bool) or not isinstance(observe, int) or observe < 1):
-            raise ConfigError(f"observe_window must be an integer >= 1 or None (automatic), got {observe!r}")
-        if observe is not None and (self.window is None or observe > self.window):
-            raise ConfigError(f"observe_window must be at most the window ({self.window}), got {observe}: "
-                              "a scored policy observes queries of the window it evicts from")
+        if observe is not None and not 1 <= observe <= (self.window or 0):
+            raise ConfigError(f"observe_window must be an integer >= 1 and at most the window "
+                              f"({self.window}), or None (automatic), got {observe}")
 
     def with_window(self, window: int | None) -> CacheConfig:
         """These settings under another window: a full cache (None) evicts nothing, so the eviction
@@ -152,17 +145,15 @@ class AdapterConfig:
     residual: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_choice("adapter mode", self.mode, ADAPTER_MODES)
         check_choice("state_update", self.state_update, STATE_UPDATES)
         check_int("adapter rank", self.rank, 1, SIZE_LIMIT)
         check_int("global_tokens", self.global_tokens, 0, SIZE_LIMIT)
         check_int("encoder_dim", self.encoder_dim, 1, SIZE_LIMIT, optional=True)
-        check_flag("residual", self.residual)
-        check_flag("global_only", self.global_only)
-        if not is_number(self.alpha) or not math.isfinite(self.alpha):
-            raise ConfigError(f"adapter alpha must be a finite number, got {self.alpha!r:.80}")
-        if not 0 < abs(self.alpha) <= 1e6:
-            raise ConfigError(f"adapter alpha must be non-zero and at most 1e6 in size, got {self.alpha}")
+        if not math.isfinite(self.alpha) or not 0 < abs(self.alpha) <= 1e6:
+            raise ConfigError(f"adapter alpha must be a finite number, non-zero and at most 1e6 in size, "
+                              f"got {self.alpha}")
         targets = self.target_modules
         if isinstance(targets, str) or not all(isinstance(m, str) and m for m in targets):
             raise ConfigError(f"target_modules must be a list of linear names, got {targets!r:.80}")
@@ -199,14 +190,14 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
+        check_field_types(self)
+        if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not is_number(self.temperature) or not self.temperature >= 0 or math.isinf(self.temperature):
+        if not self.temperature >= 0 or math.isinf(self.temperature):  # also NaN
             raise ConfigError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
-        if not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         check_int("seed", self.seed, 0, SEED_LIMIT, optional=True)
 
