@@ -346,4 +346,6 @@ def test_fsdp_processes_with_different_queues_decode_in_lockstep(tmp_path, tiny_
         assert got["ids"] == want.completion_ids
         assert [[EvictionEvent.from_dict(e) for e in log] for log in got["logs"]] == want.eviction_log
         for a, b in zip(got["logprobs"], want.logprobs, strict=True):
-            assert_close_to_scale(a, b, rel=1e-5)
+            # float32, sharded against whole weights: the matmuls block differently (measured 1.6e-5 x
+            # max |log-prob| with the residual update)
+            assert_close_to_scale(a, b, rel=5e-5)
