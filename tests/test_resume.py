@@ -123,3 +123,21 @@ def test_resumed_run_is_bit_exact_under_every_eviction_policy(tiny_dirs, tmp_pat
     assert _deterministic(tmp_path / "parted" / "metrics.jsonl") == \
         _deterministic(tmp_path / "straight" / "metrics.jsonl")
     assert any(r["evictions_per_rollout"] > 0 for r in read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+
+
+def test_a_run_saved_before_the_residual_update_resumes_with_the_papers(tmp_path):
+    """A run's config.yaml without `adapter.residual` was written when PTE's update was the paper's
+    B S A: a resume keeps that form (and does not call it a conflict); a new config takes the
+    current default, the residual B (I + S) A."""
+    from thoughtfold.config import config_to_yaml, load_config
+    from thoughtfold.training.resume import check_run_settings
+
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = yaml.safe_load(config_to_yaml(_config(tmp_path, tmp_path / "model", output_dir=str(out))))
+    del saved["adapter"]["residual"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    resumed = load_config(None, [f"output_dir={out}", "resume=true"])
+    assert resumed.adapter.residual is False
+    check_run_settings(resumed, out)
+    assert load_config(None, [f"output_dir={tmp_path / 'new'}"]).adapter.residual is True

@@ -402,8 +402,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), *layers))
         saved = Path(config.output_dir) / RUN_CONFIG_NAME
         if restore_run and config.resume and saved.is_file():
-            base = _yaml_layer(saved, "the run's saved config")
-            config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), base, *layers))
+            config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), _run_layer(saved),
+                                                         *layers))
         return config
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
@@ -411,6 +411,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         raise ConfigError(f"config{f' key {key!r}' if key else ''}: {message}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def load_run_config(path: str | Path) -> TrainConfig:
+    """The settings a run saved in its output_dir (config.yaml), as it ran them."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), _run_layer(Path(path))))
+
+
+def _run_layer(path: Path):
+    """A run's saved settings as a layer; runs saved before `adapter.residual` existed ran the paper's
+    update B S A, so a missing one is False there (a new config takes the current default)."""
+    from omegaconf import OmegaConf
+
+    layer = _yaml_layer(path, "the run's saved config")
+    if "residual" not in (layer.get("adapter") or {}):
+        OmegaConf.update(layer, "adapter.residual", False, force_add=True)
+    return layer
 
 
 def _yaml_layer(path: Path, what: str):

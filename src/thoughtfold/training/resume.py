@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..config import RUN_CONFIG_NAME, TrainConfig, load_config
+from ..config import RUN_CONFIG_NAME, TrainConfig, load_run_config
 from ..errors import ConfigError
 
 RESUMABLE = frozenset({
@@ -26,7 +26,7 @@ def check_run_settings(config: TrainConfig, output_dir: Path) -> None:
     if not path.is_file():
         return
     try:
-        saved = load_config(path, restore_run=False)
+        saved = load_run_config(path)
     except ConfigError as e:
         raise ConfigError(f"the run's saved settings {path} cannot be read back ({e}); restore the file or "
                           "start over with overwrite_output_dir=true") from None
