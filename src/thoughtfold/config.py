@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .checks import (
+    SEED_LIMIT,
+    SIZE_LIMIT,
+    WINDOW_LIMIT,
+    check_field_types,
+    check_int,
+    check_utf8,
+)
 from .errors import ConfigError
 
 ADAPTER_MODES = ("none", "lora", "pte")
@@ -43,8 +51,9 @@ BACKPROP = ("state", "truncated", "full")
 
 def check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
     """A ConfigError naming the setting and its choices unless `value` is one of `allowed`."""
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
 
 @dataclass
 class CacheConfig:
@@ -65,18 +74,29 @@ class CacheConfig:
     observe_window: int | None = None
 
     def __post_init__(self) -> None:
-        if self.window is not None:
-            if isinstance(self.window, bool) or not isinstance(self.window, int):
-                raise ConfigError(f"window must be an integer >= 1 or None (full cache), got {self.window!r}")
-            if self.window < 1:
-                raise ConfigError(f"window must be >= 1 (or None for a full cache), got {self.window}")
-        if not isinstance(self.evict_ratio, (int, float)) or not 0.0 < float(self.evict_ratio) <= 1.0:
+        check_field_types(self)  # the types first: the checks below compare numbers
+        if self.window is not None and not 1 <= self.window < WINDOW_LIMIT:
+            raise ConfigError(f"window must be >= 1 (or None: a full cache) and < 2**24, got {self.window}")
+        if not 0.0 < self.evict_ratio <= 1.0:
             raise ConfigError(f"evict_ratio must be in (0, 1], got {self.evict_ratio!r}")
         self.evict_ratio = float(self.evict_ratio)
         check_choice("eviction", self.eviction, EVICTIONS)
+        if self.window is None and self.eviction != "oldest":
+            raise ConfigError(f"eviction {self.eviction!r} chooses which tokens leave a bounded cache, but "
+                              "a full cache (window None) evicts none: set a window or eviction oldest")
         observe = self.observe_window
-        if observe is not None and (not isinstance(observe, int) or observe < 1):
-            raise ConfigError(f"observe_window must be an integer >= 1 or None (automatic), got {observe!r}")
+        if observe is not None and not 1 <= observe <= (self.window or 0):
+            raise ConfigError(f"observe_window must be an integer >= 1 and at most the window "
+                              f"({self.window}), or None (automatic), got {observe}")
+
+    def with_window(self, window: int | None) -> CacheConfig:
+        """These settings under another window: a full cache (None) evicts nothing, so the eviction
+        policy and its observation window fall back to their defaults there; a smaller window
+        observes at most its own size of queries."""
+        if window is None:
+            return replace(self, window=None, eviction="oldest", observe_window=None)
+        observe = self.observe_window
+        return replace(self, window=window, observe_window=None if observe is None else min(observe, window))
 
     @property
     def bounded(self) -> bool:
@@ -125,18 +145,18 @@ class AdapterConfig:
     residual: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_choice("adapter mode", self.mode, ADAPTER_MODES)
         check_choice("state_update", self.state_update, STATE_UPDATES)
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"adapter rank must be an integer >= 1, got {self.rank!r}")
-        if not isinstance(self.global_tokens, int) or self.global_tokens < 0:
-            raise ConfigError(f"global_tokens must be an integer >= 0, got {self.global_tokens!r}")
-        if self.encoder_dim is not None and self.encoder_dim < 1:
-            raise ConfigError(f"encoder_dim must be >= 1, got {self.encoder_dim}")
-        if not isinstance(self.residual, bool):
-            raise ConfigError(f"residual must be true or false, got {self.residual!r}")
-        if not math.isfinite(self.alpha):
-            raise ConfigError(f"adapter alpha must be a finite number, got {self.alpha}")
+        check_int("adapter rank", self.rank, 1, SIZE_LIMIT)
+        check_int("global_tokens", self.global_tokens, 0, SIZE_LIMIT)
+        check_int("encoder_dim", self.encoder_dim, 1, SIZE_LIMIT, optional=True)
+        if not math.isfinite(self.alpha) or not 0 < abs(self.alpha) <= 1e6:
+            raise ConfigError(f"adapter alpha must be a finite number, non-zero and at most 1e6 in size, "
+                              f"got {self.alpha}")
+        targets = self.target_modules
+        if isinstance(targets, str) or not all(isinstance(m, str) and m for m in targets):
+            raise ConfigError(f"target_modules must be a list of linear names, got {targets!r:.80}")
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ConfigError("target_modules is empty: name at least one linear (e.g. q_proj)")
@@ -170,8 +190,8 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
+        check_field_types(self)
+        if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not self.temperature >= 0 or math.isinf(self.temperature):  # also NaN
             raise ConfigError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
@@ -179,6 +199,7 @@ class SamplingConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        check_int("seed", self.seed, 0, SEED_LIMIT, optional=True)
 
     def to_dict(self) -> dict:
         """The keyword arguments of `Policy.generate` this config stands for."""
@@ -223,6 +244,7 @@ class TrainConfig:
     # GRPO's rewards, unless GRPOTrainer gets reward_funcs
     rewards: list[str] = field(default_factory=lambda: ["arith"])
     reward_weights: list[float] | None = None
+    reward_timeout: float | None = 300.0  # seconds one reward call may take; a slower one ends the run
     num_generations: int = 8
     prompts_per_step: int = 4
     max_completion_length: int = 24
@@ -266,6 +288,11 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        for name, kind in (("cache", CacheConfig), ("adapter", AdapterConfig), ("data", DataConfig)):
+            if not isinstance(value := getattr(self, name), kind):
+                raise ConfigError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        check_field_types(self.data)
         self._check_choices()
         self._check_ranges()
 
@@ -303,6 +330,9 @@ class TrainConfig:
         if self.sft_loss == "kl" and self.distill_tokens == "after_eviction" and full_cache:
             raise ConfigError("sft_loss=kl with distill_tokens=after_eviction needs a bounded cache (a full "
                               "cache never evicts): set cache.window or distill_tokens=all")
+        check_int("seed", self.seed, 0, SEED_LIMIT)
+        if self.reward_timeout is not None and self.reward_timeout <= 0:
+            raise ConfigError(f"reward_timeout must be > 0 (seconds) or null, got {self.reward_timeout}")
         if self.epsilon < 0 or self.epsilon_high < 0:
             raise ConfigError("epsilon and epsilon_high must be >= 0")
         if self.replay_memory_gb is not None and self.replay_memory_gb <= 0:
@@ -351,35 +381,80 @@ def _with_current_names(layer, source: str):
     return OmegaConf.create(out)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+RUN_CONFIG_NAME = "config.yaml"  # a run's resolved settings, saved in its output_dir
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                restore_run: bool = True) -> TrainConfig:
     """A TrainConfig from defaults < YAML file < ``key=value`` overrides (dotted keys, e.g.
     ``cache.window=256 adapter.mode=lora``); the legacy names in LEGACY_NAMES (`lr`, `steps`, ...)
-    work too. Unknown keys and bad types raise ConfigError."""
+    work too. With ``resume`` set (and `restore_run`), the run's saved config.yaml in its output_dir
+    takes the place of the defaults: a resumed run keeps its settings, and the trainer refuses file
+    or override settings that conflict with them. Unknown keys and bad types raise ConfigError."""
     import yaml
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    layers = [OmegaConf.structured(TrainConfig)]
     try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} not found")
-            loaded = OmegaConf.load(path)
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
-                                  f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
-            layers.append(_with_current_names(loaded, f"config file {path}"))
+        layers = [] if path is None else [_yaml_layer(Path(path), "config file")]
+        for override in overrides:
+            check_utf8(override, f"override {override.partition('=')[0]!a}")
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not KEY=VALUE (e.g. cache.window=64)")
         layers.append(_with_current_names(OmegaConf.from_dotlist(list(overrides)), "override"))
-        return OmegaConf.to_object(OmegaConf.merge(*layers))
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), *layers))
+        saved = Path(config.output_dir) / RUN_CONFIG_NAME
+        if restore_run and config.resume and saved.is_file():
+            config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), _run_layer(saved),
+                                                         *layers))
+        return config
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         message = str(e).splitlines()[0]
         raise ConfigError(f"config{f' key {key!r}' if key else ''}: {message}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def load_run_config(path: str | Path) -> TrainConfig:
+    """The settings a run saved in its output_dir (config.yaml), as it ran them."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), _run_layer(Path(path))))
+
+
+def _run_layer(path: Path):
+    """A run's saved settings as a layer; runs saved before `adapter.residual` existed ran the paper's
+    update B S A, so a missing one is False there (a new config takes the current default)."""
+    from omegaconf import OmegaConf
+
+    layer = _yaml_layer(path, "the run's saved config")
+    if "residual" not in (layer.get("adapter") or {}):
+        OmegaConf.update(layer, "adapter.residual", False, force_add=True)
+    return layer
+
+
+def _yaml_layer(path: Path, what: str):
+    """The settings of a YAML file as an OmegaConf layer (current names): UTF-8 text whose top level
+    is a mapping, else a one-line ConfigError."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    top = yaml.safe_load(text)
+    if not isinstance(top, dict) and top is not None:
+        kind = {"list": "list", "bool": "boolean", "str": "string"}.get(type(top).__name__, "number")
+        raise ConfigError(f"{what} {path} must be a mapping of settings (key: value), not a {kind}")
+    return _with_current_names(OmegaConf.create(text), f"{what} {path}")
 
 
 def config_to_yaml(config: TrainConfig) -> str:

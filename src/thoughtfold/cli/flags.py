@@ -132,12 +132,13 @@ def add_prompt_flags(p: argparse.ArgumentParser, system_prompt: str | None, syst
                    "change [default: the batch size]")
 
 
-def cache_config(args: argparse.Namespace, *fields: str) -> CacheConfig:
-    """The CacheConfig from the cache flags among `fields` that were given. With --adapter the others
-    are its saved settings (persist.adapter_settings), else CacheConfig's defaults (a full cache)."""
+def cache_config(args: argparse.Namespace, *fields: str, **values: Any) -> CacheConfig:
+    """The CacheConfig from the cache flags among `fields` that were given, and `values`. With
+    --adapter the others are its saved settings (persist.adapter_settings), else CacheConfig's
+    defaults (a full cache)."""
     from ..persist import adapter_settings
 
-    given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in fields if hasattr(args, name)} | values
     if args.adapter is not None:
         return adapter_settings(args.adapter, **given)[1]
     return CacheConfig(**given)

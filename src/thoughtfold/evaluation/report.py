@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..persist import output_directory
 from ..render import markdown_table, plot_curves, pyplot, save_plot
 from ..training.metrics import METRICS_NAME, read_metrics
 from .evaluate import SUMMARY_NAME, pct, window_name
@@ -336,8 +337,7 @@ def plot_diagnostics(records: list[dict], path: Path, title: str) -> Path | None
 def build_report(paths: list[str | Path], output_dir: str | Path) -> tuple[str, list[Path]]:
     """Write ``report.md`` and the PNG plots to ``output_dir``; returns the markdown and the plots."""
     evals, trains = discover(paths)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_directory(output_dir)
     lines = ["# thoughtfold report", ""]
     sources = [f"- `{e.path}`: eval of {e.summary.get('model') or '?'}"
                + (f" + adapter `{e.summary['adapter']}`" if e.summary.get("adapter") else "")

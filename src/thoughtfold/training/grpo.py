@@ -11,6 +11,7 @@ length.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -35,6 +36,8 @@ from .losses import (
     loss_mask,
     token_loss_terms,
 )
+
+log = logging.getLogger("thoughtfold")
 
 RewardFunc = Callable | str
 LOSS_MASK_PREFIX = "loss_mask_prefix"
@@ -169,7 +172,11 @@ class GRPOTrainer(Trainer):
         per_func = []
         for name, fn in zip(self.reward_names, self.reward_funcs, strict=True):
             scores = score_completions(name, fn, prompts, rollout.texts, rollout.completion_ids, examples,
-                                       repeat=self.config.num_generations)
+                                       repeat=self.config.num_generations, timeout=self.config.reward_timeout)
+            if all(s is None for s in scores):
+                log.warning("step %d: reward %s scored none of the %d completions (all None or NaN), so it "
+                            "is left out of this step; check the dataset columns it reads", self.step + 1,
+                            name, len(scores))
             per_func.append(torch.tensor([math.nan if s is None else s for s in scores]))
         return torch.stack(per_func, 1)
 
@@ -190,12 +197,13 @@ class GRPOTrainer(Trainer):
     def _rollout_metrics(self, stats: RolloutStats, rewards: torch.Tensor,
                          adv: GroupAdvantages) -> dict[str, float]:
         """TRL's reward and completion metrics of the global batch, plus the cache's."""
-        metrics = {f"rewards/{name}/mean": stats.scores[:, j].nanmean().nan_to_num(0.0).item()
+        # NaN, not 0, where nothing was scored: a reward that never scores must show in the log
+        metrics = {f"rewards/{name}/mean": stats.scores[:, j].nanmean().item()
                    for j, name in enumerate(self.reward_names)}
         n = len(stats.lengths)
         return {
             **metrics,
-            "reward": rewards.nanmean().nan_to_num(0.0).item(),
+            "reward": rewards.nanmean().item(),
             "reward_std": adv.reward_std,
             "frac_reward_zero_std": adv.frac_reward_zero_std,
             "rewards/skipped": int(torch.isnan(rewards).sum()),

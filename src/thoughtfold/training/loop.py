@@ -22,19 +22,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig, config_to_yaml
-from ..errors import ConfigError, DataError
-from ..persist import lock_directory
+from ..config import RUN_CONFIG_NAME, TrainConfig, config_to_yaml
+from ..errors import ConfigError, CorruptFileError, DataError, RewardError
+from ..persist import atomic_write_text, lock_directory
 from ..policy import Policy
 from ..render import plot_curves
+from ..rows import check_rows
 from ..tasks.data import load_dataset_by_name
+from ..tasks.rewards import keep_traceback
 from .checkpoint import (
     ADAPTER_DIR,
+    check_optimizer_state,
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,
+    set_aside,
     set_rng_state,
 )
 from .diagnostics import ParameterDiagnostics, state_metrics
@@ -47,6 +51,7 @@ from .metrics import (
     read_metrics,
     reset_peak_memory,
 )
+from .resume import check_run_settings
 
 log = logging.getLogger("thoughtfold")
 
@@ -69,7 +74,10 @@ class Trainer:
             raise ConfigError("model must be a thoughtfold Policy, a model id or path, or None "
                               f"(args.model), got {type(model).__name__}")
         args = args if args is not None else TrainConfig()
-        # a model named here is the run's model: the saved config.yaml must say so for a resume
+        # the model given here is the run's: the saved config.yaml must say so for a resume
+        if isinstance(model, Policy):
+            args = replace(args, model=model.base_model, cache=model.cache_config,
+                           adapter=model.adapter_config)
         self.config = replace(args, model=model) if isinstance(model, str) else args
         config = self.config
         self.output_dir = Path(config.output_dir)
@@ -81,6 +89,8 @@ class Trainer:
         self._lock = lock_directory(self.output_dir, "training run") if self.dp.main else None
         self._check_output_dir()
         self.policy = model if isinstance(model, Policy) else self._load_policy()
+        check_rows(self.policy, self.dataset, config.data.chat_template, config.data.system_prompt,
+                   self._completion_tokens, "max_completion_length")  # every row, before step 1
         self.replays = ReplayPlan.for_run(self.policy, self.dp, config)
         self.params = self.policy.trainable_parameters()
         if not self.params:
@@ -136,37 +146,58 @@ class Trainer:
     def updates_per_step(self) -> int:
         return 1
 
+    def _completion_tokens(self, row: dict, where: str) -> int:
+        """How many completion tokens `row` needs next to its prompt: what a rollout may generate."""
+        return self.config.max_completion_length
+
     def _check_output_dir(self) -> None:
-        """Never mix a new run into an old one (checked before the model loads): refuse, or with
-        `overwrite_output_dir` delete the old checkpoints so a later resume cannot pick them up."""
+        """Never mix a new run into an old one (checked before the model loads): a resume must keep
+        the run's settings; a fresh run over a run that checkpointed or logged steps is refused, or
+        with `overwrite_output_dir` the old checkpoints go so that a later resume cannot pick them up."""
         c, checkpoints = self.config, self.output_dir / CHECKPOINTS_DIR
-        if c.resume or not list_checkpoints(checkpoints):
+        if c.resume:
+            check_run_settings(c, self.output_dir)
+            return
+        if not list_checkpoints(checkpoints) and not read_metrics(self.output_dir / METRICS_NAME):
             return
         if not c.overwrite_output_dir:
-            raise ConfigError(f"{self.output_dir} already holds checkpoints: set resume=true to continue "
+            raise ConfigError(f"{self.output_dir} already holds a run: set resume=true to continue "
                               "that run, overwrite_output_dir=true to start over, or pick another output_dir")
         self.dp.barrier()  # every process has looked before the main one deletes
         if self.dp.main:
             log.info("overwrite_output_dir: removing the old checkpoints in %s", checkpoints)
-            shutil.rmtree(checkpoints)
+            shutil.rmtree(checkpoints, ignore_errors=True)
 
     def _resume(self) -> None:
-        """Continue from the newest intact checkpoint (a fresh start if there is none yet). A corrupt
-        one (a disk that filled up, a truncated copy) is skipped with a warning and renamed aside,
-        so that checkpoint pruning and later resumes do not count it."""
+        """Continue from the newest intact checkpoint. A damaged one (a disk that filled up, a
+        truncated copy) is renamed aside with a warning, so that pruning and later resumes skip it,
+        and the one before is tried; one that does not fit the run's settings is refused and left as
+        it is. Without any checkpoint the run starts from step 0, with a warning when steps were
+        logged (they are dropped), and never when damaged checkpoints are all there is."""
         checkpoints = self.output_dir / CHECKPOINTS_DIR
         found = list_checkpoints(checkpoints)
         if not found:
-            log.info("no checkpoint in %s: starting from step 0", checkpoints)
+            damaged = sorted(checkpoints.glob("step-*.corrupt*")) if checkpoints.is_dir() else []
+            if damaged:
+                raise ConfigError(f"{checkpoints} holds only damaged checkpoints ({damaged[-1].name}): "
+                                  "restore them from a copy, or start over with overwrite_output_dir=true")
+            logged = len(read_metrics(self.output_dir / METRICS_NAME))
+            dropped = f" (the {logged} steps logged before are dropped)" if logged else ""
+            level = logging.WARNING if logged else logging.INFO
+            log.log(level, "no checkpoint in %s: starting from step 0%s", checkpoints, dropped)
             return
         for path in reversed(found):
             try:
                 self._restore(path)
-            except ConfigError as e:
-                log.warning("checkpoint %s is unusable, trying the one before: %s", path.name, e)
+            except CorruptFileError as e:
+                log.warning("checkpoint %s is damaged, trying the one before: %s", path.name, e)
                 if self.dp.main:
-                    path.rename(path.with_name(path.name + ".corrupt"))
+                    set_aside(path)
                 continue
+            except ConfigError as e:
+                raise ConfigError(f"checkpoint {path} does not fit this run's settings ({e}); resume with "
+                                  "the settings it was saved with, or start a new run in another output_dir"
+                                  ) from None
             log.info("resumed from %s (step %d)", path, self.step)
             return
         raise ConfigError(f"none of the {len(found)} checkpoints in {checkpoints} is intact (see the "
@@ -241,10 +272,15 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, self.policy)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
+        check_optimizer_state(state["optimizer"], self.optimizer, path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CorruptFileError(f"{path}: its trainer state cannot be restored ({type(e).__name__})") \
+                from None
+        self.step, self.data_pos = state["step"], state["data_pos"]
         self._saved_step = self.step
 
     # ---- the loop
@@ -255,15 +291,32 @@ class Trainer:
         adapter, the metrics log and the plot. Releases the output directory's lock."""
         try:
             return self._train()
+        except RewardError as e:  # one line on the command line; the traceback in the run's errors.log
+            raise keep_traceback(e, self.output_dir) from None
         finally:
             if self._lock is not None:
                 self._lock.close()
 
+    def _calibrate_heads(self) -> None:
+        """headkv's head weights, unless the policy has them (from a checkpoint, an adapter, or a call of
+        its own): calibrated on the run's first global batch of prompts, the same on every process, so
+        that processes evict alike and any resume finds them in its checkpoint."""
+        c, policy = self.config, self.policy
+        if policy.cache_config.eviction != "headkv" or policy.eviction_policy is not None \
+                or policy.head_weights is not None:
+            return
+        position, self.data_pos = self.data_pos, 0
+        rows = self.next_examples(c.prompts_per_step * self.dp.world)
+        self.data_pos = position
+        prompts = policy.encode([r["prompt"] for r in rows], c.data.chat_template, c.data.system_prompt)
+        policy.calibrate_heads(prompts, c.max_completion_length)
+
     def _train(self) -> dict[str, Path | None]:
         c = self.config
+        self._calibrate_heads()
         logger = None
         if self.dp.main:
-            (self.output_dir / "config.yaml").write_text(config_to_yaml(c))
+            atomic_write_text(self.output_dir / RUN_CONFIG_NAME, config_to_yaml(c))
             logger = MetricsLogger(self.output_dir, c.report_to, self.step,
                                    asdict(c))
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and self.dp.main),

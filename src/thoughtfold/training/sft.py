@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checks import is_token_ids
 from ..config import CacheConfig
 from ..engine.adapter import adapters_disabled
 from ..engine.replay import default_schedule
 from ..errors import DataError
+from ..rows import row_location
 from .distill import TeacherTargets, first_distilled_token, teacher_targets, token_kl
 from .loop import Trainer
 from .losses import loss_mask
@@ -37,13 +39,22 @@ class SFTTrainer(Trainer):
         if self.config.sft_targets == "full_cache":
             return rows
         for i, row in enumerate(rows):
-            target = row.get(field_name)
-            is_ids = isinstance(target, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                      for t in target)
-            if not (isinstance(target, str) or is_ids) or not target:
-                raise DataError(f"dataset row {i} has no text or token ids in {field_name!r} (the SFT "
+            target = row.get(field_name) if isinstance(row, dict) else None
+            if not (isinstance(target, str) and target or is_token_ids(target)):
+                raise DataError(f"{row_location(row, i)} has no text or token ids in {field_name!r} (the SFT "
                                 "target; set data.completion_field)")
         return rows
+
+    def _completion_tokens(self, row: dict, where: str) -> int:
+        """The tokens of the row's target as trained (token ids checked against the vocabulary)."""
+        if self.config.sft_targets == "full_cache":
+            return self.config.max_completion_length
+        target = row[self.config.data.completion_field]
+        vocab = self.policy.model.get_input_embeddings().num_embeddings
+        if isinstance(target, list) and max(target) >= vocab:
+            raise DataError(f"{where}: the target {self.config.data.completion_field!r} has token id "
+                            f"{max(target)}, but the model's vocabulary has ids 0 to {vocab - 1}")
+        return len(self._target_ids(target))
 
     def train_step(self, examples: list[dict]) -> dict[str, float]:
         """One update on a batch of traces; `loss` is the token-mean loss before the update: the NLL of

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ...errors import ConfigError
+from ...persist import output_directory
 from .config import BenchConfig
 from .decode import decode_benchmark
 from .encoder import encoder_benchmark
@@ -43,9 +44,7 @@ def run_benchmarks(config: BenchConfig) -> BenchResult:
     """Run the configured benchmarks one after the other, printing each table as it is done."""
     if config.cuda and not torch.cuda.is_available():
         raise ConfigError(f"device {config.device} requested but CUDA is not available")
-    out = Path(config.output_dir) if config.output_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    out = output_directory(config.output_dir) if config.output_dir is not None else None  # before any work
     torch.set_grad_enabled(True)
     settings = {**config.settings(), "device": describe_device(config.device)}
     header = " ".join(f"{k}={v}" for k, v in settings.items())
