@@ -19,9 +19,11 @@ from .flags import comma_list, number
 NAME = "bench"
 HELP = "decode / replay / grpo / encoder / eviction / rollout benchmarks with tables and plots"
 FLAGS = (  # flag, type, default, metavar, help: one per BenchConfig setting
-    ("--shape", str, "cpu-small", None, "model shape: cpu-small, tiny (smoke test) or qwen2.5-3b"),
+    ("--shape", str, "cpu-small", None, "model shape: cpu-small, tiny (smoke test), smollm2-135m (the "
+     "bundled model's, with its real vocabulary) or qwen2.5-3b"),
     ("--lengths", comma_list(int, "lengths", "integers"), None, "N1,N2,...", "generated / completion lengths "
-     "[default: 256,1024,4096 decode; 512,2048,8192 replay; 512,1024,2048 grpo; 1024 eviction]"),
+     "[default: 256,1024,4096 decode; 512,2048,8192 replay; 512,1024,2048 grpo; 1024 eviction and "
+     "rollout (its token budget)]"),
     ("--window", number(int, "window"), 256, "W", None),
     ("--device", str, "cpu", None, "cpu, cuda, cuda:N"),
     ("--dtype", str, None, None, "float32 / bfloat16 / float16 [default: float32 on CPU, bfloat16 on CUDA]"),
