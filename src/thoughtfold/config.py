@@ -4,18 +4,22 @@ Each entry point (library, trainers, CLI) reports a bad setting with the same on
 
 Nothing here imports torch or transformers, so reading settings is instant; the YAML form of a
 `TrainConfig` (`load_config`, `config_to_yaml`) loads OmegaConf only when it is used. Field names of
-`TrainConfig` are TRL's GRPOConfig names where TRL has the setting; the names earlier versions used
-(`LEGACY_NAMES`) still load, so saved run configs resume.
+`TrainConfig` are TRL's GRPOConfig names where TRL has the setting; TRL's other names translate
+(trl_names.py) in Python, YAML and overrides alike, and `GRPOConfig` / `SFTConfig` spell the class
+as TRL does. The names earlier versions used (`LEGACY_NAMES`) still load, so saved run configs resume.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
+from .settings_help import default_settings, describe_fields
+from .trl_names import accept_trl_names, report_backends, split_names, unknown_setting, with_trl_settings
 
 ADAPTER_MODES = ("none", "lora", "pte")
 STATE_UPDATES = ("exact", "paper")
@@ -23,11 +27,11 @@ EVICTIONS = ("oldest", "h2o", "snapkv", "headkv")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
+_SCALE_FLAGS = {"true": "group", "false": "none"}  # TRL's boolean scale_rewards
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SFT_TARGETS = ("dataset", "full_cache")
 SFT_LOSSES = ("nll", "kl")
 DISTILL_TOKENS = ("after_eviction", "all")
-REPORT_TO = ("tensorboard", "wandb")
 ZERO_STD_NORMS = ("kept", "batch")
 BACKPROP = ("state", "truncated", "full")
 """How replay gradients cross eviction events, the default first:
@@ -205,20 +209,24 @@ class DataConfig:
 class TrainConfig:
     """Everything a GRPO or SFT run needs. Names are TRL's GRPOConfig names where TRL has the setting
     (`num_generations`, `learning_rate`, `max_steps`, `epsilon`, `loss_type`, ...); the rest are PTE's
-    or ours (`prompts_per_step`, `backprop`, `generation_batch_size`, ...). The defaults are the
-    quickstart run (configs/quickstart.yaml): PTE on the bundled small model."""
+    or ours (`prompts_per_step`, `backprop`, `generation_batch_size`, ...). TRL's other names are
+    taken too: mapped, translated (`per_device_train_batch_size` x `gradient_accumulation_steps` ->
+    prompts per step) or refused with what to use instead. `cache`, `adapter` and `data` may be given
+    as dicts. The defaults are the quickstart run (configs/quickstart.yaml): PTE on the bundled small
+    model."""
+
+    trainer = "grpo"  # whose batch TRL's batch sizes count (SFTConfig: "sft"); not a setting
 
     model: str = "default"
     dtype: str | None = None
     device: str | None = None
-    compile_decode: bool = False  # torch.compile the rollouts' decode step (worth it on CUDA)
-    fsdp: bool = False  # under torchrun: also shard the frozen base weights over the processes (FSDP2)
+    compile_decode: bool = False
+    fsdp: bool = False
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=16))
     adapter: AdapterConfig = field(
         default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
     )
     data: DataConfig = field(default_factory=DataConfig)
-    # GRPO's rewards, unless GRPOTrainer gets reward_funcs
     rewards: list[str] = field(default_factory=lambda: ["arith"])
     reward_weights: list[float] | None = None
     num_generations: int = 8
@@ -228,31 +236,35 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     learning_rate: float = 1e-3
-    encoder_lr_ratio: float = 1.0  # the thought encoder's learning rate / learning_rate (as LoRA+'s ratio)
+    encoder_lr_ratio: float = 1.0
     weight_decay: float = 0.0
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 1
+    warmup_ratio: float | None = None
     max_grad_norm: float = 1.0
     loss_type: str = "dapo"
-    epsilon: float = 0.2  # the low clip bound (TRL's name); epsilon_high is the high one
-    epsilon_high: float = 0.2
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
     beta: float = 0.0
     scale_rewards: str = "group"
     filter_zero_std: bool = True
-    zero_std_norm: str = "kept"  # with filter_zero_std: normalise over the "kept" rows, or the "batch" (TRL)
+    zero_std_norm: str = "kept"
     mask_truncated_completions: bool = False
     num_iterations: int = 1
     sft_targets: str = "dataset"
-    sft_loss: str = "nll"  # "nll": cross-entropy on the targets; "kl": dense distillation from the teacher
-    distill_tokens: str = "after_eviction"  # sft_loss=kl: the tokens after each row's first eviction, "all"
-    distill_top_k: int | None = 64  # sft_loss=kl: teacher entries kept per token (+ the rest); null: all
-    # how replay gradients cross evictions (BACKPROP); "truncated" cannot learn recall
+    sft_loss: str = "nll"
+    distill_tokens: str = "after_eviction"
+    distill_top_k: int | None = 64
     backprop: str = "state"
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
     max_steps: int = 16
+    num_train_epochs: float | None = None
     save_steps: int = 8
-    logging_steps: int = 1  # metrics line and progress postfix every N steps (means over them)
+    logging_steps: int = 1
+    eval_steps: int | None = None
+    log_completions: bool = False
+    num_completions_to_print: int | None = 4
     save_total_limit: int | None = 2
     output_dir: str = "runs/quickstart"
     overwrite_output_dir: bool = False
@@ -262,6 +274,13 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.cache = _settings_object(CacheConfig, self.cache, "cache")
+        self.adapter = _settings_object(AdapterConfig, self.adapter, "adapter")
+        self.data = _settings_object(DataConfig, self.data, "data")
+        self.scale_rewards = _SCALE_FLAGS.get(str(self.scale_rewards).lower(), self.scale_rewards)
+        if self.epsilon_high is None:  # TRL's default: the same bound on both sides
+            self.epsilon_high = self.epsilon
+        self.report_to = report_backends(self.report_to)
         self._check_choices()
         self._check_ranges()
 
@@ -271,9 +290,6 @@ class TrainConfig:
                               ("backprop", BACKPROP), ("zero_std_norm", ZERO_STD_NORMS),
                               ("sft_loss", SFT_LOSSES), ("distill_tokens", DISTILL_TOKENS)):
             check_choice(name, getattr(self, name), allowed)
-        unknown = [r for r in self.report_to if r not in REPORT_TO]
-        if unknown:
-            raise ConfigError(f"report_to accepts {', '.join(REPORT_TO)}, got {unknown[0]!r}")
 
     def _check_ranges(self) -> None:
         # NaN passes every comparison below (nan <= 0 is False): refuse non-finite numbers first
@@ -301,7 +317,11 @@ class TrainConfig:
                               "cache never evicts): set cache.window or distill_tokens=all")
         if self.epsilon < 0 or self.epsilon_high < 0:
             raise ConfigError("epsilon and epsilon_high must be >= 0")
-        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit", "distill_top_k"):
+        for name in ("num_train_epochs", "warmup_ratio"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 or null, got {getattr(self, name)}")
+        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit", "distill_top_k",
+                     "eval_steps", "num_completions_to_print"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
 
@@ -309,6 +329,45 @@ class TrainConfig:
         """How the rollouts sample (`max_completion_length` new tokens, the temperature and the
         truncation settings), with `seed`."""
         return SamplingConfig(self.max_completion_length, self.temperature, self.top_p, self.top_k, seed)
+
+    def for_dataset(self, rows: int, processes: int = 1) -> TrainConfig:
+        """This config with `num_train_epochs` and `warmup_ratio` turned into `max_steps` and
+        `warmup_steps` for a dataset of `rows` rows (each step draws prompts_per_step x processes)."""
+        steps = self.max_steps
+        if self.num_train_epochs is not None:
+            steps = max(1, math.ceil(self.num_train_epochs * rows / (self.prompts_per_step * processes)))
+        warmup = self.warmup_steps if self.warmup_ratio is None else math.ceil(self.warmup_ratio * steps)
+        return replace(self, max_steps=steps, warmup_steps=warmup, num_train_epochs=None, warmup_ratio=None)
+
+
+class GRPOConfig(TrainConfig):
+    """TrainConfig spelled as TRL's GRPOConfig (the same settings; TRL's batch sizes count completions)."""
+
+
+class SFTConfig(TrainConfig):
+    """TrainConfig spelled as TRL's SFTConfig: TRL's batch sizes count traces, `max_length` caps
+    them (max_completion_length) and `loss_type` is SFT's (sft_loss)."""
+
+    trainer = "sft"
+
+
+def _settings_object(cls: type, value: Any, name: str) -> Any:
+    """`value` as a `cls` (CacheConfig, AdapterConfig, DataConfig): a dict converts, with an unknown
+    key a ConfigError that names the closest one."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a {cls.__name__} or a dict of its settings, "
+                          f"got {type(value).__name__}")
+    known = [f.name for f in fields(cls)]
+    for key in value:
+        if key not in known:
+            raise unknown_setting(f"{name}.{key}", [f"{name}.{k}" for k in known], "")
+    return cls(**value)
+
+
+accept_trl_names(TrainConfig)  # TrainConfig(per_device_train_batch_size=8, ...) translates
+TrainConfig.__doc__ += describe_fields(default_settings(TrainConfig()))
 
 
 LEGACY_NAMES = {
@@ -324,37 +383,36 @@ LEGACY_NAMES = {
 a run's saved config.yaml that a resume reloads, still load."""
 
 
-def _with_current_names(layer, source: str):
-    """`layer` (an OmegaConf DictConfig) with legacy names renamed to the current ones; an unknown
-    top-level key is a ConfigError that suggests the closest known name."""
-    import difflib
-
+def _with_current_names(layer, source: str, cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`layer` (an OmegaConf DictConfig) as (our settings, TRL-named ones), legacy names renamed to
+    the current ones and a `report_to` string made a list; an unknown top-level key is a ConfigError
+    that suggests the closest known name."""
     from omegaconf import OmegaConf
 
-    known = {f.name for f in fields(TrainConfig)}
     out, spelled = {}, {}
-    for key in layer:
+    for key, value in OmegaConf.to_container(layer).items():
         name = LEGACY_NAMES.get(str(key), str(key))
-        if name not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
         if name in out:
             raise ConfigError(f"{source}: {spelled[name]!r} and {key!r} set the same thing; keep one")
-        out[name], spelled[name] = layer[key], key
-    return OmegaConf.create(out)
+        out[name], spelled[name] = value, key
+    if isinstance(out.get("report_to"), str):
+        out["report_to"] = [out["report_to"]]
+    return split_names(cls, out, f"{source}: ")
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """A TrainConfig from defaults < YAML file < ``key=value`` overrides (dotted keys, e.g.
-    ``cache.window=256 adapter.mode=lora``); the legacy names in LEGACY_NAMES (`lr`, `steps`, ...)
-    work too. Unknown keys and bad types raise ConfigError."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                config_class: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """A TrainConfig (or `config_class`, e.g. SFTConfig) from defaults < YAML file < ``key=value``
+    overrides (dotted keys, e.g. ``cache.window=256 adapter.mode=lora``); the legacy names in
+    LEGACY_NAMES (`lr`, `steps`, ...) and TRL's names (trl_names.py) work too. Unknown keys and bad
+    types raise ConfigError."""
     import yaml
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    layers = [OmegaConf.structured(TrainConfig)]
+    layers, explicit, trl = [OmegaConf.structured(config_class)], [], {}
     try:
+        sources = []
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {path} not found")
@@ -362,12 +420,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
                                   f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
-            layers.append(_with_current_names(loaded, f"config file {path}"))
+            sources.append((loaded, f"config file {path}"))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not KEY=VALUE (e.g. cache.window=64)")
-        layers.append(_with_current_names(OmegaConf.from_dotlist(list(overrides)), "override"))
-        return OmegaConf.to_object(OmegaConf.merge(*layers))
+        sources.append((OmegaConf.from_dotlist(list(overrides)), "override"))
+        for layer, source in sources:
+            ours, named = _with_current_names(layer, source, config_class)
+            layers.append(OmegaConf.create(ours))
+            explicit += list(ours)
+            trl.update(named)
+        config = OmegaConf.to_object(OmegaConf.merge(*layers))
+        return with_trl_settings(config, trl, explicit) if trl else config
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         message = str(e).splitlines()[0]
