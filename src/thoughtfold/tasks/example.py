@@ -1,12 +1,14 @@
 """One dataset row: an `Example` (``prompt``, ``answer`` and any other columns) and how a raw row of
 any source maps to one (which field is the prompt, which the gold answer). Rows keep their other
-columns, so TRL-style reward functions receive them as keyword arguments."""
+columns, so TRL-style reward functions receive them as keyword arguments, and a conversational
+prompt (TRL's list of messages) stays one, for the chat template to format."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..errors import DataError
+from ..messages import checked_conversation, is_conversation
 from .answers import last_boxed
 
 SYSTEM_PROMPT = (
@@ -19,27 +21,20 @@ ANSWER_CANDIDATES = ("answer", "final_answer", "Answer", "target", "ground_truth
 
 
 class Example(dict):
-    """One row: ``prompt`` (the problem text), ``answer`` (the gold string) and any other columns.
-    A dict, so it goes straight into ``datasets.Dataset.from_list`` and reward ``**columns``."""
+    """One row: ``prompt`` (the problem text, or a conversation), ``answer`` (the gold string) and any
+    other columns. A dict, so it goes straight into ``datasets.Dataset.from_list`` and reward
+    ``**columns``."""
 
-    def __init__(self, prompt: str, answer: str, **columns: Any) -> None:
+    def __init__(self, prompt: str | list[dict], answer: str, **columns: Any) -> None:
         super().__init__(prompt=prompt, answer=answer, **columns)
 
     @property
-    def prompt(self) -> str:
+    def prompt(self) -> str | list[dict]:
         return self["prompt"]
 
     @property
     def answer(self) -> str:
         return self["answer"]
-
-
-def prompt_text(value: Any) -> str:
-    """A prompt value as text: a string, or a chat (list of messages) whose last user turn is taken."""
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
-        users = [m for m in value if m.get("role", "user") == "user"] or value
-        return str(users[-1]["content"])
-    return str(value)
 
 
 def _answer_text(value: Any, field: str) -> str:
@@ -81,4 +76,21 @@ def row_to_example(row: dict, prompt_field: str | None = None, answer_field: str
     columns = {k: v for k, v in row.items() if k not in (pf, af, "prompt", "answer")}
     if isinstance(raw, str) and answer != raw.strip() and "solution" not in columns:
         columns["solution"] = raw  # the worked solution the answer came from (for SFT traces)
-    return Example(prompt_text(row[pf]), answer, **columns)
+    return Example(prompt_value(row[pf], where), answer, **columns)
+
+
+def prompt_value(value: Any, where: str = "row") -> str | list[dict] | list[int]:
+    """A prompt as a row holds it: a conversation (checked), token ids, or text."""
+    if is_conversation(value):
+        return checked_conversation(value, f"{where} prompt")
+    token_ids = isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    if token_ids and value:
+        return value
+    return str(value)
+
+
+def with_prompt_column(row: dict, prompt_field: str | None = None, where: str = "row") -> dict:
+    """A training row with its prompt under "prompt" (TRL's column name), found as files are read
+    (`prompt_field`, else "prompt", "problem", "question", ...); the other columns are kept."""
+    name = _pick(row, prompt_field, ("prompt", *PROMPT_CANDIDATES), "prompt", where)
+    return {**{k: v for k, v in row.items() if k != name}, "prompt": prompt_value(row[name], where)}
