@@ -159,7 +159,7 @@ def test_grpo_raises_a_learnable_reward(tmp_path, tiny_dirs, mode, window, backp
     expected_evictions = window is not None
     assert (records[0]["evictions_per_rollout"] > 0) == expected_evictions
     for key in ("reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-                "grad_norm", "learning_rate", "peak_memory_gb", "rollout_tokens_per_s",
+                "grad_norm", "learning_rate", "memory/step_peak_rss_increase_gb", "rollout_tokens_per_s",
                 "rewards/low_bytes/mean"):
         assert key in records[0]
     assert result["plot"].is_file() and (result["adapter"] / "adapter.safetensors").is_file()
@@ -268,7 +268,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dirs):
 
 def _deterministic(path: Path) -> list[dict]:
     """Metrics without the timing/memory ones, which differ between runs."""
-    volatile = {"step_seconds", "peak_memory_gb", "rollout_tokens_per_s"}
+    volatile = {"step_seconds", "memory/step_peak_rss_increase_gb", "rollout_tokens_per_s"}
     return [{k: v for k, v in r.items() if k not in volatile} for r in read_metrics(path)]
 
 
@@ -423,10 +423,12 @@ def test_fsdp_process_with_fewer_micro_batches_runs_idle_replays(tmp_path, tiny_
 
 
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dirs):
+    """Training into a directory with checkpoints is refused unless it resumes: by resume=true, or
+    as TRL does it, by train(resume_from_checkpoint=True) on a trainer built without it."""
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=2, save_steps=1)
     GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
-    with pytest.raises(ConfigError, match="resume=true"):
-        GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
+    with pytest.raises(ConfigError, match=r"resume=true \(or call train\(resume_from_checkpoint=True\)\)"):
+        GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
     again = _config(tmp_path, tiny_dirs["llama"], max_steps=1, overwrite_output_dir=True)
     GRPOTrainer(reward_funcs=low_bytes, args=again, train_dataset=_dataset()).train()
     # the old run's step-2 checkpoint is gone: resuming must not jump ahead of the new run

@@ -71,7 +71,7 @@ SETTINGS_HELP: dict[str, str] = {
     "num_train_epochs": "run length in passes over the dataset instead of max_steps (null: use max_steps)",
     "save_steps": "checkpoint every N steps (0: only at the end)",
     "logging_steps": "a metrics line (and the bar's postfix) every N steps, with means over them",
-    "eval_steps": "evaluate the eval_dataset every N steps (null: logging_steps when there is one)",
+    "eval_steps": "evaluate the trainer's eval_dataset every N steps and at the end (null: at the end only)",
     "log_completions": "print sample completions every logged step, and write completions.jsonl",
     "num_completions_to_print": "completions shown per logged step with log_completions (null: all)",
     "save_total_limit": "checkpoints kept (null: all)",
@@ -99,15 +99,17 @@ def default_settings(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def describe_fields(defaults: dict[str, Any], indent: str = "    ") -> str:
     """The settings as docstring lines: name (default): what it does."""
-    lines = [f"{indent}{name} ({_shown(value)}): {SETTINGS_HELP[name]}" for name, value in defaults.items()]
+    lines = [f"{indent}{name} ({shown_value(value)}): {SETTINGS_HELP[name]}"
+             for name, value in defaults.items()]
     return f"\n\n{indent}Settings (name (default): meaning):\n" + "\n".join(lines) + "\n"
 
 
-def _shown(value: Any) -> str:
+def shown_value(value: Any) -> str:
+    """A setting's value as YAML and the command line write it (null, true, [a, b])."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(map(str, value)) + "]"
+        return "[" + ",".join(map(str, value)) + "]"
     return str(value)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields, replace
 from typing import Any
 
 from .errors import ConfigError
+
+log = logging.getLogger("thoughtfold")
 
 REPORT_BACKENDS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # backend -> the package it needs
 TRL_BATCH_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
@@ -226,6 +229,30 @@ def accept_trl_names(cls: type) -> type:
 
     cls.__init__ = __init__
     return cls
+
+
+def adapter_from_peft(peft_config: Any, adapter: Any) -> Any:
+    """`adapter` (an AdapterConfig) with the rank, alpha and target modules of a PEFT `LoraConfig`,
+    in lora mode unless it is pte already; PEFT options these adapters lack are refused in one line
+    (a nonzero lora_dropout is only warned about: there is no dropout here)."""
+    if not hasattr(peft_config, "r") or not hasattr(peft_config, "lora_alpha"):
+        raise ConfigError(f"peft_config must be a peft LoraConfig, got {type(peft_config).__name__}")
+    for name, default, use in (("use_dora", False, "adapters are LoRA's (mode lora) or PTE's"),
+                               ("use_rslora", False, "the scaling is alpha / r"),
+                               ("bias", "none", "only the low-rank matrices train"),
+                               ("modules_to_save", None, "only the low-rank matrices train")):
+        if getattr(peft_config, name, default) not in (default, [], ()):
+            _refused(f"peft_config.{name}", getattr(peft_config, name), use)
+    if getattr(peft_config, "lora_dropout", 0.0):
+        log.warning("peft_config.lora_dropout=%s is not applied: these adapters have no dropout",
+                    peft_config.lora_dropout)
+    targets = peft_config.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        _refused("peft_config.target_modules", targets, "give a list of module names, or 'all-linear'")
+    targets = type(adapter)().target_modules if targets in (None, "all-linear") else tuple(sorted(targets))
+    mode = adapter.mode if adapter.mode in ("lora", "pte") else "lora"
+    return replace(adapter, mode=mode, rank=int(peft_config.r), alpha=float(peft_config.lora_alpha),
+                   target_modules=targets)
 
 
 def report_backends(value: Any) -> list[str]:

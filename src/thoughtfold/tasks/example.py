@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import DataError
 from ..messages import checked_conversation, is_conversation
-from .answers import last_boxed
+from .answers import answer_text
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant that solves math problems. Reason step by step, then write the "
@@ -37,19 +37,6 @@ class Example(dict):
         return self["answer"]
 
 
-def _answer_text(value: Any, field: str) -> str:
-    """A gold value as a string: lists joined, numbers as text, the number after GSM8K's '####',
-    or the last box of a worked solution."""
-    if isinstance(value, list):
-        return ", ".join(_answer_text(v, field) for v in value)
-    text = str(value).strip()
-    if "####" in text:
-        return text.rpartition("####")[2].strip().replace(",", "")
-    if field == "solution" or (len(text) > 40 and "\\boxed" in text):
-        return (last_boxed(text) or text).strip()
-    return text
-
-
 def _pick(row: dict, field: str | None, candidates: tuple[str, ...], what: str, where: str) -> str:
     """The field to read: ``field`` if given (must be present), else the first candidate present."""
     if field is not None:
@@ -72,7 +59,7 @@ def row_to_example(row: dict, prompt_field: str | None = None, answer_field: str
     pf = _pick(row, prompt_field, PROMPT_CANDIDATES, "prompt", where)
     af = _pick(row, answer_field, ANSWER_CANDIDATES, "answer", where)
     raw = row[af]
-    answer = _answer_text(raw, af)
+    answer = answer_text(raw, af)
     columns = {k: v for k, v in row.items() if k not in (pf, af, "prompt", "answer")}
     if isinstance(raw, str) and answer != raw.strip() and "solution" not in columns:
         columns["solution"] = raw  # the worked solution the answer came from (for SFT traces)

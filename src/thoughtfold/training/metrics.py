@@ -1,11 +1,12 @@
 """The training metrics log: one JSON line per logged step in `metrics.jsonl` (the file `thoughtfold
 report` reads back), mirrored to TensorBoard / W&B when asked, plus the peak-memory probe each step
-records."""
+records (named for what it measures: the CUDA allocator's peak, or on CPU the growth of the resident
+set over the step)."""
 
 from __future__ import annotations
 
 import json
-import resource
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,7 +62,11 @@ class MetricsLogger:
 
 
 LAST_VALUE = ("step", "epoch", "learning_rate")  # where a run is: the last step's value, not a mean
-MAX_VALUE = ("peak_memory_gb",)
+MEMORY_KEYS = {  # the per-step peak memory, by what it measures
+    "memory/step_peak_allocated_gb": "CUDA allocator peak during the step",
+    "memory/step_peak_rss_increase_gb": "CPU resident-set high-water mark above the step's start",
+}
+MAX_VALUE = tuple(MEMORY_KEYS)
 
 
 def mean_metrics(records: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -96,8 +101,39 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory since the last reset, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+class StepMemory:
+    """The peak memory of one training step: on CUDA the allocator's peak (weights included), on CPU
+    how far the process's resident set rose above its size at the start of the step (Linux lets a
+    process reset its high-water mark; elsewhere, and where that is not allowed, nothing is
+    reported rather than the process's lifetime peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._start_kib: int | None = None
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+            self._start_kib = _status_kib("VmRSS")
+        except OSError:
+            self._start_kib = None
+
+    def metrics(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            return {"memory/step_peak_allocated_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
+        peak = _status_kib("VmHWM") if self._start_kib is not None else None
+        if peak is None:
+            return {}
+        return {"memory/step_peak_rss_increase_gb": max(0, peak - self._start_kib) / 2**20}
+
+
+def _status_kib(field: str) -> int | None:
+    """A memory field of /proc/self/status in KiB (None where there is no such file)."""
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
