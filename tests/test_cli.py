@@ -200,7 +200,7 @@ def test_missing_prompts_file(tmp_path):
         (['{"question": "a"}'], 'line 1: no "prompt" field (keys found: question)'),
         (['"a"', '{"prompt": 3}'], 'line 2: "prompt" must be a string, got a number'),
         (["[1, 2]"], 'line 1: expected a JSON object with a "prompt" field or a JSON string, got an array'),
-        (['{"prompt": [1, -1]}'], "line 1: a token-id"),
+        (['{"prompt": [1, -1]}'], "line 1: a list \"prompt\" must be messages"),
         (["", '"   "'], "line 2: the prompt is empty"),
         (["", "  "], "has no prompts"),
     ],

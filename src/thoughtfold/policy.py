@@ -395,7 +395,7 @@ class Policy:
             result.truncated.append(not finished)
         generated = sum(len(c) for c in result.completion_ids)
         result.stats = {
-            "evictions": len(raw.events),
+            "evictions": max(result.evictions),  # the batch's events inside some sequence's length
             "peak_cache_tokens": max(result.peak_cache_tokens),
             "tokens_per_s": generated / raw.seconds if raw.seconds > 0 else 0.0,
             "generated_tokens": generated,
