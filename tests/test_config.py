@@ -114,7 +114,7 @@ def test_missing_or_broken_yaml(tmp_path):
 
 def test_quickstart_yaml_is_the_default_run():
     quickstart = load_config(CONFIGS / "quickstart.yaml")
-    assert quickstart == TrainConfig(overwrite_output_dir=True)
+    assert quickstart == TrainConfig(overwrite_output_dir=True, log_completions=True)
 
 
 @pytest.mark.parametrize("name, mode, window", [("paper-qwen2.5-3b", "pte", 1024),

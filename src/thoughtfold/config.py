@@ -222,7 +222,7 @@ class TrainConfig:
     device: str | None = None
     compile_decode: bool = False
     fsdp: bool = False
-    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=16))
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=4))
     adapter: AdapterConfig = field(
         default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
     )
@@ -280,6 +280,8 @@ class TrainConfig:
         self.scale_rewards = _SCALE_FLAGS.get(str(self.scale_rewards).lower(), self.scale_rewards)
         if self.epsilon_high is None:  # TRL's default: the same bound on both sides
             self.epsilon_high = self.epsilon
+        if self.max_steps == -1:  # TRL's "train num_train_epochs epochs" (its default: 3)
+            self.max_steps, self.num_train_epochs = 1, self.num_train_epochs or 3.0
         self.report_to = report_backends(self.report_to)
         self._check_choices()
         self._check_ranges()

@@ -137,19 +137,6 @@ def translate(given: Mapping[str, Any], setting: Callable[[str], Any],
     return out
 
 
-def length_precedence(given: dict[str, Any]) -> None:
-    """TRL's rules for the run's length, applied in place to the settings a user gave: a positive
-    max_steps overrides num_train_epochs, max_steps=-1 means "train num_train_epochs" (TRL's default
-    3), and a positive warmup_steps overrides warmup_ratio."""
-    if given.get("max_steps") == -1:
-        del given["max_steps"]
-        given.setdefault("num_train_epochs", 3.0)
-    elif "max_steps" in given:
-        given.pop("num_train_epochs", None)
-    if given.get("warmup_steps"):
-        given.pop("warmup_ratio", None)
-
-
 def precision(given: Mapping[str, Any]) -> str | None:
     """TRL's bf16 / fp16 flags and model_init_kwargs' dtype as our `dtype` (the base model's; the
     adapters and the encoder stay float32), None for our default. bf16=True is that default already:
@@ -187,8 +174,8 @@ def batch_settings(given: Mapping[str, Any], setting: Callable[[str], Any], trai
 
 def split_names(cls: type, kwargs: Mapping[str, Any],
                 where: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
-    """`kwargs` of a settings class `cls` (TrainConfig or a subclass) as (ours, TRL's), TRL's length
-    rules applied to ours; a name neither knows is a ConfigError suggesting the closest one."""
+    """`kwargs` of a settings class `cls` (TrainConfig or a subclass) as (ours, TRL's); a name neither
+    knows is a ConfigError suggesting the closest one."""
     known = [f.name for f in fields(cls)]
     ours, trl = {}, {}
     for name, value in kwargs.items():
@@ -199,7 +186,6 @@ def split_names(cls: type, kwargs: Mapping[str, Any],
             trl[name] = value
         else:
             raise unknown_setting(name, known, where or f"{cls.__name__}: ")
-    length_precedence(ours)
     return ours, trl
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import GRPOConfig, SFTConfig, TrainConfig, config_to_yaml, load_config
 from ..settings_help import SETTINGS_HELP, default_settings, shown_value
+from . import flags
 
 TRAINERS = (
     ("grpo", ["train"],
@@ -20,7 +21,7 @@ TRAINERS = (
     ("sft", [], "supervised training through the replay (imitate dataset solutions or full-cache traces)"),
 )
 COMMANDS = {"grpo", "train", "sft"}
-OWN_FLAGS = {"--config", "--resume", "--print-config", "-h", "--help"}
+OWN_FLAGS = {"--config", "--resume", "--print-config", "--evaluate", "-h", "--help"}
 PROCEDURAL = ("arith", "recall")  # datasets with a held-out "test" split of their own
 
 
@@ -31,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from the last complete checkpoint in output_dir")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved settings as YAML (a config file) and exit without training")
+    p.add_argument("--evaluate", action="store_true",
+                   help="after training, run the printed `thoughtfold eval` command")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="settings, e.g. cache.window=64 adapter.mode=lora max_steps=50; TRL's "
                    "`--learning_rate 1e-5` form works too, and TRL's names translate")
@@ -75,16 +78,20 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
+    flags.quiet_transformers()
     trainer = (GRPOTrainer if args.trainer == "grpo" else SFTTrainer)(args=config)
     paths = trainer.train()
-    if trainer.dp.main:
-        plot = paths["plot"] if paths["plot"] is not None else "(no data)"
-        print("\n".join([
-            f"  adapter:  {paths['adapter']}",
-            f"  logs:     {paths['metrics']}",
-            f"  plot:     {plot}",
-            f"  evaluate: {eval_command(trainer.config, paths['adapter'])}",
-        ]), file=sys.stderr)
+    if not trainer.dp.main:
+        return 0
+    command = eval_command(trainer.config, paths["adapter"])
+    plot = paths["plot"] if paths["plot"] is not None else "(no data)"
+    print("\n".join([f"  adapter:  {paths['adapter']}", f"  logs:     {paths['metrics']}",
+                     f"  plot:     {plot}", f"  evaluate: {command}"]), file=sys.stderr)
+    if args.evaluate:
+        from . import main
+
+        print(f"thoughtfold: {command}", file=sys.stderr)
+        return main(shlex.split(command)[1:])
     return 0
 
 
@@ -100,8 +107,8 @@ def eval_command(config: TrainConfig, adapter: Path) -> str:
             *(["--reward", config.rewards[0]] if config.rewards else []),
             "--max-new-tokens", str(config.max_completion_length),
             "--window", "none" if window is None else f"{window},none"]
-    if data.dataset.split(":")[0] in PROCEDURAL:
-        args += ["--split", "test"]
+    if data.dataset.split(":")[0] in PROCEDURAL:  # their own held-out split, 64 problems of it
+        args += ["--split", "test", "--limit", "64"]
     if data.system_prompt is None:
         args.append("--no-system-prompt")
     elif data.system_prompt != SYSTEM_PROMPT:

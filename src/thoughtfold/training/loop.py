@@ -87,6 +87,7 @@ class Trainer:
                 raise ConfigError("peft_config with a Policy: the Policy has its adapter already; pass a "
                                   "model id")
             self.config = replace(self.config, adapter=adapter_from_peft(peft_config, self.config.adapter))
+        self.callbacks = Callbacks(self, callbacks)
         self.output_dir = Path(self.config.output_dir)
         self.dp = DataParallel()
         random.seed(self.config.seed)
@@ -102,7 +103,6 @@ class Trainer:
         if processing_class is not None:
             self.policy.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self._setup_optimisation()
-        self.callbacks = Callbacks(self, callbacks)
         self.state = new_state(self, [])
         self.callbacks.call("on_init_end")
 

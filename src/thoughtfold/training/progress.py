@@ -1,7 +1,8 @@
 """What a training run shows while it runs and when it ends: a metrics line every `logging_steps`
-steps, the progress bar's postfix (the step just taken), sample completions as a table and in
-``completions.jsonl`` (`log_completions`), and a closing block with the headline numbers (first and
-final reward or loss, evictions, wall time, the largest per-step peak memory)."""
+steps, the progress bar's postfix (the step just taken), a few sample completions as a table and in
+``completions.jsonl`` (`log_completions`, `num_completions_to_print` of them), and a closing block
+with the headline numbers (first and final reward or loss, evictions, wall time, the largest
+per-step peak memory)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ..persist import atomic_write_text
 from ..render import markdown_table
 from .metrics import MEMORY_KEYS, MetricsLogger, read_metrics
 
-COMPLETIONS_NAME = "completions.jsonl"  # log_completions: every completion of each logged step
+COMPLETIONS_NAME = "completions.jsonl"  # log_completions: the sample completions of each logged step
 
 # (metric, label, format) in the order a metrics line shows them
 LINE: tuple[tuple[str, str, str], ...] = (
@@ -64,8 +65,9 @@ class RunView:
         self.logger.log(metrics)
         tqdm.write(metrics_line(metrics, self.max_steps), file=sys.stderr)
         if self.completions is not None and completions:
-            self.completions.write(int(metrics["step"]), completions)
-            tqdm.write(completions_table(completions, self.limit), file=sys.stderr)
+            shown = completions if self.limit is None else completions[: self.limit]
+            self.completions.write(int(metrics["step"]), shown)
+            tqdm.write(completions_table(shown), file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
@@ -94,21 +96,20 @@ def postfix(record: dict[str, float], key: str) -> dict[str, str]:
     return out
 
 
-def completions_table(rows: Sequence[dict[str, Any]], limit: int | None, width: int = 48) -> str:
-    """The first `limit` (None: all) completions of a step as a table: prompt, completion, reward,
-    advantage; long texts are shortened, line breaks shown as spaces."""
+def completions_table(rows: Sequence[dict[str, Any]], width: int = 48) -> str:
+    """Completions as a table: prompt, completion, reward, advantage; long texts are shortened, line
+    breaks shown as spaces."""
 
     def cell(text: Any) -> str:
         return textwrap.shorten(" ".join(str(text).split()), width, placeholder=" ...") or "''"
 
-    shown = rows if limit is None else rows[:limit]
     cells = [[cell(r["prompt"]), cell(r["completion"]), f"{r['reward']:.3f}", f"{r['advantage']:+.3f}"]
-             for r in shown]
+             for r in rows]
     return markdown_table(["prompt", "completion", "reward", "advantage"], cells)
 
 
 class CompletionsLog:
-    """`completions.jsonl` in the output directory: one JSON line per completion of each logged step.
+    """`completions.jsonl` in the output directory: one JSON line per sample completion of each logged step.
     On resume the lines after the checkpoint's step are dropped, as the metrics log's are."""
 
     def __init__(self, output_dir: Path, start_step: int):
