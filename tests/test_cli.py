@@ -300,7 +300,9 @@ def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path, c
     assert steps == [1, 2]
     printed = next(line for line in again.stderr.splitlines() if line.startswith("  evaluate: "))
     assert "--window 8,none --split test --limit 64" in printed
-    assert "| W=8 " in again.stdout and "| W=none " in again.stdout  # the evaluation's table
+    table = [line for line in again.stdout.splitlines() if line.startswith("| arith:tiny")]
+    rows = [line.split("|")[2].strip() for line in table]
+    assert rows == ["8", "full"]  # the evaluation's table: the trained window and the full cache
     assert len(list((tmp_path / "runs" / "eval").glob("run-*"))) == 2  # named after the run, no collision
     gen = run_main(capsys, "generate", "--adapter", str(out / "adapter"), "--prompt", "1+1=",
                    "--max-new-tokens", "5", "--json", "--device", "cpu", "--dtype", "float32")
@@ -314,7 +316,7 @@ def test_eval_command_mirrors_the_training_settings(tmp_path):
     config = TrainConfig(data=DataConfig(system_prompt=None), rewards=["arith"], max_completion_length=16)
     command = eval_command(config, tmp_path / "run" / "adapter")
     assert command == (f"thoughtfold eval --adapter {tmp_path / 'run' / 'adapter'} --data arith:tiny "
-                       "--reward arith --max-new-tokens 16 --window 16,none --split test --limit 64 "
+                       "--reward arith --max-new-tokens 16 --window 4,none --split test --limit 64 "
                        "--no-system-prompt")
     assert "--reward" not in eval_command(TrainConfig(rewards=[]), tmp_path)  # SFT: eval's default grader
     gsm8k = eval_command(TrainConfig(data={"dataset": "gsm8k"}, cache={"window": None}), tmp_path)

@@ -7,12 +7,26 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
 from thoughtfold import CacheConfig, ConfigError, GRPOConfig, SFTConfig, TrainConfig, load_config
 from thoughtfold.settings_help import SETTINGS_HELP, default_settings
-from thoughtfold.trl_names import IGNORED, NO_EFFECT, adapter_from_peft, report_backends
+from thoughtfold.trl_names import (
+    IGNORED,
+    NO_EFFECT,
+    RENAMED,
+    SFT_RENAMED,
+    TRL_BATCH_DEFAULTS,
+    adapter_from_peft,
+    is_trl_name,
+    report_backends,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def one_line_error(match: str, **settings) -> str:
@@ -141,3 +155,19 @@ def test_every_setting_has_one_line_of_help_shown_by_help():
         assert f"    {name} (" in TrainConfig.__doc__
     assert "per_device_train_batch_size" in GRPOConfig.__doc__ or "TRL" in GRPOConfig.__doc__
     assert not set(NO_EFFECT) & set(IGNORED)
+
+
+def test_the_docs_list_every_trl_name_and_the_readme_table_names_only_known_ones():
+    page = (ROOT / "docs" / "coming-from-trl.md").read_text(encoding="utf-8")
+    for name in [*RENAMED, *SFT_RENAMED, *NO_EFFECT, *IGNORED, *TRL_BATCH_DEFAULTS]:
+        assert f"`{name}`" in page, name
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| TRL | thoughtfold |"):].split("\n\n")[0]
+    ours = {f.name for f in fields(TrainConfig)}
+    trainer = {"trainer", "train", "args", "state", "log_history", "save_model", "evaluate", "peft_config",
+               "solution", "messages", "prompt", "completion", "r", "lora_alpha", "target_modules", "dtype",
+               "role"}
+    for row in table.splitlines()[2:]:
+        for span in re.findall(r"`([^`]*)`", row.split(" | ")[0]):
+            name = re.match(r"[a-z_0-9]*", span).group()
+            assert not name or name in ours or is_trl_name(name) or name in trainer, name
