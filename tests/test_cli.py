@@ -4,6 +4,7 @@ one-line errors (non-zero exit, no traceback) for every bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -97,6 +98,9 @@ def test_json_output_matches_the_api(tiny_dirs, two_prompts):
         assert all(lp <= 0.0 for lp in r["logprobs"])
     summary = proc.stderr.strip().splitlines()[-1]
     assert "tokens/s" in summary and "eviction" in summary and "peak cache" in summary
+    # the summary counts each sequence's own events, not the lockstep steps after it ended
+    events = [r["evictions"] for r in records]
+    assert f"eviction events per sequence: {sum(events) / len(events):.1f} mean, {max(events)} max" in summary
 
     # the same request through the Python API gives the same tokens, log-probs and counters
     policy = Policy.from_pretrained(str(tiny_dirs["qwen2"]), cache=CacheConfig(window=6, evict_ratio=0.5,
@@ -348,6 +352,8 @@ def test_trl_style_flags_are_overrides_and_print_config_shows_the_result(capsys,
     assert_one_line_error(run_main(capsys, "grpo", "--per_device_train_batch_size", "3"),
                           "not a multiple of num_generations")
     assert_one_line_error(run_main(capsys, "grpo", "--push_to_hub"), "push_to_hub=True has no counterpart")
+    if importlib.util.find_spec("tensorboard") is None:  # refused when the config is built, in one line
+        assert_one_line_error(run_main(capsys, "grpo", "report_to=tensorboard"), "pip install tensorboard")
 
 
 def test_eval_output_is_named_after_the_run_and_its_settings(tmp_path):

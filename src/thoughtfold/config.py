@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .settings_help import default_settings, describe_fields
-from .trl_names import accept_trl_names, report_backends, split_names, unknown_setting, with_trl_settings
+from .trl_names import accept_trl_names, report_backends, settings_object, split_names, with_trl_settings
 
 ADAPTER_MODES = ("none", "lora", "pte")
 STATE_UPDATES = ("exact", "paper")
@@ -274,9 +274,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.cache = _settings_object(CacheConfig, self.cache, "cache")
-        self.adapter = _settings_object(AdapterConfig, self.adapter, "adapter")
-        self.data = _settings_object(DataConfig, self.data, "data")
+        self.cache = settings_object(CacheConfig, self.cache, "cache")
+        self.adapter = settings_object(AdapterConfig, self.adapter, "adapter")
+        self.data = settings_object(DataConfig, self.data, "data")
         self.scale_rewards = _SCALE_FLAGS.get(str(self.scale_rewards).lower(), self.scale_rewards)
         if self.epsilon_high is None:  # TRL's default: the same bound on both sides
             self.epsilon_high = self.epsilon
@@ -351,21 +351,6 @@ class SFTConfig(TrainConfig):
     them (max_completion_length) and `loss_type` is SFT's (sft_loss)."""
 
     trainer = "sft"
-
-
-def _settings_object(cls: type, value: Any, name: str) -> Any:
-    """`value` as a `cls` (CacheConfig, AdapterConfig, DataConfig): a dict converts, with an unknown
-    key a ConfigError that names the closest one."""
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name} must be a {cls.__name__} or a dict of its settings, "
-                          f"got {type(value).__name__}")
-    known = [f.name for f in fields(cls)]
-    for key in value:
-        if key not in known:
-            raise unknown_setting(f"{name}.{key}", [f"{name}.{k}" for k in known], "")
-    return cls(**value)
 
 
 accept_trl_names(TrainConfig)  # TrainConfig(per_device_train_batch_size=8, ...) translates

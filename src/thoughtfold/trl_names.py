@@ -172,6 +172,21 @@ def batch_settings(given: Mapping[str, Any], setting: Callable[[str], Any], trai
     return {"prompts_per_step": rows // group, "replay_batch_size": per_device}
 
 
+def settings_object(cls: type, value: Any, name: str) -> Any:
+    """`value` as a `cls` (CacheConfig, AdapterConfig, DataConfig): a dict, as TRL users write nested
+    settings, converts, with an unknown key a ConfigError that names the closest one."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a {cls.__name__} or a dict of its settings, "
+                          f"got {type(value).__name__}")
+    known = [f.name for f in fields(cls)]
+    for key in value:
+        if key not in known:
+            raise unknown_setting(f"{name}.{key}", [f"{name}.{k}" for k in known], "")
+    return cls(**value)
+
+
 def split_names(cls: type, kwargs: Mapping[str, Any],
                 where: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """`kwargs` of a settings class `cls` (TrainConfig or a subclass) as (ours, TRL's); a name neither
@@ -275,8 +290,6 @@ def unknown_setting(name: str, known: list[str], where: str) -> ConfigError:
 
 def _is_training_argument(name: str) -> bool:
     try:
-        from dataclasses import fields
-
         from transformers import TrainingArguments
     except ImportError:
         return False
