@@ -122,6 +122,20 @@ def assert_close_to_scale(actual, expected, rel: float) -> None:
     assert err <= rel * scale, f"max abs diff {err:.3g} > {rel:g} x max |expected| {scale:.3g}"
 
 
+def end_at_different_steps(policy, prompts, n_new, **sampling):
+    """Make EOS tokens of some tokens that the sequences (decoded with `sampling`) first produce at
+    different depths, never before the window's second event: the sequences then end, and free their
+    slots, at different steps (each keeps its tokens: its random stream is its own)."""
+    policy.model.generation_config.eos_token_id = 256
+    free = policy.generate(prompts, max_new_tokens=n_new, **sampling).completion_ids
+    first = {}
+    for row in free:
+        for depth, token in enumerate(row):
+            first[token] = min(first.get(token, n_new), depth)
+    late = sorted((depth, token) for token, depth in first.items() if depth >= 9)
+    policy.model.generation_config.eos_token_id = [256, *(token for _, token in late[::3][:3])]
+
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

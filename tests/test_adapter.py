@@ -32,8 +32,9 @@ def test_zero_init_adapters_give_the_base_model_exactly(tiny_dirs, family):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_every_linear_gets_its_own_state_modulated_update(tiny_dirs, family):
     """Grouped siblings (q/k/v, gate/up share one down GEMM and one state product) still give each
-    linear exactly W x + (alpha/r) B S A x with its own A and B and the layer's state."""
-    p = adapted_policy(tiny_dirs, family, "pte")
+    linear exactly W x + (alpha/r) B S A x with its own A and B and the layer's state (the paper's
+    form; the residual one adds the static B A x, below)."""
+    p = adapted_policy(tiny_dirs, family, "pte", residual=False)
     torch.manual_seed(1)
     layer = p.model.model.layers[0]
     wrappers = [w for w in p.wrappers if w.layer == 0]
@@ -56,10 +57,10 @@ def test_every_linear_gets_its_own_state_modulated_update(tiny_dirs, family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_residual_pte_is_lora_c_plus_the_state_contribution(tiny_dirs, family):
-    """`residual`: W x + (alpha/r) A (I + S) B x. With a zero state it is exactly the static LoRA with
-    the same A and B (LoRA_c is its special case); otherwise it adds A S B x to it."""
+    """`residual` (the default): W x + (alpha/r) B (I + S) A x. With a zero state it is exactly the
+    static LoRA with the same A and B (LoRA_c is its special case); otherwise it adds B S A x to it."""
     lora = adapted_policy(tiny_dirs, family, "lora")
-    pte = adapted_policy(tiny_dirs, family, "pte", residual=True)
+    pte = adapted_policy(tiny_dirs, family, "pte")
     torch.manual_seed(2)
     with torch.no_grad():
         for a, b in zip(lora.wrappers, pte.wrappers, strict=True):
@@ -98,7 +99,8 @@ class _CountMatmuls(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
+                                              torch.ops.aten.baddbmm)
         return func(*args, **(kwargs or {}))
 
 

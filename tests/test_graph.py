@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
+from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer, end_at_different_steps
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
 from thoughtfold.engine.cache import BoundedKVCache
 from thoughtfold.engine.graph import DecodeStep
@@ -31,7 +31,7 @@ def make_policy(tiny_dirs, family, mode, device, dtype=torch.float32, cuda_graph
 def test_capture_needs_cuda(tiny_dirs):
     with pytest.raises(ConfigError, match="CUDA device"):
         make_policy(tiny_dirs, "qwen2", "none", "cpu", cuda_graph=True)
-    cache = BoundedKVCache(2, torch.ones(1, 3, dtype=torch.bool), window=4, block=1)
+    cache = BoundedKVCache(2, 1, 3, window=4, block=1, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="CUDA"):
         DecodeStep(torch.nn.Linear(1, 1), cache, capture=True)
 
@@ -73,6 +73,25 @@ def test_captured_decode_equals_eager(tiny_dirs, family, mode, dtype, eviction):
         assert a.completion_ids == b.completion_ids and a.eviction_log == b.eviction_log
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert_close_to_scale(y, x, rel=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("eviction", ["oldest", "snapkv"])
+def test_captured_decode_with_continuous_batching_equals_eager(tiny_dirs, eviction):
+    """One graph of 2 slots, captured once, serves sequences admitted at different steps (each
+    admission resets its slot's window, state and statistics in place): the same tokens, eviction
+    logs and log-probs as eager decoding."""
+    eager = make_policy(tiny_dirs, "qwen2", "pte", "cuda", cuda_graph=False, eviction=eviction)
+    graph = make_policy(tiny_dirs, "qwen2", "pte", "cuda", cuda_graph=True, eviction=eviction)
+    prompts = PROMPTS * 2
+    end_at_different_steps(eager, prompts, 40, temperature=1.0, seed=7)
+    graph.model.generation_config.eos_token_id = eager.model.generation_config.eos_token_id
+    a = eager.generate(prompts, max_new_tokens=40, temperature=1.0, seed=7, slots=2)
+    b = graph.generate(prompts, max_new_tokens=40, temperature=1.0, seed=7, slots=2)
+    assert a.stats["prefills"] > 1 and a.stats["evictions"] > 3
+    assert a.completion_ids == b.completion_ids and a.eviction_log == b.eviction_log
+    for x, y in zip(a.logprobs, b.logprobs, strict=True):
+        assert_close_to_scale(y, x, rel=1e-5)
 
 
 @pytest.mark.parametrize(("mode", "eviction"), [("none", "oldest"), ("pte", "oldest"), ("pte", "h2o")])

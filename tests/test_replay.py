@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer
+from conftest import FAMILIES, assert_close_to_scale, byte_tokenizer, end_at_different_steps
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
 from thoughtfold.engine.eviction import EvictionEvent
-from thoughtfold.engine.replay import default_schedule
+from thoughtfold.engine.replay import default_schedule, token_logprobs
 from thoughtfold.policy import Policy
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9]]
@@ -48,6 +48,20 @@ def test_replay_is_exact_in_float64_with_large_adapters(tiny_dirs, family):
     replayed = policy.replay_logprobs(res.prompt_ids, res.completion_ids, res.eviction_log)
     for ours, ref in zip(replayed, res.logprobs, strict=True):
         assert_close_to_scale(ours, ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replay_equals_continuous_batching_logprobs(tiny_dirs, family):
+    """Sequences admitted into slots at different steps (2 slots, sequences ending at EOS) replay
+    to their rollout log-probs."""
+    policy = make_policy(tiny_dirs, family, "pte")
+    end_at_different_steps(policy, PROMPTS * 2, 40, temperature=1.5, seed=3)
+    res = policy.generate(PROMPTS * 2, max_new_tokens=40, temperature=1.5, seed=3, slots=2)
+    assert res.stats["prefills"] > 1 and len({len(c) for c in res.completion_ids}) > 2
+    assert max(res.evictions) >= 4
+    replayed = policy.replay_logprobs(res.prompt_ids, res.completion_ids, res.eviction_log, temperature=1.5)
+    for ours, ref in zip(replayed, res.logprobs, strict=True):
+        assert_close_to_scale(ours, ref, rel=1e-5)
 
 
 def test_replay_with_default_schedule_and_variable_lengths(tiny_dirs):
@@ -225,10 +239,69 @@ def test_scored_eviction_replays_its_rollout(tiny_dirs, family, eviction):
         assert len({tuple(e.layers for e in log) for log in res.eviction_log}) > 1  # rows chose differently
     logs = [[EvictionEvent.from_dict(e.to_dict()) for e in log] for log in res.eviction_log]
     replayed = policy.replay_logprobs(res.prompt_ids, res.completion_ids, logs)
-    for ours, ref in zip(replayed, res.logprobs, strict=True):
-        assert_close_to_scale(ours, ref, rel=1e-5)
+    for ours, ref in zip(replayed, res.logprobs, strict=True):  # float32: rounding amplified by the states
+        assert_close_to_scale(ours, ref, rel=2e-5)  # (docs/design.md §1.5: typically <= 1e-4)
     # teacher-forcing the same completions through the decode path makes the same choices: what
     # SFT and fidelity replays of given targets use
     assert policy.eviction_logs(res.prompt_ids, res.completion_ids) == res.eviction_log
     policy.cache_config = CacheConfig(window=8)
     assert policy.eviction_logs(res.prompt_ids, res.completion_ids) is None  # oldest: the default schedule
+
+
+def test_token_logprobs_equal_the_full_log_softmax_and_its_gradient():
+    """Chunked over tokens, the sampled tokens' log-probs and their gradient are the full
+    log-softmax's (float64), whatever the chunk, at any temperature; half-precision logits are
+    widened chunk by chunk."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 50, dtype=torch.float64, generator=gen) * 4
+    tokens = torch.randint(0, 50, (3, 7), generator=gen)
+    weights = torch.randn(3, 7, dtype=torch.float64, generator=gen)
+    for temperature in (1.0, 0.6):
+        full = logits.clone().requires_grad_()
+        want = torch.log_softmax(full / temperature, -1).gather(-1, tokens[..., None])[..., 0]
+        (want * weights).sum().backward()
+        for chunk in (1, 4, 21, None):
+            mine = logits.clone().requires_grad_()
+            got = token_logprobs(mine, tokens, temperature, torch.float64, chunk)
+            (got * weights).sum().backward()
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+            torch.testing.assert_close(mine.grad, full.grad, rtol=0, atol=1e-13)
+    half = logits.to(torch.bfloat16)
+    expected = torch.log_softmax(half.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(token_logprobs(half, tokens, 1.0, torch.float32, 5), expected)
+
+
+def test_chunked_replay_losses_and_gradients_equal_the_unchunked_computation(tiny_dirs, monkeypatch):
+    """The replay's losses and gradients (float64, every backprop mode, temperature) are those of the
+    full float32 log-softmax it computed before, with the chunk down to one token."""
+    import thoughtfold.engine.replay as replay_mod
+
+    policy = make_policy(tiny_dirs, "qwen2", "pte", dtype=torch.float64)
+    res = policy.generate(PROMPTS, max_new_tokens=30, temperature=0.8, seed=4)
+    weights = torch.randn(len(PROMPTS), 30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(backprop):
+        losses = []
+
+        def loss_fn(lp, a, b, rows):
+            losses.append((lp * weights[rows, a:b]).sum())
+            return losses[-1]
+
+        grads = grads_of(policy, lambda: policy.replay_logprobs(
+            res.prompt_ids, res.completion_ids, res.eviction_log, loss_fn=loss_fn, temperature=0.8,
+            backprop=backprop))
+        return torch.stack(losses).detach(), grads
+
+    def unchunked(logits, tokens, temperature, dtype):
+        return torch.log_softmax(logits.to(dtype) / temperature, -1).gather(-1, tokens[..., None])[..., 0]
+
+    for backprop in ("state", "truncated", "full"):
+        monkeypatch.setattr(replay_mod, "LOGPROB_CHUNK", 1)
+        losses, grads = run(backprop)
+        monkeypatch.setattr(replay_mod, "token_logprobs", unchunked)
+        want_losses, want_grads = run(backprop)
+        monkeypatch.undo()
+        assert len(losses) > 4 and all(g.abs().max() > 0 for g in want_grads)
+        torch.testing.assert_close(losses, want_losses, rtol=1e-12, atol=0)
+        for a, b in zip(grads, want_grads, strict=True):
+            assert_close_to_scale(a, b, rel=1e-12)

@@ -19,6 +19,7 @@ experiment (`<name>.png`) and `log.txt`; `--out` holds the data, the trainers' r
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         start, cpu = time.perf_counter(), time.process_time()
         experiment = EXPERIMENTS[name](settings, out, log)
         experiment["wall_seconds"] = round(time.perf_counter() - start, 1)
+        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True, text=True)
+        experiment["commit"] = commit.stdout.strip() or None
         write_results(args.results, experiment)
         plot_experiment(experiment, args.results.with_name(f"{name}.png"))
         log(f"{name}: done in {experiment['wall_seconds']:.0f}s (main process "

@@ -113,9 +113,10 @@ class AdapterConfig:
     """Low-rank adapter on the target linears. `none`: the base model; `lora`: static LoRA (S = I);
     `pte`: the state S_l built by the thought encoder from evicted tokens modulates the update.
 
-    `residual` (pte only) chooses the update: B (I + S_l) A, which is LoRA_c's B A plus the state's
-    contribution (so PTE starts as a static LoRA and learns the static part as fast), or the
-    paper's B S_l A (`residual=False`), which has no static path."""
+    `residual` (pte only) chooses the update: B (I + S_l) A (the default), which is LoRA_c's B A plus
+    the state's contribution (so PTE starts as a static LoRA and learns the static part as fast), or
+    the paper's B S_l A (`residual=False`), which has no static path and learned more slowly in our
+    measurements (docs/real_model.md)."""
 
     mode: str = "none"
     rank: int = 32
@@ -125,7 +126,7 @@ class AdapterConfig:
     state_update: str = "exact"
     global_only: bool = False
     encoder_dim: int | None = None
-    residual: bool = False
+    residual: bool = True
 
     def __post_init__(self) -> None:
         check_choice("adapter mode", self.mode, ADAPTER_MODES)
@@ -162,8 +163,9 @@ class AdapterConfig:
 @dataclass
 class SamplingConfig:
     """How a rollout samples: `max_new_tokens` per sequence, `temperature` (0 = greedy), nucleus
-    `top_p` and `top_k` (0 = off) truncation, and the `seed` of the sampling generator (None: the
-    global RNG). The field names are `Policy.generate`'s keywords."""
+    `top_p` and `top_k` (0 = off) truncation, and the `seed` of the sequences' random streams (each
+    sequence's is a function of the seed and its index; None: a seed from the global RNG). The field
+    names are `Policy.generate`'s keywords."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0

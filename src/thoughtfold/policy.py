@@ -24,7 +24,7 @@ from .engine.eviction import (
 )
 from .engine.fold import StateFolder
 from .engine.replay import DistributionFn, LossFn, replay
-from .engine.rollout import RawRollout, Streamer, right_pad, rollout
+from .engine.rollout import RawRollout, RolloutOptions, Streamer, right_pad, rollout
 from .errors import ConfigError, DataError, PromptTooLongError
 from .messages import is_conversation
 from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
@@ -236,12 +236,21 @@ class Policy:
         stop: Sequence[str] | None = None,
         streamer: Streamer | None = None,
         system_prompt: str | None = None,
+        slots: int | None = None,
     ) -> GenerationResult:
         """Sample completions under the bounded cache. Returns token ids, log-probs (of the sampled
         token under softmax(logits / temperature), no top-p/top-k truncation), texts and the
-        eviction log of each prompt."""
+        eviction log of each prompt, indexed like the prompts.
+
+        `slots`: how many sequences decode at once (None: every prompt at once). With fewer slots than
+        prompts, the others wait in a queue and a finished sequence's slot takes the next one
+        (continuous batching); each sequence's tokens, log-probs and eviction log are the same
+        whatever the number of slots (with `seed`, each sequence samples from its own stream)."""
         self._check_wrapped()
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
+        options = RolloutOptions(self.eos_token_ids, self.pad_token_id, slots, streamer=streamer,
+                                 lockstep=self.lockstep, cuda_graph=self.cuda_graph,
+                                 compile_step=self.compile_decode)
         prompt_ids = self.encode(prompts, chat_template, system_prompt)
         limit, longest = max_positions(self.model), max(map(len, prompt_ids))
         if limit is not None and longest + max_new_tokens > limit:
@@ -252,17 +261,10 @@ class Policy:
                 f"{limit - longest} or shorten the prompt"
             )
         stop = [s for s in (stop or []) if s]
-        stop_check = None
         if stop:
-            def stop_check(tokens: torch.Tensor) -> torch.Tensor:
-                tails = [self._decode(row) for row in tokens[:, -64:].tolist()]
-                return torch.tensor([any(s in t for s in stop) for t in tails], device=tokens.device)
-        raw = rollout(
-            self.model, self.folder, prompt_ids, self.cache_config, sampling,
-            eos_ids=self.eos_token_ids, pad_id=self.pad_token_id, streamer=streamer,
-            eviction_policy=self._eviction_policy(prompt_ids, max_new_tokens), stop_check=stop_check,
-            cuda_graph=self.cuda_graph, compile_step=self.compile_decode, lockstep=self.lockstep,
-        )
+            options.stop_check = lambda tails: [any(s in self._decode(t) for s in stop) for t in tails]
+        options.eviction_policy = self._eviction_policy(prompt_ids, max_new_tokens)
+        raw = rollout(self.model, self.folder, prompt_ids, self.cache_config, sampling, options)
         return self._finish(raw, prompt_ids, stop)
 
     def _eviction_policy(self, prompt_ids: list[list[int]],
@@ -288,10 +290,11 @@ class Policy:
         prompts = [list(p) for p in prompt_ids]
         width = max(map(len, completion_ids))
         forced = right_pad(completion_ids, width, self.pad_token_id)
+        options = RolloutOptions(pad_id=self.pad_token_id, forced=forced,
+                                 eviction_policy=self._eviction_policy(prompts, width))
         raw = rollout(self.model, self.folder, prompts, cache, SamplingConfig(width, temperature=1.0),
-                      eos_ids=set(), pad_id=self.pad_token_id,
-                      eviction_policy=self._eviction_policy(prompts, width), forced=forced)
-        return [events_within(raw.row_events(i), len(c)) for i, c in enumerate(completion_ids)]
+                      options)
+        return [events_within(log, len(c)) for log, c in zip(raw.logs, completion_ids, strict=True)]
 
     def calibrate_heads(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64) -> torch.Tensor:
         """Per-head weights for `eviction="headkv"` [layers, kv_heads]: decode `prompts` greedily under
@@ -299,8 +302,8 @@ class Policy:
         summed largest attention weight per query), normalised to mean 1 per layer. Sets
         `self.head_weights` (a headkv policy calibrates on its first prompts unless this was called)."""
         greedy = SamplingConfig(max_new_tokens, temperature=0.0)
-        raw = rollout(self.model, self.folder, self.encode(prompts), CacheConfig(), greedy, eos_ids=set(),
-                      pad_id=self.pad_token_id, calibration=True)
+        raw = rollout(self.model, self.folder, self.encode(prompts), CacheConfig(), greedy,
+                      RolloutOptions(pad_id=self.pad_token_id, calibration=True))
         self.head_weights = head_weights_from_peaks(raw.attention_stats.peak)
         return self.head_weights
 
@@ -376,18 +379,19 @@ class Policy:
         eos = self.eos_token_ids
         window = self.cache_config.window
         result = GenerationResult([], [], [], [], [], [], [], prompt_ids)
-        rows = zip(raw.tokens.tolist(), raw.logprobs.tolist(), raw.prompt_lengths, strict=True)
-        for r, (row, lps, plen) in enumerate(rows):
+        rows = zip(raw.tokens, raw.logprobs, raw.logs, raw.prompt_lengths, strict=True)
+        for tokens, lps, events, plen in rows:
+            row = tokens.tolist()
             eos_at = next((i for i, t in enumerate(row) if t in eos), None)
             n, finished = (len(row), False) if eos_at is None else (eos_at + 1, True)
             cut = self._cut_at_stop(row[:n], stop)
             if cut is not None:
                 n, finished = cut, True
             ids = row[:n]
-            log = events_within(raw.row_events(r), n)
+            log = events_within(events, n)
             held = n - 1 if window is None else min(window, n - 1)
             result.completion_ids.append(ids)
-            result.logprobs.append(lps[:n])
+            result.logprobs.append(lps[:n].tolist())
             result.texts.append(self._decode(ids))
             result.eviction_log.append(log)
             result.evictions.append(len(log))
@@ -395,11 +399,14 @@ class Policy:
             result.truncated.append(not finished)
         generated = sum(len(c) for c in result.completion_ids)
         result.stats = {
-            "evictions": max(result.evictions),  # the batch's events inside some sequence's length
+            "evictions": max(result.evictions),
             "peak_cache_tokens": max(result.peak_cache_tokens),
             "tokens_per_s": generated / raw.seconds if raw.seconds > 0 else 0.0,
             "generated_tokens": generated,
-            "decode_steps": raw.tokens.shape[1],
+            "decode_steps": raw.steps,
+            "slots": raw.slots,
+            "slot_occupancy": generated / (raw.steps * raw.slots),
+            "prefills": raw.prefills,
             "cache_bytes": raw.cache_bytes,
             "seconds": raw.seconds,
         }

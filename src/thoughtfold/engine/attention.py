@@ -68,22 +68,27 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 @contextmanager
 def observing(model: nn.Module, stats: AttentionStats | None) -> Iterator[None]:
-    """Within the block, decode steps record their attention into `stats` (None: nothing to do)."""
-    if stats is None:
+    """Within the block, decode steps record their attention into `stats` (None: nothing is recorded,
+    also inside an outer block: a prefill between decode steps observes nothing)."""
+    modules = attention_modules(model)
+    held = [getattr(module, STATS_ATTR, None) for module in modules]
+    if stats is None and not any(h is not None for h in held):
         yield
         return
-    if getattr(model.config, "_attn_implementation", None) != NAME:
+    if stats is not None and getattr(model.config, "_attn_implementation", None) != NAME:
         raise ConfigError(f"scored eviction reads attention weights in the {NAME!r} attention function, but "
                           f"the model uses {model.config._attn_implementation!r}: load it with "
                           "attn_implementation='sdpa'")
-    modules = attention_modules(model)
     for module in modules:
         setattr(module, STATS_ATTR, stats)
     try:
         yield
     finally:
-        for module in modules:
-            delattr(module, STATS_ATTR)
+        for module, previous in zip(modules, held, strict=True):
+            if previous is None:
+                delattr(module, STATS_ATTR)
+            else:
+                setattr(module, STATS_ATTR, previous)
 
 
 def switch_attention(model: nn.Module, name: str | None) -> str | None:

@@ -8,6 +8,8 @@ paths keep working. Only thought slots are tracked: the prompt is pinned and nev
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 STATS_ATTR = "thoughtfold_stats"
@@ -33,7 +35,9 @@ class AttentionStats:
         recent = (num_layers, recent_queries, *shape[1:])
         self.recent = torch.zeros(recent, device=device) if recent_queries else None
         self.peak = torch.zeros(num_layers, kv_heads, device=device) if peak else None
-        self._row = torch.zeros(1, dtype=torch.long, device=device)  # the `recent` row the next query writes
+        # per sequence, the `recent` row its next query writes (each sequence keeps its own clock)
+        self._row = torch.zeros(batch, dtype=torch.long, device=device)
+        self._batch = torch.arange(batch, device=device)
 
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor,
                 scaling: float | None) -> None:
@@ -48,23 +52,42 @@ class AttentionStats:
         if self.total is not None:
             self.total[layer].add_(thought.sum(2))
         if self.recent is not None:
-            self.recent[layer].index_copy_(0, self._row, thought.sum(2)[None])
+            self.recent[layer].index_put_((self._row, self._batch), thought.sum(2))
         if self.peak is not None and thought.shape[-1]:
             self.peak[layer].add_(thought.amax(-1).sum((0, 2)))
 
     def admit(self, slot: torch.Tensor) -> None:
-        """A new token takes window slot `slot` [1] (a device tensor): it starts with no attention
-        received, and the next query writes the next `recent` row."""
+        """Each sequence's new token takes its window slot `slot` [batch] (a device tensor; [1]: the same
+        slot for all): it starts with no attention received, and the next query writes the next
+        `recent` row."""
+        slot = slot.expand(self._row.shape[0])
         if self.total is not None:
-            self.total.index_fill_(-1, slot, 0.0)
+            self.total.scatter_(-1, slot[None, :, None, None].expand(*self.total.shape[:3], 1), 0.0)
         if self.recent is not None:
-            self.recent.index_fill_(-1, slot, 0.0)
+            self.recent.scatter_(-1, slot[None, None, :, None, None].expand(*self.recent.shape[:4], 1), 0.0)
             self._row.add_(1).remainder_(self.recent.shape[1])
 
-    def permute(self, order: torch.Tensor) -> None:
-        """Move every slot's statistics with its token: slot s now holds what slot order[l, b, s] held.
-        In place: a captured decode graph keeps writing to these buffers."""
+    def reset(self, rows: torch.Tensor) -> None:
+        """Sequences `rows` start afresh (a slot handed to a new prompt): nothing observed yet."""
         if self.total is not None:
-            self.total.copy_(self.total.gather(-1, order[:, :, None].expand_as(self.total)))
+            self.total.index_fill_(1, rows, 0.0)
         if self.recent is not None:
-            self.recent.copy_(self.recent.gather(-1, order[:, None, :, None].expand_as(self.recent)))
+            self.recent.index_fill_(2, rows, 0.0)
+        self._row.index_fill_(0, rows, 0)
+
+    def rows(self, rows: torch.Tensor) -> AttentionStats:
+        """The statistics of sequences `rows` only (a copy): what a scored policy reads at their event."""
+        sub = copy.copy(self)
+        sub.total = None if self.total is None else self.total.index_select(1, rows)
+        sub.recent = None if self.recent is None else self.recent.index_select(2, rows)
+        return sub
+
+    def permute(self, order: torch.Tensor, rows: torch.Tensor) -> None:
+        """Move every slot's statistics with its token: in sequence rows[i], slot s now holds what slot
+        order[l, i, s] held. In place: a captured decode graph keeps writing to these buffers."""
+        if self.total is not None:
+            mine = self.total.index_select(1, rows)
+            self.total.index_copy_(1, rows, mine.gather(-1, order[:, :, None].expand_as(mine)))
+        if self.recent is not None:
+            mine = self.recent.index_select(2, rows)
+            self.recent.index_copy_(2, rows, mine.gather(-1, order[:, None, :, None].expand_as(mine)))

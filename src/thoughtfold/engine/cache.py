@@ -1,76 +1,40 @@
-"""Bounded KV cache (docs/design.md §1): the prompt is pinned, thought tokens live in a window of at most
-W slots, and a full window evicts a block of ceil(rho*W) tokens at once.
+"""Bounded KV cache (docs/design.md §1.1-1.2): per sequence the prompt is pinned, thought tokens live in
+a window of at most W slots, and a full window evicts a block of ceil(rho*W) tokens at once.
 
-Storage is preallocated (static shapes): one buffer per layer holding the P prompt slots followed by
-the W window slots, used as a ring. Which thought token sits in which slot is host-side bookkeeping
-(`ThoughtWindow`), so the decode step does no host sync; the device only sees the slot to write and
-a validity mask. Positions are never stored: keys are cached already rotated at their true absolute
-positions, exactly as the model's own cache does, so attention is order-free over the slots.
+The batch is a fixed number of rows ("slots"), each decoding one sequence on its own clock, so a row
+can be handed to a new prompt while the others go on (continuous batching). Storage is preallocated
+(static shapes): one buffer per layer holding, per row, the P prompt slots followed by the W window
+slots, used as a ring: thought token t of a sequence is written to window slot t mod W. Each row's
+clock, prompt length and validity mask live on the device, so the decode step does no host sync.
+Positions are never stored: keys are cached already rotated at their true absolute positions, exactly
+as the model's own cache does, so attention is order-free over the slots.
 
-A scored eviction policy chooses different tokens per sequence and per layer. The slots the host
-frees stay the ring's (the oldest block's slots), and on the device every (layer, sequence) moves
-the tokens it keeps out of those slots into the slots of the tokens it evicts: one gather per layer
-per event, after which the batch again shares one set of free slots and one validity mask.
+An eviction frees the ring's slots (those of the oldest block). A policy that evicts other tokens (a
+scored policy, per sequence and layer; a custom host policy, per sequence) first moves, in every
+(layer, sequence), the tokens it keeps out of those slots into the slots of the tokens it evicts: one
+gather per layer per event, after which the ring's order holds again.
 """
 
 from __future__ import annotations
 
-import bisect
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention_stats import AttentionStats
-from .eviction import EvictionEvent, EvictionPolicy, OldestBlock, ScoredEviction
-
-
-class ThoughtWindow:
-    """Host-side bookkeeping of the window: which thought tokens are cached, and in which slot.
-
-    The schedule is a pure function of (capacity, block, step): an event happens whenever a new
-    token arrives at a full window. With `OldestBlock` the slots form a ring (token t sits in slot
-    t mod W), but any policy works because freed slots are reused in order.
-    """
-
-    def __init__(self, capacity: int, block: int, eviction_policy: EvictionPolicy | None = None):
-        self.capacity = capacity
-        self.block = block
-        self.eviction_policy = eviction_policy or OldestBlock()
-        self.cached: list[int] = []  # thought indices, ascending
-        self.slot_of: dict[int, int] = {}
-        self._free = list(range(capacity))[::-1]  # a stack; pop() gives the lowest slot first
-
-    @property
-    def full(self) -> bool:
-        return len(self.cached) >= self.capacity
-
-    def evict(self, step: int) -> tuple[EvictionEvent, list[int]]:
-        """Remove a block chosen by the policy; returns the event and the freed slots."""
-        chosen = sorted(self.eviction_policy.select(self.cached, self.block))
-        if not chosen or any(t not in self.slot_of for t in chosen):
-            raise RuntimeError(f"eviction policy returned tokens that are not cached: {chosen}")
-        slots = [self.slot_of.pop(t) for t in chosen]
-        gone = set(chosen)
-        self.cached = [t for t in self.cached if t not in gone]
-        # freed slots are reused oldest-token-first, which keeps OldestBlock a plain ring
-        self._free.extend(reversed(slots))
-        return EvictionEvent(step=step, tokens=tuple(chosen)), slots
-
-    def admit(self, token: int) -> int:
-        slot = self._free.pop()
-        self.slot_of[token] = slot
-        bisect.insort(self.cached, token)
-        return slot
+from .eviction import EvictionPolicy, OldestBlock, ScoredEviction
 
 
 def _relocation(chosen: torch.Tensor, freed: torch.Tensor, capacity: int) -> torch.Tensor:
-    """The slot permutation that makes a per-(layer, sequence) choice free the shared slots `freed`:
-    order [layers, batch, capacity] such that slot s takes the content of slot order[..., s]. A kept
-    token sitting in a freed slot moves to a chosen slot outside `freed` (pairs in ascending order);
-    every other slot keeps its content."""
+    """The slot permutation that makes a per-(layer, sequence) choice free the slots `freed` ([E] for
+    every sequence, or [batch, E]): order [layers, batch, capacity] such that slot s takes the content
+    of slot order[..., s]. A kept token sitting in a freed slot moves to a chosen slot outside `freed`
+    (pairs in ascending order); every other slot keeps its content."""
     slots = torch.arange(capacity, device=chosen.device)
-    in_freed = torch.zeros(capacity, dtype=torch.bool, device=chosen.device).index_fill_(0, freed, True)
+    in_freed = torch.zeros(chosen.shape[1], capacity, dtype=torch.bool, device=chosen.device)
+    in_freed.scatter_(-1, freed.expand(chosen.shape[1], -1), True)
     in_chosen = torch.zeros(*chosen.shape[:2], capacity, dtype=torch.bool, device=chosen.device)
     in_chosen.scatter_(-1, chosen, True)
     movers, holes = in_freed & ~in_chosen, in_chosen & ~in_freed
@@ -89,9 +53,12 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 
 class _Cursor:
-    """The slots the current forward pass writes to, shared by all layers."""
+    """Where the current forward pass writes, shared by all layers: during a prefill the prompt regions
+    of rows `rows` (row rows[i] taking prefill sequence source[i]), else each row's slot `index` [B]."""
 
     def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+        self.source: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
 
 
@@ -101,23 +68,30 @@ class RingLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, cursor: _Cursor, num_slots: int):
+    def __init__(self, cursor: _Cursor, batch: int, num_slots: int, prompt_slots: int):
         super().__init__()
         self.cursor = cursor
-        self.num_slots = num_slots
+        self.batch, self.num_slots, self.prompt_slots = batch, num_slots, prompt_slots
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.keys = key_states.new_zeros(b, h, self.num_slots, d)
-        self.values = value_states.new_zeros(b, h, self.num_slots, value_states.shape[-1])
+        _, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros(self.batch, h, self.num_slots, d)
+        self.values = value_states.new_zeros(self.batch, h, self.num_slots, value_states.shape[-1])
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys.index_copy_(2, self.cursor.index, key_states)
-        self.values.index_copy_(2, self.cursor.index, value_states)
+        cursor = self.cursor
+        if cursor.rows is not None:  # a prefill attends to its own prompt tokens only
+            for buffer, new in ((self.keys, key_states), (self.values, value_states)):
+                prompt = buffer[:, :, : self.prompt_slots]
+                prompt.index_copy_(0, cursor.rows, new.index_select(0, cursor.source))
+            return key_states, value_states
+        index = cursor.index[:, None, None, None].expand(*key_states.shape[:2], 1, key_states.shape[-1])
+        self.keys.scatter_(2, index, key_states)
+        self.values.scatter_(2, index, value_states)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -130,111 +104,176 @@ class RingLayer(CacheLayerMixin):
         return self.num_slots
 
 
-class BoundedKVCache(Cache):
-    """A transformers `Cache` with a pinned prompt region and a bounded thought window.
+@dataclass
+class Evicted:
+    """What one eviction step took from sequences `rows`: thought tokens [layers, n, E] (ascending),
+    their K/V [layers, n, kv_heads, E, head_dim] (keys as cached, rotated; None when not gathered),
+    the keys' positions ([n, E] when every layer evicted the same tokens, else [layers, n, E]), and the
+    tokens as host tuples when a host-side choice made them known (None under a scored policy)."""
 
-    Protocol per forward pass: `begin_prefill(prompt_valid)` once, then for each thought token
-    `evict(step)` when `window.full`, and `admit(step)` before feeding it. The 4D boolean mask for
-    the pass is `attention_mask` (transformers uses a 4D mask as-is).
+    tokens: torch.Tensor
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
+    positions: torch.Tensor
+    listed: list[tuple[int, ...]] | None
+
+
+class BoundedKVCache(Cache):
+    """A transformers `Cache` of `batch` rows, each a pinned prompt region of `prompt_slots` and a
+    bounded thought window of `window` slots.
+
+    Protocol: `prefill(rows, source, valid)` hands rows to new prompts (the forward pass that follows
+    writes their prompt K/V); then per decode step, `evict(rows, steps)` for the sequences whose window
+    is full, and `admit()` before feeding one thought token per row. The 4D boolean mask for the pass
+    is `attention_mask` (transformers uses a 4D mask as-is).
     """
 
     def __init__(
         self,
         num_layers: int,
-        prompt_valid: torch.Tensor,
+        batch: int,
+        prompt_slots: int,
         window: int,
         block: int,
+        device: torch.device,
         eviction_policy: EvictionPolicy | ScoredEviction | None = None,
         stats: AttentionStats | None = None,
         protect: int = 0,
     ):
         self.cursor = _Cursor()
-        self.prompt_len = prompt_valid.shape[1]
+        self.prompt_slots, self.capacity, self.block = prompt_slots, window, block
         self.scored = eviction_policy if isinstance(eviction_policy, ScoredEviction) else None
         if self.scored is not None and stats is None:
             raise ValueError("a scored eviction policy needs the attention statistics of the rollout")
+        ring = self.scored is None and type(eviction_policy) in (type(None), OldestBlock)
+        self.host_policy = None if ring or self.scored is not None else eviction_policy
         self.stats, self.protect = stats, protect
-        self.window = ThoughtWindow(window, block, None if self.scored else eviction_policy)
-        num_slots = self.prompt_len + window
-        super().__init__(layers=[RingLayer(self.cursor, num_slots) for _ in range(num_layers)])
-        self.prompt_valid = prompt_valid.bool()
-        b, device = prompt_valid.shape[0], prompt_valid.device
+        num_slots = prompt_slots + window
+        layers = [RingLayer(self.cursor, batch, num_slots, prompt_slots) for _ in range(num_layers)]
+        super().__init__(layers=layers)
         # decode mask, updated in place as slots fill and empty: [batch, 1, 1, slots]
-        self.slot_valid = torch.zeros(b, 1, 1, num_slots, dtype=torch.bool, device=device)
-        self.slot_valid[:, 0, 0, : self.prompt_len] = self.prompt_valid
-        self._write = torch.zeros(1, dtype=torch.long, device=device)
-        self._write_window = torch.zeros(1, dtype=torch.long, device=device)
+        self.slot_valid = torch.zeros(batch, 1, 1, num_slots, dtype=torch.bool, device=device)
+        self.clock = torch.zeros(batch, dtype=torch.long, device=device)  # thought tokens each row has fed
+        self.prompt_len = torch.zeros(batch, dtype=torch.long, device=device)
+        self._write = torch.zeros(batch, dtype=torch.long, device=device)  # each row's slot in this step
         self.attention_mask: torch.Tensor | None = None
-        # under a scored policy: the thought token in each (layer, sequence, window slot)
-        self.slot_token = None
-        if self.scored is not None:
-            self.slot_token = torch.full((num_layers, b, window), -1, dtype=torch.long, device=device)
+        # unless the ring is the policy: the thought token in each (layer, row, window slot)
+        self.slot_token = None if ring else torch.full((num_layers, batch, window), -1, dtype=torch.long,
+                                                       device=device)
+        # a host policy's view of each row: the tokens kept at its last event, the first token fed since
+        self._held: list[tuple[list[int], int]] = [([], 0)] * batch
 
     @property
     def num_slots(self) -> int:
-        return self.prompt_len + self.window.capacity
+        return self.prompt_slots + self.capacity
 
-    def begin_prefill(self) -> torch.Tensor:
-        """Point writes at the prompt slots; returns the prefill mask [B, 1, P, slots]: causal over
-        real prompt tokens, each padding query sees only itself (no empty softmax rows)."""
-        p, device = self.prompt_len, self.prompt_valid.device
-        self.cursor.index = torch.arange(p, device=device)
+    def prefill(self, rows: list[int], source: list[int], valid: torch.Tensor) -> torch.Tensor:
+        """Hand rows `rows` to new prompts: the next forward pass is the prefill of the left-padded
+        prompts `valid` [n, prompt_slots], row rows[i] taking prompt source[i] (identical prompts share
+        one). Their windows, clocks and attention statistics start empty. Returns the prefill mask
+        [n, 1, P, P]: causal over real prompt tokens, a padding query sees only itself."""
+        p, device = self.prompt_slots, valid.device
+        idx, src = torch.tensor(rows, device=device), torch.tensor(source, device=device)
+        self.cursor.rows, self.cursor.source = idx, src
+        mine = valid.index_select(0, src)
+        window = mine.new_zeros(len(rows), self.capacity)
+        self.slot_valid.view(-1, self.num_slots).index_copy_(0, idx, torch.cat([mine, window], 1))
+        self.clock.index_fill_(0, idx, 0)
+        self.prompt_len.index_copy_(0, idx, mine.sum(-1))
+        if self.slot_token is not None:
+            self.slot_token.index_fill_(1, idx, -1)
+        if self.stats is not None:
+            self.stats.reset(idx)
+        for row in rows:
+            self._held[row] = ([], 0)
         causal = torch.ones(p, p, dtype=torch.bool, device=device).tril()
-        mask = causal[None] & self.prompt_valid[:, None, :]
+        mask = causal[None] & valid[:, None, :]
         mask |= torch.eye(p, dtype=torch.bool, device=device)[None]
-        pad = torch.zeros(mask.shape[0], p, self.window.capacity, dtype=torch.bool, device=device)
-        self.attention_mask = torch.cat([mask, pad], dim=-1)[:, None]
+        self.attention_mask = mask[:, None]
         return self.attention_mask
 
-    def evict(self, step: int) -> tuple[EvictionEvent, torch.Tensor]:
-        """Evict a block before thought token `step`; returns the event and the freed slot
-        indices (the caller reads their K/V for the encoder before they are overwritten)."""
-        event, slots = self.window.evict(step)
-        idx = torch.tensor([self.prompt_len + s for s in slots], device=self.slot_valid.device)
-        self.slot_valid.index_fill_(3, idx, False)
-        return event, idx
-
-    def evict_scored(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Evict before thought token `step` what the scored policy chooses per (layer, sequence);
-        returns the evicted thought tokens [layers, batch, E] and their K/V [layers, batch,
-        kv_heads, E, head_dim] (keys as cached, rotated)."""
-        _, freed = self.window.evict(step)  # the ring's slots, freed for the whole batch
-        chosen = self.scored.select(self.stats, self.slot_token, step, self.window.block, self.protect)
-        tokens, ascending = self.slot_token.gather(-1, chosen).sort(-1)  # fold in token order, as the replay
-        chosen = chosen.gather(-1, ascending)
-        order = _relocation(chosen, torch.tensor(freed, device=chosen.device), self.window.capacity)
-        p, keys, values = self.prompt_len, [], []
-        for layer, pick, move in zip(self.layers, chosen, order, strict=True):
-            for buffer, out in ((layer.keys, keys), (layer.values, values)):
-                window = buffer[:, :, p:]
-                shape = (*window.shape[:2], -1, window.shape[-1])
-                out.append(window.gather(2, pick[:, None, :, None].expand(shape)))
-                window.copy_(window.gather(2, move[:, None, :, None].expand(shape)))
-        self.slot_token = self.slot_token.gather(-1, order)
-        self.stats.permute(order)
-        self.slot_valid.index_fill_(3, torch.tensor(freed, device=chosen.device) + p, False)
-        return tokens, torch.stack(keys), torch.stack(values)
-
-    def admit(self, step: int) -> torch.Tensor:
-        """Reserve a slot for thought token `step` and make it visible; returns the decode mask."""
-        slot = self.window.admit(step)
+    def admit(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Give every row's next thought token its slot (window slot clock mod W) and make it visible;
+        returns the tokens' positions [B] and the decode mask. Advances every clock."""
+        window_slot = self.clock % self.capacity
         if self.stats is not None:
-            self._write_window.fill_(slot)
-            self.stats.admit(self._write_window)
+            self.stats.admit(window_slot)
         if self.slot_token is not None:
-            self.slot_token[:, :, slot] = step
-        slot += self.prompt_len
-        self._write.fill_(slot)
-        self.cursor.index = self._write
-        self.slot_valid.index_fill_(3, self._write, True)
+            index = window_slot[None, :, None].expand(self.slot_token.shape[0], -1, 1)
+            self.slot_token.scatter_(-1, index, self.clock[None, :, None].expand_as(index))
+        self._write.copy_(window_slot + self.prompt_slots)
+        self.cursor.rows, self.cursor.index = None, self._write
+        self.slot_valid.scatter_(3, self._write[:, None, None, None], True)
+        positions = self.prompt_len + self.clock
+        self.clock.add_(1)
         self.attention_mask = self.slot_valid
-        return self.slot_valid
+        return positions, self.slot_valid
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of `slots` for every layer: two tensors [layers, batch, kv_heads, len(slots), head_dim]."""
-        keys = torch.stack([layer.keys.index_select(2, slots) for layer in self.layers])
-        values = torch.stack([layer.values.index_select(2, slots) for layer in self.layers])
-        return keys, values
+    def evict(self, rows: list[int], steps: list[int], gather: bool = True) -> Evicted:
+        """Evict a block from the sequence in each row of `rows`, whose window is full before it feeds
+        thought token steps[i]; `gather`: also return the evicted K/V (for the encoder)."""
+        device = self.clock.device
+        idx, step = torch.tensor(rows, device=device), torch.tensor(steps, device=device)
+        block = torch.arange(self.block, device=device)
+        ring = (step[:, None] + block) % self.capacity  # the oldest block's slots
+        listed = None
+        if self.slot_token is None:  # the ring is the policy
+            chosen = ring.expand(len(self.layers), -1, -1)
+            tokens = (step[:, None] - self.capacity + block).expand_as(chosen)
+            listed = [tuple(range(t - self.capacity, t - self.capacity + self.block)) for t in steps]
+        else:
+            if self.scored is not None:
+                chosen = self.scored.select(self.stats.rows(idx), self.slot_token.index_select(1, idx), step,
+                                            self.block, self.protect)
+            else:
+                listed = self._host_choice(rows, steps)
+                wanted = torch.tensor(listed, device=device)
+                mine = self.slot_token.index_select(1, idx)
+                chosen = (mine[..., None] == wanted[None, :, None, :]).int().argmax(2)
+            tokens, ascending = self.slot_token.index_select(1, idx).gather(-1, chosen).sort(-1)
+            chosen = chosen.gather(-1, ascending)
+        keys, values = self._take(idx, chosen) if gather else (None, None)
+        if self.slot_token is not None:
+            self._relocate(idx, _relocation(chosen, ring, self.capacity))
+        self.slot_valid.view(-1, self.num_slots)[idx[:, None], ring + self.prompt_slots] = False
+        plen = self.prompt_len.index_select(0, idx)
+        positions = plen[:, None] + tokens[0] if listed is not None else plen[None, :, None] + tokens
+        return Evicted(tokens, keys, values, positions, listed)
+
+    def _host_choice(self, rows: list[int], steps: list[int]) -> list[tuple[int, ...]]:
+        """Ask the host policy, per sequence, which `block` of its cached thought tokens leave."""
+        out = []
+        for row, step in zip(rows, steps, strict=True):
+            kept, since = self._held[row]
+            cached = kept + list(range(since, step))
+            chosen = sorted(self.host_policy.select(cached, self.block))
+            if len(set(chosen)) != self.block or not set(chosen) <= set(cached):
+                raise RuntimeError(f"eviction policy returned {chosen}: it must choose {self.block} of the "
+                                   f"cached thought tokens {cached}")
+            gone = set(chosen)
+            self._held[row] = ([t for t in cached if t not in gone], step)
+            out.append(tuple(chosen))
+        return out
+
+    def _take(self, idx: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of window slots `chosen` [layers, n, E] of rows `idx`: [layers, n, kv_heads, E, head_dim]."""
+        pairs = list(zip(self.layers, chosen + self.prompt_slots, strict=True))
+        keys = [layer.keys[idx[:, None], :, pick].transpose(1, 2) for layer, pick in pairs]
+        values = [layer.values[idx[:, None], :, pick].transpose(1, 2) for layer, pick in pairs]
+        return torch.stack(keys), torch.stack(values)
+
+    def _relocate(self, idx: torch.Tensor, order: torch.Tensor) -> None:
+        """In rows `idx`, window slot s of layer l takes the content of slot order[l, i, s] (K/V, the
+        token map and the attention statistics move together)."""
+        p = self.prompt_slots
+        for layer, move in zip(self.layers, order, strict=True):
+            for buffer in (layer.keys, layer.values):
+                window = buffer.index_select(0, idx)[:, :, p:]
+                moved = window.gather(2, move[:, None, :, None].expand_as(window))
+                buffer[:, :, p:].index_copy_(0, idx, moved)
+        self.slot_token.index_copy_(1, idx, self.slot_token.index_select(1, idx).gather(-1, order))
+        if self.stats is not None:
+            self.stats.permute(order, idx)
 
     def nbytes(self) -> int:
         """Bytes held by the K/V buffers (constant once allocated)."""

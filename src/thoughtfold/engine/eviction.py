@@ -2,11 +2,11 @@
 module because the choice is pluggable and the record is shared by the rollout that makes it and
 the replay that follows it (docs/design.md §1.2).
 
-Events always happen at the same steps (a pure function of W, rho and the step). Two kinds of
-policy choose what leaves:
+Events happen at steps that are a pure function of W, rho and the sequence's own step (each
+sequence's window fills on its own clock). Two kinds of policy choose what leaves:
 
-* an `EvictionPolicy` chooses on the host, once for the whole batch and every layer (`oldest`, the
-  paper's policy and the default, or any user policy);
+* an `EvictionPolicy` chooses on the host, per sequence and for every layer (`oldest`, the paper's
+  policy and the default, or any user policy);
 * a `ScoredEviction` chooses per sequence and per layer from the attention statistics the decode
   step gathers (`h2o`, `snapkv`, `headkv`).
 
@@ -77,7 +77,7 @@ def events_within(log: Sequence[EvictionEvent], length: int) -> list[EvictionEve
 
 
 class EvictionPolicy(Protocol):
-    """Chooses, on the host and for the whole batch, which cached thought tokens leave."""
+    """Chooses, on the host, which `block` of a sequence's cached thought tokens leave."""
 
     def select(self, cached: Sequence[int], block: int) -> list[int]: ...
 
@@ -102,11 +102,13 @@ class ScoredEviction:
         """[layers, batch, window] scores of the cached slots (higher = keep)."""
         raise NotImplementedError
 
-    def select(self, stats: AttentionStats, slot_token: torch.Tensor, step: int, block: int,
+    def select(self, stats: AttentionStats, slot_token: torch.Tensor, step: int | torch.Tensor, block: int,
                protect: int) -> torch.Tensor:
         """Window slots to evict [layers, batch, block]; `slot_token` [layers, batch, window] is the
-        thought token in each slot. Runs on the device, without a host sync."""
+        thought token in each slot, `step` the thought token about to be admitted (one per sequence
+        [batch], or one for all). Runs on the device, without a host sync."""
         scores = self.scores(stats, slot_token).float()
+        step = torch.as_tensor(step, device=slot_token.device).reshape(1, -1, 1)
         scores = scores.masked_fill(slot_token >= step - protect, float("inf"))
         return scores.topk(block, dim=-1, largest=False).indices
 

@@ -41,6 +41,62 @@ DistributionFn = Callable[[torch.Tensor, int, int, list[int]], None]
 (detached) at completion tokens [start, end) of the sequences `rows`, e.g. to compare a bounded policy
 with the full-cache model token by token."""
 
+LOGPROB_CHUNK = 1 << 22
+"""Logits (tokens x vocabulary) that `token_logprobs` widens to float32 at a time: 16 MB."""
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """log softmax(logits / T) at the given tokens, chunk by chunk over tokens: the full float32
+    log-softmax is never materialised. Backward saves only the logits (in their own dtype) and each
+    token's log-normaliser, and recomputes softmax chunk by chunk: d lp / d logits = (onehot - p) / T."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, dtype: torch.dtype,
+                chunk: int) -> torch.Tensor:
+        flat, index = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
+        out = torch.empty(index.shape[0], dtype=dtype, device=logits.device)
+        norm = torch.empty_like(out)
+        for a in range(0, flat.shape[0], chunk):
+            x = flat[a : a + chunk].to(dtype) / temperature
+            norm[a : a + chunk] = x.logsumexp(-1)
+            out[a : a + chunk] = x.gather(-1, index[a : a + chunk])[:, 0] - norm[a : a + chunk]
+        ctx.save_for_backward(logits, tokens, norm)
+        ctx.temperature, ctx.dtype, ctx.chunk = temperature, dtype, chunk
+        return out.view(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, tokens, norm = ctx.saved_tensors
+        flat, index = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
+        grad = grad.reshape(-1, 1).to(ctx.dtype)
+        out = torch.empty_like(flat)
+        for a in range(0, flat.shape[0], ctx.chunk):
+            x = flat[a : a + ctx.chunk].to(ctx.dtype) / ctx.temperature
+            g = grad[a : a + ctx.chunk]
+            d = (x - norm[a : a + ctx.chunk, None]).exp_().mul_(-g)
+            out[a : a + ctx.chunk] = d.scatter_add_(-1, index[a : a + ctx.chunk], g) / ctx.temperature
+        return out.view_as(logits), None, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, dtype: torch.dtype,
+                   chunk: int | None = None) -> torch.Tensor:
+    """log softmax(logits / temperature) [..., V] at `tokens` [...], in `dtype` (differentiable), with at
+    most `chunk` tokens' logits widened at a time (default: LOGPROB_CHUNK elements' worth), as TRL's
+    selective log-softmax: the update's memory stays bounded in the vocabulary."""
+    chunk = chunk or max(1, LOGPROB_CHUNK // logits.shape[-1])
+    return _TokenLogProbs.apply(logits, tokens, temperature, dtype, chunk)
+
+
+def segment_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, dtype: torch.dtype,
+                     full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A segment's log-probs of `tokens`, and with `full` its whole next-token log-distributions
+    [..., V] (for a distribution loss or callback); without, those are never materialised."""
+    if not full:
+        return token_logprobs(logits, tokens, temperature, dtype), None
+    logprobs = torch.log_softmax(logits.to(dtype) / temperature, -1)
+    return logprobs.gather(-1, tokens[..., None])[..., 0], logprobs
+
+
 class _SegmentLayer(CacheLayerMixin):
     """Context K/V from earlier segments plus the current segment's own K/V."""
 
@@ -83,8 +139,9 @@ def default_schedule(length: int, cache: CacheConfig) -> list[EvictionEvent]:
 
 def _schedule_groups(logs: Sequence[Sequence[EvictionEvent]]) -> list[tuple[list[int], list[int]]]:
     """Sequences that can be replayed together: (rows, the longest list of event steps) where every
-    row's steps are a prefix of it. The rows of one lockstep rollout form one group, whatever tokens
-    each row evicted; events past a row's end do not change its log-probs."""
+    row's steps are a prefix of it. Every sequence evicts at W, W + E, ... of its own steps, so the
+    rows of a rollout form one group, whatever tokens each evicted and whichever slot decoded it;
+    events past a row's end do not change its log-probs."""
     groups: list[tuple[list[int], list[int]]] = []
     for i, log in enumerate(logs):
         steps = [e.step for e in log]
@@ -336,14 +393,13 @@ def _replay_batch(
         first = a if k == 0 else a + 1
         out = model(input_ids=seg_ids, attention_mask=mask, position_ids=seg_pos, use_cache=True,
                     logits_to_keep=b + 1 - first, **{kw: cache})
-        logits = out.logits.to(dtype) / temperature
-        logprobs = torch.log_softmax(logits, -1)
-        lp = logprobs.gather(-1, comp[:, first : b + 1, None])[..., 0]
+        lp, logprobs = segment_logprobs(out.logits, comp[:, first : b + 1], temperature, dtype,
+                                        full=distribution_loss or distribution_fn is not None)
         out_lp[:, first : b + 1] = lp.detach()
         if distribution_fn is not None:
             distribution_fn(logprobs.detach(), first, b + 1, rows)
         loss_input = logprobs if distribution_loss else lp
-        del logprobs
+        del out, logprobs
         new_valid = torch.ones(batch, b - a, dtype=torch.bool, device=device)
         if k == 0:
             new_valid = torch.cat([valid, new_valid], 1)

@@ -1,24 +1,32 @@
-"""Batched constant-memory generation under the bounded cache.
+"""Constant-memory generation under the bounded cache, with continuous batching (docs/design.md §1.1,
+§3).
 
-All sequences decode in lockstep: one prefill of the left-padded prompts, then one token per step.
-Before a token would overflow the window, a block is evicted (and folded into the PTE state). The
-only host syncs are the periodic "all finished?" check and streaming.
-
-Log-probs are those of the sampled token under softmax(logits / temperature) (temperature 1 for
-greedy), before any top-p / top-k truncation -- the definition TRL uses for GRPO.
+A fixed number of slots decode together, one token each per step, each slot holding one sequence on
+its own clock. When a sequence finishes (EOS, a stop string, its token budget) its slot takes the
+next waiting prompt: one prefill writes the admitted prompts' pinned regions, their windows and PTE
+states start empty, and the other slots go on decoding. Before a token would overflow a sequence's
+window, a block is evicted and folded into its state at that sequence's own step. So every sequence
+computes what it would alone, and samples from its own random stream: results do not depend on the
+number of slots. Shapes stay static (the decode step of B slots is captured once as a CUDA graph);
+the host waits for the device only at sync points -- every SYNC_EVERY steps, when a sequence reaches
+its token budget, and when an asynchronous copy of the done flags shows that one ended -- and to
+stream.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..config import CacheConfig, SamplingConfig
+from ..errors import ConfigError
 from .adapter import refresh_casts, wide_dtype
 from .attention import observing
 from .attention_stats import AttentionStats
@@ -26,32 +34,70 @@ from .cache import BoundedKVCache, cache_kwarg
 from .eviction import EvictionEvent, EvictionPolicy, ScoredEviction
 from .fold import StateFolder
 from .graph import DecodeStep
+from .sampling import TokenChooser
+from .slots import SYNC_EVERY, DonePeek, Finished, SlotOutputs, SlotTable
 
-SYNC_EVERY = 16  # steps between "all sequences finished?" checks (each is a host sync)
+STOP_TAIL = 64  # how many of a sequence's last tokens a stop check sees
+
+StopCheck = Callable[[list[list[int]]], list[bool]]
+"""stop_check(tails) -> ended: given the last STOP_TAIL tokens of unfinished sequences, which of them
+end there (stop strings)."""
+
+
+class Streamer(Protocol):
+    """What `generate(streamer=...)` accepts: transformers' TextStreamer fits."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+    def end(self) -> None: ...
+
+
+@dataclass
+class RolloutOptions:
+    """How a rollout runs (what it samples is its SamplingConfig).
+
+    `slots`: how many sequences decode at once (None: every prompt, static batching); the other
+    prompts wait in a queue. `eos_ids` end a sequence; `pad_id` pads prompts and finished slots.
+    `stop_check` ends more sequences at sync points. `cuda_graph` captures the decode step once (CUDA
+    only), `compile_step` runs it through torch.compile first. `lockstep(done_here) -> done_everywhere`
+    keeps processes whose forward passes are collectives (FSDP) running the same passes: a process
+    with nothing left decodes idle steps and joins the others' prefills. `calibration` gathers the
+    per-head attention peaks; `forced` [prompts, max_new_tokens] feeds those tokens instead of sampling
+    (teacher forcing through the decode path)."""
+
+    eos_ids: frozenset[int] | set[int] = frozenset()
+    pad_id: int = 0
+    slots: int | None = None
+    eviction_policy: EvictionPolicy | ScoredEviction | None = None
+    stop_check: StopCheck | None = None
+    streamer: Streamer | None = None
+    lockstep: Callable[[bool], bool] | None = None
+    cuda_graph: bool = False
+    compile_step: bool = False
+    calibration: bool = False
+    forced: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        slots = self.slots
+        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+            raise ConfigError(f"slots must be an integer >= 1 or None (every prompt at once), got {slots!r}")
 
 
 @dataclass
 class RawRollout:
-    """Untruncated lockstep output: tokens/logprobs [B, steps]. `events`
-    are the batch's eviction events; under a scored policy `layer_tokens` [events, layers, B, E] holds
-    what each layer of each sequence evicted (the events' `tokens` are then empty)."""
+    """Per prompt (lists indexed like the prompts): the tokens and log-probs generated until the
+    sequence was seen finished (after an EOS: padding) and its eviction log (per layer under a scored
+    policy). `steps` rounds of `slots` slots; `prefills` passes."""
 
-    tokens: torch.Tensor
-    logprobs: torch.Tensor
-    events: list[EvictionEvent]
+    tokens: list[torch.Tensor]
+    logprobs: list[torch.Tensor]
+    logs: list[list[EvictionEvent]]
     prompt_lengths: list[int]
     cache_bytes: int
     seconds: float
-    layer_tokens: torch.Tensor | None = None
+    steps: int
+    slots: int
+    prefills: int
     attention_stats: AttentionStats | None = None
-
-    def row_events(self, row: int) -> list[EvictionEvent]:
-        """The eviction log of sequence `row`."""
-        if self.layer_tokens is None:
-            return list(self.events)
-        mine = self.layer_tokens[:, :, row].tolist()
-        return [EvictionEvent(e.step, (), tuple(map(tuple, layers)))
-                for e, layers in zip(self.events, mine, strict=True)]
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device,
@@ -88,149 +134,180 @@ def prompt_positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def sample(
-    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick the next token per row; returns (tokens [B], logprobs [B]) with logprobs under the
-    untruncated tempered distribution."""
-    logits = logits.to(wide_dtype(logits.dtype))
-    if cfg.temperature <= 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-    scaled = logits / cfg.temperature
-    logprobs = torch.log_softmax(scaled, -1)
-    filtered = scaled
-    if cfg.top_k and cfg.top_k < filtered.shape[-1]:
-        kth = filtered.topk(cfg.top_k, dim=-1).values[:, -1:]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = filtered.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest prefix reaching top_p
-        filtered = filtered.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+def attention_stats(config, batch: int, cache_cfg: CacheConfig, scored: ScoredEviction | None,
+                    calibration: bool, prompt_slots: int, window: int,
+                    device: torch.device) -> AttentionStats | None:
+    """The attention statistics the decode step gathers: what a scored policy reads, and the per-head
+    peaks of a calibration pass (None: neither is needed)."""
+    if scored is None and not calibration:
+        return None
+    recent = cache_cfg.observed_queries if scored is not None and scored.recent else 0
+    return AttentionStats(config.num_hidden_layers, batch, config.num_key_value_heads, prompt_slots, window,
+                          device, cumulative=scored is not None and scored.cumulative, recent_queries=recent,
+                          peak=calibration)
 
 
-class Streamer(Protocol):
-    """What `generate(streamer=...)` accepts: transformers' TextStreamer fits."""
+class _Slots:
+    """One rollout's running state: the slots' cache, PTE state, outputs and host bookkeeping."""
 
-    def put(self, value: torch.Tensor) -> None: ...
-    def end(self) -> None: ...
+    def __init__(self, model: nn.Module, folder: StateFolder, prompts: list[list[int]],
+                 cache_cfg: CacheConfig, sampling: SamplingConfig, options: RolloutOptions):
+        self.model, self.folder, self.prompts, self.options = model, folder, prompts, options
+        self.device = next(model.parameters()).device
+        self.n_new = sampling.max_new_tokens
+        self.table = SlotTable(len(prompts), options.slots, self.n_new, cache_cfg)
+        batch, longest = self.table.size, max(map(len, prompts))
+        self.width = compiled_prompt_width(longest) if options.compile_step else longest
+        window = cache_cfg.window if cache_cfg.bounded else self.n_new
+        policy = options.eviction_policy if cache_cfg.bounded else None
+        scored = policy if isinstance(policy, ScoredEviction) else None
+        self.stats = attention_stats(model.config, batch, cache_cfg, scored, options.calibration, self.width,
+                                     window, self.device)
+        block = cache_cfg.evict_block if cache_cfg.bounded else 1
+        protect = cache_cfg.protected if scored is not None else 0
+        self.cache = BoundedKVCache(model.config.num_hidden_layers, batch, self.width, window, block,
+                                    self.device, policy, self.stats, protect)
+        self.chooser = TokenChooser(sampling, batch, self.device, options.forced)
+        self.outputs = SlotOutputs(batch, self.n_new + SYNC_EVERY, self.device, wide_dtype(folder.dtype))
+        self.done = torch.ones(batch, dtype=torch.bool, device=self.device)
+        self.peek = DonePeek(self.done)
+        self.eos = torch.tensor(sorted(options.eos_ids), dtype=torch.long, device=self.device)
+        self.finished: list[Finished] = []
+        self.prefills = 0
+        self.state = folder.start(batch)
+        if options.cuda_graph:
+            folder.pin(self.state)
+        if options.compile_step:
+            refresh_casts(folder.wrappers, folder.dtype)  # compiled steps read these copies unchecked
+
+    def choose(self, logits: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Choose and record the next token of every slot (or of `slots`, whose logits these are);
+        finished slots get padding."""
+        clock = self.cache.clock if slots is None else self.cache.clock.index_select(0, slots)
+        token, logprob = self.chooser(logits, clock, slots)
+        done = self.done if slots is None else self.done.index_select(0, slots)
+        token = torch.where(done, torch.full_like(token, self.options.pad_id), token)
+        self.outputs.write(clock, token, logprob, slots)
+        ended = done | torch.isin(token, self.eos)
+        if slots is None:
+            self.done.copy_(ended)
+        else:
+            self.done.index_copy_(0, slots, ended)
+        return token
+
+    def due(self, step: int) -> bool:
+        """Whether to sync at `step`: at the table's steps, and, unless processes must agree on the
+        steps (lockstep), as soon as the host sees that a sequence ended."""
+        lockstep = self.options.lockstep is not None
+        return self.table.due(step, lockstep) or (not lockstep and self.peek.ended(self.table))
+
+    def start(self, slots: list[int], rows: list[int], token: torch.Tensor) -> torch.Tensor:
+        """Prefill prompts `rows` into `slots`, which start afresh; returns `token` with each slot's
+        first token in place of what it held."""
+        idx = torch.tensor(slots, device=self.device)
+        logits = self._prefill(slots, rows)
+        self.state = self.folder.reset(self.state, idx)
+        self.chooser.start(idx, rows)
+        self.done.index_fill_(0, idx, False)
+        return token.index_copy(0, idx, self.choose(logits, idx))
+
+    def _prefill(self, slots: list[int], rows: list[int]) -> torch.Tensor:
+        """One forward pass over the admitted prompts (identical ones -- a GRPO group's -- share a row)
+        writing their K/V into the slots' prompt regions; returns each slot's next-token logits."""
+        prompts = [tuple(self.prompts[r]) for r in rows]
+        unique = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        source = [unique[p] for p in prompts]
+        ids, valid = pad_prompts([list(p) for p in unique], self.options.pad_id, self.device, self.width)
+        mask = self.cache.prefill(slots, source, valid)
+        with self.folder.fresh(len(unique)), observing(self.model, None):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(valid),
+                             use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): self.cache})
+        self.prefills += 1
+        return out.logits[:, -1].index_select(0, torch.tensor(source, device=self.device))
+
+    def _idle_prefill(self) -> None:
+        """A forward pass that changes nothing, for a process with nothing to admit while another
+        process prefills (under FSDP every process must run the same passes)."""
+        with self.folder.fresh(1), observing(self.model, None):
+            self.model(input_ids=torch.full((1, 1), self.options.pad_id, device=self.device), use_cache=False,
+                       logits_to_keep=1)
+
+    def sync(self, step: int, token: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Read the device: collect finished sequences, hand their slots to waiting prompts. Returns
+        the tokens to feed and whether every process is done."""
+        self.table.flush()
+        self._collect(step)
+        slots, rows = self.table.admit(step)
+        lockstep = self.options.lockstep
+        others_admit = lockstep is not None and not lockstep(not slots)
+        if slots:
+            token = self.start(slots, rows, token)
+        elif others_admit:
+            self._idle_prefill()
+        done = self.table.finished
+        return token, lockstep(done) if lockstep is not None else done
+
+    def _collect(self, step: int) -> None:
+        """Move the sequences that ended (EOS, token budget, stop string) to `finished`."""
+        occupied = np.flatnonzero(self.table.occupied)
+        if not len(occupied):
+            return
+        counts = np.minimum(self.table.clocks(step)[occupied] + 1, self.n_new)
+        ended = self.done.cpu().numpy()[occupied] | (counts >= self.n_new)
+        if self.options.stop_check is not None and not ended.all():
+            tails = self.outputs.tails(occupied[~ended].tolist(), counts[~ended].tolist(), STOP_TAIL)
+            ended[~ended] = np.asarray(self.options.stop_check(tails), dtype=bool)
+        if ended.any():
+            slots = occupied[ended].tolist()
+            self.finished += self.outputs.read(self.table, slots, counts[ended].tolist())
+            self.table.release(slots)
+
+
+def evict_and_fold(run: _Slots, step: int) -> None:
+    """Evict a block from every sequence whose window is full before the token it feeds at `step`
+    (each on its own clock), log what left, and fold it into that sequence's PTE state."""
+    slots, clocks = run.table.evicting(step)
+    if not slots:
+        return
+    evicted = run.cache.evict(slots, clocks, gather=run.folder.active)
+    run.table.record(slots, clocks, evicted)
+    if run.folder.active:
+        rows = None if len(slots) == run.table.size else torch.tensor(slots, device=run.device)
+        run.state = run.folder.fold(run.state, evicted.keys, evicted.values, evicted.positions, rows)
 
 
 @torch.no_grad()
-def rollout(
-    model: nn.Module,
-    folder: StateFolder,
-    prompts: list[list[int]],
-    cache_cfg: CacheConfig,
-    sampling: SamplingConfig,
-    eos_ids: set[int],
-    pad_id: int,
-    streamer: Streamer | None = None,
-    eviction_policy: EvictionPolicy | ScoredEviction | None = None,
-    stop_check=None,
-    cuda_graph: bool = False,
-    compile_step: bool = False,
-    lockstep: Callable[[bool], bool] | None = None,
-    calibration: bool = False,
-    forced: torch.Tensor | None = None,
-) -> RawRollout:
-    """Decode `prompts` (token lists) in lockstep under the bounded cache.
-
-    `stop_check(tokens [B, t]) -> bool tensor [B]` marks extra finished rows at sync points
-    (stop strings). Finished rows keep decoding padding so shapes stay static. `cuda_graph`
-    captures the decode step once and replays it (CUDA only); `compile_step` runs it through
-    torch.compile first. `lockstep(all_done_here) -> all_done_everywhere` makes processes whose
-    forward passes are collectives (FSDP) stop at the same step. `calibration=True` also gathers
-    the per-head attention peaks (`RawRollout.attention_stats.peak`). `forced` [B, max_new_tokens]
-    feeds those tokens instead of sampling (teacher forcing through the decode path: the eviction
-    log a scored policy makes on given completions); their log-probs use the temperature."""
-    device = next(model.parameters()).device
-    width = compiled_prompt_width(max(map(len, prompts))) if compile_step else 0
-    ids, valid = pad_prompts(prompts, pad_id, device, width)
-    batch, n_new = ids.shape[0], sampling.max_new_tokens
-    window = cache_cfg.window if cache_cfg.bounded else max(1, n_new)
-    block = cache_cfg.evict_block if cache_cfg.bounded else 1
-    scored = eviction_policy if isinstance(eviction_policy, ScoredEviction) and cache_cfg.bounded else None
-    stats = None
-    if scored is not None or calibration:
-        cfg = model.config
-        stats = AttentionStats(
-            cfg.num_hidden_layers, batch, cfg.num_key_value_heads, ids.shape[1], window, device,
-            cumulative=scored is not None and scored.cumulative,
-            recent_queries=cache_cfg.observed_queries if scored is not None and scored.recent else 0,
-            peak=calibration)
-    cache = BoundedKVCache(model.config.num_hidden_layers, valid, window, block, scored or eviction_policy,
-                           stats=stats, protect=cache_cfg.protected if scored is not None else 0)
-    prompt_len = valid.sum(-1)  # true prompt lengths [B]
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    eos = torch.tensor(sorted(eos_ids), device=device)
-    kw = cache_kwarg(model)
-
+def rollout(model: nn.Module, folder: StateFolder, prompts: list[list[int]], cache_cfg: CacheConfig,
+            sampling: SamplingConfig, options: RolloutOptions | None = None) -> RawRollout:
+    """Decode `prompts` (token lists) under the bounded cache, `options.slots` sequences at a time
+    (see RolloutOptions); each runs until an EOS, a stop string or `sampling.max_new_tokens`."""
+    options = options or RolloutOptions()
+    if options.streamer is not None and len(prompts) != 1:
+        raise ConfigError(f"a streamer follows one sequence, but {len(prompts)} prompts were given: pass one")
+    run = _Slots(model, folder, prompts, cache_cfg, sampling, options)
+    decode = DecodeStep(model, run.cache, capture=options.cuda_graph, compile=options.compile_step)
     start = time.perf_counter()
-    state = folder.start(batch)
-    if cuda_graph:
-        folder.pin(state)
-    if compile_step:
-        refresh_casts(folder.wrappers, folder.dtype)  # compiled steps read these copies unchecked
-    step = DecodeStep(model, cache, capture=cuda_graph, compile=compile_step)
-    out = model(
-        input_ids=ids, attention_mask=cache.begin_prefill(), position_ids=prompt_positions(valid),
-        use_cache=True, logits_to_keep=1, **{kw: cache},
-    )
-    logits = out.logits[:, -1]
-    tokens = torch.empty(batch, n_new, dtype=torch.long, device=device)
-    logprobs = torch.empty(batch, n_new, device=device, dtype=wide_dtype(folder.dtype))
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    events, layer_tokens = [], []
-    steps = 0
-    with observing(model, stats):
-        for t in range(n_new):
-            if forced is None:
-                token, lp = sample(logits, sampling, generator)
-            else:
-                token = forced[:, t].to(device)
-                scaled = logits.to(wide_dtype(logits.dtype)) / max(sampling.temperature, 1e-30)
-                lp = torch.log_softmax(scaled, -1)
-                lp = lp.gather(-1, token[:, None])[:, 0]
-            token = torch.where(done, torch.full_like(token, pad_id), token)
-            tokens[:, t], logprobs[:, t] = token, lp
-            steps = t + 1
-            if streamer is not None:
-                streamer.put(token.cpu())
-            done |= torch.isin(token, eos)
-            if t == n_new - 1:
-                break
-            if steps % SYNC_EVERY == 0:
-                if stop_check is not None:
-                    done |= stop_check(tokens[:, :steps])
-                finished = bool(done.all())
-                if lockstep(finished) if lockstep is not None else finished:
+    with observing(model, run.stats):
+        idle = torch.full((run.table.size,), options.pad_id, device=run.device)
+        token = run.start(*run.table.admit(0), idle)
+        for step in itertools.count():
+            if options.streamer is not None:
+                options.streamer.put(token.cpu())
+            if run.due(step):
+                token, finished = run.sync(step, token)
+                if finished:
                     break
-            if cache.window.full and scored is not None:
-                evicted, keys, values = cache.evict_scored(t)
-                events.append(EvictionEvent(t, ()))
-                layer_tokens.append(evicted)
-                state = folder.fold(state, keys, values, prompt_len[None, :, None] + evicted)
-            elif cache.window.full:
-                event, slots = cache.evict(t)
-                events.append(event)
-                if folder.active:
-                    keys, values = cache.gather(slots)
-                    positions = prompt_len[:, None] + torch.tensor(event.tokens, device=device)[None]
-                    state = folder.fold(state, keys, values, positions)
-            logits = step(token, prompt_len + t, cache.admit(t))
-    if streamer is not None:
-        streamer.end()
+            evict_and_fold(run, step)
+            token = run.choose(decode(token, *run.cache.admit()))
+            run.peek.start(run.done, step + 1)
+    if options.streamer is not None:
+        options.streamer.end()
     folder.apply(None)
     elapsed = time.perf_counter() - start
+    done = sorted(run.finished, key=lambda f: f.row)
     return RawRollout(
-        tokens=tokens[:, :steps].cpu(), logprobs=logprobs[:, :steps].cpu(), events=events,
-        prompt_lengths=[len(p) for p in prompts], cache_bytes=cache.nbytes(), seconds=elapsed,
-        layer_tokens=torch.stack(layer_tokens).cpu() if layer_tokens else None,
-        attention_stats=stats if calibration else None,
+        tokens=[f.tokens for f in done], logprobs=[f.logprobs for f in done], logs=[f.log for f in done],
+        prompt_lengths=[len(p) for p in prompts], cache_bytes=run.cache.nbytes(), seconds=elapsed,
+        steps=step + 1, slots=run.table.size, prefills=run.prefills,
+        attention_stats=run.stats if options.calibration else None,
     )

@@ -114,6 +114,7 @@ class Trainer:
         if not self.params:
             raise ConfigError("adapter mode 'none' has nothing to train: set adapter.mode to lora or pte")
         self.diagnostics = ParameterDiagnostics(self.policy.parameter_groups())
+        self._state_diagnostics: dict[str, float] = {}
         self.optimizer = torch.optim.AdamW(self._optimizer_groups(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = self._make_scheduler()
@@ -260,6 +261,9 @@ class Trainer:
         """Clip, step, tick the schedule; returns the pre-clip gradient norm."""
         self.dp.sum_gradients(self.params)
         self.diagnostics.record_gradients()
+        if self.policy.encoder is not None and self.policy.folder.last is not None:
+            # the state the replay just folded, read with the encoder that folded it (before the update)
+            self._state_diagnostics = state_metrics(self.policy.encoder, self.policy.folder.last)
         limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
         self.callbacks.call("on_pre_optimizer_step")
@@ -398,8 +402,7 @@ class Trainer:
         metrics = self.train_step(self.local_examples())
         self.step += 1
         metrics.update(self.diagnostics.metrics())
-        if self.policy.encoder is not None and self.policy.folder.last is not None:
-            metrics.update(state_metrics(self.policy.encoder, self.policy.folder.last))
+        metrics.update(self._state_diagnostics)
         return {"step": self.step, "epoch": self.data_pos / len(self.dataset), "learning_rate": lr, **metrics,
                 **memory.metrics(), "step_seconds": time.perf_counter() - start}
 
