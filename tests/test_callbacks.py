@@ -123,3 +123,11 @@ def test_sft_trainer_takes_trl_arguments_and_reports_eval_loss(tmp_path, tiny_di
         SFTTrainer(args=config, data_collator=object(), train_dataset=rows)
     with pytest.raises(ConfigError, match="callback object has none of TrainerCallback's hooks"):
         SFTTrainer(args=config, train_dataset=rows, callbacks=[object()])
+
+
+def test_help_shows_what_the_constructors_take():
+    for trainer in (GRPOTrainer, SFTTrainer):
+        for argument in ("`model`", "`args`", "`train_dataset`", "`eval_dataset`", "`processing_class`",
+                         "`callbacks`", "`peft_config`"):
+            assert argument in trainer.__doc__, (trainer.__name__, argument)
+    assert "`reward_funcs`" in GRPOTrainer.__doc__ and "`data_collator`" in SFTTrainer.__doc__

@@ -27,7 +27,7 @@ from ..messages import assistant_turn, is_conversation, text_of
 from ..policy import GenerationResult, Policy, concat_rollouts
 from ..tasks.rewards import check_reward_columns, load_reward, score_completions
 from .distributed import row_spans
-from .loop import Trainer
+from .loop import TRAINER_ARGUMENTS, Trainer
 from .losses import (
     GroupAdvantages,
     LossStats,
@@ -102,7 +102,7 @@ class PolicyBatch:
 class GRPOTrainer(Trainer):
     """Cache-aware GRPO: rollouts under the bounded cache, updates through the segment-wise replay.
     Called as TRL's: `GRPOTrainer(model, reward_funcs, args, train_dataset, eval_dataset,
-    processing_class, callbacks=..., peft_config=...)` (the arguments are Trainer's, below).
+    processing_class, callbacks=..., peft_config=...)`.
     `reward_funcs`: functions with TRL's reward signature (`fn(prompts, completions, completion_ids,
     **columns)`, completions as messages when the prompts are), or names / dotted paths that
     `rewards.load_reward` knows; else `args.rewards`. The dataset must hold the columns the rewards
@@ -318,5 +318,7 @@ class GRPOTrainer(Trainer):
                             temperature=c.temperature)
         return loss, stats
 
+
+GRPOTrainer.__doc__ += TRAINER_ARGUMENTS  # help() shows what the constructor takes
 
 __all__ = ["GRPOTrainer", "PolicyBatch", "RolloutStats", "loss_mask_prefix"]

@@ -51,23 +51,29 @@ log = logging.getLogger("thoughtfold")
 CHECKPOINTS_DIR = "checkpoints"
 
 
-class Trainer:
-    """The parts GRPO and SFT share: model, data order, optimizer and schedule, checkpoints, logs,
-    evaluation and callbacks, with the surface of TRL's trainers (`args`, `state`, `train`,
-    `evaluate`, `save_model`, `add_callback`). The constructor's arguments are TRL's:
+TRAINER_ARGUMENTS = """
+
+    Arguments, as TRL's trainers take them:
 
     - `model`: a `Policy`, trained as it is (its cache and adapter settings win over `args`'), a
       model id or path loaded with `args`' cache and adapter settings, or None for `args.model`.
     - `args`: a TrainConfig / GRPOConfig / SFTConfig (default: the quickstart run).
     - `train_dataset`: rows (a list of dicts, a `datasets.Dataset`) with a prompt (text, messages or
       token ids; a "question" or "problem" column is found as in files) and the columns the rewards
-      read; replaces `args.data`. `eval_dataset`: rows evaluated every `eval_steps` steps under the
-      cache.
+      read; replaces `args.data`. `eval_dataset`: rows evaluated under the cache every `eval_steps`
+      steps and at the end.
     - `processing_class`: the tokenizer to use instead of the model's own.
     - `callbacks`: transformers `TrainerCallback`s (instances or classes): the loop calls their
       on_train_begin / on_step_begin / on_step_end / on_log / on_evaluate / on_save / ... hooks and
       obeys the control they return (`should_training_stop`, `should_save`, ...).
-    - `peft_config`: a PEFT `LoraConfig`, mapped to the adapter (rank, alpha, target modules)."""
+    - `peft_config`: a PEFT `LoraConfig`, mapped to the adapter (rank, alpha, target modules).
+    """
+
+
+class Trainer:
+    """The parts GRPO and SFT share: model, data order, optimizer and schedule, checkpoints, logs,
+    evaluation and callbacks, with the surface of TRL's trainers (`args`, `state`, `train`,
+    `evaluate`, `save_model`, `add_callback`)."""
 
     kind = "train"
     plot_key = "loss"
@@ -425,3 +431,6 @@ class Trainer:
                                     self.output_dir.name)
         self.dp.barrier()
         return {"adapter": adapter, "metrics": metrics_path, "plot": plot_path}
+
+
+Trainer.__doc__ += TRAINER_ARGUMENTS  # help() shows what the constructor takes

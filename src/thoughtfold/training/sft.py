@@ -20,15 +20,15 @@ from ..errors import ConfigError, DataError
 from ..messages import is_conversation, split_messages, text_of
 from ..policy import Policy
 from .distill import TeacherTargets, first_distilled_token, teacher_targets, token_kl
-from .loop import Trainer
+from .loop import TRAINER_ARGUMENTS, Trainer
 from .losses import loss_mask
 
 
 class SFTTrainer(Trainer):
     """Cross-entropy through the replay: teaches the bounded-cache policy to reproduce full-cache
     reasoning. Called as TRL's: `SFTTrainer(model, args, data_collator, train_dataset, eval_dataset,
-    processing_class, callbacks=..., peft_config=...)` (the arguments are Trainer's; data_collator
-    must be None: batches are built here). Targets are the dataset's traces (`sft_targets: dataset`)
+    processing_class, callbacks=..., peft_config=...)` (`data_collator` must be None: batches are
+    built here). Targets are the dataset's traces (`sft_targets: dataset`)
     or completions the base model samples under a full cache for each batch (`sft_targets:
     full_cache`). Rows in TRL's formats: `prompt` + `completion` (text or messages), `messages`
     (the final assistant turn is learned, the rest is the prompt), or `prompt` + the column
@@ -161,5 +161,7 @@ class SFTTrainer(Trainer):
             return ids[: self.config.max_completion_length]
         return ids + [tokenizer.eos_token_id]
 
+
+SFTTrainer.__doc__ += TRAINER_ARGUMENTS  # help() shows what the constructor takes
 
 __all__ = ["SFTTrainer"]
