@@ -73,7 +73,7 @@ def test_parse_arith_spec():
         ("arith:insane", "unknown preset 'insane'"),
         ("arith:steps=two", "steps='two' is not a valid int"),
         ("arith:negative=maybe", "negative='maybe' is not a valid bool"),
-        ("arith:steps=0", "must be >= 1"),
+        ("arith:steps=0", "steps must be an integer >= 1"),
         ("arith:ops=/", "ops must be"),
     ],
 )

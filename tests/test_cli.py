@@ -22,7 +22,8 @@ from thoughtfold.cli.evaluate import default_output, run_name
 from thoughtfold.cli.generate import read_prompts_file
 from thoughtfold.cli.streamer import TerminalStreamer
 from thoughtfold.cli.train import eval_command, flags_as_overrides
-from thoughtfold.config import DataConfig, TrainConfig, load_config
+from thoughtfold.config import DataConfig, TrainConfig
+from thoughtfold.config_files import load_config
 from thoughtfold.errors import DataError
 from thoughtfold.settings_help import default_settings, shown_value
 
@@ -132,6 +133,19 @@ def test_single_prompt_streams_the_returned_text(tiny_dirs, capsys):
     cut_text = json.loads(cut.stdout)["text"]
     assert cut_text.endswith(stop) and len(cut_text) < len(text) + 1
     assert run_main(capsys, *args, "--stop", stop).stdout == cut_text + "\n"
+
+
+def test_generate_slots_change_no_output(tiny_dirs, two_prompts, capsys):
+    """--slots 1 decodes the batch's prompts one after the other in one call (continuous batching):
+    the same tokens and log-probs as both at once."""
+    args = ("generate", "--model", str(tiny_dirs["llama"]), "--prompts-file", str(two_prompts),
+            "--window", "6", "--max-new-tokens", "16", "--temperature", "1", "--seed", "3", "--json")
+    both, one = run_main(capsys, *args), run_main(capsys, *args, "--slots", "1")
+    assert both.returncode == one.returncode == 0, one.stderr
+    for a, b in zip(map(json.loads, both.stdout.splitlines()), map(json.loads, one.stdout.splitlines()),
+                    strict=True):
+        assert a["completion_ids"] == b["completion_ids"]
+        assert_close_to_scale(a["logprobs"], b["logprobs"], rel=1e-5)
 
 
 # --------------------------------------------------------------------------- one-line errors

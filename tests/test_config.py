@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
-from thoughtfold.config import LEGACY_NAMES, TrainConfig, config_to_yaml, load_config
+from thoughtfold.config import TrainConfig
+from thoughtfold.config_files import LEGACY_NAMES, config_to_yaml, load_config
 from thoughtfold.tasks.example import SYSTEM_PROMPT
 
 

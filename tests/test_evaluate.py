@@ -177,6 +177,18 @@ def test_eval_resume_after_interruption(tiny_policy, tmp_path):
         evaluate(CountingPolicy(tiny_policy), _config(resumed_dir, temperature=0.5), model="tiny")
 
 
+def test_eval_slots_decode_a_batch_continuously_and_sample_the_same(tiny_policy, tmp_path):
+    """With 2 slots for batches of 4, each batch is one generate call whose finished slots take the
+    batch's next prompts: the samples are those of decoding every prompt of the batch at once."""
+    every = evaluate(tiny_policy, _config(tmp_path / "every", windows=[4]), model="tiny")
+    policy = CountingPolicy(tiny_policy)
+    slots = evaluate(policy, _config(tmp_path / "slots", windows=[4], slots=2), model="tiny")
+    assert policy.calls == 2 and slots["results"] == every["results"]
+    assert read_samples(tmp_path / "slots" / SAMPLES_NAME) == read_samples(tmp_path / "every" / SAMPLES_NAME)
+    with pytest.raises(ConfigError, match="slots"):
+        _config(tmp_path / "bad", slots=0)
+
+
 def test_eval_config_validation():
     with pytest.raises(ConfigError, match="n-samples"):
         EvalConfig(datasets=["x.jsonl"], n_samples=0)
@@ -323,3 +335,65 @@ def test_grader_refuses_scores_that_are_not_numbers():
     grader = Grader(lambda prompts, completions, **kw: ["1.0"] * len(completions))
     with pytest.raises(ConfigError, match=r"returned '1.0' \(str\); scores must be numbers or None"):
         grader(["p"], ["c"], [{"prompt": "p"}])
+
+
+def test_eval_resumed_under_headkv_samples_what_an_uninterrupted_one_does(tiny_dirs, tmp_path):
+    """The head weights come from the first batch of the first dataset whatever a resumed evaluation
+    has left to do (each run here starts from a fresh Policy, as a new process would)."""
+    import torch
+
+    from thoughtfold.config import CacheConfig
+    from thoughtfold.policy import Policy
+
+    def run(out: Path) -> tuple[dict, torch.Tensor]:
+        policy = Policy.from_pretrained(str(tiny_dirs["qwen2"]), device="cpu")
+        config = _config(out, windows=[4], batch_size=2, max_new_tokens=16,
+                         cache=CacheConfig(window=4, eviction="headkv"))
+        return evaluate(policy, config, model="tiny"), policy.head_weights
+
+    full, weights = run(tmp_path / "full")
+    lines = (tmp_path / "full" / SAMPLES_NAME).read_text().splitlines(keepends=True)
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "full" / "eval_config.json", tmp_path / "resumed")
+    (tmp_path / "resumed" / SAMPLES_NAME).write_text("".join(lines[:2]))  # killed after its first batch
+    resumed, resumed_weights = run(tmp_path / "resumed")
+    assert resumed == full and torch.equal(resumed_weights, weights)
+    assert read_samples(tmp_path / "resumed" / SAMPLES_NAME) == read_samples(tmp_path / "full" / SAMPLES_NAME)
+    assert any(r["evictions"] for r in read_samples(tmp_path / "full" / SAMPLES_NAME).values())
+
+
+def test_eval_keeps_the_adapters_observe_window_and_a_full_cache_window_any_eviction(tiny_dirs, tmp_path,
+                                                                                     capsys):
+    from thoughtfold.config import AdapterConfig, CacheConfig
+    from thoughtfold.policy import Policy
+
+    cache = CacheConfig(window=8, eviction="snapkv", observe_window=3)
+    policy = Policy.from_pretrained(str(tiny_dirs["qwen2"]), cache=cache,
+                                    adapter=AdapterConfig(mode="lora", rank=4), device="cpu")
+    policy.save_adapter(str(tmp_path / "ad"))
+    common = ["--dataset", str(PROBLEMS), "--limit", "1", "--max-new-tokens", "12", "--reward", "arith",
+              "--device", "cpu", "--no-progress"]
+    assert main(["eval", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "a"), *common]) == 0
+    saved = json.loads((tmp_path / "a" / "eval_config.json").read_text())
+    assert (saved["eviction"], saved["observe_window"], saved["windows"]) == ("snapkv", 3, [8])
+    # a list with a full-cache window: the eviction flag applies to the bounded windows
+    assert main(["eval", "--model", str(tiny_dirs["qwen2"]), "--window", "6,none", "--eviction", "snapkv",
+                 "--output", str(tmp_path / "b"), *common]) == 0
+    summary = json.loads((tmp_path / "b" / SUMMARY_NAME).read_text())
+    assert [r["window"] for r in summary["results"]] == [6, None]
+    assert summary["settings"]["eviction"] == "snapkv"
+    capsys.readouterr()
+
+
+def test_a_failed_eval_leaves_nothing_that_refuses_its_corrected_rerun(tiny_dirs, tmp_path, capsys):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def broken(prompts, completions, **columns):\n    raise KeyError('gold')\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(tiny_dirs["llama"]), "--dataset", str(PROBLEMS), "--limit", "2",
+            "--max-new-tokens", "4", "--output", str(out), "--device", "cpu", "--no-progress", "--reward"]
+    assert main([*args, f"{rewards}:broken"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: reward {rewards}:broken raised KeyError: 'gold' (traceback in {out}/errors.log)" in err
+    assert "Traceback" not in err and "raise KeyError('gold')" in (out / "errors.log").read_text()
+    assert main([*args, "arith"]) == 0, capsys.readouterr().err
+    assert len(read_samples(out / SAMPLES_NAME)) == 2

@@ -60,3 +60,14 @@ def test_peak_memory_counts_live_tensors_only():
         c = a + 1
     assert m.peak_bytes == 2_000_000
     del c
+
+
+def test_peak_memory_does_not_count_views_of_tensors_made_before():
+    """A linear layer's forward views its weight (a transpose): the weight was there before the block,
+    so only the output counts."""
+    layer = torch.nn.Linear(1000, 500, bias=False)  # 2 MB of weight
+    x = torch.ones(4, 1000)
+    with PeakMemory("cpu") as m:
+        y = layer(x)
+        x.mul_(2)  # in place on a tensor from outside: nothing new
+    assert m.peak_bytes == y.untyped_storage().nbytes() == 4 * 500 * 4

@@ -99,3 +99,19 @@ def test_failed_adapter_save_leaves_nothing_behind(tiny_dirs, tmp_path, monkeypa
         policy.save_adapter(str(tmp_path / "adapter"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert (tmp_path / "adapter" / persist.WEIGHTS_NAME).read_bytes() == before
+
+
+def test_headkv_head_weights_travel_with_the_adapter(tiny_dirs, tmp_path):
+    """A policy that calibrated its headkv head weights saves them; loading the adapter restores them
+    (no recalibration on other prompts), so it evicts as the policy that saved it."""
+    p = adapted_policy(tiny_dirs, "qwen2", "pte", window=6)
+    p.cache_config = CacheConfig(window=6, eviction="headkv")
+    before = p.generate(PROMPTS, max_new_tokens=20, temperature=0)  # calibrates on these prompts
+    p.save_adapter(tmp_path / "ad")
+    q = Policy.from_pretrained(adapter_path=str(tmp_path / "ad"), dtype="float32", device="cpu")
+    assert torch.equal(q.head_weights, p.head_weights)
+    after = q.generate(PROMPTS, max_new_tokens=20, temperature=0)
+    assert after.completion_ids == before.completion_ids and after.eviction_log == before.eviction_log
+    assert any(e.layers for log in after.eviction_log for e in log)  # scored choices were made
+    # a full-cache window over a scored adapter evicts nothing: its eviction falls back to oldest
+    assert adapter_settings(tmp_path / "ad", window=None)[1] == CacheConfig()

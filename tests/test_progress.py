@@ -15,16 +15,16 @@ from thoughtfold.training.progress import (
 
 RECORDS = [
     {"step": 1, "reward": 0.25, "loss": 0.1, "completions/mean_length": 20.0, "evictions_per_rollout": 4.0,
-     "memory/step_peak_rss_increase_gb": 0.5, "rollout_tokens_per_s": 99.0},
+     "peak_memory_gb": 0.5, "rollout_tokens_per_s": 99.0},
     {"step": 2, "reward": 0.75, "loss": 0.05, "completions/mean_length": 9.0, "evictions_per_rollout": 1.5,
-     "memory/step_peak_rss_increase_gb": 0.25, "eval_reward": 0.5, "rollout_tokens_per_s": 101.0},
+     "peak_memory_gb": 0.25, "eval_reward": 0.5, "rollout_tokens_per_s": 101.0},
 ]
 
 
 def test_metrics_line_and_postfix_show_the_step_just_logged():
     line = metrics_line(RECORDS[1], max_steps=16)
     assert line.startswith("step 2/16 | reward 0.750 | loss 0.05 | length 9.0 | evictions 1.50")
-    assert "eval reward 0.500" in line and line.endswith("peak RSS over step start 256.0 MiB")
+    assert "eval reward 0.500" in line and line.endswith("peak memory 256.0 MiB")
     assert postfix(RECORDS[1], "reward") == {"reward": "0.75", "tok/s": "101"}
 
 
@@ -51,4 +51,4 @@ def test_closing_block_has_the_headline_numbers():
     text = "\n".join(lines)
     assert "reward:" in text and "0.250 (first logged step) -> 0.750 (last)" in text
     assert "evictions/rollout:" in text and "eval reward:" in text
-    assert "peak memory:        512.0 MiB (CPU resident-set high-water mark above the step's start" in text
+    assert "peak memory:        512.0 MiB (largest step)" in text

@@ -88,7 +88,8 @@ def test_dataset_rows_are_token_id_prompts_with_their_trace_and_task_columns():
     assert [r["solution"] for r in test] != [r["solution"] for r in rows]
     assert load_dataset_by_name("recall")[0]["recall_steps"] == 31
     for bad, words in [("recall:steps=x", "not a whole number"), ("recall:width=3", "bad option"),
-                       ("recall:n=0", "n must be >= 1"), ("recall:combine=mul", "combine must be")]:
+                       ("recall:n=0", "n must be an integer >= 1"),
+                       ("recall:combine=mul", "combine must be")]:
         with pytest.raises(ConfigError, match=words):
             load_dataset_by_name(bad)
 

@@ -187,3 +187,48 @@ def test_load_reward_builtin_and_dotted(tmp_path: Path):
 def test_load_reward_errors(spec: str, message: str):
     with pytest.raises(ConfigError, match=message):
         load_reward(spec)
+
+
+def test_a_failing_or_slow_reward_is_one_reward_error_naming_it(tmp_path):
+    from thoughtfold.errors import RewardError
+    from thoughtfold.tasks.rewards import keep_traceback, score_completions
+
+    def exits(prompts, completions, **columns):
+        raise SystemExit(0)
+
+    def sleeps(prompts, completions, **columns):
+        time.sleep(3600)
+
+    def swallows(prompts, completions, **columns):
+        try:
+            time.sleep(3600)
+        except Exception:  # a reward's own broad except does not hide its time limit
+            return [1.0]
+
+    with pytest.raises(RewardError, match="reward exits raised SystemExit: 0") as caught:
+        score_completions("exits", exits, ["p"], ["c"], None, [{"prompt": "p"}])
+    logged = keep_traceback(caught.value, tmp_path)
+    assert str(logged).endswith(f"(traceback in {tmp_path / 'errors.log'})")
+    assert "raise SystemExit(0)" in (tmp_path / "errors.log").read_text()
+    for fn in (sleeps, swallows):
+        start = time.monotonic()
+        with pytest.raises(RewardError, match=f"reward {fn.__name__} did not return within 0.5 s"):
+            score_completions(fn.__name__, fn, ["p"], ["c"], None, [{"prompt": "p"}], timeout=0.5)
+        assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("scores, result", [
+    ([float("nan"), 1.0], [None, 1.0]),
+    ([float("inf"), 1.0], "returned inf"),
+    ([-1e39, 1.0], r"returned -1e\+39: scores must be finite"),
+    ([True, 1.0], [1.0, 1.0]),
+])
+def test_scores_nan_is_skipped_and_infinity_refused(scores, result):
+    from thoughtfold.errors import RewardError
+    from thoughtfold.tasks.rewards import checked_scores
+
+    if isinstance(result, str):
+        with pytest.raises(RewardError, match=result):
+            checked_scores("r", scores, 2)
+    else:
+        assert checked_scores("r", scores, 2) == result

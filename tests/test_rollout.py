@@ -183,11 +183,13 @@ QUEUE = [[5, 17, 99, 3, 42, 7, 8], [11, 12], [200, 31, 64, 9], [7, 7, 7], [99, 1
 
 
 def float64_policy(tiny_dirs, family, eviction="oldest", eviction_policy=None):
-    """A float64 pte policy with non-zero adapters (so states change the outputs), window 6, E = 3."""
+    """A float64 pte policy with non-zero adapters (so states change the outputs), window 6, E = 3. The
+    paper's update B S A: with these weights its sequences stay varied enough to end at spread-out
+    steps (the residual form's static B A dominates them); slots do not interact with the form."""
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float64).eval()
     torch.manual_seed(0)
     policy = Policy(model, byte_tokenizer(), cache=CacheConfig(window=6, evict_ratio=0.5, eviction=eviction),
-                    adapter=AdapterConfig(mode="pte", rank=4, global_tokens=2),
+                    adapter=AdapterConfig(mode="pte", rank=4, global_tokens=2, residual=False),
                     eviction_policy=eviction_policy)
     for w in policy.wrappers:
         torch.nn.init.normal_(w.lora_up, std=0.3)
@@ -344,4 +346,6 @@ def test_fsdp_processes_with_different_queues_decode_in_lockstep(tmp_path, tiny_
         assert got["ids"] == want.completion_ids
         assert [[EvictionEvent.from_dict(e) for e in log] for log in got["logs"]] == want.eviction_log
         for a, b in zip(got["logprobs"], want.logprobs, strict=True):
-            assert_close_to_scale(a, b, rel=1e-5)
+            # float32, sharded against whole weights: the matmuls block differently (measured 1.6e-5 x
+            # max |log-prob| with the residual update)
+            assert_close_to_scale(a, b, rel=5e-5)

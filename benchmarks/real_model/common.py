@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from thoughtfold import SFTTrainer
-from thoughtfold.config import TrainConfig, load_config
+from thoughtfold.config import TrainConfig
+from thoughtfold.config_files import load_config
 from thoughtfold.policy import Policy
 from thoughtfold.training.metrics import read_metrics
 
@@ -62,8 +63,9 @@ def _dotted(mapping: dict, prefix: str = "") -> list[str]:
 
 def arm_config(settings: dict, arm: str, output_dir: Path, dataset: Path) -> TrainConfig:
     """The TrainConfig of one arm: the experiment's `train` settings, its window and evict ratio,
-    the data file, then the arm's own overrides."""
-    layers = {**settings["train"], "output_dir": str(output_dir), "overwrite_output_dir": True,
+    the data file, then the arm's own overrides. It resumes: an arm whose run in `output_dir` was cut
+    short continues from its last checkpoint (the trainer refuses a run there with other settings)."""
+    layers = {**settings["train"], "output_dir": str(output_dir), "resume": True,
               "seed": settings["seed"], "progress": False}
     cache = {"window": settings["window"], "evict_ratio": settings["evict_ratio"], **layers.pop("cache", {})}
     data = {"dataset": str(dataset), **layers.pop("data", {})}

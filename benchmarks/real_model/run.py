@@ -14,6 +14,7 @@ them (dotted keys, e.g. `--set window=8 train.max_steps=400 arms.pte.backprop=st
 arm runs the shipped SFTTrainer. Results go to `results.json` (the experiment's entry replaced, the
 others kept; rows `{"method", "metric", "value", "n"}` plus `lo`/`hi` for 95% intervals), a plot per
 experiment (`<name>.png`) and `log.txt`; `--out` holds the data, the trainers' runs and checkpoints.
+A run cut short continues where it stopped when started again with the same `--out` and settings.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from .config import (
     SamplingConfig,
     SFTConfig,
     TrainConfig,
-    load_config,
 )
+from .config_files import load_config
 from .errors import (
     ConfigError,
     DataError,

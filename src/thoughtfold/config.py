@@ -3,10 +3,9 @@
 Each entry point (library, trainers, CLI) reports a bad setting with the same one-line message.
 
 Nothing here imports torch or transformers, so reading settings is instant; the YAML form of a
-`TrainConfig` (`load_config`, `config_to_yaml`) loads OmegaConf only when it is used. Field names of
-`TrainConfig` are TRL's GRPOConfig names where TRL has the setting; TRL's other names translate
-(trl_names.py) in Python, YAML and overrides alike, and `GRPOConfig` / `SFTConfig` spell the class
-as TRL does. The names earlier versions used (`LEGACY_NAMES`) still load, so saved run configs resume.
+`TrainConfig` (`load_config`, `config_to_yaml`) is config_files.py's. Field names of `TrainConfig`
+are TRL's GRPOConfig names where TRL has the setting; TRL's other names translate (trl_names.py) in
+Python, YAML and overrides alike, and `GRPOConfig` / `SFTConfig` spell the class as TRL does.
 """
 
 from __future__ import annotations
@@ -14,12 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any
 
+from .checks import SEED_LIMIT, SIZE_LIMIT, WINDOW_LIMIT, check_field_types, check_int
 from .errors import ConfigError
 from .settings_help import default_settings, describe_fields
-from .trl_names import accept_trl_names, report_backends, settings_object, split_names, with_trl_settings
+from .trl_names import accept_trl_names, report_backends, settings_object
 
 ADAPTER_MODES = ("none", "lora", "pte")
 STATE_UPDATES = ("exact", "paper")
@@ -47,8 +45,9 @@ BACKPROP = ("state", "truncated", "full")
 
 def check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
     """A ConfigError naming the setting and its choices unless `value` is one of `allowed`."""
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
 
 @dataclass
 class CacheConfig:
@@ -69,18 +68,29 @@ class CacheConfig:
     observe_window: int | None = None
 
     def __post_init__(self) -> None:
-        if self.window is not None:
-            if isinstance(self.window, bool) or not isinstance(self.window, int):
-                raise ConfigError(f"window must be an integer >= 1 or None (full cache), got {self.window!r}")
-            if self.window < 1:
-                raise ConfigError(f"window must be >= 1 (or None for a full cache), got {self.window}")
-        if not isinstance(self.evict_ratio, (int, float)) or not 0.0 < float(self.evict_ratio) <= 1.0:
+        check_field_types(self)  # the types first: the checks below compare numbers
+        if self.window is not None and not 1 <= self.window < WINDOW_LIMIT:
+            raise ConfigError(f"window must be >= 1 (or None: a full cache) and < 2**24, got {self.window}")
+        if not 0.0 < self.evict_ratio <= 1.0:
             raise ConfigError(f"evict_ratio must be in (0, 1], got {self.evict_ratio!r}")
         self.evict_ratio = float(self.evict_ratio)
         check_choice("eviction", self.eviction, EVICTIONS)
+        if self.window is None and self.eviction != "oldest":
+            raise ConfigError(f"eviction {self.eviction!r} chooses which tokens leave a bounded cache, but "
+                              "a full cache (window None) evicts none: set a window or eviction oldest")
         observe = self.observe_window
-        if observe is not None and (not isinstance(observe, int) or observe < 1):
-            raise ConfigError(f"observe_window must be an integer >= 1 or None (automatic), got {observe!r}")
+        if observe is not None and not 1 <= observe <= (self.window or 0):
+            raise ConfigError(f"observe_window must be an integer >= 1 and at most the window "
+                              f"({self.window}), or None (automatic), got {observe}")
+
+    def with_window(self, window: int | None) -> CacheConfig:
+        """These settings under another window: a full cache (None) evicts nothing, so the eviction
+        policy and its observation window fall back to their defaults there; a smaller window
+        observes at most its own size of queries."""
+        if window is None:
+            return replace(self, window=None, eviction="oldest", observe_window=None)
+        observe = self.observe_window
+        return replace(self, window=window, observe_window=None if observe is None else min(observe, window))
 
     @property
     def bounded(self) -> bool:
@@ -129,18 +139,18 @@ class AdapterConfig:
     residual: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_choice("adapter mode", self.mode, ADAPTER_MODES)
         check_choice("state_update", self.state_update, STATE_UPDATES)
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"adapter rank must be an integer >= 1, got {self.rank!r}")
-        if not isinstance(self.global_tokens, int) or self.global_tokens < 0:
-            raise ConfigError(f"global_tokens must be an integer >= 0, got {self.global_tokens!r}")
-        if self.encoder_dim is not None and self.encoder_dim < 1:
-            raise ConfigError(f"encoder_dim must be >= 1, got {self.encoder_dim}")
-        if not isinstance(self.residual, bool):
-            raise ConfigError(f"residual must be true or false, got {self.residual!r}")
-        if not math.isfinite(self.alpha):
-            raise ConfigError(f"adapter alpha must be a finite number, got {self.alpha}")
+        check_int("adapter rank", self.rank, 1, SIZE_LIMIT)
+        check_int("global_tokens", self.global_tokens, 0, SIZE_LIMIT)
+        check_int("encoder_dim", self.encoder_dim, 1, SIZE_LIMIT, optional=True)
+        if not math.isfinite(self.alpha) or not 0 < abs(self.alpha) <= 1e6:
+            raise ConfigError(f"adapter alpha must be a finite number, non-zero and at most 1e6 in size, "
+                              f"got {self.alpha}")
+        targets = self.target_modules
+        if isinstance(targets, str) or not all(isinstance(m, str) and m for m in targets):
+            raise ConfigError(f"target_modules must be a list of linear names, got {targets!r:.80}")
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ConfigError("target_modules is empty: name at least one linear (e.g. q_proj)")
@@ -174,8 +184,8 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
+        check_field_types(self)
+        if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not self.temperature >= 0 or math.isinf(self.temperature):  # also NaN
             raise ConfigError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
@@ -183,6 +193,7 @@ class SamplingConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        check_int("seed", self.seed, 0, SEED_LIMIT, optional=True)
 
     def to_dict(self) -> dict:
         """The keyword arguments of `Policy.generate` this config stands for."""
@@ -231,6 +242,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: list[str] = field(default_factory=lambda: ["arith"])
     reward_weights: list[float] | None = None
+    reward_timeout: float | None = 300.0  # seconds one reward call may take; a slower one ends the run
     num_generations: int = 8
     prompts_per_step: int = 4
     max_completion_length: int = 24
@@ -260,6 +272,8 @@ class TrainConfig:
     backprop: str = "state"
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
+    # GiB of activations and logits one replay micro-batch holds (rows chosen to fit); null: no limit
+    replay_memory_gb: float | None = 0.25
     max_steps: int = 16
     num_train_epochs: float | None = None
     save_steps: int = 8
@@ -279,11 +293,15 @@ class TrainConfig:
         self.cache = settings_object(CacheConfig, self.cache, "cache")
         self.adapter = settings_object(AdapterConfig, self.adapter, "adapter")
         self.data = settings_object(DataConfig, self.data, "data")
+        check_field_types(self.data)
         self.scale_rewards = _SCALE_FLAGS.get(str(self.scale_rewards).lower(), self.scale_rewards)
         if self.epsilon_high is None:  # TRL's default: the same bound on both sides
             self.epsilon_high = self.epsilon
         if self.max_steps == -1:  # TRL's "train num_train_epochs epochs" (its default: 3)
             self.max_steps, self.num_train_epochs = 1, self.num_train_epochs or 3.0
+        if isinstance(self.report_to, str):  # TRL takes one name as well as a list
+            self.report_to = [self.report_to]
+        check_field_types(self)
         self.report_to = report_backends(self.report_to)
         self._check_choices()
         self._check_ranges()
@@ -319,8 +337,13 @@ class TrainConfig:
         if self.sft_loss == "kl" and self.distill_tokens == "after_eviction" and full_cache:
             raise ConfigError("sft_loss=kl with distill_tokens=after_eviction needs a bounded cache (a full "
                               "cache never evicts): set cache.window or distill_tokens=all")
+        check_int("seed", self.seed, 0, SEED_LIMIT)
+        if self.reward_timeout is not None and self.reward_timeout <= 0:
+            raise ConfigError(f"reward_timeout must be > 0 (seconds) or null, got {self.reward_timeout}")
         if self.epsilon < 0 or self.epsilon_high < 0:
             raise ConfigError("epsilon and epsilon_high must be >= 0")
+        if self.replay_memory_gb is not None and self.replay_memory_gb <= 0:
+            raise ConfigError(f"replay_memory_gb must be > 0 or null (no limit), got {self.replay_memory_gb}")
         for name in ("num_train_epochs", "warmup_ratio"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0 or null, got {getattr(self, name)}")
@@ -357,81 +380,3 @@ class SFTConfig(TrainConfig):
 
 accept_trl_names(TrainConfig)  # TrainConfig(per_device_train_batch_size=8, ...) translates
 TrainConfig.__doc__ += describe_fields(default_settings(TrainConfig()))
-
-
-LEGACY_NAMES = {
-    "group_size": "num_generations",
-    "max_new_tokens": "max_completion_length",
-    "lr": "learning_rate",
-    "steps": "max_steps",
-    "save_every": "save_steps",
-    "lr_scheduler": "lr_scheduler_type",
-    "epsilon_low": "epsilon",
-}
-"""Names earlier versions gave TrainConfig fields (old -> current): configs written by them, such as
-a run's saved config.yaml that a resume reloads, still load."""
-
-
-def _with_current_names(layer, source: str, cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`layer` (an OmegaConf DictConfig) as (our settings, TRL-named ones), legacy names renamed to
-    the current ones and a `report_to` string made a list; an unknown top-level key is a ConfigError
-    that suggests the closest known name."""
-    from omegaconf import OmegaConf
-
-    out, spelled = {}, {}
-    for key, value in OmegaConf.to_container(layer).items():
-        name = LEGACY_NAMES.get(str(key), str(key))
-        if name in out:
-            raise ConfigError(f"{source}: {spelled[name]!r} and {key!r} set the same thing; keep one")
-        out[name], spelled[name] = value, key
-    if isinstance(out.get("report_to"), str):
-        out["report_to"] = [out["report_to"]]
-    return split_names(cls, out, f"{source}: ")
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                config_class: type[TrainConfig] = TrainConfig) -> TrainConfig:
-    """A TrainConfig (or `config_class`, e.g. SFTConfig) from defaults < YAML file < ``key=value``
-    overrides (dotted keys, e.g. ``cache.window=256 adapter.mode=lora``); the legacy names in
-    LEGACY_NAMES (`lr`, `steps`, ...) and TRL's names (trl_names.py) work too. Unknown keys and bad
-    types raise ConfigError."""
-    import yaml
-    from omegaconf import DictConfig, OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    layers, explicit, trl = [OmegaConf.structured(config_class)], [], {}
-    try:
-        sources = []
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} not found")
-            loaded = OmegaConf.load(path)
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
-                                  f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
-            sources.append((loaded, f"config file {path}"))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not KEY=VALUE (e.g. cache.window=64)")
-        sources.append((OmegaConf.from_dotlist(list(overrides)), "override"))
-        for layer, source in sources:
-            ours, named = _with_current_names(layer, source, config_class)
-            layers.append(OmegaConf.create(ours))
-            explicit += list(ours)
-            trl.update(named)
-        config = OmegaConf.to_object(OmegaConf.merge(*layers))
-        return with_trl_settings(config, trl, explicit) if trl else config
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        message = str(e).splitlines()[0]
-        raise ConfigError(f"config{f' key {key!r}' if key else ''}: {message}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-
-
-def config_to_yaml(config: TrainConfig) -> str:
-    """The resolved config, as saved next to the run (reload it with `load_config`)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
-

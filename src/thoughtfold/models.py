@@ -11,14 +11,15 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError
+from .checks import check_utf8, is_token_ids
+from .errors import ConfigError, DataError, ModelLoadError, PromptTooLongError, UnsupportedArchitectureError
 from .messages import checked_conversation, is_conversation, with_system_prompt
 
 if TYPE_CHECKING:
@@ -332,6 +333,10 @@ def load_model(
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as e:
         raise _hub_error(name, e) from e
+    except Exception as e:  # safetensors' own error for a truncated or garbled weights file
+        raise ModelLoadError(f"model {name!r}: its weights cannot be read ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}); the files are truncated or corrupt: "
+                             "copy or download the model again") from None
     hf_model.to(dev)
     hf_model.eval()
     ensure_pad_token(tokenizer, hf_model)
@@ -378,17 +383,23 @@ def encode_prompt(
             raise DataError("a conversational prompt (a list of messages) needs the tokenizer's chat template"
                             + ("" if chat_template else ": turn chat_template back on")
                             + ("" if has_chat_template(tokenizer) else ", and this tokenizer has none"))
-        return _chat_ids(tokenizer, with_system_prompt(checked_conversation(prompt), system_prompt))
+        messages = with_system_prompt(checked_conversation(prompt), system_prompt)
+        for message in messages:
+            check_utf8(message["content"], f"the prompt's {message['role']} message", DataError)
+        return _chat_ids(tokenizer, messages)
     if isinstance(prompt, (list, tuple)):
         if not prompt:
             raise DataError("empty prompt: a token-id prompt needs at least one token")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        if not is_token_ids(list(prompt)):
             raise DataError("a prompt list must hold token ids (integers >= 0) or messages "
                             "({\"role\", \"content\"} objects)")
         return [int(t) for t in prompt]
     if not isinstance(prompt, str):
         raise DataError(f"a prompt must be a string, a list of messages or a list of token ids, "
                         f"got {type(prompt).__name__}")
+    check_utf8(prompt, "the prompt", DataError)
+    if system_prompt is not None:
+        check_utf8(system_prompt, "the system prompt", DataError)
     if chat_template and has_chat_template(tokenizer):
         ids = _chat_ids(tokenizer, with_system_prompt([{"role": "user", "content": prompt}], system_prompt))
     else:
@@ -412,6 +423,28 @@ def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[
     if out and isinstance(out[0], list):
         out = out[0]
     return [int(t) for t in out]
+
+
+def check_prompt_ids(ids: Sequence[int], model: PreTrainedModel, what: str, new_tokens: int = 0,
+                     budget: str = "max_new_tokens") -> None:
+    """A one-line error naming `what` (e.g. "prompt 3", "data.jsonl line 7: the prompt") unless the
+    token ids are non-empty, inside the model's vocabulary, and leave room for `new_tokens` more
+    positions (the setting `budget`) within the model's maximum positions."""
+    if not ids:
+        raise DataError(f"{what} is empty: give at least one token")
+    vocab = model.get_input_embeddings().num_embeddings
+    if max(ids) >= vocab:
+        raise DataError(f"{what} has token id {max(ids)}, but the model's vocabulary has ids 0 to "
+                        f"{vocab - 1}: use token ids of this model's tokenizer")
+    limit = max_positions(model)
+    if limit is None or len(ids) + max(new_tokens, 1) <= limit:
+        return
+    if len(ids) >= limit:
+        raise PromptTooLongError(f"{what} has {len(ids)} tokens but the model handles at most {limit} "
+                                 "positions; shorten it")
+    raise PromptTooLongError(
+        f"{what} of {len(ids)} tokens + {budget} {new_tokens} = {len(ids) + new_tokens} positions, but "
+        f"the model handles at most {limit}: lower {budget} to {limit - len(ids)} or shorten the prompt")
 
 
 def head_dim(config: PretrainedConfig) -> int:

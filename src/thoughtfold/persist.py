@@ -25,20 +25,46 @@ from torch import nn
 from .config import AdapterConfig, CacheConfig
 from .engine.adapter import LowRankLinear, adapter_state_dict
 from .engine.encoder import ThoughtEncoder
-from .errors import ConfigError
+from .errors import STORAGE_ERRNOS, ConfigError, CorruptFileError, StorageError
 
 CONFIG_NAME = "thoughtfold_adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PEFT_DIR = "peft"
 LOCK_NAME = ".lock"
+HEAD_WEIGHTS = "eviction.head_weights"  # headkv's per-head weights [layers, kv_heads], when calibrated
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` through a temporary sibling and os.replace: a kill at any moment
-    leaves the old content or the new, never a truncated file."""
+    leaves the old content or the new, never a truncated file (a full disk: the old one)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(e, path) from None
+
+
+def storage_error(error: OSError, path: Path) -> StorageError:
+    """A failed write as a one-line StorageError that names the file and what to do."""
+    storage = StorageError(f"cannot write {path}: {error.strerror or error}; free space there or choose "
+                           "another output directory")
+    storage.errno = error.errno
+    return storage
+
+
+def output_directory(directory: str | os.PathLike, what: str = "output directory") -> Path:
+    """`directory`, created if needed and checked writable before any work: a path that is a file,
+    on a read-only disk or without permission is a ConfigError that says so."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write to the {what} {directory}: {e.strerror or e}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to the {what} {directory}: it is read-only for this user")
+    return directory
 
 
 def lock_directory(directory: str | os.PathLike, owner: str) -> IO[str]:
@@ -47,9 +73,8 @@ def lock_directory(directory: str | os.PathLike, owner: str) -> IO[str]:
     their logs and checkpoints; this also finds a read-only or full directory before a model loads.
     A POSIX record lock (lockf) is per process: runs are processes, and one process may build
     several trainers on one directory (one after the other) without deadlocking itself."""
-    directory = Path(directory)
+    directory = output_directory(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         handle = (directory / LOCK_NAME).open("a+", encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot write to the output directory {directory}: {e.strerror or e}") from None
@@ -94,8 +119,11 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     success it is renamed into place (an existing `target` is moved aside first, since os.replace
     cannot replace a non-empty directory), on failure removed. At every instant one complete copy
     exists, under `target` or a hidden `.{name}.*` name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise storage_error(e, target) from None
     try:
         yield tmp
         old = None
@@ -106,6 +134,11 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, StorageError) or e.errno not in STORAGE_ERRNOS:
+            raise
+        raise storage_error(e, target) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -119,14 +152,19 @@ def save_adapter(
     adapter: AdapterConfig,
     cache: CacheConfig,
     base_model: str,
+    head_weights: torch.Tensor | None = None,
 ) -> Path:
-    """Write the adapter (and encoder) tensors plus the settings that rebuild them."""
+    """Write the adapter (and encoder) tensors plus the settings that rebuild them; `head_weights`
+    (headkv's calibration, when made) go with them, so that whatever loads the adapter evicts as the
+    run that saved it did."""
     if adapter.mode == "none":
         raise ConfigError("adapter mode is 'none': there is no adapter to save")
     target = Path(directory)
     tensors = adapter_state_dict(wrappers, model)
     if encoder is not None:
         tensors.update({f"encoder.{k}": v.detach() for k, v in encoder.state_dict().items()})
+    if head_weights is not None:
+        tensors[HEAD_WEIGHTS] = head_weights.detach()
     meta = {"adapter": adapter.to_dict(), "cache": cache.to_dict(), "base_model": base_model}
     with atomic_dir(target) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME)
@@ -145,31 +183,56 @@ def adapter_settings(directory: str | os.PathLike, model: str | None = None, cac
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise ConfigError(f"{directory} is not a thoughtfold adapter directory ({CONFIG_NAME} not found)")
+    meta = _read_meta(path)
     try:
-        meta = json.loads(path.read_text())
         # adapters saved before the residual form existed computed the paper's A S B
         adapter = AdapterConfig(**{"residual": False, **meta["adapter"]})
         saved_cache = CacheConfig(**meta["cache"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path} is malformed ({e}); re-save the adapter") from e
-    cache = cache if cache is not None else replace(saved_cache, **cache_fields)
-    return adapter, cache, model if model is not None else meta.get("base_model", "default")
+        base_model = meta.get("base_model", "default")
+        if not isinstance(base_model, str) or not base_model:
+            raise TypeError(f"base_model must be a model id or path, got {base_model!r:.60}")
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CorruptFileError(f"{path} is malformed ({' '.join(str(e).split())}); re-save the adapter") \
+            from None
+    if cache is None:
+        window = cache_fields.pop("window", saved_cache.window)
+        cache = replace(saved_cache.with_window(window), **cache_fields)
+    return adapter, cache, model if model is not None else base_model
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """An adapter's JSON settings: a UTF-8 JSON object holding "adapter" and "cache" objects."""
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(f"{path} is not UTF-8 text (byte at offset {e.start}); re-save the adapter") \
+            from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        reason = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise CorruptFileError(f"{path} is not valid JSON ({reason}); re-save the adapter") from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), dict) for k in ("adapter", "cache")):
+        raise CorruptFileError(f"{path} must be a JSON object with \"adapter\" and \"cache\" objects; "
+                               "re-save the adapter")
+    return meta
 
 
 def load_adapter_weights(
     directory: str | os.PathLike, model: nn.Module, wrappers: list[LowRankLinear],
     encoder: ThoughtEncoder | None,
-) -> None:
+) -> torch.Tensor | None:
     """Copy saved tensors into the attached wrappers/encoder; every tensor must match and be finite
-    (NaN weights would load silently and turn every output into NaN)."""
+    (NaN weights would load silently and turn every output into NaN). Returns the saved headkv head
+    weights (None when the adapter has none). A damaged file is a CorruptFileError, tensors of
+    another shape (another model or rank) a ConfigError."""
     path = Path(directory) / WEIGHTS_NAME
     try:
         tensors = load_file(str(path))
     except FileNotFoundError:
-        raise ConfigError(f"{path} not found: the adapter directory is incomplete") from None
+        raise CorruptFileError(f"{path} not found: the adapter directory is incomplete") from None
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-        raise ConfigError(f"{path} is truncated or corrupt ({' '.join(str(e).split())[:200]}); "
-                          "re-save or re-download the adapter") from None
+        raise CorruptFileError(f"{path} is truncated or corrupt ({' '.join(str(e).split())[:200]}); "
+                               "re-save or re-download the adapter") from None
+    head_weights = _head_weights(tensors.pop(HEAD_WEIGHTS, None), model, path)
     expected = adapter_state_dict(wrappers, model)
     if encoder is not None:
         expected.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
@@ -184,11 +247,26 @@ def load_adapter_weights(
             raise ConfigError(f"adapter tensor {name} has shape {tuple(tensors[name].shape)}, "
                               f"expected {tuple(target.shape)}: wrong base model or rank")
         if not torch.isfinite(tensors[name]).all():
-            raise ConfigError(f"adapter tensor {name} in {path} holds NaN or infinite values: "
-                              "the training that saved it diverged; use an earlier checkpoint")
+            raise CorruptFileError(f"adapter tensor {name} in {path} holds NaN or infinite values: "
+                                   "the training that saved it diverged; use an earlier checkpoint")
     with torch.no_grad():
         for name, target in expected.items():
             target.copy_(tensors[name].to(target.device, target.dtype))
+    return head_weights
+
+
+def _head_weights(weights: torch.Tensor | None, model: nn.Module, path: Path) -> torch.Tensor | None:
+    """Saved headkv head weights, checked: one finite positive weight per layer and KV head."""
+    if weights is None:
+        return None
+    shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    if tuple(weights.shape) != shape:
+        raise ConfigError(f"{HEAD_WEIGHTS} in {path} has shape {tuple(weights.shape)}, this model needs "
+                          f"{shape}: load the adapter onto the base model it was trained on")
+    if not weights.is_floating_point() or not (torch.isfinite(weights) & (weights >= 0)).all():
+        raise CorruptFileError(f"{HEAD_WEIGHTS} in {path} holds negative, NaN or infinite values; "
+                               "re-save the adapter")
+    return weights
 
 
 def _export_peft(out: Path, model: nn.Module, wrappers: list[LowRankLinear], adapter: AdapterConfig,

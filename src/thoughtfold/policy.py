@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, CacheConfig, SamplingConfig
-from .engine.adapter import LowRankLinear, attach_adapters, detach_adapters, wide_dtype
+from .engine.adapter import LowRankLinear, attach_adapters, check_adapter_size, detach_adapters, wide_dtype
 from .engine.attention import switch_attention, use_grouped_decode
 from .engine.encoder import ThoughtEncoder
 from .engine.eviction import (
@@ -25,9 +25,9 @@ from .engine.eviction import (
 from .engine.fold import StateFolder
 from .engine.replay import DistributionFn, LossFn, replay
 from .engine.rollout import RawRollout, RolloutOptions, Streamer, right_pad, rollout
-from .errors import ConfigError, DataError, PromptTooLongError
+from .errors import ConfigError
 from .messages import is_conversation
-from .models import check_rope, encode_prompt, head_dim, load_model, max_positions
+from .models import check_prompt_ids, check_rope, encode_prompt, head_dim, load_model, max_positions
 from .persist import adapter_settings, load_adapter_weights, save_adapter
 
 Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or messages (TRL's conversational form)
@@ -84,6 +84,8 @@ class Policy:
         self.tokenizer = tokenizer
         self.cache_config = cache or CacheConfig()
         self.adapter_config = adapter or AdapterConfig()
+        if not isinstance(self.adapter_config, AdapterConfig):
+            raise ConfigError(f"adapter must be an AdapterConfig, got {type(adapter).__name__}")
         self.eviction_policy = eviction_policy
         self.head_weights: torch.Tensor | None = None  # headkv's, from `calibrate_heads`
         # what wrapping changes, recorded so that unwrap() can put it back
@@ -92,11 +94,13 @@ class Policy:
             p.requires_grad_(False)
         self._attention = use_grouped_decode(model)
         self._unwrapped = False
+        cfg, pte = model.config, self.adapter_config.mode == "pte"
+        kv_dim = cfg.num_key_value_heads * head_dim(cfg)
+        encoder_size = ThoughtEncoder.parameter_count(cfg.num_hidden_layers, kv_dim, self.adapter_config)
+        check_adapter_size(model, self.adapter_config, encoder_size if pte else 0)
         self.wrappers: list[LowRankLinear] = attach_adapters(model, self.adapter_config)
         self.encoder: ThoughtEncoder | None = None
-        if self.adapter_config.mode == "pte":
-            cfg = model.config
-            kv_dim = cfg.num_key_value_heads * head_dim(cfg)
+        if pte:
             dtype = wide_dtype(next(model.parameters()).dtype)
             encoder = ThoughtEncoder(cfg.num_hidden_layers, kv_dim, self.adapter_config)
             self.encoder = encoder.to(self.device, dtype)
@@ -148,7 +152,8 @@ class Policy:
         policy = cls(hf_model, tokenizer, cache=cache, adapter=adapter, eviction_policy=eviction_policy,
                      base_model=model, cuda_graph=cuda_graph, compile_decode=compile_decode)
         if adapter_path is not None:
-            load_adapter_weights(adapter_path, policy.model, policy.wrappers, policy.encoder)
+            policy.head_weights = load_adapter_weights(adapter_path, policy.model, policy.wrappers,
+                                                       policy.encoder)
         return policy
 
     def unwrap(self) -> nn.Module:
@@ -173,7 +178,24 @@ class Policy:
         """Write the adapter (safetensors + JSON settings; in lora mode also a PEFT directory)."""
         self._check_wrapped()
         save_adapter(directory, self.model, self.wrappers, self.encoder, self.adapter_config,
-                     self.cache_config, self.base_model)
+                     self.cache_config, self.base_model, self.head_weights)
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        """The cache `generate` and the replay run under (`using_cache` swaps it for a block)."""
+        return self._cache_config
+
+    @cache_config.setter
+    def cache_config(self, cache: CacheConfig) -> None:
+        """Checked against the model: the window's slots are allocated up front, and a window longer
+        than the model's positions never fills."""
+        limit = max_positions(self.model)
+        if not isinstance(cache, CacheConfig):
+            raise ConfigError(f"cache must be a CacheConfig, got {type(cache).__name__}")
+        if cache.window is not None and limit is not None and cache.window > limit:
+            raise ConfigError(f"window {cache.window} is larger than the model's {limit} positions, so it "
+                              f"never fills: use a window of at most {limit}, or none for a full cache")
+        self._cache_config = cache
 
     @contextmanager
     def using_cache(self, cache: CacheConfig) -> Iterator[Policy]:
@@ -209,19 +231,8 @@ class Policy:
         """Token ids of each prompt (chat template applied to strings when asked and available)."""
         ids = [encode_prompt(self.tokenizer, p, chat_template, system_prompt)
                for p in _as_prompt_list(prompts)]
-        limit = max_positions(self.model)
-        vocab = self.model.get_input_embeddings().num_embeddings
         for i, p in enumerate(ids):
-            if not p:
-                raise ConfigError(f"prompt {i} is empty: give at least one token")
-            if max(p) >= vocab:
-                raise DataError(f"prompt {i} has token id {max(p)}, but the model's vocabulary has ids 0 to "
-                                f"{vocab - 1}: use token ids of this model's tokenizer")
-            if limit is not None and len(p) >= limit:
-                raise PromptTooLongError(
-                    f"prompt {i} has {len(p)} tokens but the model handles at most {limit} positions; "
-                    "shorten it"
-                )
+            check_prompt_ids(p, self.model, f"prompt {i}")
         return ids
 
     def generate(
@@ -252,14 +263,7 @@ class Policy:
                                  lockstep=self.lockstep, cuda_graph=self.cuda_graph,
                                  compile_step=self.compile_decode)
         prompt_ids = self.encode(prompts, chat_template, system_prompt)
-        limit, longest = max_positions(self.model), max(map(len, prompt_ids))
-        if limit is not None and longest + max_new_tokens > limit:
-            raise PromptTooLongError(
-                f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
-                f"{longest + max_new_tokens} "
-                f"positions, but the model handles at most {limit}: lower max_new_tokens to "
-                f"{limit - longest} or shorten the prompt"
-            )
+        check_prompt_ids(max(prompt_ids, key=len), self.model, "a prompt", max_new_tokens)
         stop = [s for s in (stop or []) if s]
         if stop:
             options.stop_check = lambda tails: [any(s in self._decode(t) for s in stop) for t in tails]

@@ -37,6 +37,7 @@ SETTINGS_HELP: dict[str, str] = {
     "data.shuffle": "reshuffle the dataset every epoch (TRL: shuffle_dataset)",
     "rewards": "GRPO rewards unless GRPOTrainer gets reward_funcs: built-in names or module:function",
     "reward_weights": "one weight per reward (null: all 1)",
+    "reward_timeout": "seconds one reward call may take; a slower one ends the run (null: no limit)",
     "num_generations": "completions sampled per prompt (the GRPO group)",
     "prompts_per_step": "prompts per optimizer step and process (TRL: per_device_train_batch_size x "
                         "gradient_accumulation_steps / num_generations)",
@@ -65,8 +66,11 @@ SETTINGS_HELP: dict[str, str] = {
     "distill_tokens": "sft_loss=kl: the tokens after each row's first eviction, or all",
     "distill_top_k": "sft_loss=kl: teacher entries kept per token, plus the rest's mass (null: all)",
     "backprop": "how replay gradients cross evictions: state (exact), truncated, or full (one graph)",
-    "generation_batch_size": "rows decoded together per generate call (null: all); does not change results",
+    "generation_batch_size": "sequences decoding at once in a rollout, continuous batching (null: all); "
+                             "does not change results",
     "replay_batch_size": "rows replayed together per backward (null: all): the update's micro-batch",
+    "replay_memory_gb": "GiB of activations and logits one replay micro-batch may hold: rows are chosen "
+                        "to fit (null: no limit)",
     "max_steps": "optimizer steps of the run",
     "num_train_epochs": "run length in passes over the dataset (null: max_steps; when set, it decides them)",
     "save_steps": "checkpoint every N steps (0: only at the end)",

@@ -3,9 +3,9 @@
 plots of runs) and `bench` (memory and speed tables). Each declares its NAME and HELP, `add_arguments`
 and `run`, and its docstring is its --help description; the flags several share are in flags.py.
 
-Every `ThoughtfoldError` (and every bad command-line value) ends the command with one line
-`error: <message>` on stderr and exit status 2, never a traceback. Building the parser imports
-neither torch nor transformers: a command loads them when it runs."""
+Every `ThoughtfoldError` (and every bad command-line value, and a write the disk refuses) ends the
+command with one line `error: <message>` on stderr and exit status 2, never a traceback. Building the
+parser imports neither torch nor transformers: a command loads them when it runs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..errors import ThoughtfoldError
+from ..errors import STORAGE_ERRNOS, ThoughtfoldError
 from . import bench, evaluate, generate, report, train
 
 EXIT_USAGE = 2
@@ -72,6 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (_UsageError, ThoughtfoldError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a disk that filled up or turned read-only under a write
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror}; free space there or choose another output "
+              "directory", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -2,7 +2,8 @@
 and peak memory vs generated length (bounded vs full cache vs HF generate); replay: time and peak memory
 of replay + backward vs completion length (PTE bounded, per --backprop mode, vs full-cache LoRA); grpo:
 one whole GRPO step vs completion length (same rows); encoder: encoder cost per eviction event;
-eviction: decode speed and GRPO step time per eviction policy. Prints the tables and writes bench.md,
+eviction: decode speed and GRPO step time per eviction policy; rollout: continuous vs static batching
+at the same slots on long-tailed completion lengths. Prints the tables and writes bench.md,
 bench.json and a PNG per length sweep to --output."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..evaluation.bench.config import BENCHMARKS, BenchConfig
 from .flags import comma_list, number
 
 NAME = "bench"
-HELP = "decode / replay / grpo / encoder / eviction benchmarks with tables and plots"
+HELP = "decode / replay / grpo / encoder / eviction / rollout benchmarks with tables and plots"
 FLAGS = (  # flag, type, default, metavar, help: one per BenchConfig setting
     ("--shape", str, "cpu-small", None, "model shape: cpu-small, tiny (smoke test) or qwen2.5-3b"),
     ("--lengths", comma_list(int, "lengths", "integers"), None, "N1,N2,...", "generated / completion lengths "
@@ -39,6 +40,10 @@ FLAGS = (  # flag, type, default, metavar, help: one per BenchConfig setting
      "(TrainConfig.replay_batch_size), the same for PTE and LoRA [default: the whole group]"),
     ("--evictions", comma_list(str, "evictions"), None, "E1,E2,...", "eviction: the policies compared "
      "(oldest, h2o, snapkv, headkv) [default: all four]"),
+    ("--slots", comma_list(int, "slots", "integers"), None, "S1,S2,...", "rollout: slots compared "
+     "(continuous vs static batching at each) [default: 8,16]"),
+    ("--mixes", comma_list(str, "mixes"), None, "M1,M2,...", "rollout: completion-length mixes (gsm8k, "
+     "hard) [default: both]"),
 )
 
 
@@ -57,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.bench.run import run_benchmarks
 
-    optional = {"backprops": args.backprop, "evictions": args.evictions}
+    optional = {"backprops": args.backprop, "evictions": args.evictions, "slots": args.slots,
+                "mixes": args.mixes}
     config = BenchConfig(
         which=args.which, shape=args.shape, lengths=args.lengths, window=args.window, batch=args.batch,
         device=args.device, dtype=args.dtype, output_dir=args.output,

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="dataset split [default: the set's test split]")
     p.add_argument("--reward", default="math", help="grader: math (math-verify), arith, or a reward "
                    "function 'pkg.module:function' [default: %(default)s]")
+    p.add_argument("--reward-timeout", type=flags.number(float, "reward-timeout"), default=300.0,
+                   metavar="S", help="seconds one grading call may take [default: %(default)s]")
     p.add_argument("--name", default=None, help="method name in summaries and reports "
                    "[default: the adapter mode, or 'base']")
     p.add_argument("--output", default=None, metavar="DIR",
@@ -86,15 +88,16 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import SAMPLES_NAME, SUMMARY_NAME, EvalConfig, evaluate, summary_table
     from ..persist import lock_directory
 
-    cache = flags.cache_config(args, "evict_ratio", "eviction")
+    windows = getattr(args, "window", None)
+    bounded = next((w for w in windows or [] if w is not None), None)  # where the eviction settings apply
+    cache = flags.cache_config(args, "evict_ratio", "eviction", **({"window": bounded} if bounded else {}))
     config = EvalConfig(
-        datasets=split_dataset_list(args.datasets),
-        windows=list(dict.fromkeys(getattr(args, "window", [cache.window]))),
+        datasets=split_dataset_list(args.datasets), windows=list(dict.fromkeys(windows or [cache.window])),
         cache=cache, sampling=flags.sampling_config(args), n_samples=args.n_samples, limit=args.limit,
-        batch_size=args.batch_size, split=args.split,
+        batch_size=args.batch_size, slots=args.slots, split=args.split,
         system_prompt=None if args.no_system_prompt else args.system_prompt,
-        chat_template=not args.no_chat_template, reward=args.reward, method=args.name,
-        output_dir=args.output or "", progress=not args.no_progress,
+        chat_template=not args.no_chat_template, reward=args.reward, reward_timeout=args.reward_timeout,
+        method=args.name, output_dir=args.output or "", progress=not args.no_progress,
     )
     if not args.output:
         config.output_dir = str(default_output(args.adapter, args.model, config.settings()))

@@ -120,19 +120,25 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperat
 
 
 def add_prompt_flags(p: argparse.ArgumentParser, system_prompt: str | None, system_help: str) -> None:
-    """--system-prompt, --no-chat-template, --batch-size (prompts decoded together)."""
+    """--system-prompt, --no-chat-template, --batch-size (prompts per generate call), --slots (of them,
+    how many decode at once)."""
     p.add_argument("--system-prompt", default=system_prompt, help=system_help)
     p.add_argument("--no-chat-template", action="store_true", help="encode prompts as plain text")
     p.add_argument("--batch-size", type=count("batch-size"), default=16, metavar="B",
-                   help="sequences decoded together [default: %(default)s]")
+                   help="prompts generated per call [default: %(default)s]")
+    p.add_argument("--slots", type=count("slots"), default=None, metavar="S",
+                   help="sequences decoding at once: with fewer slots than --batch-size, a finished "
+                   "sequence's slot takes the next prompt (continuous batching); the outputs do not "
+                   "change [default: the batch size]")
 
 
-def cache_config(args: argparse.Namespace, *fields: str) -> CacheConfig:
-    """The CacheConfig from the cache flags among `fields` that were given. With --adapter the others
-    are its saved settings (persist.adapter_settings), else CacheConfig's defaults (a full cache)."""
+def cache_config(args: argparse.Namespace, *fields: str, **values: Any) -> CacheConfig:
+    """The CacheConfig from the cache flags among `fields` that were given, and `values`. With
+    --adapter the others are its saved settings (persist.adapter_settings), else CacheConfig's
+    defaults (a full cache)."""
     from ..persist import adapter_settings
 
-    given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in fields if hasattr(args, name)} | values
     if args.adapter is not None:
         return adapter_settings(args.adapter, **given)[1]
     return CacheConfig(**given)

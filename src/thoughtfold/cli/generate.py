@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..checks import SEED_LIMIT, is_token_ids
 from ..errors import DataError
 from ..messages import checked_conversation, is_conversation
 from . import flags
@@ -52,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         streamer = TerminalStreamer(policy.tokenizer, policy.eos_token_ids, args.stop) if stream else None
-        seed = None if sampling.seed is None else sampling.seed + start
+        seed = None if sampling.seed is None else (sampling.seed + start) % SEED_LIMIT
         res = policy.generate(batch, **replace(sampling, seed=seed).to_dict(),
                               chat_template=not args.no_chat_template, stop=args.stop or None,
-                              streamer=streamer, system_prompt=args.system_prompt)
+                              streamer=streamer, system_prompt=args.system_prompt, slots=args.slots)
         for i in range(len(batch)):
             if args.json:
                 record = {"text": res.texts[i], "completion_ids": res.completion_ids[i],
@@ -101,7 +102,7 @@ def _prompt(item: Any, where: str) -> str | list[int] | list[dict]:
         if is_conversation(item):
             return checked_conversation(item, where)
         if isinstance(item, list):
-            if not item or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item):
+            if not is_token_ids(item):
                 raise DataError(f'{where}: a list "prompt" must be messages ({{"role", "content"}} '
                                 "objects) or a non-empty list of token ids (integers >= 0)")
         elif not isinstance(item, str):

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import GRPOConfig, SFTConfig, TrainConfig, config_to_yaml, load_config
+from ..config import GRPOConfig, SFTConfig, TrainConfig
+from ..config_files import config_to_yaml, load_config
 from ..settings_help import SETTINGS_HELP, default_settings, shown_value
 from . import flags
 

@@ -148,11 +148,8 @@ class AdapterGroup:
         return list(u.split(rank, dim=-1))
 
 
-def attach_adapters(model: nn.Module, config: AdapterConfig) -> list[LowRankLinear]:
-    """Replace every target linear inside the decoder layers by a `LowRankLinear`.
-    Returns the wrappers in model order (empty for mode 'none')."""
-    if config.mode == "none":
-        return []
+def _targets(model: nn.Module, config: AdapterConfig) -> list[tuple[nn.Module, str, nn.Linear, int]]:
+    """(parent, name, linear, layer) of every target linear inside the decoder layers."""
     targets = set(config.target_modules)
     found: list[tuple[nn.Module, str, nn.Linear, int]] = []
     for name, module in model.named_modules():
@@ -167,8 +164,31 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> list[LowRankLine
             f"target_modules {sorted(missing)} match no linear layer of this model; "
             f"choose from the names of its attention/MLP linears (e.g. q_proj, up_proj)"
         )
+    return found
+
+
+def check_adapter_size(model: nn.Module, config: AdapterConfig, encoder_size: int = 0) -> None:
+    """A ConfigError, before anything is allocated, when the adapters (plus `encoder_size` encoder
+    parameters) would outnumber the base model's parameters: a rank or a count of global tokens that
+    large is a mistake or a damaged adapter file, and would try to allocate all of it."""
+    if config.mode == "none":
+        return
+    size = encoder_size + sum(config.rank * (linear.in_features + linear.out_features)
+                              for _, _, linear, _ in _targets(model, config))
+    base = sum(p.numel() for p in model.parameters())
+    if size > base:
+        raise ConfigError(f"an adapter of rank {config.rank} with {config.global_tokens} global tokens would "
+                          f"hold {size:,} parameters, more than the base model's {base:,}: lower the rank or "
+                          "global_tokens")
+
+
+def attach_adapters(model: nn.Module, config: AdapterConfig) -> list[LowRankLinear]:
+    """Replace every target linear inside the decoder layers by a `LowRankLinear`.
+    Returns the wrappers in model order (empty for mode 'none')."""
+    if config.mode == "none":
+        return []
     wrappers, groups = [], {}
-    for parent, child_name, child, layer in found:
+    for parent, child_name, child, layer in _targets(model, config):
         wrapper = LowRankLinear(child, config.rank, config.scaling, config.mode == "pte", layer,
                                 config.residual)
         setattr(parent, child_name, wrapper)

@@ -71,6 +71,12 @@ class ThoughtEncoder(nn.Module):
         self.global_keys = nn.Parameter(torch.randn(num_layers, n_g, kv_dim))
         self.global_values = nn.Parameter(torch.randn(num_layers, n_g, kv_dim))
 
+    @staticmethod
+    def parameter_count(num_layers: int, kv_dim: int, config: AdapterConfig) -> int:
+        """The parameters an encoder of these sizes holds (computed: nothing is allocated)."""
+        r, d_a, n_g = config.rank, config.attention_dim, config.global_tokens
+        return num_layers * (r * d_a + kv_dim * (d_a + r) + 2 * n_g * kv_dim)
+
     @property
     def num_global(self) -> int:
         return self.global_keys.shape[1]

@@ -31,13 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CacheConfig, SamplingConfig
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, RewardError
 from ..persist import atomic_write_text, weights_digest
+from ..policy import Policy
 from ..render import markdown_table
+from ..rows import check_rows
 from ..tasks.answers import extract_answer
 from ..tasks.data import load_dataset_by_name
 from ..tasks.example import SYSTEM_PROMPT
-from ..tasks.rewards import load_reward, make_math_reward, score_completions
+from ..tasks.rewards import keep_traceback, load_reward, make_math_reward, score_completions
 
 log = logging.getLogger("thoughtfold")
 
@@ -98,12 +100,14 @@ class EvalConfig:
     n_samples: int = 1
     limit: int | None = None
     batch_size: int = 16
+    slots: int | None = None  # of a batch, how many decode at once (None: all); the samples do not change
     split: str | None = None
     prompt_field: str | None = None
     answer_field: str | None = None
     system_prompt: str | None = SYSTEM_PROMPT
     chat_template: bool = True
     reward: str = "math"
+    reward_timeout: float | None = 300.0  # seconds one grading call may take
     output_dir: str = "eval"
     method: str | None = None
     progress: bool = True
@@ -118,14 +122,19 @@ class EvalConfig:
         for name, value in (("n-samples", self.n_samples), ("batch-size", self.batch_size)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.slots is not None and self.slots < 1:
+            raise ConfigError(f"slots must be >= 1, got {self.slots}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.reward_timeout is not None and not self.reward_timeout > 0:
+            raise ConfigError(f"reward timeout must be > 0 seconds, got {self.reward_timeout}")
         if isinstance(self.reward, str):
             load_reward(self.reward)  # an unknown reward fails before a model loads or a file is written
 
     def cache_for(self, window: int | None) -> CacheConfig:
-        """The cache one of `windows` is evaluated under."""
-        return replace(self.cache, window=window)
+        """The cache one of `windows` is evaluated under (a full cache evicts nothing, so there the
+        eviction settings fall back to their defaults)."""
+        return self.cache.with_window(window)
 
     def settings(self) -> dict:
         """The flat record of these settings that an evaluation saves (and checks on resume)."""
@@ -179,9 +188,11 @@ def _drop_partial_line(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def _check_resume(out: Path, settings: dict) -> None:
+def _check_resume(out: Path, settings: dict, has_samples: bool) -> None:
+    """Refuse to add samples of other settings to those in `out`; with no sample there yet (an
+    evaluation that failed before its first batch) the new settings simply replace the old."""
     path = out / CONFIG_NAME
-    if path.is_file():
+    if path.is_file() and has_samples:
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError:
@@ -205,8 +216,9 @@ class Grader:
     """Scores completions with a reward function (TRL signature); 'math' gets its own math-verify
     worker pool, stopped by :meth:`close`."""
 
-    def __init__(self, spec: str | Callable = "math"):
+    def __init__(self, spec: str | Callable = "math", timeout: float | None = None):
         self.name = spec if isinstance(spec, str) else getattr(spec, "__name__", "function")
+        self.timeout = timeout
         if spec in ("math", "accuracy"):
             self.fn = make_math_reward()
             self._pool = self.fn.grader  # type: ignore[attr-defined]
@@ -216,7 +228,8 @@ class Grader:
 
     def __call__(self, prompts: list, completions: list[str], examples: list[dict],
                  completion_ids: list[list[int]] | None = None) -> list[float | None]:
-        return score_completions(self.name, self.fn, prompts, completions, completion_ids, examples)
+        return score_completions(self.name, self.fn, prompts, completions, completion_ids, examples,
+                                 timeout=self.timeout)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -235,10 +248,43 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
     """Evaluate ``policy`` on every dataset under every window; write samples and summary to
     ``config.output_dir`` (resuming what is there) and return the summary.
 
-    ``datasets`` maps a dataset name to its examples (else they are loaded by name)."""
-    from tqdm.auto import tqdm
-
+    ``datasets`` maps a dataset name to its examples (else they are loaded by name). Every row is
+    checked against the model before anything is written; a reward that fails ends with one
+    RewardError, its traceback in the output directory's errors.log."""
     c = config
+    loaded = _load_datasets(policy, c, datasets)
+    out = Path(c.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    method = c.method or method_label(policy)
+    settings = {"model": model or getattr(policy, "base_model", None), "adapter": adapter, "method": method,
+                "adapter_sha256": weights_digest(adapter) if adapter else None, **c.settings()}
+    samples_path = out / SAMPLES_NAME
+    _drop_partial_line(samples_path)
+    done = read_samples(samples_path)
+    _check_resume(out, settings, bool(done))
+    for (name, _w, index, _s), record in done.items():
+        rows = loaded.get(name, [])
+        if index < len(rows) and record.get("prompt") != rows[index]["prompt"]:
+            raise DataError(f"{samples_path} was written for another version of dataset {name} (problem "
+                            f"{index} differs); use another --output")
+    _calibrate_heads(policy, c, loaded)
+    try:
+        generated, already = _sample_all(policy, c, loaded, done, samples_path)
+    except RewardError as e:
+        raise keep_traceback(e, out) from None
+    summary = summarize(done, loaded, c.windows, c.n_samples)
+    summary = {"method": method, "model": settings["model"], "adapter": adapter,
+               "settings": {k: settings[k] for k in settings if k not in ("model", "adapter", "method")},
+               "results": summary}
+    atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    log.info("eval: %d samples generated now, %d reused; wrote %s and %s", generated, already,
+             samples_path, out / SUMMARY_NAME)
+    return summary
+
+
+def _load_datasets(policy, c: EvalConfig,
+                   datasets: dict[str, Sequence[dict]] | None) -> dict[str, list[dict]]:
+    """Each dataset's rows (given, or loaded by name), every one checked against the model."""
     loaded: dict[str, list[dict]] = {}
     for name in c.datasets:
         rows = datasets[name] if datasets is not None and name in datasets else load_dataset_by_name(
@@ -246,30 +292,38 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
         loaded[name] = list(rows)[: c.limit] if c.limit else list(rows)
         if not loaded[name]:
             raise DataError(f"dataset {name} has no examples")
+        if isinstance(policy, Policy):  # (a stand-in without a model generates what it likes)
+            check_rows(policy, loaded[name], c.chat_template, c.system_prompt,
+                       lambda row, where: c.sampling.max_new_tokens, "max_new_tokens")
+    return loaded
 
-    out = Path(c.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    method = c.method or method_label(policy)
-    settings = {"model": model or getattr(policy, "base_model", None), "adapter": adapter, "method": method,
-                "adapter_sha256": weights_digest(adapter) if adapter else None, **c.settings()}
-    _check_resume(out, settings)
 
-    samples_path = out / SAMPLES_NAME
-    _drop_partial_line(samples_path)
-    done = read_samples(samples_path)
-    for (name, _w, index, _s), record in done.items():
-        rows = loaded.get(name, [])
-        if index < len(rows) and record.get("prompt") != rows[index]["prompt"]:
-            raise DataError(f"{samples_path} was written for another version of dataset {name} (problem "
-                            f"{index} differs); use another --output")
+def _calibrate_heads(policy, c: EvalConfig, loaded: dict[str, list[dict]]) -> None:
+    """headkv's head weights, when the policy has none (no adapter brought them): calibrated on the
+    first batch of the first dataset, as the first generate call would do, whatever a resumed
+    evaluation has left to do, so that it evicts exactly as an uninterrupted one."""
+    if not isinstance(policy, Policy) or policy.eviction_policy or policy.head_weights is not None:
+        return
+    if not any(c.cache_for(w).eviction == "headkv" for w in c.windows):
+        return
+    rows = next(iter(loaded.values()))
+    first = [rows[i]["prompt"] for i in range(len(rows)) for _ in range(c.n_samples)][: c.batch_size]
+    policy.calibrate_heads(policy.encode(first, c.chat_template, c.system_prompt), c.sampling.max_new_tokens)
+
+
+def _sample_all(policy, c: EvalConfig, loaded: dict[str, list[dict]], done: dict[tuple, dict],
+                samples_path: Path) -> tuple[int, int]:
+    """Generate and grade every sample not in `done` (added to it), appending each batch to the
+    samples file; returns (generated now, reused)."""
+    from tqdm.auto import tqdm
 
     K = c.n_samples
     total = sum(len(rows) * K for rows in loaded.values()) * len(c.windows)
     already = sum(1 for name, rows in loaded.items() for w in c.windows for i in range(len(rows))
                   for s in range(K) if (name, w, i, s) in done)
     if already:
-        log.info("resuming %s: %d of %d samples already done", out, already, total)
-    grader = Grader(c.reward)
+        log.info("resuming %s: %d of %d samples already done", samples_path.parent, already, total)
+    grader = Grader(c.reward, c.reward_timeout)
     bar = tqdm(total=total, initial=already, desc="eval", unit="sample", disable=not c.progress,
                dynamic_ncols=True)
     generated = 0
@@ -296,15 +350,7 @@ def evaluate(policy, config: EvalConfig, model: str | None = None, adapter: str 
     finally:
         bar.close()
         grader.close()
-
-    summary = summarize(done, loaded, c.windows, K)
-    summary = {"method": method, "model": settings["model"], "adapter": adapter,
-               "settings": {k: settings[k] for k in settings if k not in ("model", "adapter", "method")},
-               "results": summary}
-    atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
-    log.info("eval: %d samples generated now, %d reused; wrote %s and %s", generated, already,
-             samples_path, out / SUMMARY_NAME)
-    return summary
+    return generated, already
 
 
 def _run_batch(policy, grader: Grader, c: EvalConfig, name: str, window: int | None, rows: list[dict],
@@ -314,7 +360,7 @@ def _run_batch(policy, grader: Grader, c: EvalConfig, name: str, window: int | N
     prompts = [e["prompt"] for e in examples]
     sampling = replace(c.sampling, seed=_batch_seed(c.sampling.seed, name, start))
     res = policy.generate(prompts, **sampling.to_dict(), chat_template=c.chat_template,
-                          system_prompt=c.system_prompt)
+                          system_prompt=c.system_prompt, slots=c.slots)
     scores = grader(prompts, res.texts, examples, res.completion_ids)
     records = []
     for j, (i, s) in enumerate(batch):

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..persist import output_directory
 from ..render import markdown_table, plot_curves, pyplot, save_plot
-from ..training.metrics import MEMORY_KEYS, METRICS_NAME, read_metrics
+from ..training.metrics import METRICS_NAME, PEAK_MEMORY, read_metrics
 from .evaluate import SUMMARY_NAME, pct, window_name
 
 REPORT_NAME = "report.md"
@@ -263,8 +264,7 @@ def training_section(trains: list[TrainRun], out: Path) -> tuple[list[str], list
             _fmt(_last(t.records, "step")),
             _fmt(rewards[0] if rewards else None), _fmt(_tail_mean(t.records, "reward")),
             _fmt(max(rewards) if rewards else None), _fmt(_last(t.records, "loss"), 4),
-            _fmt(max((r[k] for r in t.records for k in (*MEMORY_KEYS, "peak_memory_gb")
-                      if r.get(k) is not None), default=None), 2),
+            _fmt(max((r[PEAK_MEMORY] for r in t.records if r.get(PEAK_MEMORY) is not None), default=None), 2),
             _fmt(_tail_mean(t.records, "step_seconds", 1.0), 2),
         ])
     lines = ["Reward final = mean over the last 10% of steps.", "", markdown_table(header, rows), ""]
@@ -336,8 +336,7 @@ def plot_diagnostics(records: list[dict], path: Path, title: str) -> Path | None
 def build_report(paths: list[str | Path], output_dir: str | Path) -> tuple[str, list[Path]]:
     """Write ``report.md`` and the PNG plots to ``output_dir``; returns the markdown and the plots."""
     evals, trains = discover(paths)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_directory(output_dir)
     lines = ["# thoughtfold report", ""]
     sources = [f"- `{e.path}`: eval of {e.summary.get('model') or '?'}"
                + (f" + adapter `{e.summary['adapter']}`" if e.summary.get("adapter") else "")

@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE_RE = re.compile(r"[{}]")
@@ -92,7 +92,9 @@ def last_number(text: str) -> str | None:
 
 def answer_text(value: Any, field: str) -> str:
     """A gold value as a string: lists joined, numbers as text, the number after GSM8K's '####',
-    or the last box of a worked solution."""
+    or the last box of a worked solution. A null is a DataError: it would become the gold "None"."""
+    if value is None:
+        raise DataError(f"'{field}' is null: give the gold answer, or drop the row")
     if isinstance(value, list):
         return ", ".join(answer_text(v, field) for v in value)
     text = str(value).strip()

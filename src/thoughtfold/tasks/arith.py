@@ -13,9 +13,11 @@ from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 from typing import Any
 
+from ..checks import check_int
 from ..errors import ConfigError
 from .answers import completion_text, final_section, gold_answers, last_boxed, last_number
 from .example import Example
+from .recall import MAX_ROWS
 
 _EXPONENT_RE = re.compile(r"[eE][+-]?0*(\d+)$")
 MAX_EXPONENT = 10_000
@@ -42,8 +44,8 @@ class ArithConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.digits < 1 or self.mul_digits < 1 or self.n < 1:
-            raise ConfigError(f"arith: steps, digits, mul_digits and n must be >= 1 ({self})")
+        for name, top in (("steps", 1001), ("digits", 101), ("mul_digits", 101), ("n", MAX_ROWS)):
+            check_int(f"arith: {name}", getattr(self, name), 1, top)
         if not self.ops or set(self.ops) - set("+-*"):
             raise ConfigError(f"arith: ops must be a non-empty mix of '+', '-', '*', got {self.ops!r}")
 

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from ..messages import text_of
+from ..messages import is_conversation, text_of
 from .answers import last_boxed
 from .arith import ARITH_PRESETS, arith_dataset, parse_arith_spec
-from .example import Example, row_to_example
+from .example import Example, prompt_value, row_to_example
 from .recall import parse_recall_spec, recall_dataset
 
 # --------------------------------------------------------------------------- JSONL
@@ -147,6 +147,7 @@ def load_bundled(name: str, split: str | None = None, limit: int | None = None) 
     examples = []
     for where, row in read_jsonl(path):
         examples.append(bundled.to_example(row, where))
+        examples[-1].where = where
         if limit is not None and len(examples) >= limit:
             break
     return examples
@@ -175,7 +176,10 @@ _DAPO_SUFFIX = "Remember to put your answer on its own line after"
 def _dapo(row: dict, where: str) -> Example:
     """DAPO-Math-17k: the prompt is a chat with DAPO's "Answer:" instructions around the problem;
     we keep only the problem (our system prompt asks for \\boxed{}); gold in reward_model."""
-    text = text_of(row["prompt"])
+    prompt = prompt_value(row["prompt"], where)
+    if not isinstance(prompt, str) and not is_conversation(prompt):
+        raise DataError(f"{where}: a DAPO prompt must be text or chat messages")
+    text = text_of(prompt)
     if text.startswith(_DAPO_PREFIX) and "\n\n" in text:
         text = text.split("\n\n", 1)[1]
     if _DAPO_SUFFIX in text:
@@ -232,7 +236,7 @@ def load_hub(spec: str | HubSet, split: str | None = None, limit: int | None = N
             return row_to_example(row, pf, af, where)
 
     label = data_files if isinstance(data_files, str) else hub.path
-    return _collect(((mapper(row, f"{label} row {i}"), i) for i, row in enumerate(rows)),
+    return _collect(((mapper(row, f"{label} row {i}"), f"{label} row {i}") for i, row in enumerate(rows)),
                     limit, hub.dedupe if dedupe is None else dedupe)
 
 
@@ -265,15 +269,18 @@ def _builder_for(path: str) -> str:
     return builders[suffix]
 
 
-def _collect(items: Iterable[tuple[Example, int]], limit: int | None, dedupe: bool) -> list[Example]:
-    """Take examples up to ``limit``, skipping repeated prompts when ``dedupe``."""
+def _collect(items: Iterable[tuple[Example, str]], limit: int | None, dedupe: bool) -> list[Example]:
+    """Take examples (each with where it was read) up to ``limit``, skipping repeated prompts when
+    ``dedupe``."""
     seen: set[str] = set()
     out: list[Example] = []
-    for example, _ in items:
+    for example, where in items:
+        example.where = where
         if dedupe:
-            if example.prompt in seen:
+            key = json.dumps(example.prompt)
+            if key in seen:
                 continue
-            seen.add(example.prompt)
+            seen.add(key)
         out.append(example)
         if limit is not None and len(out) >= limit:
             break

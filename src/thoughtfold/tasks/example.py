@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..checks import is_token_ids
 from ..errors import DataError
 from ..messages import checked_conversation, is_conversation
 from .answers import answer_text
@@ -25,11 +26,13 @@ class Example(dict):
     other columns. A dict, so it goes straight into ``datasets.Dataset.from_list`` and reward
     ``**columns``."""
 
-    def __init__(self, prompt: str | list[dict], answer: str, **columns: Any) -> None:
+    where: str | None = None  # the row's file and line, for messages about it
+
+    def __init__(self, prompt: str | list[dict] | list[int], answer: str, **columns: Any) -> None:
         super().__init__(prompt=prompt, answer=answer, **columns)
 
     @property
-    def prompt(self) -> str | list[dict]:
+    def prompt(self) -> str | list[dict] | list[int]:
         return self["prompt"]
 
     @property
@@ -59,21 +62,30 @@ def row_to_example(row: dict, prompt_field: str | None = None, answer_field: str
     pf = _pick(row, prompt_field, PROMPT_CANDIDATES, "prompt", where)
     af = _pick(row, answer_field, ANSWER_CANDIDATES, "answer", where)
     raw = row[af]
-    answer = answer_text(raw, af)
+    try:
+        answer = answer_text(raw, af)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
     columns = {k: v for k, v in row.items() if k not in (pf, af, "prompt", "answer")}
     if isinstance(raw, str) and answer != raw.strip() and "solution" not in columns:
         columns["solution"] = raw  # the worked solution the answer came from (for SFT traces)
-    return Example(prompt_value(row[pf], where), answer, **columns)
+    example = Example(prompt_value(row[pf], where), answer, **columns)
+    example.where = where
+    return example
 
 
 def prompt_value(value: Any, where: str = "row") -> str | list[dict] | list[int]:
-    """A prompt as a row holds it: a conversation (checked), token ids, or text."""
+    """A prompt as its type says: a conversation (checked), token ids (integers >= 0, kept as ids),
+    or text. Anything else (null, a number, an empty list) is a DataError naming `where`: it would
+    otherwise train on its printed form."""
     if is_conversation(value):
         return checked_conversation(value, f"{where} prompt")
-    token_ids = isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-    if token_ids and value:
+    if is_token_ids(value):
         return value
-    return str(value)
+    if not isinstance(value, str):
+        kind = "an empty list" if value == [] else f"{type(value).__name__} {value!r:.40}"
+        raise DataError(f"{where}: the prompt must be text, token ids or chat messages, got {kind}")
+    return value
 
 
 def with_prompt_column(row: dict, prompt_field: str | None = None, where: str = "row") -> dict:

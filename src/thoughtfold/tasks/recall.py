@@ -44,11 +44,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..checks import check_int
 from ..errors import ConfigError
 
 PAD, BOS, EOS, EQ = 0, 1, 2, 3
 DIGIT0, VALUE0, COUNTER0 = 4, 14, 24
 NUM_VALUES = 10
+MAX_STEPS = 4097  # chain steps (each adds a counter symbol to the vocabulary): far beyond any use
+MAX_ROWS = 1_000_001  # rows of a generated dataset, all held in memory
 _COUNTER_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "".join(chr(c) for c in range(0x391, 0x3AA))  # Latin, Greek
 
 
@@ -73,8 +76,7 @@ class RecallTask:
     def __post_init__(self) -> None:
         if self.combine not in ("copy", "add"):
             raise ConfigError(f"combine must be 'copy' or 'add', got {self.combine!r}")
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        check_int("recall steps", self.steps, 1, MAX_STEPS)
 
     # ---- sizes
 
@@ -207,8 +209,7 @@ def parse_recall_spec(spec: str) -> RecallData:
             data = replace(data, **{key: value if key == "combine" else int(value)})
         except ValueError:
             raise ConfigError(f"recall: option {key}={value!r} is not a whole number") from None
-    if data.n < 1:
-        raise ConfigError(f"recall: n must be >= 1, got {data.n}")
+    check_int("recall: n", data.n, 1, MAX_ROWS)
     data.task  # noqa: B018 (validates steps and combine)
     return data
 

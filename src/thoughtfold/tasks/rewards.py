@@ -7,6 +7,8 @@
 * :func:`format_reward` -- 1.0 for exactly one final ``\\boxed{}`` answer (and a closed ``<think>``).
 * the tasks' own rewards: ``arith`` (``arith.py``) and ``recall`` (``recall.py``).
 * :func:`load_reward` -- a built-in by name, or a user function by dotted path / file path.
+* :func:`score_completions` -- one call of a reward the TRL way, under a time limit; a reward that
+  raises, hangs or returns unusable scores ends in one RewardError naming it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-from collections.abc import Callable, Sequence
+import math
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RewardError
 from .answers import boxed_spans, completion_text, extract_answer, final_section, gold_answers
 from .arith import arith_reward
 from .grading import DEFAULT_TIMEOUT_S, MathGrader, default_grader
@@ -26,6 +34,8 @@ from .recall import recall_reward
 
 RewardFn = Callable[..., list]
 GOLD_COLUMNS = (("answer", "solution"),)  # what the math rewards read: one of these columns
+ERROR_LOG = "errors.log"  # where a run keeps the traceback of a reward that failed
+_TIMEOUT_SIGNAL = signal.SIGUSR2  # the signal that interrupts a reward past its time limit
 
 
 # --------------------------------------------------------------------------- reward functions
@@ -82,34 +92,99 @@ def format_reward(prompts: Sequence[Any] | None, completions: Sequence[Any], **c
 
 
 def score_completions(name: str, fn: RewardFn, prompts: list, completions: list, completion_ids: list | None,
-                      examples: Sequence[dict], repeat: int = 1) -> list[float | None]:
+                      examples: Sequence[dict], repeat: int = 1,
+                      timeout: float | None = None) -> list[float | None]:
     """`fn`'s checked scores, called the TRL way: prompts, completions, completion_ids and every
     dataset column but the prompt as a keyword list aligned with the completions (each example
-    stands for `repeat` consecutive completions: a GRPO group)."""
+    stands for `repeat` consecutive completions: a GRPO group). A reward that raises (SystemExit
+    included) or runs past `timeout` seconds is a RewardError naming it."""
     keys = sorted({k for e in examples for k in e if k != "prompt"})
     columns = {k: [e.get(k) for e in examples for _ in range(repeat)] for k in keys}
-    scores = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    try:
+        with time_limit(timeout):
+            scores = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    except KeyboardInterrupt:
+        raise
+    except _TimeUp:
+        raise RewardError(f"reward {name} did not return within {timeout:g} s: make it faster, or raise "
+                          "reward_timeout (--reward-timeout)") from None
+    except BaseException as e:  # a reward's sys.exit(0) must not end the run as a success
+        message = " ".join(str(e).split())[:200]
+        raise RewardError(f"reward {name} raised {type(e).__name__}{': ' + message if message else ''}",
+                          traceback.format_exc()) from None
     return checked_scores(name, scores, len(completions))
 
 
+class _TimeUp(BaseException):
+    """Raised inside a reward that ran out of time (a BaseException: `except Exception` in the
+    reward's own code does not swallow it)."""
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Interrupt the block with _TimeUp after `seconds`: a timer thread sends the main thread a
+    signal, which also wakes a sleep or a blocking read (C code that never returns to Python cannot
+    be interrupted). Without a limit, or outside the main thread (no signals there), no limit."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    armed = True
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if armed:
+            raise _TimeUp
+
+    previous = signal.signal(_TIMEOUT_SIGNAL, interrupt)
+    timer = threading.Timer(seconds, signal.pthread_kill, (threading.main_thread().ident, _TIMEOUT_SIGNAL))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        armed = False
+        timer.cancel()
+        timer.join()
+        signal.signal(_TIMEOUT_SIGNAL, previous)
+
+
 def checked_scores(name: str, scores: Any, n: int) -> list[float | None]:
-    """A reward function's output as floats (None = skipped), or a one-line ConfigError: a reward
-    that returns strings or the wrong count is a bug in that function, not in the run."""
+    """A reward function's output as floats (None = skipped; NaN counts as None), or a one-line
+    RewardError: a reward that returns strings, infinities or the wrong count is a bug in that
+    function, not in the run."""
     if not isinstance(scores, Sequence) or isinstance(scores, (str, bytes)):
-        raise ConfigError(f"reward {name} returned {type(scores).__name__}, not a list of {n} scores")
+        raise RewardError(f"reward {name} returned {type(scores).__name__}, not a list of {n} scores")
     if len(scores) != n:
-        raise ConfigError(f"reward {name} returned {len(scores)} scores for {n} completions")
-    return [None if s is None else _score_value(name, s) for s in scores]
+        raise RewardError(f"reward {name} returned {len(scores)} scores for {n} completions")
+    values = [None if s is None else _score_value(name, s) for s in scores]
+    return [None if v is None or math.isnan(v) else v for v in values]
 
 
 def _score_value(name: str, score: Any) -> float:
     try:
         if isinstance(score, (str, bytes)):
             raise TypeError
-        return float(score)  # also numpy scalars and one-element tensors
-    except (TypeError, ValueError):
-        raise ConfigError(f"reward {name} returned {score!r:.60} ({type(score).__name__}); "
+        value = float(score)  # also numpy scalars and one-element tensors
+    except (TypeError, ValueError, OverflowError):
+        raise RewardError(f"reward {name} returned {score!r:.60} ({type(score).__name__}); "
                           "scores must be numbers or None") from None
+    if abs(value) >= 1e38:  # infinite, or beyond float32 where the rewards are summed
+        raise RewardError(f"reward {name} returned {value}: scores must be finite numbers below 1e38 in size "
+                          "(None or NaN skips a completion)")
+    return value
+
+
+def keep_traceback(error: RewardError, directory: str | Path) -> RewardError:
+    """`error` with its traceback appended to `directory`/errors.log and the message pointing there
+    (the command line shows one line; the log keeps the rest)."""
+    if not error.details:
+        return error
+    path = Path(directory) / ERROR_LOG
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {error}\n{error.details}\n")
+    except OSError:
+        return error
+    return RewardError(f"{error} (traceback in {path})", error.details)
 
 
 # --------------------------------------------------------------------------- the columns a reward reads

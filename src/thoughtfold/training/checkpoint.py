@@ -9,6 +9,7 @@ which :func:`list_checkpoints` ignores and the next save removes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -18,12 +19,13 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CorruptFileError
 from ..persist import atomic_dir, load_adapter_weights
 
 ADAPTER_DIR = "adapter"  # the adapter inside a checkpoint, and the final one in the output directory
 STATE_NAME = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STATE_KEYS = {"step", "data_pos", "optimizer", "scheduler", "rng"}
 
 
 def checkpoint_name(step: int) -> str:
@@ -79,14 +81,50 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def load_checkpoint(path: str | os.PathLike, policy) -> dict[str, Any]:
-    """Copy the checkpoint's adapter into `policy` and return the trainer state saved with it.
-    The state is read first, so a corrupt checkpoint raises ConfigError before changing `policy`."""
+    """Copy the checkpoint's adapter (and headkv head weights) into `policy` and return the trainer
+    state saved with it. The state is read and checked first, so a damaged checkpoint raises
+    CorruptFileError before changing `policy`; an adapter of other shapes is a ConfigError."""
     path = Path(path)
     if not (path / STATE_NAME).is_file():
-        raise ConfigError(f"{path} is not a thoughtfold checkpoint ({STATE_NAME} not found)")
+        raise CorruptFileError(f"{path} is not a complete checkpoint ({STATE_NAME} not found)")
     try:
         state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbled pickle, ...: torch raises many types
-        raise ConfigError(f"{path / STATE_NAME} is truncated or corrupt ({type(e).__name__})") from None
-    load_adapter_weights(path / ADAPTER_DIR, policy.model, policy.wrappers, policy.encoder)
+        raise CorruptFileError(f"{path / STATE_NAME} is truncated or corrupt ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not state.keys() >= _STATE_KEYS or not all(
+            isinstance(state[k], int) and state[k] >= 0 for k in ("step", "data_pos")):
+        raise CorruptFileError(f"{path / STATE_NAME} does not hold a trainer state (step, data position, "
+                               "optimizer, schedule, RNG)")
+    policy.head_weights = load_adapter_weights(path / ADAPTER_DIR, policy.model, policy.wrappers,
+                                               policy.encoder)
     return state
+
+
+def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """A CorruptFileError unless `saved` is a state of `optimizer`: the same parameter groups and, for
+    every parameter, moments of its shape (the adapter beside it fitted, so a mismatch here means
+    the state file belongs to another run)."""
+    try:
+        groups, moments = saved["param_groups"], saved["state"]
+        fits = [len(g["params"]) for g in groups] == [len(g["params"]) for g in optimizer.param_groups]
+        if fits:
+            ids = [i for g in groups for i in g["params"]]
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            fits = all(not torch.is_tensor(v) or v.dim() == 0 or v.shape == p.shape
+                       for i, p in zip(ids, params, strict=True) for v in moments.get(i, {}).values())
+    except (KeyError, TypeError, ValueError, AttributeError):
+        fits = False
+    if not fits:
+        raise CorruptFileError(f"{path / STATE_NAME}: the optimizer state does not match the adapter saved "
+                               "beside it (another run's file?)")
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to `<name>.corrupt` (`.corrupt-2`, ... when taken), where pruning
+    and later resumes leave it alone and a person can still look at it."""
+    for n in itertools.count(1):
+        target = path.with_name(f"{path.name}.corrupt" + ("" if n == 1 else f"-{n}"))
+        if not target.exists():
+            path.rename(target)
+            return target
+    raise AssertionError("unreachable")

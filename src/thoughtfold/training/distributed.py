@@ -29,6 +29,7 @@ from ..config import TrainConfig
 from ..engine.adapter import LowRankLinear
 from ..engine.eviction import EvictionEvent, OldestBlock
 from ..engine.replay import LossFn
+from ..engine.replay_memory import replay_row_bytes, rows_within
 from ..errors import ConfigError
 from ..policy import Policy
 
@@ -118,18 +119,21 @@ def row_spans(n: int, size: int | None) -> list[tuple[int, int]]:
 
 @dataclass
 class ReplayPlan:
-    """How this process replays: micro-batches of `micro_batch` rows, gradients crossing evictions
-    as `backprop` says. In `lockstep` (FSDP over several processes) every forward and backward is a
-    collective, so every process runs the same ones: replays are padded to the widest completion
-    over all processes and follow the default eviction schedule at that width (the same segments
-    everywhere), and a process with fewer micro-batches runs idle replays until all have run as
-    many."""
+    """How this process replays: micro-batches of at most `micro_batch` rows, split further so that
+    each holds about `memory_gb` GiB of activations and logits (`engine.replay_memory` estimates a
+    row from the model's shape; None: no limit), gradients crossing evictions as `backprop` says.
+    The loss weights are batch-wide, so any split gives the same loss and gradients. In `lockstep`
+    (FSDP over several processes) every forward and backward is a collective, so every process runs
+    the same ones: replays are padded to the widest completion over all processes and follow the
+    default eviction schedule at that width (the same segments everywhere), and a process with fewer
+    micro-batches runs idle replays until all have run as many."""
 
     policy: Policy
     dp: DataParallel
     micro_batch: int | None = None
     backprop: str = "state"
     lockstep: bool = False
+    memory_gb: float | None = None
 
     @classmethod
     def for_run(cls, policy: Policy, dp: DataParallel, config: TrainConfig) -> ReplayPlan:
@@ -140,7 +144,7 @@ class ReplayPlan:
             _check_default_schedule(policy)
             shard_base_model(policy.model, policy.wrappers)
             policy.configure_decoding(cuda_graph=False, compile_decode=False, lockstep=dp.all)
-        return cls(policy, dp, config.replay_batch_size, config.backprop, lockstep)
+        return cls(policy, dp, config.replay_batch_size, config.backprop, lockstep, config.replay_memory_gb)
 
     def runs(self, rows: int) -> bool:
         """Whether a replay of `rows` rows runs on this process: always in lockstep (the others may
@@ -152,10 +156,24 @@ class ReplayPlan:
         width = max((len(c) for c in completions), default=0)
         return self.dp.max(width) if self.lockstep else width
 
-    def spans(self, n: int, width: int, train: bool) -> Iterator[tuple[int, int]]:
-        """Micro-batches of `n` rows; in lockstep then idle replays (`train`: with a backward) until
-        every process has replayed as many."""
-        spans = row_spans(n, self.micro_batch)
+    def rows_per_replay(self, prompt_tokens: int, width: int, loss_input: str = "tokens") -> int | None:
+        """The most rows one replay takes under the memory budget (None: no limit), for prompts of
+        at most `prompt_tokens` and completions padded to `width`."""
+        if self.memory_gb is None:
+            return None
+        model = self.policy.model
+        row = replay_row_bytes(model.config, next(model.parameters()).dtype, prompt_tokens, width,
+                               self.policy.cache_config, self.backprop, loss_input)
+        return rows_within(self.memory_gb * 2**30, row)
+
+    def spans(self, n: int, width: int, train: bool, prompt_tokens: int = 0,
+              loss_input: str = "tokens") -> Iterator[tuple[int, int]]:
+        """Micro-batches of `n` rows (prompts of at most `prompt_tokens`): `micro_batch` rows each,
+        split to fit the memory budget; in lockstep then idle replays (`train`: with a backward)
+        until every process has replayed as many."""
+        budget = self.rows_per_replay(prompt_tokens, width, loss_input)
+        spans = [(a + c, a + d) for a, b in row_spans(n, self.micro_batch)
+                 for c, d in row_spans(b - a, budget)]
         idle = self.dp.max(len(spans)) - len(spans) if self.lockstep else 0  # a collective: before any replay
         yield from spans
         for _ in range(idle):

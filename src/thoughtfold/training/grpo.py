@@ -11,6 +11,7 @@ length.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -19,12 +20,13 @@ from typing import Any
 
 import torch
 
+from ..checks import is_token_ids
 from ..config import TrainConfig
 from ..engine.adapter import adapters_disabled
 from ..engine.rollout import right_pad
 from ..errors import ConfigError, DataError
 from ..messages import assistant_turn, is_conversation, text_of
-from ..policy import GenerationResult, Policy, concat_rollouts
+from ..policy import GenerationResult, Policy
 from ..tasks.rewards import check_reward_columns, load_reward, score_completions
 from .distributed import row_spans
 from .loop import TRAINER_ARGUMENTS, Trainer
@@ -37,6 +39,8 @@ from .losses import (
     loss_mask,
     token_loss_terms,
 )
+
+log = logging.getLogger("thoughtfold")
 
 RewardFunc = Callable | str
 LOSS_MASK_PREFIX = "loss_mask_prefix"
@@ -97,6 +101,11 @@ class PolicyBatch:
     def width(self) -> int:
         """Padded completion length (in lockstep: the longest over all processes)."""
         return self.old.shape[1]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The longest prompt's length."""
+        return max(map(len, self.prompt_ids), default=0)
 
 
 class GRPOTrainer(Trainer):
@@ -171,16 +180,15 @@ class GRPOTrainer(Trainer):
         return {**self._rollout_metrics(stats, rewards, adv), **self._update(batch)}
 
     def generate(self, prompts: list, purpose: str = "rollout") -> GenerationResult:
-        """Sample under the bounded cache, `generation_batch_size` rows per call; the seeds are a
-        function of (purpose, seed, step, process, chunk), so a resumed run samples exactly what it
-        would have."""
+        """Sample under the bounded cache in one call, `generation_batch_size` slots decoding at once
+        (None: every row) with continuous batching: a finished sequence's slot takes the next row.
+        Each row samples from its own stream, a function of (purpose, seed, step, process, row), so a
+        resumed run samples exactly what it would have, whatever the number of slots."""
         c = self.config
         rng = random.Random(f"{purpose}:{c.seed}:{self.step}:{self.dp.rank}")
-        return concat_rollouts([
-            self.policy.generate(prompts[a:b], **c.sampling(rng.randrange(2**31)).to_dict(),
-                                 chat_template=c.data.chat_template, system_prompt=c.data.system_prompt)
-            for a, b in row_spans(len(prompts), c.generation_batch_size)
-        ])
+        return self.policy.generate(prompts, **c.sampling(rng.randrange(2**31)).to_dict(),
+                                    chat_template=c.data.chat_template, system_prompt=c.data.system_prompt,
+                                    slots=c.generation_batch_size)
 
     def _score(self, examples: list[dict], prompts: list[str], rollout: GenerationResult) -> torch.Tensor:
         """[n, F] scores of each reward function (TRL's call: prompts, completions, completion_ids and
@@ -191,7 +199,11 @@ class GRPOTrainer(Trainer):
                                                                                        strict=True)]
         for name, fn in zip(self.reward_names, self.reward_funcs, strict=True):
             scores = score_completions(name, fn, prompts, completions, rollout.completion_ids, examples,
-                                       repeat=self.config.num_generations)
+                                       repeat=self.config.num_generations, timeout=self.config.reward_timeout)
+            if all(s is None for s in scores):
+                log.warning("step %d: reward %s scored none of the %d completions (all None or NaN), so it "
+                            "is left out of this step; check the dataset columns it reads", self.step + 1,
+                            name, len(scores))
             per_func.append(torch.tensor([math.nan if s is None else s for s in scores]))
         return torch.stack(per_func, 1)
 
@@ -200,7 +212,7 @@ class GRPOTrainer(Trainer):
         """This process's completions of the step as log_completions shows and saves them (a token-id
         prompt decoded, a conversation's last user turn)."""
         tokenizer = self.policy.tokenizer
-        shown = [tokenizer.decode(p) if tokenizer is not None and p and isinstance(p[0], int) else text_of(p)
+        shown = [tokenizer.decode(p) if tokenizer is not None and is_token_ids(p) else text_of(p)
                  for p in prompts]
         return [{"prompt": p, "completion": t, "reward": float(r), "advantage": float(a), "length": len(ids),
                  "evictions": e}
@@ -241,12 +253,13 @@ class GRPOTrainer(Trainer):
     def _rollout_metrics(self, stats: RolloutStats, rewards: torch.Tensor,
                          adv: GroupAdvantages) -> dict[str, float]:
         """TRL's reward and completion metrics of the global batch, plus the cache's."""
-        metrics = {f"rewards/{name}/mean": stats.scores[:, j].nanmean().nan_to_num(0.0).item()
+        # NaN, not 0, where nothing was scored: a reward that never scores must show in the log
+        metrics = {f"rewards/{name}/mean": stats.scores[:, j].nanmean().item()
                    for j, name in enumerate(self.reward_names)}
         n = len(stats.lengths)
         return {
             **metrics,
-            "reward": rewards.nanmean().nan_to_num(0.0).item(),
+            "reward": rewards.nanmean().item(),
             "reward_std": adv.reward_std,
             "frac_reward_zero_std": adv.frac_reward_zero_std,
             "rewards/skipped": int(torch.isnan(rewards).sum()),
@@ -277,7 +290,7 @@ class GRPOTrainer(Trainer):
         """Log-probs under the adapter-disabled model and the same cache: the KL reference."""
         ref: list[torch.Tensor] = []
         with torch.no_grad(), adapters_disabled(self.policy.wrappers):
-            for a, b in self.replays.spans(len(batch), batch.width, train=False):
+            for a, b in self.replays.spans(len(batch), batch.width, False, batch.prompt_tokens):
                 part = batch.rows(a, b)
                 ref += self.replays.replay(part.prompt_ids, part.completions, part.logs, batch.width,
                                            temperature=self.config.temperature)
@@ -285,11 +298,12 @@ class GRPOTrainer(Trainer):
 
     def _update(self, batch: PolicyBatch) -> dict[str, float]:
         """`num_iterations` optimizer updates, each accumulating gradients over replay micro-batches
-        (`replay_batch_size` rows) and segments; an empty batch (all groups filtered) steps nothing."""
+        (at most `replay_batch_size` rows, as many as `replay_memory_gb` holds) and segments; an empty
+        batch (all groups filtered) steps nothing."""
         stats, loss, norms = LossStats(), 0.0, []
         for _ in range(self.config.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for a, b in self.replays.spans(len(batch), batch.width, train=True):
+            for a, b in self.replays.spans(len(batch), batch.width, True, batch.prompt_tokens):
                 part_loss, part_stats = self._replay_loss(batch.rows(a, b))
                 loss, stats = loss + part_loss, stats + part_stats
             norms.append(self.optimizer_step())

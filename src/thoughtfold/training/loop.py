@@ -16,35 +16,41 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import TrainConfig, config_to_yaml
-from ..errors import ConfigError, DataError
-from ..persist import lock_directory
+from ..config import TrainConfig
+from ..config_files import RUN_CONFIG_NAME, config_to_yaml
+from ..errors import ConfigError, CorruptFileError, DataError, RewardError
+from ..persist import atomic_write_text, lock_directory
 from ..policy import Policy
 from ..render import plot_curves
+from ..rows import check_rows
 from ..tasks.data import load_dataset_by_name
 from ..tasks.example import with_prompt_column
+from ..tasks.rewards import keep_traceback
 from ..trl_names import adapter_from_peft
 from .callbacks import Callbacks, new_state
 from .checkpoint import (
     ADAPTER_DIR,
+    check_optimizer_state,
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,
+    set_aside,
     set_rng_state,
 )
 from .diagnostics import ParameterDiagnostics, state_metrics
 from .distributed import DataParallel, ReplayPlan
 from .metrics import METRICS_NAME, StepMemory, mean_metrics, read_metrics
 from .progress import RunView
+from .resume import check_run_settings
 
 log = logging.getLogger("thoughtfold")
 
@@ -86,7 +92,10 @@ class Trainer:
             raise ConfigError("model must be a thoughtfold Policy, a model id or path, or None "
                               f"(args.model), got {type(model).__name__}")
         args = args if args is not None else TrainConfig()
-        # a model named here is the run's model: the saved config.yaml must say so for a resume
+        # the model given here is the run's: the saved config.yaml must say so for a resume
+        if isinstance(model, Policy):
+            args = replace(args, model=model.base_model, cache=model.cache_config,
+                           adapter=model.adapter_config)
         self.config = replace(args, model=model) if isinstance(model, str) else args
         if peft_config is not None:
             if isinstance(model, Policy):
@@ -108,6 +117,9 @@ class Trainer:
         self.policy = model if isinstance(model, Policy) else self._load_policy()
         if processing_class is not None:
             self.policy.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        c = self.config
+        check_rows(self.policy, self.dataset, c.data.chat_template, c.data.system_prompt,
+                   self._completion_tokens, "max_completion_length")  # every row, before step 1
         self._setup_optimisation()
         self.state = new_state(self, [])
         self.callbacks.call("on_init_end")
@@ -159,15 +171,20 @@ class Trainer:
         return rows
 
     def _rows(self, dataset: Iterable[dict], name: str) -> list[dict]:
-        """A given dataset's rows, each with its prompt under "prompt" (tasks.example.with_prompt_column)."""
+        """A given dataset's rows, each a dict with its prompt under "prompt"."""
         if isinstance(dataset, (str, bytes, dict)):
             raise DataError(f"{name} must be rows (a list of dicts or a datasets.Dataset), got "
                             f"{type(dataset).__name__}; a dataset name goes in data.dataset")
-        rows = [with_prompt_column(dict(row), self.config.data.prompt_field, f"{name} row {i}")
-                for i, row in enumerate(dataset)]
+        rows = [self._row(row, f"{name} row {i}") for i, row in enumerate(dataset)]
         if not rows:
             raise DataError(f"{name} has no rows")
         return rows
+
+    def _row(self, row: Any, where: str) -> dict:
+        """One given row as a dict with its prompt under "prompt" (tasks.example.with_prompt_column)."""
+        if not isinstance(row, Mapping):
+            raise DataError(f"{where}: a row must be a mapping with a 'prompt' (got {type(row).__name__})")
+        return with_prompt_column(dict(row), self.config.data.prompt_field, where)
 
     def _load_policy(self) -> Policy:
         c = self.config
@@ -197,40 +214,61 @@ class Trainer:
     def updates_per_step(self) -> int:
         return 1
 
+    def _completion_tokens(self, row: dict, where: str) -> int:
+        """How many completion tokens `row` needs next to its prompt: what a rollout may generate."""
+        return self.config.max_completion_length
+
     def _check_output_dir(self) -> None:
-        """Never mix a new run into an old one (checked before the model loads): refuse, or with
-        `overwrite_output_dir` delete the old checkpoints so a later resume cannot pick them up."""
+        """Never mix a new run into an old one (checked before the model loads): a resume must keep
+        the run's settings; a fresh run over a run that checkpointed or logged steps is refused, or
+        with `overwrite_output_dir` the old checkpoints go so that a later resume cannot pick them up."""
         c, checkpoints = self.config, self.output_dir / CHECKPOINTS_DIR
-        if c.resume or not list_checkpoints(checkpoints):
+        if c.resume:
+            check_run_settings(c, self.output_dir)
+            return
+        if not list_checkpoints(checkpoints) and not read_metrics(self.output_dir / METRICS_NAME):
             return
         if not c.overwrite_output_dir:  # raised by train() unless it resumes
             self._refusal = ConfigError(
-                f"{self.output_dir} already holds checkpoints: set resume=true (or call "
+                f"{self.output_dir} already holds a run: set resume=true (or call "
                 "train(resume_from_checkpoint=True)) to continue that run, overwrite_output_dir=true to "
                 "start over, or pick another output_dir")
             return
         self.dp.barrier()  # every process has looked before the main one deletes
         if self.dp.main:
             log.info("overwrite_output_dir: removing the old checkpoints in %s", checkpoints)
-            shutil.rmtree(checkpoints)
+            shutil.rmtree(checkpoints, ignore_errors=True)
 
     def _resume(self) -> None:
-        """Continue from the newest intact checkpoint (a fresh start if there is none yet). A corrupt
-        one (a disk that filled up, a truncated copy) is skipped with a warning and renamed aside,
-        so that checkpoint pruning and later resumes do not count it."""
+        """Continue from the newest intact checkpoint. A damaged one (a disk that filled up, a
+        truncated copy) is renamed aside with a warning, so that pruning and later resumes skip it,
+        and the one before is tried; one that does not fit the run's settings is refused and left as
+        it is. Without any checkpoint the run starts from step 0, with a warning when steps were
+        logged (they are dropped), and never when damaged checkpoints are all there is."""
         checkpoints = self.output_dir / CHECKPOINTS_DIR
         found = list_checkpoints(checkpoints)
         if not found:
-            log.info("no checkpoint in %s: starting from step 0", checkpoints)
+            damaged = sorted(checkpoints.glob("step-*.corrupt*")) if checkpoints.is_dir() else []
+            if damaged:
+                raise ConfigError(f"{checkpoints} holds only damaged checkpoints ({damaged[-1].name}): "
+                                  "restore them from a copy, or start over with overwrite_output_dir=true")
+            logged = len(read_metrics(self.output_dir / METRICS_NAME))
+            dropped = f" (the {logged} steps logged before are dropped)" if logged else ""
+            level = logging.WARNING if logged else logging.INFO
+            log.log(level, "no checkpoint in %s: starting from step 0%s", checkpoints, dropped)
             return
         for path in reversed(found):
             try:
                 self._restore(path)
-            except ConfigError as e:
-                log.warning("checkpoint %s is unusable, trying the one before: %s", path.name, e)
+            except CorruptFileError as e:
+                log.warning("checkpoint %s is damaged, trying the one before: %s", path.name, e)
                 if self.dp.main:
-                    path.rename(path.with_name(path.name + ".corrupt"))
+                    set_aside(path)
                 continue
+            except ConfigError as e:
+                raise ConfigError(f"checkpoint {path} does not fit this run's settings ({e}); resume with "
+                                  "the settings it was saved with, or start a new run in another output_dir"
+                                  ) from None
             log.info("resumed from %s (step %d)", path, self.step)
             return
         raise ConfigError(f"none of the {len(found)} checkpoints in {checkpoints} is intact (see the "
@@ -311,10 +349,15 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, self.policy)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
+        check_optimizer_state(state["optimizer"], self.optimizer, path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CorruptFileError(f"{path}: its trainer state cannot be restored ({type(e).__name__})") \
+                from None
+        self.step, self.data_pos = state["step"], state["data_pos"]
         self._saved_step = self.step
 
     # ---- the loop
@@ -331,20 +374,45 @@ class Trainer:
             elif self._refusal is not None:
                 raise self._refusal
             return self._train()
+        except RewardError as e:  # one line on the command line; the traceback in the run's errors.log
+            raise keep_traceback(e, self.output_dir) from None
         finally:
             if self._lock is not None:
                 self._lock.close()
 
     def _resume_from(self, checkpoint: bool | str | os.PathLike) -> None:
+        """train(resume_from_checkpoint=...): the checks of resume=true first (the run in output_dir,
+        and the run a given checkpoint belongs to, must have been started with these settings), then
+        the newest intact checkpoint (True) or the one given."""
+        runs = [self.output_dir]
+        if checkpoint is not True and Path(checkpoint).resolve().parent.name == CHECKPOINTS_DIR:
+            runs.append(Path(checkpoint).resolve().parent.parent)
+        for run in runs:
+            check_run_settings(self.config, run)
         if checkpoint is True:
             self._resume()
         else:
             self._restore(Path(checkpoint))
             log.info("resumed from %s (step %d)", checkpoint, self.step)
 
+    def _calibrate_heads(self) -> None:
+        """headkv's head weights, unless the policy has them (from a checkpoint, an adapter, or a call of
+        its own): calibrated on the run's first global batch of prompts, the same on every process, so
+        that processes evict alike and any resume finds them in its checkpoint."""
+        c, policy = self.config, self.policy
+        if policy.cache_config.eviction != "headkv" or policy.eviction_policy is not None \
+                or policy.head_weights is not None:
+            return
+        position, self.data_pos = self.data_pos, 0
+        rows = self.next_examples(c.prompts_per_step * self.dp.world)
+        self.data_pos = position
+        prompts = policy.encode([r["prompt"] for r in rows], c.data.chat_template, c.data.system_prompt)
+        policy.calibrate_heads(prompts, c.max_completion_length)
+
     def _train(self) -> dict[str, Path | None]:
+        self._calibrate_heads()
         if self.dp.main:
-            (self.output_dir / "config.yaml").write_text(config_to_yaml(self.config))
+            atomic_write_text(self.output_dir / RUN_CONFIG_NAME, config_to_yaml(self.config))
         self.state = new_state(self, read_metrics(self.output_dir / METRICS_NAME))
         view = RunView(self)
         self.callbacks.call("on_train_begin")
@@ -402,7 +470,7 @@ class Trainer:
 
     def _timed_step(self) -> dict[str, float]:
         memory = StepMemory(self.policy.device)
-        memory.start()
+        memory.start()  # the step's own peak
         lr = self.scheduler.get_last_lr()[0]
         start = time.perf_counter()
         metrics = self.train_step(self.local_examples())

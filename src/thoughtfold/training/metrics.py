@@ -1,7 +1,7 @@
 """The training metrics log: one JSON line per logged step in `metrics.jsonl` (the file `thoughtfold
 report` reads back), mirrored to TensorBoard / W&B when asked, plus the peak-memory probe each step
-records (named for what it measures: the CUDA allocator's peak, or on CPU the growth of the resident
-set over the step)."""
+records (`peak_memory_gb`: the CUDA allocator's peak, or on CPU the resident set's high-water mark
+within the step)."""
 
 from __future__ import annotations
 
@@ -62,11 +62,9 @@ class MetricsLogger:
 
 
 LAST_VALUE = ("step", "epoch", "learning_rate")  # where a run is: the last step's value, not a mean
-MEMORY_KEYS = {  # the per-step peak memory, by what it measures
-    "memory/step_peak_allocated_gb": "CUDA allocator peak during the step",
-    "memory/step_peak_rss_increase_gb": "CPU resident-set high-water mark above the step's start",
-}
-MAX_VALUE = tuple(MEMORY_KEYS)
+PEAK_MEMORY = "peak_memory_gb"  # the step's own peak memory in GiB (StepMemory)
+PEAK_RSS_RESET = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak RSS
+MAX_VALUE = (PEAK_MEMORY,)
 
 
 def mean_metrics(records: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -102,32 +100,30 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class StepMemory:
-    """The peak memory of one training step: on CUDA the allocator's peak (weights included), on CPU
-    how far the process's resident set rose above its size at the start of the step (Linux lets a
-    process reset its high-water mark; elsewhere, and where that is not allowed, nothing is
+    """The peak memory of one training step, logged as `peak_memory_gb`: on CUDA the allocator's peak
+    (weights included), on CPU the process's resident-set high-water mark, reset at the start of the
+    step (Linux lets a process reset it; elsewhere, and where that is not allowed, nothing is
     reported rather than the process's lifetime peak)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._start_kib: int | None = None
+        self._reset = False
 
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
         try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-            self._start_kib = _status_kib("VmRSS")
+            PEAK_RSS_RESET.write_text("5")
+            self._reset = True
         except OSError:
-            self._start_kib = None
+            self._reset = False
 
     def metrics(self) -> dict[str, float]:
         if self.device.type == "cuda":
-            return {"memory/step_peak_allocated_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
-        peak = _status_kib("VmHWM") if self._start_kib is not None else None
-        if peak is None:
-            return {}
-        return {"memory/step_peak_rss_increase_gb": max(0, peak - self._start_kib) / 2**20}
+            return {PEAK_MEMORY: torch.cuda.max_memory_allocated(self.device) / 2**30}
+        peak = _status_kib("VmHWM") if self._reset else None
+        return {} if peak is None else {PEAK_MEMORY: peak / 2**20}
 
 
 def _status_kib(field: str) -> int | None:

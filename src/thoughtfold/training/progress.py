@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..persist import atomic_write_text
 from ..render import markdown_table
-from .metrics import MEMORY_KEYS, MetricsLogger, read_metrics
+from .metrics import PEAK_MEMORY, MetricsLogger, read_metrics
 
 COMPLETIONS_NAME = "completions.jsonl"  # log_completions: the sample completions of each logged step
 
@@ -34,10 +34,8 @@ LINE: tuple[tuple[str, str, str], ...] = (
 
 
 def _mib(record: dict[str, float]) -> list[str]:
-    """The step's peak memory for a metrics line, in MiB, named for what it measures."""
-    labels = {"memory/step_peak_allocated_gb": "peak allocated", "memory/step_peak_rss_increase_gb":
-              "peak RSS over step start"}
-    return [f"{label} {record[key] * 1024:.1f} MiB" for key, label in labels.items() if key in record]
+    """The step's peak memory for a metrics line, in MiB."""
+    return [f"peak memory {record[PEAK_MEMORY] * 1024:.1f} MiB"] if PEAK_MEMORY in record else []
 
 
 class RunView:
@@ -125,7 +123,7 @@ class CompletionsLog:
 def closing_block(kind: str, records: Sequence[dict[str, float]], seconds: float, key: str) -> list[str]:
     """The headline numbers of a finished run, from its logged records: the first and final value of
     `key` (reward or loss), of the completions' length and evictions, the last evaluation, the wall
-    time and the largest per-step peak memory (named for what it measures)."""
+    time and the largest per-step peak memory."""
     minutes, secs = divmod(round(seconds), 60)
     lines = [f"thoughtfold: {kind} finished at step {int(records[-1]['step']) if records else 0} "
              f"in {minutes} min {secs} s"]
@@ -135,8 +133,7 @@ def closing_block(kind: str, records: Sequence[dict[str, float]], seconds: float
         values = [r[name] for r in records if name in r]
         if values:
             lines.append(f"  {label + ':':20s}{values[0]:.3f} (first logged step) -> {values[-1]:.3f} (last)")
-    for name, label in MEMORY_KEYS.items():
-        values = [r[name] for r in records if name in r]
-        if values:
-            lines.append(f"  {'peak memory:':20s}{max(values) * 1024:.1f} MiB ({label}, largest step)")
+    memory = [r[PEAK_MEMORY] for r in records if PEAK_MEMORY in r]
+    if memory:
+        lines.append(f"  {'peak memory:':20s}{max(memory) * 1024:.1f} MiB (largest step)")
     return lines

@@ -8,17 +8,19 @@ the trace length.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
+from ..checks import is_token_ids
 from ..config import CacheConfig, TrainConfig
 from ..engine.adapter import adapters_disabled
 from ..engine.replay import default_schedule
 from ..errors import ConfigError, DataError
 from ..messages import is_conversation, split_messages, text_of
 from ..policy import Policy
+from ..rows import row_location
 from .distill import TeacherTargets, first_distilled_token, teacher_targets, token_kl
 from .loop import TRAINER_ARGUMENTS, Trainer
 from .losses import loss_mask
@@ -47,14 +49,13 @@ class SFTTrainer(Trainer):
                               "pinned, targets replayed segment by segment)")
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, peft_config)
 
-    def _rows(self, dataset: Iterable[dict], name: str) -> list[dict]:
-        """Given rows in TRL's SFT formats, each as a prompt plus its target under completion_field."""
-        return super()._rows([self._sft_row(dict(row), f"{name} row {i}") for i, row in enumerate(dataset)],
-                             name)
+    def _row(self, row: Any, where: str) -> dict:
+        """A given row in TRL's SFT formats as a prompt plus its target under completion_field."""
+        return super()._row(self._sft_row(dict(row), where) if isinstance(row, Mapping) else row, where)
 
     def _load_dataset(self, dataset: Iterable[dict] | None) -> list[dict]:
         rows = super()._load_dataset(dataset)
-        return rows if dataset is not None else [self._sft_row(row, f"dataset row {i}") for i, row in
+        return rows if dataset is not None else [self._sft_row(row, row_location(row, i)) for i, row in
                                                  enumerate(rows)]
 
     def _sft_row(self, row: dict, where: str) -> dict:
@@ -70,12 +71,21 @@ class SFTTrainer(Trainer):
             row[field_name] = target = text_of(target)
         if self.config.sft_targets == "full_cache":
             return row
-        is_ids = isinstance(target, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                  for t in target)
-        if not (isinstance(target, str) or is_ids) or not target:
+        if not (isinstance(target, str) and target or is_token_ids(target)):
             raise DataError(f"{where} has no text or token ids in {field_name!r}, 'completion' or 'messages' "
                             "(the SFT target; set data.completion_field)")
         return row
+
+    def _completion_tokens(self, row: dict, where: str) -> int:
+        """The tokens of the row's target as trained (token ids checked against the vocabulary)."""
+        if self.config.sft_targets == "full_cache":
+            return self.config.max_completion_length
+        target = row[self.config.data.completion_field]
+        vocab = self.policy.model.get_input_embeddings().num_embeddings
+        if isinstance(target, list) and max(target) >= vocab:
+            raise DataError(f"{where}: the target {self.config.data.completion_field!r} has token id "
+                            f"{max(target)}, but the model's vocabulary has ids 0 to {vocab - 1}")
+        return len(self._target_ids(target))
 
     def train_step(self, examples: list[dict]) -> dict[str, float]:
         """One update on a batch of traces; `loss` is the token-mean loss before the update: the NLL of
@@ -94,7 +104,9 @@ class SFTTrainer(Trainer):
         weights = mask / max(num_tokens, 1)
         loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for a, b in self.replays.spans(len(completions), width, train=True):
+        spans = self.replays.spans(len(completions), width, True, max(map(len, prompt_ids)),
+                                   "tokens" if targets is None else "distribution")
+        for a, b in spans:
             part = None if targets is None else targets.rows(list(range(a, b)), 0, width)
             loss += self._replay_loss(prompt_ids[a:b], completions[a:b], None if logs is None else logs[a:b],
                                       weights[a:b], part)

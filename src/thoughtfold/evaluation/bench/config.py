@@ -18,11 +18,12 @@ SHAPES = {
     "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936),
 }
-BENCHMARKS = ("decode", "replay", "grpo", "encoder", "eviction")
+BENCHMARKS = ("decode", "replay", "grpo", "encoder", "eviction", "rollout")
 DECODE_METHODS = ("bounded", "bounded-compiled", "full", "hf-static", "hf")
 CPU_DECODE_METHODS = ("bounded", "full", "hf")  # compiling on a CPU adds minutes and measures little
 DEFAULT_LENGTHS = {"decode": [256, 1024, 4096], "replay": [512, 2048, 8192], "grpo": [512, 1024, 2048],
-                   "eviction": [1024]}
+                   "eviction": [1024], "rollout": [1024]}
+LENGTH_MIXES = ("gsm8k", "hard")  # rollout: the completion-length mixes (bench/rollout.py states them)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -42,7 +43,8 @@ class BenchConfig:
     decode's `baseline_max` (full-cache and HF baselines only up to that many tokens) and
     `decode_methods` (None: all on CUDA, the eager ones on CPU); the encoder's `tokens` and
     `compile_decode`; replay's and grpo's `backprops` (a PTE row each) and grpo's `replay_batch`
-    (rows per replay micro-batch); eviction's `evictions` (the policies compared)."""
+    (rows per replay micro-batch); eviction's `evictions` (the policies compared); rollout's `slots`
+    (a comparison per number) and `mixes` (completion-length mixes; its budget is the last length)."""
 
     which: str = "all"
     shape: str = "cpu-small"
@@ -60,6 +62,8 @@ class BenchConfig:
     backprops: tuple[str, ...] = BACKPROP
     replay_batch: int | None = None
     evictions: tuple[str, ...] = EVICTIONS
+    slots: tuple[int, ...] = (8, 16)
+    mixes: tuple[str, ...] = LENGTH_MIXES
 
     def __post_init__(self) -> None:
         _check_names("benchmark", (self.which,), (*BENCHMARKS, "all"))
@@ -77,6 +81,9 @@ class BenchConfig:
             _check_names("decode method", self.decode_methods, DECODE_METHODS)
         _check_names("backprop mode", self.backprops, BACKPROP)
         _check_names("eviction policy", self.evictions, EVICTIONS)
+        _check_names("length mix", self.mixes, LENGTH_MIXES)
+        if not self.slots or min(self.slots) < 1:
+            raise ConfigError(f"slots must be integers >= 1, got {list(self.slots)}")
 
     @property
     def cuda(self) -> bool:

@@ -12,24 +12,39 @@ from torch.utils._pytree import tree_flatten
 
 
 class _LiveBytes(TorchDispatchMode):
+    """Counts every storage an op creates inside the block until it is freed. A storage an op
+    merely views or writes in place (a weight's transpose inside a linear layer, a buffer filled in
+    place) came from outside the block when no op inside created it: it is never counted."""
+
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
         self._seen: set[int] = set()
+        self._outside: set[int] = set()
 
     def _release(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
         self._seen.discard(key)
 
+    def _mark_outside(self, tensors: list) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._seen and key not in self._outside:
+                    self._outside.add(key)
+                    weakref.finalize(storage, self._outside.discard, key)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._mark_outside(tree_flatten((args, kwargs))[0])
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
             storage = t.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._seen:
+            if nbytes == 0 or key in self._seen or key in self._outside:
                 continue
             self._seen.add(key)
             self.live += nbytes

@@ -1,6 +1,6 @@
 """Run the benchmarks a `BenchConfig` names: print each table, and with an output directory write
 `bench.md` (the tables), `bench.json` (the settings and every table's numbers, for scripts) and a
-plot per length sweep (`decode.png`, `replay.png`, `grpo.png`, `eviction.png`).
+plot per sweep (`decode.png`, `replay.png`, `grpo.png`, `eviction.png`, `rollout.png`).
 
 Random-init models of a chosen shape, so nothing is downloaded. On a CPU, time and memory are
 measured in separate passes: the memory tracker slows every op, so it never runs while timing.
@@ -16,16 +16,18 @@ from pathlib import Path
 import torch
 
 from ...errors import ConfigError
+from ...persist import output_directory
 from .config import BenchConfig
 from .decode import decode_benchmark
 from .encoder import encoder_benchmark
 from .measure import describe_device
+from .rollout import rollout_benchmark
 from .table import Table
 from .training import eviction_benchmark, grpo_benchmark, replay_benchmark
 
 BENCHMARK_RUNS: dict[str, Callable[[BenchConfig], Table]] = {
     "decode": decode_benchmark, "replay": replay_benchmark, "grpo": grpo_benchmark,
-    "encoder": encoder_benchmark, "eviction": eviction_benchmark,
+    "encoder": encoder_benchmark, "eviction": eviction_benchmark, "rollout": rollout_benchmark,
 }
 
 
@@ -42,9 +44,7 @@ def run_benchmarks(config: BenchConfig) -> BenchResult:
     """Run the configured benchmarks one after the other, printing each table as it is done."""
     if config.cuda and not torch.cuda.is_available():
         raise ConfigError(f"device {config.device} requested but CUDA is not available")
-    out = Path(config.output_dir) if config.output_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    out = output_directory(config.output_dir) if config.output_dir is not None else None  # before any work
     torch.set_grad_enabled(True)
     settings = {**config.settings(), "device": describe_device(config.device)}
     header = " ".join(f"{k}={v}" for k, v in settings.items())
