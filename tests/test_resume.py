@@ -54,6 +54,24 @@ def test_cli_resume_keeps_the_saved_settings_and_refuses_conflicting_ones(tiny_d
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_train_resume_from_checkpoint_checks_the_saved_settings_as_resume_does(tiny_dirs, tmp_path):
+    """TRL's train(resume_from_checkpoint=True | path) continues the run only with the settings it
+    was started with: a conflicting one is refused by name before any checkpoint is touched."""
+    _train(_config(tmp_path, tiny_dirs["llama"], max_steps=2, save_steps=1))
+    checkpoints = _names(tmp_path / "run" / "checkpoints")
+    step_2 = str(tmp_path / "run" / "checkpoints" / "step-00000002")
+    for checkpoint in (True, step_2):
+        other = _config(tmp_path, tiny_dirs["llama"], max_steps=3, save_steps=1, learning_rate=1e-3)
+        trainer = GRPOTrainer(reward_funcs=low_bytes, args=other, train_dataset=_dataset())
+        with pytest.raises(ConfigError, match=r"resume: learning_rate=0.001 \(the run has 0.03\)"):
+            trainer.train(resume_from_checkpoint=checkpoint)
+        assert _names(tmp_path / "run" / "checkpoints") == checkpoints
+    same = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, tiny_dirs["llama"], max_steps=3,
+                                                            save_steps=1), train_dataset=_dataset())
+    same.train(resume_from_checkpoint=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_a_checkpoint_of_another_shape_is_a_conflict_and_stays(tiny_dirs, tmp_path):
     _train(_config(tmp_path, tiny_dirs["llama"], max_steps=2, save_steps=1))
     (tmp_path / "run" / "config.yaml").unlink()  # so that only the checkpoint can tell
