@@ -31,13 +31,13 @@ a run's saved config.yaml that a resume reloads, still load."""
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                config_class: type[TrainConfig] = TrainConfig, restore_run: bool = True) -> TrainConfig:
+                config_class: type[TrainConfig] = TrainConfig) -> TrainConfig:
     """A TrainConfig (or `config_class`, e.g. SFTConfig) from defaults < YAML file < ``key=value``
     overrides (dotted keys, e.g. ``cache.window=256 adapter.mode=lora``); the legacy names in
-    LEGACY_NAMES (`lr`, `steps`, ...) and TRL's names (trl_names.py) work too. With ``resume`` set
-    (and `restore_run`), the run's saved config.yaml in its output_dir takes the place of the
-    defaults: a resumed run keeps its settings, and the trainer refuses file or override settings
-    that conflict with them. Unknown keys and bad types raise ConfigError."""
+    LEGACY_NAMES (`lr`, `steps`, ...) and TRL's names (trl_names.py) work too. With ``resume`` set,
+    the run's saved config.yaml in its output_dir takes the place of the defaults: a resumed run
+    keeps its settings, and the trainer refuses file or override settings that conflict with them.
+    Unknown keys and bad types raise ConfigError."""
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -58,7 +58,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
             trl.update(named)
         config = _merged(config_class, layers)
         saved = Path(config.output_dir) / RUN_CONFIG_NAME
-        if restore_run and config.resume and saved.is_file():
+        if config.resume and saved.is_file():
             config = _merged(config_class, [_run_layer(saved), *layers])
         return with_trl_settings(config, trl, explicit) if trl else config
     except OmegaConfBaseException as e:
