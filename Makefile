@@ -1,5 +1,6 @@
 # thoughtfold: the two set-up commands.
-#   make demo   install everything into .venv, then run the default training (PTE GRPO on the bundled model)
+#   make demo   install everything into .venv, then the default run (PTE GRPO on the bundled model) and
+#               its evaluation on held-out problems
 #   make test   install everything into .venv, then lint and run the test suite
 # Both create the virtual environment if it is missing and share one install step.
 
@@ -33,7 +34,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 demo: install
-	$(BIN)/thoughtfold train $(DEMO_ARGS)
+	$(BIN)/thoughtfold train --config configs/quickstart.yaml --evaluate $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

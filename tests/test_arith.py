@@ -33,6 +33,16 @@ def test_arith_answers_are_correct_and_deterministic(preset: str):
     assert arith_dataset(f"arith:{preset},n=100", limit=10) == rows[:10]  # prefix-stable
 
 
+@pytest.mark.parametrize("preset", list(ARITH_PRESETS))
+def test_test_problems_are_never_training_problems(preset: str):
+    """The splits partition the problems, even "tiny"'s 81: evaluation on "test" is held out."""
+    train = {r["expression"] for r in arith_dataset(f"arith:{preset}")}
+    test = {r["expression"] for r in arith_dataset(f"arith:{preset}", split="test")}
+    assert test and not train & test
+    if preset == "tiny":  # every problem drawn: about a quarter of them held out
+        assert len(train | test) == 81 and 15 <= len(test) <= 30
+
+
 def test_arith_knobs():
     rows = arith_dataset(ArithConfig(steps=4, digits=3, ops="+-", n=50, seed=3))
     for r in rows:

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import byte_tokenizer
 from test_cli import assert_one_line_error, run_main
-from thoughtfold.config import AdapterConfig, CacheConfig, SamplingConfig, TrainConfig, load_config
+from thoughtfold.config import AdapterConfig, CacheConfig, SamplingConfig, TrainConfig
+from thoughtfold.config_files import load_config
 from thoughtfold.errors import ConfigError, DataError, ThoughtfoldError
 from thoughtfold.evaluation.evaluate import EvalConfig
 from thoughtfold.tasks.rewards import time_limit
@@ -187,7 +188,7 @@ PYTHON_CASES = [
     (TrainConfig, {"max_steps": "5"}, "max_steps must be an integer"),
     (TrainConfig, {"rewards": "math"}, "rewards must be a list of names"),
     (TrainConfig, {"reward_timeout": 0}, "reward_timeout must be > 0"),
-    (TrainConfig, {"cache": {"window": 8}}, "cache must be a CacheConfig"),
+    (TrainConfig, {"cache": 8}, "cache must be a CacheConfig or a dict of its settings"),
     (EvalConfig, {"datasets": ["arith"], "reward_timeout": -1.0}, "reward timeout must be > 0"),
 ]
 

@@ -4,6 +4,7 @@ one-line errors (non-zero exit, no traceback) for every bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -17,11 +18,14 @@ import torch
 
 from conftest import assert_close_to_scale, byte_tokenizer
 from thoughtfold.cli import main
+from thoughtfold.cli.evaluate import default_output, run_name
 from thoughtfold.cli.generate import read_prompts_file
 from thoughtfold.cli.streamer import TerminalStreamer
-from thoughtfold.cli.train import eval_command
+from thoughtfold.cli.train import eval_command, flags_as_overrides
 from thoughtfold.config import DataConfig, TrainConfig
+from thoughtfold.config_files import load_config
 from thoughtfold.errors import DataError
+from thoughtfold.settings_help import default_settings, shown_value
 
 BIN = Path(sys.executable).parent
 
@@ -95,6 +99,9 @@ def test_json_output_matches_the_api(tiny_dirs, two_prompts):
         assert all(lp <= 0.0 for lp in r["logprobs"])
     summary = proc.stderr.strip().splitlines()[-1]
     assert "tokens/s" in summary and "eviction" in summary and "peak cache" in summary
+    # the summary counts each sequence's own events, not the lockstep steps after it ended
+    events = [r["evictions"] for r in records]
+    assert f"eviction events per sequence: {sum(events) / len(events):.1f} mean, {max(events)} max" in summary
 
     # the same request through the Python API gives the same tokens, log-probs and counters
     policy = Policy.from_pretrained(str(tiny_dirs["qwen2"]), cache=CacheConfig(window=6, evict_ratio=0.5,
@@ -213,7 +220,7 @@ def test_missing_prompts_file(tmp_path):
         (['{"question": "a"}'], 'line 1: no "prompt" field (keys found: question)'),
         (['"a"', '{"prompt": 3}'], 'line 2: "prompt" must be a string, got a number'),
         (["[1, 2]"], 'line 1: expected a JSON object with a "prompt" field or a JSON string, got an array'),
-        (['{"prompt": [1, -1]}'], "line 1: a token-id"),
+        (['{"prompt": [1, -1]}'], "line 1: a list \"prompt\" must be messages"),
         (["", '"   "'], "line 2: the prompt is empty"),
         (["", "  "], "has no prompts"),
     ],
@@ -288,10 +295,12 @@ def test_adapter_brings_its_base_model_and_cache(tiny_dirs, tmp_path, capsys):
 # --------------------------------------------------------------------------- train / sft
 
 
-def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path, capsys):
+def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path, capsys, monkeypatch):
     """`thoughtfold train KEY=VALUE ...` trains, checkpoints, prints where things are; `--resume`
-    continues to more steps; the adapter then loads in `generate --adapter` (in this process, to
-    spare three interpreter start-ups)."""
+    continues to more steps and `--evaluate` runs the printed eval command as printed, next to another
+    evaluation of the same adapter; the adapter then loads in `generate --adapter` (in this process,
+    to spare interpreter start-ups)."""
+    monkeypatch.chdir(tmp_path)  # evaluations write under runs/eval
     out = tmp_path / "run"
     common = [f"model={tiny_dirs['llama']}", "dtype=float32", "device=cpu", "cache.window=8",
               "adapter.rank=4", "adapter.global_tokens=2", "num_generations=2", "prompts_per_step=2",
@@ -299,10 +308,20 @@ def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path, c
     first = run_main(capsys, "grpo", *common, "max_steps=1")
     assert first.returncode == 0, first.stderr
     assert "adapter:" in first.stderr and (out / "metrics.jsonl").is_file()
-    again = run_main(capsys, "train", "--resume", *common, "max_steps=2")
+    other = run_main(capsys, "eval", "--adapter", str(out / "adapter"), "--data", "arith:tiny", "--split",
+                     "test", "--limit", "2", "--window", "4", "--max-new-tokens", "4", "--reward", "arith",
+                     "--no-progress")
+    assert other.returncode == 0, other.stderr
+    again = run_main(capsys, "train", "--resume", *common, "max_steps=2", "--evaluate")
     assert again.returncode == 0, again.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+    printed = next(line for line in again.stderr.splitlines() if line.startswith("  evaluate: "))
+    assert "--window 8,none --split test --limit 64" in printed
+    table = [line for line in again.stdout.splitlines() if line.startswith("| arith:tiny")]
+    rows = [line.split("|")[2].strip() for line in table]
+    assert rows == ["8", "full"]  # the evaluation's table: the trained window and the full cache
+    assert len(list((tmp_path / "runs" / "eval").glob("run-*"))) == 2  # named after the run, no collision
     gen = run_main(capsys, "generate", "--adapter", str(out / "adapter"), "--prompt", "1+1=",
                    "--max-new-tokens", "5", "--json", "--device", "cpu", "--dtype", "float32")
     assert gen.returncode == 0, gen.stderr
@@ -310,11 +329,56 @@ def test_train_then_resume_then_generate_with_the_adapter(tiny_dirs, tmp_path, c
 
 
 def test_eval_command_mirrors_the_training_settings(tmp_path):
+    """The printed eval command: the trained task's held-out split, at the trained window and with a
+    full cache, with the training prompts, grader and token budget."""
     config = TrainConfig(data=DataConfig(system_prompt=None), rewards=["arith"], max_completion_length=16)
     command = eval_command(config, tmp_path / "run" / "adapter")
     assert command == (f"thoughtfold eval --adapter {tmp_path / 'run' / 'adapter'} --data arith:tiny "
-                       "--reward arith --max-new-tokens 16 --no-system-prompt")
+                       "--reward arith --max-new-tokens 16 --window 4,none --split test --limit 64 "
+                       "--no-system-prompt")
     assert "--reward" not in eval_command(TrainConfig(rewards=[]), tmp_path)  # SFT: eval's default grader
+    gsm8k = eval_command(TrainConfig(data={"dataset": "gsm8k"}, cache={"window": None}), tmp_path)
+    assert "--window none" in gsm8k and "--split" not in gsm8k  # gsm8k's default split is its test split
+
+
+def test_training_help_lists_every_setting_with_its_default():
+    proc = run_cli("grpo", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for name, value in default_settings(TrainConfig()).items():
+        assert f"  {name}={shown_value(value)} " in proc.stdout, name
+    assert "--print-config" in proc.stdout and "docs/coming-from-trl.md" in proc.stdout
+
+
+def test_trl_style_flags_are_overrides_and_print_config_shows_the_result(capsys, tmp_path):
+    assert flags_as_overrides(["--config", "c.yaml", "--learning-rate", "1e-5", "--bf16", "max_steps=3",
+                               "--report_to=none", "--resume"]) == [
+        "--config", "c.yaml", "learning_rate=1e-5", "bf16=true", "max_steps=3", "report_to=none", "--resume"]
+    proc = run_main(capsys, "grpo", "--learning_rate", "1e-5", "--per_device_train_batch_size=16",
+                    "--report_to", "none", "--gradient-checkpointing", "cache.window=8", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(proc.stdout)
+    config = load_config(saved)  # what was printed is a config file of the same run
+    assert (config.learning_rate, config.prompts_per_step, config.replay_batch_size) == (1e-5, 2, 16)
+    assert (config.cache.window, config.report_to) == (8, [])
+    sft = run_main(capsys, "sft", "--max_length", "64", "--print-config")
+    assert sft.returncode == 0 and "max_completion_length: 64" in sft.stdout
+    assert_one_line_error(run_main(capsys, "grpo", "--per_device_train_batch_size", "3"),
+                          "not a multiple of num_generations")
+    assert_one_line_error(run_main(capsys, "grpo", "--push_to_hub"), "push_to_hub=True has no counterpart")
+    if importlib.util.find_spec("tensorboard") is None:  # refused when the config is built, in one line
+        assert_one_line_error(run_main(capsys, "grpo", "report_to=tensorboard"), "pip install tensorboard")
+
+
+def test_eval_output_is_named_after_the_run_and_its_settings(tmp_path):
+    assert run_name(str(tmp_path / "runs" / "quick" / "adapter"), None) == "quick"
+    step = tmp_path / "runs" / "quick" / "checkpoints" / "step-00000008" / "adapter"
+    assert run_name(str(step), None) == "quick-step-00000008"
+    assert run_name(None, "Qwen/Qwen2.5-3B-Instruct") == "Qwen2.5-3B-Instruct"
+    one = default_output(None, "default", {"windows": [4]})
+    other = default_output(None, "default", {"windows": [8]})
+    assert one.parent == Path("runs", "eval") and one.name.startswith("default-") and one != other
+    assert default_output(None, "default", {"windows": [4]}) == one  # the same command resumes
 
 
 def test_train_bad_override_is_one_line(capsys):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from thoughtfold import AdapterConfig, CacheConfig, ConfigError
-from thoughtfold.config import LEGACY_NAMES, TrainConfig, config_to_yaml, load_config
+from thoughtfold.config import TrainConfig
+from thoughtfold.config_files import LEGACY_NAMES, config_to_yaml, load_config
 from thoughtfold.tasks.example import SYSTEM_PROMPT
 
 
@@ -114,7 +115,7 @@ def test_missing_or_broken_yaml(tmp_path):
 
 def test_quickstart_yaml_is_the_default_run():
     quickstart = load_config(CONFIGS / "quickstart.yaml")
-    assert quickstart == TrainConfig(overwrite_output_dir=True)
+    assert quickstart == TrainConfig(overwrite_output_dir=True, log_completions=True)
 
 
 @pytest.mark.parametrize("name, mode, window", [("paper-qwen2.5-3b", "pte", 1024),

@@ -37,7 +37,9 @@ def test_load_jsonl_custom_fields_chat_prompt_and_gsm8k_answer(tmp_path: Path):
          "sol": "3 + 4 = 7 apples\n#### 1,007"},
     ])
     (row,) = load_jsonl(path, prompt_field="q", answer_field="sol")
-    assert row.prompt == "How many?" and row.answer == "1007"
+    # a conversation stays one (the chat template formats it), as in TRL's conversational datasets
+    assert row.prompt == [{"role": "system", "content": "sys"}, {"role": "user", "content": "How many?"}]
+    assert row.answer == "1007"
     assert row["solution"].startswith("3 + 4")  # the worked solution is kept for SFT
 
 

@@ -54,6 +54,24 @@ def test_cli_resume_keeps_the_saved_settings_and_refuses_conflicting_ones(tiny_d
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_train_resume_from_checkpoint_checks_the_saved_settings_as_resume_does(tiny_dirs, tmp_path):
+    """TRL's train(resume_from_checkpoint=True | path) continues the run only with the settings it
+    was started with: a conflicting one is refused by name before any checkpoint is touched."""
+    _train(_config(tmp_path, tiny_dirs["llama"], max_steps=2, save_steps=1))
+    checkpoints = _names(tmp_path / "run" / "checkpoints")
+    step_2 = str(tmp_path / "run" / "checkpoints" / "step-00000002")
+    for checkpoint in (True, step_2):
+        other = _config(tmp_path, tiny_dirs["llama"], max_steps=3, save_steps=1, learning_rate=1e-3)
+        trainer = GRPOTrainer(reward_funcs=low_bytes, args=other, train_dataset=_dataset())
+        with pytest.raises(ConfigError, match=r"resume: learning_rate=0.001 \(the run has 0.03\)"):
+            trainer.train(resume_from_checkpoint=checkpoint)
+        assert _names(tmp_path / "run" / "checkpoints") == checkpoints
+    same = GRPOTrainer(reward_funcs=low_bytes, args=_config(tmp_path, tiny_dirs["llama"], max_steps=3,
+                                                            save_steps=1), train_dataset=_dataset())
+    same.train(resume_from_checkpoint=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_a_checkpoint_of_another_shape_is_a_conflict_and_stays(tiny_dirs, tmp_path):
     _train(_config(tmp_path, tiny_dirs["llama"], max_steps=2, save_steps=1))
     (tmp_path / "run" / "config.yaml").unlink()  # so that only the checkpoint can tell
@@ -90,14 +108,16 @@ def test_damaged_checkpoints_are_set_aside_under_free_names(tiny_dirs, tmp_path,
 
 def test_no_silent_restart_from_step_zero(tiny_dirs, tmp_path, caplog):
     """A run that logged steps but saved no checkpoint (killed before its first) is refused by a fresh
-    run, and a resume says it starts over and drops those steps."""
+    run's train() (a trainer may still be made, to call train(resume_from_checkpoint=True)), and a
+    resume says it starts over and drops those steps."""
     _train(_config(tmp_path, tiny_dirs["llama"], max_steps=2))
     run = tmp_path / "run"
     for path in (run / "checkpoints").iterdir():
         path.rename(run / path.name)  # out of the way: as if the run was killed before its first one
     fresh, resume = _config(tmp_path, tiny_dirs["llama"]), _config(tmp_path, tiny_dirs["llama"], resume=True)
+    refused = GRPOTrainer(reward_funcs=low_bytes, args=fresh, train_dataset=_dataset())
     with pytest.raises(ConfigError, match="already holds a run: set resume=true"):
-        GRPOTrainer(reward_funcs=low_bytes, args=fresh, train_dataset=_dataset())
+        refused.train()
     with caplog.at_level(logging.WARNING, "thoughtfold"):
         trainer = GRPOTrainer(reward_funcs=low_bytes, args=resume, train_dataset=_dataset())
     assert trainer.step == 0
@@ -129,7 +149,7 @@ def test_a_run_saved_before_the_residual_update_resumes_with_the_papers(tmp_path
     """A run's config.yaml without `adapter.residual` was written when PTE's update was the paper's
     B S A: a resume keeps that form (and does not call it a conflict); a new config takes the
     current default, the residual B (I + S) A."""
-    from thoughtfold.config import config_to_yaml, load_config
+    from thoughtfold.config_files import config_to_yaml, load_config
     from thoughtfold.training.resume import check_run_settings
 
     out = tmp_path / "run"

@@ -17,6 +17,7 @@ from thoughtfold.tasks.rewards import (
     load_reward,
     make_math_reward,
     math_reward,
+    reward_columns,
 )
 
 TIMEOUT_S = 1.5
@@ -111,8 +112,16 @@ def test_extra_columns_ignored_and_length_checked(reward):
     assert reward(["q"], ["\\boxed{2}"], answer=["2"], level=["5"], trainer_state=None) == [1.0]
     with pytest.raises(ConfigError, match="1 completions but 2 answers"):
         reward(None, ["\\boxed{2}"], answer=["2", "3"])
-    with pytest.raises(ConfigError, match="'answer' column"):
+    with pytest.raises(ConfigError, match="needs an 'answer' or 'solution' column"):
         reward(None, ["\\boxed{2}"])
+
+
+def test_trl_solution_column_is_the_gold_when_there_is_no_answer(reward):
+    """TRL's accuracy reward reads `solution`: its last box (or the text itself) is the gold here too."""
+    assert reward(None, ["\\boxed{2}", "\\boxed{3}"], solution=["so it is \\boxed{2}", "3"]) == [1.0, 1.0]
+    assert reward(None, ["\\boxed{2}"], answer=["5"], solution=["2"]) == [0.0]  # answer first
+    assert reward_columns(reward) == [("answer", "solution")]
+    assert reward_columns(lambda completions, solution, **kw: []) == [("solution",)]
 
 
 def test_default_math_reward_integers_fast_path():

@@ -119,6 +119,54 @@ def test_unknown_reward_fails_before_the_model_loads(tmp_path):
         GRPOTrainer(args=config, train_dataset=_dataset())
 
 
+def test_reward_columns_are_checked_before_the_model_loads(tmp_path):
+    """A built-in reward's declared columns, or a TRL function's required parameters, must be in the
+    data: a one-line error before the model loads, not after the first rollout."""
+    config = _config(tmp_path, tmp_path / "no-such-model")
+    rows = [{"prompt": "1+1?", "gold": "2"}]
+    with pytest.raises(ConfigError, match="reward math_reward reads the 'answer' or 'solution' column, but "
+                                          "the rows of train_dataset have gold, prompt"):
+        GRPOTrainer(reward_funcs="math", args=config, train_dataset=rows)
+
+    def needs_label(completions, label, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ConfigError, match="reward needs_label reads the 'label' column"):
+        GRPOTrainer(reward_funcs=[needs_label], args=config, train_dataset=rows)
+    with pytest.raises(DataError, match=r"train_dataset row 0: no prompt field \(looked for prompt, problem"):
+        GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=[{"text": "1+1?"}])
+
+
+def test_conversational_rows_train_and_rewards_get_conversational_completions(tmp_path, tiny_dirs):
+    """TRL's conversational format: message-list prompts (a `question` column found as files find
+    it) go through the chat template, and rewards receive completions as assistant messages."""
+    seen = []
+
+    def assistant_only(prompts, completions, **columns):
+        seen.extend(completions)
+        return [float(len(c[0]["content"]) % 2) for c in completions]
+
+    rows = [{"question": [{"role": "user", "content": p}]} for p in PROMPTS]
+    config = _config(tmp_path, tiny_dirs["qwen2"], max_steps=1)
+    GRPOTrainer(reward_funcs=assistant_only, args=config, train_dataset=rows).train()
+    assert seen and all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in seen)
+
+
+def test_sft_rows_in_trl_formats(tmp_path, tiny_dirs):
+    rows = [{"messages": [{"role": "user", "content": "2+2=?"}, {"role": "assistant", "content": "4"}]},
+            {"prompt": [{"role": "user", "content": "3+3=?"}], "completion": [{"role": "assistant",
+                                                                             "content": "6"}]}]
+    config = _config(tmp_path, tiny_dirs["qwen3"], max_steps=1, prompts_per_step=2, rewards=[])
+    trainer = SFTTrainer(args=config, train_dataset=rows)
+    assert [r["solution"] for r in trainer.dataset] == ["4", "6"]
+    assert trainer.dataset[0]["prompt"] == [{"role": "user", "content": "2+2=?"}]
+    assert trainer.train()["adapter"].is_dir()
+    with pytest.raises(DataError, match="row 0 has no text or token ids in 'solution', 'completion' or "
+                                        "'messages'"):
+        SFTTrainer(args=_config(tmp_path / "b", tmp_path / "no-model", rewards=[]),
+                   train_dataset=[{"prompt": "a", "text": "b"}])
+
+
 def test_trl_signature_loads_a_model_id_and_takes_the_rewards_once(tmp_path, tiny_dirs):
     """`GRPOTrainer(model, reward_funcs, args, train_dataset)` as in TRL: a model id or path loads with
     args' cache and adapter settings and becomes the run's model; reward_funcs replace args.rewards;
@@ -479,10 +527,12 @@ def test_fsdp_process_with_fewer_micro_batches_runs_idle_replays(tmp_path, tiny_
 
 
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dirs):
+    """Training into a directory with checkpoints is refused unless it resumes: by resume=true, or
+    as TRL does it, by train(resume_from_checkpoint=True) on a trainer built without it."""
     config = _config(tmp_path, tiny_dirs["llama"], max_steps=2, save_steps=1)
     GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
-    with pytest.raises(ConfigError, match="resume=true"):
-        GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
+    with pytest.raises(ConfigError, match=r"resume=true \(or call train\(resume_from_checkpoint=True\)\)"):
+        GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
     again = _config(tmp_path, tiny_dirs["llama"], max_steps=1, overwrite_output_dir=True)
     GRPOTrainer(reward_funcs=low_bytes, args=again, train_dataset=_dataset()).train()
     # the old run's step-2 checkpoint is gone: resuming must not jump ahead of the new run

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from thoughtfold import SFTTrainer
-from thoughtfold.config import TrainConfig, load_config
+from thoughtfold.config import TrainConfig
+from thoughtfold.config_files import load_config
 from thoughtfold.policy import Policy
 from thoughtfold.training.metrics import read_metrics
 

@@ -7,7 +7,16 @@ stays fast."""
 from importlib import import_module
 from typing import Any
 
-from .config import AdapterConfig, CacheConfig, DataConfig, SamplingConfig, TrainConfig, load_config
+from .config import (
+    AdapterConfig,
+    CacheConfig,
+    DataConfig,
+    GRPOConfig,
+    SamplingConfig,
+    SFTConfig,
+    TrainConfig,
+)
+from .config_files import load_config
 from .errors import (
     ConfigError,
     DataError,
@@ -41,9 +50,11 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataError",
+    "GRPOConfig",
     "ModelLoadError",
     "PromptTooLongError",
     "SamplingConfig",
+    "SFTConfig",
     "ThoughtfoldError",
     "TrainConfig",
     "UnsupportedArchitectureError",

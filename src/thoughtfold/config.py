@@ -3,9 +3,9 @@
 Each entry point (library, trainers, CLI) reports a bad setting with the same one-line message.
 
 Nothing here imports torch or transformers, so reading settings is instant; the YAML form of a
-`TrainConfig` (`load_config`, `config_to_yaml`) loads OmegaConf only when it is used. Field names of
-`TrainConfig` are TRL's GRPOConfig names where TRL has the setting; the names earlier versions used
-(`LEGACY_NAMES`) still load, so saved run configs resume.
+`TrainConfig` (`load_config`, `config_to_yaml`) is config_files.py's. Field names of `TrainConfig`
+are TRL's GRPOConfig names where TRL has the setting; TRL's other names translate (trl_names.py) in
+Python, YAML and overrides alike, and `GRPOConfig` / `SFTConfig` spell the class as TRL does.
 """
 
 from __future__ import annotations
@@ -13,17 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 
-from .checks import (
-    SEED_LIMIT,
-    SIZE_LIMIT,
-    WINDOW_LIMIT,
-    check_field_types,
-    check_int,
-    check_utf8,
-)
+from .checks import SEED_LIMIT, SIZE_LIMIT, WINDOW_LIMIT, check_field_types, check_int
 from .errors import ConfigError
+from .settings_help import default_settings, describe_fields
+from .trl_names import accept_trl_names, report_backends, settings_object
 
 ADAPTER_MODES = ("none", "lora", "pte")
 STATE_UPDATES = ("exact", "paper")
@@ -31,11 +25,11 @@ EVICTIONS = ("oldest", "h2o", "snapkv", "headkv")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
+_SCALE_FLAGS = {"true": "group", "false": "none"}  # TRL's boolean scale_rewards
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SFT_TARGETS = ("dataset", "full_cache")
 SFT_LOSSES = ("nll", "kl")
 DISTILL_TOKENS = ("after_eviction", "all")
-REPORT_TO = ("tensorboard", "wandb")
 ZERO_STD_NORMS = ("kept", "batch")
 BACKPROP = ("state", "truncated", "full")
 """How replay gradients cross eviction events, the default first:
@@ -228,20 +222,24 @@ class DataConfig:
 class TrainConfig:
     """Everything a GRPO or SFT run needs. Names are TRL's GRPOConfig names where TRL has the setting
     (`num_generations`, `learning_rate`, `max_steps`, `epsilon`, `loss_type`, ...); the rest are PTE's
-    or ours (`prompts_per_step`, `backprop`, `generation_batch_size`, ...). The defaults are the
-    quickstart run (configs/quickstart.yaml): PTE on the bundled small model."""
+    or ours (`prompts_per_step`, `backprop`, `generation_batch_size`, ...). TRL's other names are
+    taken too: mapped, translated (`per_device_train_batch_size` x `gradient_accumulation_steps` ->
+    prompts per step) or refused with what to use instead. `cache`, `adapter` and `data` may be given
+    as dicts. The defaults are the quickstart run (configs/quickstart.yaml): PTE on the bundled small
+    model."""
+
+    trainer = "grpo"  # whose batch TRL's batch sizes count (SFTConfig: "sft"); not a setting
 
     model: str = "default"
     dtype: str | None = None
     device: str | None = None
-    compile_decode: bool = False  # torch.compile the rollouts' decode step (worth it on CUDA)
-    fsdp: bool = False  # under torchrun: also shard the frozen base weights over the processes (FSDP2)
-    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=16))
+    compile_decode: bool = False
+    fsdp: bool = False
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(window=4))
     adapter: AdapterConfig = field(
         default_factory=lambda: AdapterConfig(mode="pte", rank=8, alpha=16.0, global_tokens=8)
     )
     data: DataConfig = field(default_factory=DataConfig)
-    # GRPO's rewards, unless GRPOTrainer gets reward_funcs
     rewards: list[str] = field(default_factory=lambda: ["arith"])
     reward_weights: list[float] | None = None
     reward_timeout: float | None = 300.0  # seconds one reward call may take; a slower one ends the run
@@ -252,33 +250,37 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     learning_rate: float = 1e-3
-    encoder_lr_ratio: float = 1.0  # the thought encoder's learning rate / learning_rate (as LoRA+'s ratio)
+    encoder_lr_ratio: float = 1.0
     weight_decay: float = 0.0
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 1
+    warmup_ratio: float | None = None
     max_grad_norm: float = 1.0
     loss_type: str = "dapo"
-    epsilon: float = 0.2  # the low clip bound (TRL's name); epsilon_high is the high one
-    epsilon_high: float = 0.2
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
     beta: float = 0.0
     scale_rewards: str = "group"
     filter_zero_std: bool = True
-    zero_std_norm: str = "kept"  # with filter_zero_std: normalise over the "kept" rows, or the "batch" (TRL)
+    zero_std_norm: str = "kept"
     mask_truncated_completions: bool = False
     num_iterations: int = 1
     sft_targets: str = "dataset"
-    sft_loss: str = "nll"  # "nll": cross-entropy on the targets; "kl": dense distillation from the teacher
-    distill_tokens: str = "after_eviction"  # sft_loss=kl: the tokens after each row's first eviction, "all"
-    distill_top_k: int | None = 64  # sft_loss=kl: teacher entries kept per token (+ the rest); null: all
-    # how replay gradients cross evictions (BACKPROP); "truncated" cannot learn recall
+    sft_loss: str = "nll"
+    distill_tokens: str = "after_eviction"
+    distill_top_k: int | None = 64
     backprop: str = "state"
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
     # GiB of activations and logits one replay micro-batch holds (rows chosen to fit); null: no limit
     replay_memory_gb: float | None = 0.25
     max_steps: int = 16
+    num_train_epochs: float | None = None
     save_steps: int = 8
-    logging_steps: int = 1  # metrics line and progress postfix every N steps (means over them)
+    logging_steps: int = 1
+    eval_steps: int | None = None
+    log_completions: bool = False
+    num_completions_to_print: int | None = 4
     save_total_limit: int | None = 2
     output_dir: str = "runs/quickstart"
     overwrite_output_dir: bool = False
@@ -288,11 +290,19 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_field_types(self)
-        for name, kind in (("cache", CacheConfig), ("adapter", AdapterConfig), ("data", DataConfig)):
-            if not isinstance(value := getattr(self, name), kind):
-                raise ConfigError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        self.cache = settings_object(CacheConfig, self.cache, "cache")
+        self.adapter = settings_object(AdapterConfig, self.adapter, "adapter")
+        self.data = settings_object(DataConfig, self.data, "data")
         check_field_types(self.data)
+        self.scale_rewards = _SCALE_FLAGS.get(str(self.scale_rewards).lower(), self.scale_rewards)
+        if self.epsilon_high is None:  # TRL's default: the same bound on both sides
+            self.epsilon_high = self.epsilon
+        if self.max_steps == -1:  # TRL's "train num_train_epochs epochs" (its default: 3)
+            self.max_steps, self.num_train_epochs = 1, self.num_train_epochs or 3.0
+        if isinstance(self.report_to, str):  # TRL takes one name as well as a list
+            self.report_to = [self.report_to]
+        check_field_types(self)
+        self.report_to = report_backends(self.report_to)
         self._check_choices()
         self._check_ranges()
 
@@ -302,9 +312,6 @@ class TrainConfig:
                               ("backprop", BACKPROP), ("zero_std_norm", ZERO_STD_NORMS),
                               ("sft_loss", SFT_LOSSES), ("distill_tokens", DISTILL_TOKENS)):
             check_choice(name, getattr(self, name), allowed)
-        unknown = [r for r in self.report_to if r not in REPORT_TO]
-        if unknown:
-            raise ConfigError(f"report_to accepts {', '.join(REPORT_TO)}, got {unknown[0]!r}")
 
     def _check_ranges(self) -> None:
         # NaN passes every comparison below (nan <= 0 is False): refuse non-finite numbers first
@@ -337,7 +344,11 @@ class TrainConfig:
             raise ConfigError("epsilon and epsilon_high must be >= 0")
         if self.replay_memory_gb is not None and self.replay_memory_gb <= 0:
             raise ConfigError(f"replay_memory_gb must be > 0 or null (no limit), got {self.replay_memory_gb}")
-        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit", "distill_top_k"):
+        for name in ("num_train_epochs", "warmup_ratio"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 or null, got {getattr(self, name)}")
+        for name in ("generation_batch_size", "replay_batch_size", "save_total_limit", "distill_top_k",
+                     "eval_steps", "num_completions_to_print"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
 
@@ -346,120 +357,26 @@ class TrainConfig:
         truncation settings), with `seed`."""
         return SamplingConfig(self.max_completion_length, self.temperature, self.top_p, self.top_k, seed)
 
-
-LEGACY_NAMES = {
-    "group_size": "num_generations",
-    "max_new_tokens": "max_completion_length",
-    "lr": "learning_rate",
-    "steps": "max_steps",
-    "save_every": "save_steps",
-    "lr_scheduler": "lr_scheduler_type",
-    "epsilon_low": "epsilon",
-}
-"""Names earlier versions gave TrainConfig fields (old -> current): configs written by them, such as
-a run's saved config.yaml that a resume reloads, still load."""
+    def for_dataset(self, rows: int, processes: int = 1) -> TrainConfig:
+        """This config with `num_train_epochs` and `warmup_ratio` turned into `max_steps` and
+        `warmup_steps` for a dataset of `rows` rows (each step draws prompts_per_step x processes)."""
+        steps = self.max_steps
+        if self.num_train_epochs is not None:
+            steps = max(1, math.ceil(self.num_train_epochs * rows / (self.prompts_per_step * processes)))
+        warmup = self.warmup_steps if self.warmup_ratio is None else math.ceil(self.warmup_ratio * steps)
+        return replace(self, max_steps=steps, warmup_steps=warmup, num_train_epochs=None, warmup_ratio=None)
 
 
-def _with_current_names(layer, source: str):
-    """`layer` (an OmegaConf DictConfig) with legacy names renamed to the current ones; an unknown
-    top-level key is a ConfigError that suggests the closest known name."""
-    import difflib
-
-    from omegaconf import OmegaConf
-
-    known = {f.name for f in fields(TrainConfig)}
-    out, spelled = {}, {}
-    for key in layer:
-        name = LEGACY_NAMES.get(str(key), str(key))
-        if name not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
-        if name in out:
-            raise ConfigError(f"{source}: {spelled[name]!r} and {key!r} set the same thing; keep one")
-        out[name], spelled[name] = layer[key], key
-    return OmegaConf.create(out)
+class GRPOConfig(TrainConfig):
+    """TrainConfig spelled as TRL's GRPOConfig (the same settings; TRL's batch sizes count completions)."""
 
 
-RUN_CONFIG_NAME = "config.yaml"  # a run's resolved settings, saved in its output_dir
+class SFTConfig(TrainConfig):
+    """TrainConfig spelled as TRL's SFTConfig: TRL's batch sizes count traces, `max_length` caps
+    them (max_completion_length) and `loss_type` is SFT's (sft_loss)."""
+
+    trainer = "sft"
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                restore_run: bool = True) -> TrainConfig:
-    """A TrainConfig from defaults < YAML file < ``key=value`` overrides (dotted keys, e.g.
-    ``cache.window=256 adapter.mode=lora``); the legacy names in LEGACY_NAMES (`lr`, `steps`, ...)
-    work too. With ``resume`` set (and `restore_run`), the run's saved config.yaml in its output_dir
-    takes the place of the defaults: a resumed run keeps its settings, and the trainer refuses file
-    or override settings that conflict with them. Unknown keys and bad types raise ConfigError."""
-    import yaml
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        layers = [] if path is None else [_yaml_layer(Path(path), "config file")]
-        for override in overrides:
-            check_utf8(override, f"override {override.partition('=')[0]!a}")
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not KEY=VALUE (e.g. cache.window=64)")
-        layers.append(_with_current_names(OmegaConf.from_dotlist(list(overrides)), "override"))
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), *layers))
-        saved = Path(config.output_dir) / RUN_CONFIG_NAME
-        if restore_run and config.resume and saved.is_file():
-            config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), _run_layer(saved),
-                                                         *layers))
-        return config
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        message = str(e).splitlines()[0]
-        raise ConfigError(f"config{f' key {key!r}' if key else ''}: {message}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-
-
-def load_run_config(path: str | Path) -> TrainConfig:
-    """The settings a run saved in its output_dir (config.yaml), as it ran them."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), _run_layer(Path(path))))
-
-
-def _run_layer(path: Path):
-    """A run's saved settings as a layer; runs saved before `adapter.residual` existed ran the paper's
-    update B S A, so a missing one is False there (a new config takes the current default)."""
-    from omegaconf import OmegaConf
-
-    layer = _yaml_layer(path, "the run's saved config")
-    if "residual" not in (layer.get("adapter") or {}):
-        OmegaConf.update(layer, "adapter.residual", False, force_add=True)
-    return layer
-
-
-def _yaml_layer(path: Path, what: str):
-    """The settings of a YAML file as an OmegaConf layer (current names): UTF-8 text whose top level
-    is a mapping, else a one-line ConfigError."""
-    import yaml
-    from omegaconf import OmegaConf
-
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} not found") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset "
-                          f"{e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
-    top = yaml.safe_load(text)
-    if not isinstance(top, dict) and top is not None:
-        kind = {"list": "list", "bool": "boolean", "str": "string"}.get(type(top).__name__, "number")
-        raise ConfigError(f"{what} {path} must be a mapping of settings (key: value), not a {kind}")
-    return _with_current_names(OmegaConf.create(text), f"{what} {path}")
-
-
-def config_to_yaml(config: TrainConfig) -> str:
-    """The resolved config, as saved next to the run (reload it with `load_config`)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
-
+accept_trl_names(TrainConfig)  # TrainConfig(per_device_train_batch_size=8, ...) translates
+TrainConfig.__doc__ += describe_fields(default_settings(TrainConfig()))

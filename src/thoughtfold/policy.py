@@ -26,10 +26,11 @@ from .engine.fold import StateFolder
 from .engine.replay import DistributionFn, LossFn, replay
 from .engine.rollout import RawRollout, RolloutOptions, Streamer, right_pad, rollout
 from .errors import ConfigError
+from .messages import is_conversation
 from .models import check_prompt_ids, check_rope, encode_prompt, head_dim, load_model, max_positions
 from .persist import adapter_settings, load_adapter_weights, save_adapter
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or messages (TRL's conversational form)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class GenerationResult:
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, str) or is_conversation(prompts):
         return [prompts]
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):

@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_trl_flags(argv: list[str]) -> list[str]:
+    """A training command's TRL-style `--key value` flags as KEY=VALUE overrides (train.py)."""
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is None or argv[command] not in train.COMMANDS:
+        return argv
+    return argv[: command + 1] + train.flags_as_overrides(argv[command + 1 :])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
     log = logging.getLogger("thoughtfold")
@@ -60,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_with_trl_flags(list(sys.argv[1:] if argv is None else argv)))
         return int(args.func(args) or 0)
     except (_UsageError, ThoughtfoldError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -5,6 +5,8 @@ math-verify and report pass@1 / pass@k per dataset and window. Writes samples.js
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -37,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="method name in summaries and reports "
                    "[default: the adapter mode, or 'base']")
     p.add_argument("--output", default=None, metavar="DIR",
-                   help="output directory [default: runs/eval/<adapter or model name>]")
+                   help="output directory [default: runs/eval/<run>-<settings>: the training run (or model) "
+                   "and a digest of these settings and the adapter's weights, so that other settings never "
+                   "collide and the same command resumes]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -55,6 +59,29 @@ def split_dataset_list(value: str) -> list[str]:
     return specs
 
 
+def run_name(adapter: str | None, model: str | None) -> str:
+    """What an evaluation is named after: the training run an adapter comes from (`runs/x/adapter`
+    -> x, `runs/x/checkpoints/step-00000008/adapter` -> x-step-00000008), else the adapter's or the
+    model's own name."""
+    if adapter is None:
+        return Path(model or "default").name
+    path = Path(adapter).resolve()
+    if path.name != "adapter":
+        return path.name
+    if path.parent.parent.name == "checkpoints":
+        return f"{path.parent.parent.parent.name}-{path.parent.name}"
+    return path.parent.name
+
+
+def default_output(adapter: str | None, model: str | None, settings: dict) -> Path:
+    """runs/eval/<run>-<digest of the settings, the model and the adapter's weights>."""
+    from ..persist import weights_digest
+
+    identity = {"settings": settings, "model": model, "weights": weights_digest(adapter) if adapter else None}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return Path("runs") / "eval" / f"{run_name(adapter, model)}-{digest}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Settings first (an unknown reward or a bad window fails before the model loads), then the
     output directory's lock, the model and the evaluation."""
@@ -64,16 +91,16 @@ def run(args: argparse.Namespace) -> int:
     windows = getattr(args, "window", None)
     bounded = next((w for w in windows or [] if w is not None), None)  # where the eviction settings apply
     cache = flags.cache_config(args, "evict_ratio", "eviction", **({"window": bounded} if bounded else {}))
-    name = Path(args.adapter).resolve().name if args.adapter else Path(args.model or "default").name
     config = EvalConfig(
         datasets=split_dataset_list(args.datasets), windows=list(dict.fromkeys(windows or [cache.window])),
         cache=cache, sampling=flags.sampling_config(args), n_samples=args.n_samples, limit=args.limit,
         batch_size=args.batch_size, slots=args.slots, split=args.split,
         system_prompt=None if args.no_system_prompt else args.system_prompt,
         chat_template=not args.no_chat_template, reward=args.reward, reward_timeout=args.reward_timeout,
-        method=args.name,
-        output_dir=args.output or str(Path("runs") / "eval" / name), progress=not args.no_progress,
+        method=args.name, output_dir=args.output or "", progress=not args.no_progress,
     )
+    if not args.output:
+        config.output_dir = str(default_output(args.adapter, args.model, config.settings()))
     with lock_directory(config.output_dir, "evaluation"):  # also: a read-only --output fails here, not later
         policy = flags.load_policy(args)
         summary = evaluate(policy, config, model=policy.base_model,

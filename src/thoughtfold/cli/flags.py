@@ -148,14 +148,19 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     return SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
 
 
-def load_policy(args: argparse.Namespace, cache: CacheConfig | None = None):
-    """The Policy of the model flags: --model, else the adapter's base model, else the bundled
-    default (Policy.from_pretrained decides); transformers' own progress bars and warnings silenced."""
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and warnings (a command prints what matters itself)."""
     from transformers.utils import logging as hf_logging
-
-    from ..policy import Policy
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def load_policy(args: argparse.Namespace, cache: CacheConfig | None = None):
+    """The Policy of the model flags: --model, else the adapter's base model, else the bundled
+    default (Policy.from_pretrained decides); transformers' own progress bars and warnings silenced."""
+    from ..policy import Policy
+
+    quiet_transformers()
     return Policy.from_pretrained(model=args.model, cache=cache, adapter_path=args.adapter, dtype=args.dtype,
                                   device=args.device, compile_decode=args.compile)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..checks import SEED_LIMIT, is_token_ids
 from ..errors import DataError
+from ..messages import checked_conversation, is_conversation
 from . import flags
 
 NAME = "generate"
@@ -22,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompts-file", metavar="F.jsonl",
-                     help='JSONL file, one prompt per line: {"prompt": "..."} or a JSON string ("-" = stdin)')
+                     help='JSONL file, one prompt per line: {"prompt": "..."}, {"prompt": [messages]} or '
+                     'a JSON string ("-" = stdin)')
     flags.add_model_flags(p, adapter_help="load a trained thoughtfold adapter (with its base model and cache "
                           "settings unless --model / --window / --evict-ratio are given)")
     flags.add_cache_flags(p)
@@ -65,20 +67,22 @@ def run(args: argparse.Namespace) -> int:
                 print(f"=== [{start + i + 1}/{len(prompts)}] ===")
                 print(res.texts[i], flush=True)
         results.append(res)
-    totals = concat_rollouts(results).stats
-    seconds = totals["seconds"]
-    rate = totals["generated_tokens"] / seconds if seconds > 0 else 0.0
+    totals = concat_rollouts(results)
+    stats, events = totals.stats, totals.evictions  # events per sequence, within its own length
+    rate = stats["generated_tokens"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     window = "full cache" if cache.window is None else f"window {cache.window}, evict {cache.evict_block}"
-    print(f"thoughtfold: {len(prompts)} prompt(s), {totals['generated_tokens']} tokens in {seconds:.2f} s "
-          f"({rate:.1f} tokens/s); {totals['evictions']} eviction event(s); "
-          f"peak cache {totals['peak_cache_tokens']} tokens ({window})", file=sys.stderr)
+    print(f"thoughtfold: {len(prompts)} prompt(s), {stats['generated_tokens']} tokens in "
+          f"{stats['seconds']:.2f} s ({rate:.1f} tokens/s); eviction events per sequence: "
+          f"{sum(events) / len(events):.1f} mean, "
+          f"{max(events)} max; peak cache {stats['peak_cache_tokens']} tokens ({window})", file=sys.stderr)
     return 0
 
 
-def read_prompts_file(path: str | Path) -> list[str | list[int]]:
+def read_prompts_file(path: str | Path) -> list[str | list[int] | list[dict]]:
     """Prompts from a JSONL file ('-' = stdin): each non-blank line is a JSON object with a
-    "prompt" field (a string, or a list of token ids) or a bare JSON string. A malformed line raises
-    DataError naming the file and the line number."""
+    "prompt" field (a string, a conversation: TRL's list of {"role", "content"} messages, or a list
+    of token ids) or a bare JSON string. A malformed line raises DataError naming the file and the
+    line number."""
     from ..tasks.data import read_jsonl
 
     name = "<stdin>" if str(path) == "-" else str(path)
@@ -88,16 +92,19 @@ def read_prompts_file(path: str | Path) -> list[str | list[int]]:
     return prompts
 
 
-def _prompt(item: Any, where: str) -> str | list[int]:
+def _prompt(item: Any, where: str) -> str | list[int] | list[dict]:
     """The prompt of one line of a prompts file."""
     if isinstance(item, dict):
         if "prompt" not in item:
             keys = ", ".join(map(str, item)) or "none"
             raise DataError(f'{where}: no "prompt" field (keys found: {keys})')
         item = item["prompt"]
+        if is_conversation(item):
+            return checked_conversation(item, where)
         if isinstance(item, list):
             if not is_token_ids(item):
-                raise DataError(f'{where}: a token-id "prompt" must be a non-empty list of integers >= 0')
+                raise DataError(f'{where}: a list "prompt" must be messages ({{"role", "content"}} '
+                                "objects) or a non-empty list of token ids (integers >= 0)")
         elif not isinstance(item, str):
             raise DataError(f'{where}: "prompt" must be a string, got {_json_type(item)}')
     elif not isinstance(item, str):

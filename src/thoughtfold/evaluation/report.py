@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import DataError
 from ..persist import output_directory
 from ..render import markdown_table, plot_curves, pyplot, save_plot
-from ..training.metrics import METRICS_NAME, read_metrics
+from ..training.metrics import METRICS_NAME, PEAK_MEMORY, read_metrics
 from .evaluate import SUMMARY_NAME, pct, window_name
 
 REPORT_NAME = "report.md"
@@ -251,7 +251,7 @@ def training_section(trains: list[TrainRun], out: Path) -> tuple[list[str], list
     """A table of training runs and the reward / loss curves."""
     labels = train_labels(trains)
     header = ["run", "method", "window", "dataset", "steps", "reward first", "reward final", "reward best",
-              "loss final", "peak mem GB", "s/step"]
+              "loss final", "step peak mem GB", "s/step"]
     rows = []
     for label, t in zip(labels, trains, strict=True):
         cfg = t.config
@@ -264,8 +264,7 @@ def training_section(trains: list[TrainRun], out: Path) -> tuple[list[str], list
             _fmt(_last(t.records, "step")),
             _fmt(rewards[0] if rewards else None), _fmt(_tail_mean(t.records, "reward")),
             _fmt(max(rewards) if rewards else None), _fmt(_last(t.records, "loss"), 4),
-            _fmt(max((r["peak_memory_gb"] for r in t.records if r.get("peak_memory_gb") is not None),
-                     default=None), 2),
+            _fmt(max((r[PEAK_MEMORY] for r in t.records if r.get(PEAK_MEMORY) is not None), default=None), 2),
             _fmt(_tail_mean(t.records, "step_seconds", 1.0), 2),
         ])
     lines = ["Reward final = mean over the last 10% of steps.", "", markdown_table(header, rows), ""]

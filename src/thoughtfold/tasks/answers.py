@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE_RE = re.compile(r"[{}]")
@@ -90,12 +90,31 @@ def last_number(text: str) -> str | None:
     return numbers[-1].rstrip(",") if numbers else None
 
 
-def gold_answers(answer: Sequence[Any] | None, n: int, reward: str) -> list[str | None]:
+def answer_text(value: Any, field: str) -> str:
+    """A gold value as a string: lists joined, numbers as text, the number after GSM8K's '####',
+    or the last box of a worked solution. A null is a DataError: it would become the gold "None"."""
+    if value is None:
+        raise DataError(f"'{field}' is null: give the gold answer, or drop the row")
+    if isinstance(value, list):
+        return ", ".join(answer_text(v, field) for v in value)
+    text = str(value).strip()
+    if "####" in text:
+        return text.rpartition("####")[2].strip().replace(",", "")
+    if field == "solution" or (len(text) > 40 and "\\boxed" in text):
+        return (last_boxed(text) or text).strip()
+    return text
+
+
+def gold_answers(answer: Sequence[Any] | None, n: int, reward: str,
+                 solution: Sequence[Any] | None = None) -> list[str | None]:
     """The gold answers of the dataset's ``answer`` column as strings, None where a row has none;
-    a missing column or a count that does not match the `n` completions is a ConfigError naming the
+    without that column TRL's ``solution`` column (its last \\boxed{}, else its text). A missing
+    column or a count that does not match the `n` completions is a ConfigError naming the
     `reward` function."""
+    if answer is None and solution is not None:
+        answer = [None if s is None else answer_text(s, "solution") for s in solution]
     if answer is None:
-        raise ConfigError(f"{reward} needs an 'answer' column with the gold answers")
+        raise ConfigError(f"{reward} needs an 'answer' or 'solution' column with the gold answers")
     if len(answer) != n:
         raise ConfigError(f"{reward} got {n} completions but {len(answer)} answers")
     return [None if a is None or str(a).strip() == "" else str(a) for a in answer]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from fractions import Fraction
@@ -29,8 +30,9 @@ class ArithConfig:
     digits (1 -> 1..9, 2 -> 10..99); ``ops`` drawn from "+", "-", "*" (standard precedence;
     the right operand of "*" has ``mul_digits`` digits); ``negative`` allows partial results below 0.
     Example ``i`` depends only on (seed, split, i, knobs), so ``n`` and ``limit`` never change
-    earlier problems; the "test" split draws from another random stream than "train" (small
-    settings have few distinct problems, e.g. 729 for "easy", so the two still overlap).
+    earlier problems. The splits partition the problems: an expression is a "test" problem when a
+    hash of it falls in the held-out quarter (:func:`held_out`), so no test problem is ever trained
+    on, even where there are few (81 for "tiny": about 20 held out).
     """
 
     steps: int = 2
@@ -82,19 +84,28 @@ def _evaluate(operands: list[int], ops: list[str]) -> tuple[int, list[int]]:
     return partial, running
 
 
+def held_out(expression: str) -> bool:
+    """Whether a problem belongs to the test split: a fixed quarter of all problems, by a hash of
+    the expression (the same on every machine and Python run)."""
+    return zlib.crc32(expression.encode()) % 4 == 0
+
+
 def arith_example(config: ArithConfig, index: int, split: str = "train") -> Example:
-    """Problem ``index`` of the task (rejection-samples until partial results are >= 0 if asked)."""
+    """Problem ``index`` of the split: rejection-sampled until it belongs to the split (test: the
+    held-out quarter, any other split: the rest) and, unless asked, partial results are >= 0."""
     rng = random.Random(f"arith:{split}:{config.seed}:{index}")
     for _ in range(10_000):
         ops = [rng.choice(config.ops) for _ in range(config.steps)]
         operands = [_operand(rng, config.digits)]
         operands += [_operand(rng, config.mul_digits if op == "*" else config.digits) for op in ops]
         value, running = _evaluate(operands, ops)
-        if config.negative or min(running) >= 0:
+        terms = [f"{op} {x}" for op, x in zip(ops, operands[1:], strict=True)]
+        expression = " ".join([str(operands[0]), *terms])
+        if (config.negative or min(running) >= 0) and held_out(expression) == (split == "test"):
             break
     else:
-        raise ConfigError(f"arith: could not draw a non-negative problem with {config}; set negative=true")
-    expression = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(ops, operands[1:], strict=True)])
+        raise ConfigError(f"arith: could not draw a {split} problem with {config} (non-negative unless "
+                          "negative=true)")
     return Example(f"What is {expression}?", str(value), task="arith", expression=expression,
                    steps=config.steps, digits=config.digits, solution=worked_solution(operands, ops))
 
@@ -160,10 +171,12 @@ def _convert(key: str, value: str, type_name: Any) -> Any:
 
 
 def arith_reward(prompts: Sequence[Any] | None, completions: Sequence[Any],
-                 answer: Sequence[Any] | None = None, **columns: Any) -> list[float | None]:
-    """Exact numeric match of the last ``\\boxed{}`` (else the last number) with the gold number;
-    in-process and cheap, for the procedural arithmetic task. None where the gold is not a number."""
-    golds = gold_answers(answer, len(completions), "arith_reward")
+                 answer: Sequence[Any] | None = None, solution: Sequence[Any] | None = None,
+                 **columns: Any) -> list[float | None]:
+    """Exact numeric match of the last ``\\boxed{}`` (else the last number) with the gold number
+    (the ``answer`` column, else TRL's ``solution``); in-process and cheap, for the procedural
+    arithmetic task. None where the gold is not a number."""
+    golds = gold_answers(answer, len(completions), "arith_reward", solution)
     scores: list[float | None] = []
     for completion, gold in zip(completions, golds, strict=True):
         gold_value = _as_number(gold) if gold is not None else None
@@ -175,6 +188,9 @@ def arith_reward(prompts: Sequence[Any] | None, completions: Sequence[Any],
         pred_value = _as_number(pred) if pred is not None else None
         scores.append(1.0 if pred_value is not None and pred_value == gold_value else 0.0)
     return scores
+
+
+arith_reward.columns = (("answer", "solution"),)  # the dataset columns it reads (any one of each tuple)
 
 
 def _as_number(text: str):

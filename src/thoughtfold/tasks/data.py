@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..messages import is_conversation, text_of
 from .answers import last_boxed
 from .arith import ARITH_PRESETS, arith_dataset, parse_arith_spec
-from .example import Example, prompt_text, row_to_example
+from .example import Example, prompt_value, row_to_example
 from .recall import parse_recall_spec, recall_dataset
 
 # --------------------------------------------------------------------------- JSONL
@@ -175,9 +176,10 @@ _DAPO_SUFFIX = "Remember to put your answer on its own line after"
 def _dapo(row: dict, where: str) -> Example:
     """DAPO-Math-17k: the prompt is a chat with DAPO's "Answer:" instructions around the problem;
     we keep only the problem (our system prompt asks for \\boxed{}); gold in reward_model."""
-    text = prompt_text(row["prompt"], where)
-    if not isinstance(text, str):
-        raise DataError(f"{where}: a DAPO prompt must be text")
+    prompt = prompt_value(row["prompt"], where)
+    if not isinstance(prompt, str) and not is_conversation(prompt):
+        raise DataError(f"{where}: a DAPO prompt must be text or chat messages")
+    text = text_of(prompt)
     if text.startswith(_DAPO_PREFIX) and "\n\n" in text:
         text = text.split("\n\n", 1)[1]
     if _DAPO_SUFFIX in text:

@@ -246,6 +246,9 @@ def recall_reward(prompts: Sequence[Sequence[int]], completions: Sequence[Any] |
     return scores
 
 
+recall_reward.columns = (("recall_steps",),)  # the dataset columns it reads
+
+
 def recall_tokenizer(task: RecallTask):
     """A word-level `PreTrainedTokenizerFast` whose ids are the task's token ids (whitespace-split
     symbols; ``^`` BOS, ``$`` EOS, ``_`` PAD), so a model trained on the task saves and loads as an

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import signal
 import threading
@@ -32,6 +33,7 @@ from .grading import DEFAULT_TIMEOUT_S, MathGrader, default_grader
 from .recall import recall_reward
 
 RewardFn = Callable[..., list]
+GOLD_COLUMNS = (("answer", "solution"),)  # what the math rewards read: one of these columns
 ERROR_LOG = "errors.log"  # where a run keeps the traceback of a reward that failed
 _TIMEOUT_SIGNAL = signal.SIGUSR2  # the signal that interrupts a reward past its time limit
 
@@ -44,16 +46,18 @@ def make_math_reward(timeout_s: float = DEFAULT_TIMEOUT_S, num_workers: int | No
     grader = MathGrader(timeout_s=timeout_s, num_workers=num_workers)
 
     def math_reward(prompts: Sequence[Any] | None, completions: Sequence[Any],
-                    answer: Sequence[Any] | None = None, **columns: Any) -> list[float | None]:
-        return _math_reward(grader, completions, answer)
+                    answer: Sequence[Any] | None = None, solution: Sequence[Any] | None = None,
+                    **columns: Any) -> list[float | None]:
+        return _math_reward(grader, completions, answer, solution)
 
     math_reward.grader = grader  # type: ignore[attr-defined]
+    math_reward.columns = GOLD_COLUMNS  # type: ignore[attr-defined]
     return math_reward
 
 
-def _math_reward(grader: MathGrader, completions: Sequence[Any],
-                 answer: Sequence[Any] | None) -> list[float | None]:
-    golds = gold_answers(answer, len(completions), "math_reward")
+def _math_reward(grader: MathGrader, completions: Sequence[Any], answer: Sequence[Any] | None,
+                 solution: Sequence[Any] | None) -> list[float | None]:
+    golds = gold_answers(answer, len(completions), "math_reward", solution)
     preds = [extract_answer(c) for c in completions]
     todo = [i for i, g in enumerate(golds) if g is not None]
     scores = grader.grade([(preds[i], golds[i]) for i in todo])  # type: ignore[misc]
@@ -64,11 +68,16 @@ def _math_reward(grader: MathGrader, completions: Sequence[Any],
 
 
 def math_reward(prompts: Sequence[Any] | None, completions: Sequence[Any],
-                answer: Sequence[Any] | None = None, **columns: Any) -> list[float | None]:
+                answer: Sequence[Any] | None = None, solution: Sequence[Any] | None = None,
+                **columns: Any) -> list[float | None]:
     """1.0 if the completion's final answer (last ``\\boxed{}`` after ``</think>``, else the stated /
-    last answer) is equivalent to the gold ``answer`` per math-verify, else 0.0; None where the gold
-    cannot be parsed. Each item has a hard timeout (:data:`DEFAULT_TIMEOUT_S`) scoring 0.0."""
-    return _math_reward(default_grader(), completions, answer)
+    last answer) is equivalent to the gold ``answer`` (else TRL's ``solution``: its last box or its
+    text) per math-verify, else 0.0; None where the gold cannot be parsed. Each item has a hard
+    timeout (:data:`DEFAULT_TIMEOUT_S`) scoring 0.0."""
+    return _math_reward(default_grader(), completions, answer, solution)
+
+
+math_reward.columns = GOLD_COLUMNS  # type: ignore[attr-defined]
 
 
 def format_reward(prompts: Sequence[Any] | None, completions: Sequence[Any], **columns: Any) -> list[float]:
@@ -176,6 +185,39 @@ def keep_traceback(error: RewardError, directory: str | Path) -> RewardError:
     except OSError:
         return error
     return RewardError(f"{error} (traceback in {path})", error.details)
+
+
+# --------------------------------------------------------------------------- the columns a reward reads
+
+TRL_REWARD_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra",
+                        "log_metric"}  # what a trainer passes besides the dataset's columns
+
+
+def reward_columns(fn: RewardFn) -> list[tuple[str, ...]]:
+    """The dataset columns `fn` reads, each as a tuple of names any one of which serves: a built-in
+    reward's declaration (its `columns`), else the parameters of its signature without a default
+    that are not TRL's own arguments (`def reward(completions, solution, **kwargs)` reads solution)."""
+    declared = getattr(fn, "columns", None)
+    if declared is not None:
+        return [tuple(c) for c in declared]
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [(p.name,) for p in parameters
+            if p.default is p.empty and p.kind in named and p.name not in TRL_REWARD_ARGUMENTS]
+
+
+def check_reward_columns(name: str, fn: RewardFn, rows: Sequence[dict], where: str) -> None:
+    """A one-line ConfigError unless `rows` (the dataset) have every column `fn` reads: found before
+    the first rollout rather than after it."""
+    present = {k for row in rows for k in row}
+    for options in reward_columns(fn):
+        if not present & set(options):
+            wanted = " or ".join(repr(o) for o in options)
+            raise ConfigError(f"reward {name} reads the {wanted} column, but the rows of {where} have "
+                              f"{', '.join(sorted(present))}: add it (or rename a column to it)")
 
 
 # --------------------------------------------------------------------------- lookup by name

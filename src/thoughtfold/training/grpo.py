@@ -14,19 +14,22 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..checks import is_token_ids
 from ..config import TrainConfig
 from ..engine.adapter import adapters_disabled
 from ..engine.rollout import right_pad
 from ..errors import ConfigError, DataError
+from ..messages import assistant_turn, is_conversation, text_of
 from ..policy import GenerationResult, Policy
-from ..tasks.rewards import load_reward, score_completions
+from ..tasks.rewards import check_reward_columns, load_reward, score_completions
 from .distributed import row_spans
-from .loop import Trainer
+from .loop import TRAINER_ARGUMENTS, Trainer
 from .losses import (
     GroupAdvantages,
     LossStats,
@@ -107,16 +110,21 @@ class PolicyBatch:
 
 class GRPOTrainer(Trainer):
     """Cache-aware GRPO: rollouts under the bounded cache, updates through the segment-wise replay.
-    Called as TRL's: `GRPOTrainer(model, reward_funcs, args, train_dataset)`. The rewards are
-    `reward_funcs` (functions, or names / dotted paths that `rewards.load_reward` knows) when given,
-    else `args.rewards`."""
+    Called as TRL's: `GRPOTrainer(model, reward_funcs, args, train_dataset, eval_dataset,
+    processing_class, callbacks=..., peft_config=...)`.
+    `reward_funcs`: functions with TRL's reward signature (`fn(prompts, completions, completion_ids,
+    **columns)`, completions as messages when the prompts are), or names / dotted paths that
+    `rewards.load_reward` knows; else `args.rewards`. The dataset must hold the columns the rewards
+    read (checked before the model loads)."""
 
     kind = "grpo"
     plot_key = "reward"
 
     def __init__(self, model: Policy | str | None = None,
                  reward_funcs: RewardFunc | Sequence[RewardFunc] | None = None,
-                 args: TrainConfig | None = None, train_dataset: Sequence[dict] | None = None):
+                 args: TrainConfig | None = None, train_dataset: Iterable[dict] | None = None,
+                 eval_dataset: Iterable[dict] | None = None, processing_class: Any = None,
+                 callbacks: Iterable[Any] | None = None, peft_config: Any = None):
         config = args if args is not None else TrainConfig()
         if reward_funcs is None:
             reward_funcs = config.rewards
@@ -130,7 +138,20 @@ class GRPOTrainer(Trainer):
         if config.reward_weights is not None and len(config.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"{len(config.reward_weights)} reward_weights for {len(self.reward_funcs)} "
                               "rewards")
-        super().__init__(model, config, train_dataset)
+        super().__init__(model, config, train_dataset, eval_dataset, processing_class, callbacks, peft_config)
+
+    def _rows(self, dataset: Iterable[dict], name: str) -> list[dict]:
+        rows = super()._rows(dataset, name)
+        for reward, fn in zip(self.reward_names, self.reward_funcs, strict=True):
+            check_reward_columns(reward, fn, rows, name)
+        return rows
+
+    def _load_dataset(self, dataset: Iterable[dict] | None) -> list[dict]:
+        rows = super()._load_dataset(dataset)
+        if dataset is None:  # a named dataset (given rows were checked by _rows)
+            for reward, fn in zip(self.reward_names, self.reward_funcs, strict=True):
+                check_reward_columns(reward, fn, rows, f"dataset {self.config.data.dataset!r}")
+        return rows
 
     @property
     def updates_per_step(self) -> int:
@@ -151,17 +172,20 @@ class GRPOTrainer(Trainer):
         adv = group_advantages(rewards, c.num_generations, c.scale_rewards)
         weights, keep = self._loss_weights(stats, adv, len(prompts))
         local = self.dp.local_rows(len(prompts))
+        if c.log_completions:
+            self.last_completions = self._completion_rows(prompts, rollout, rewards[local],
+                                                          adv.advantages[local])
         rows = keep[local].nonzero()[:, 0].tolist()
         batch = self._policy_batch(rollout, adv.advantages[local], rows, weights[local])
         return {**self._rollout_metrics(stats, rewards, adv), **self._update(batch)}
 
-    def generate(self, prompts: list[str]) -> GenerationResult:
+    def generate(self, prompts: list, purpose: str = "rollout") -> GenerationResult:
         """Sample under the bounded cache in one call, `generation_batch_size` slots decoding at once
         (None: every row) with continuous batching: a finished sequence's slot takes the next row.
-        Each row samples from its own stream, a function of (seed, step, process, row), so a
+        Each row samples from its own stream, a function of (purpose, seed, step, process, row), so a
         resumed run samples exactly what it would have, whatever the number of slots."""
         c = self.config
-        rng = random.Random(f"rollout:{c.seed}:{self.step}:{self.dp.rank}")
+        rng = random.Random(f"{purpose}:{c.seed}:{self.step}:{self.dp.rank}")
         return self.policy.generate(prompts, **c.sampling(rng.randrange(2**31)).to_dict(),
                                     chat_template=c.data.chat_template, system_prompt=c.data.system_prompt,
                                     slots=c.generation_batch_size)
@@ -170,8 +194,11 @@ class GRPOTrainer(Trainer):
         """[n, F] scores of each reward function (TRL's call: prompts, completions, completion_ids and
         the dataset columns as keywords); None scores become NaN and are skipped downstream."""
         per_func = []
+        # as TRL: completions in the conversational form when the prompts are conversations
+        completions = [assistant_turn(t) if is_conversation(p) else t for p, t in zip(prompts, rollout.texts,
+                                                                                       strict=True)]
         for name, fn in zip(self.reward_names, self.reward_funcs, strict=True):
-            scores = score_completions(name, fn, prompts, rollout.texts, rollout.completion_ids, examples,
+            scores = score_completions(name, fn, prompts, completions, rollout.completion_ids, examples,
                                        repeat=self.config.num_generations, timeout=self.config.reward_timeout)
             if all(s is None for s in scores):
                 log.warning("step %d: reward %s scored none of the %d completions (all None or NaN), so it "
@@ -179,6 +206,35 @@ class GRPOTrainer(Trainer):
                             name, len(scores))
             per_func.append(torch.tensor([math.nan if s is None else s for s in scores]))
         return torch.stack(per_func, 1)
+
+    def _completion_rows(self, prompts: list, rollout: GenerationResult, rewards: torch.Tensor,
+                         advantages: torch.Tensor) -> list[dict]:
+        """This process's completions of the step as log_completions shows and saves them (a token-id
+        prompt decoded, a conversation's last user turn)."""
+        tokenizer = self.policy.tokenizer
+        shown = [tokenizer.decode(p) if tokenizer is not None and is_token_ids(p) else text_of(p)
+                 for p in prompts]
+        return [{"prompt": p, "completion": t, "reward": float(r), "advantage": float(a), "length": len(ids),
+                 "evictions": e}
+                for p, t, r, a, ids, e in zip(shown, rollout.texts, rewards.tolist(), advantages.tolist(),
+                                              rollout.completion_ids, rollout.evictions, strict=True)]
+
+    def evaluate(self) -> dict[str, float]:
+        """`num_generations` completions of each eval_dataset prompt, sampled under the cache as
+        rollouts are (seeds fixed by the step), scored by the rewards: eval_reward (the weighted sum's
+        mean), eval_rewards/<name>/mean, eval_completions/mean_length, eval_evictions_per_rollout."""
+        if self.eval_dataset is None:
+            raise ConfigError("evaluate() needs an eval_dataset: pass one to the trainer")
+        c, rows = self.config, self.eval_dataset
+        prompts = [e["prompt"] for e in rows for _ in range(c.num_generations)]
+        rollout = self.generate(prompts, purpose="eval")
+        scores = self._score(rows, prompts, rollout)
+        metrics = {f"eval_rewards/{name}/mean": scores[:, j].nanmean().nan_to_num(0.0).item()
+                   for j, name in enumerate(self.reward_names)}
+        lengths = [len(x) for x in rollout.completion_ids]
+        return {"eval_reward": combine_rewards(scores, c.reward_weights).nanmean().nan_to_num(0.0).item(),
+                **metrics, "eval_completions/mean_length": sum(lengths) / len(lengths),
+                "eval_evictions_per_rollout": sum(rollout.evictions) / len(lengths)}
 
     def _loss_weights(self, stats: RolloutStats, adv: GroupAdvantages,
                       local_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,8 +332,7 @@ class GRPOTrainer(Trainer):
                             temperature=c.temperature)
         return loss, stats
 
-    def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
-        return {"reward": f"{metrics['reward']:.3f}", "tok/s": f"{metrics['rollout_tokens_per_s']:.0f}"}
 
+GRPOTrainer.__doc__ += TRAINER_ARGUMENTS  # help() shows what the constructor takes
 
 __all__ = ["GRPOTrainer", "PolicyBatch", "RolloutStats", "loss_mask_prefix"]

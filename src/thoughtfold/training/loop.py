@@ -12,24 +12,29 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ..config import RUN_CONFIG_NAME, TrainConfig, config_to_yaml
+from ..config import TrainConfig
+from ..config_files import RUN_CONFIG_NAME, config_to_yaml
 from ..errors import ConfigError, CorruptFileError, DataError, RewardError
 from ..persist import atomic_write_text, lock_directory
 from ..policy import Policy
 from ..render import plot_curves
 from ..rows import check_rows
 from ..tasks.data import load_dataset_by_name
+from ..tasks.example import with_prompt_column
 from ..tasks.rewards import keep_traceback
+from ..trl_names import adapter_from_peft
+from .callbacks import Callbacks, new_state
 from .checkpoint import (
     ADAPTER_DIR,
     check_optimizer_state,
@@ -43,14 +48,8 @@ from .checkpoint import (
 )
 from .diagnostics import ParameterDiagnostics, state_metrics
 from .distributed import DataParallel, ReplayPlan
-from .metrics import (
-    METRICS_NAME,
-    MetricsLogger,
-    mean_metrics,
-    peak_memory_gb,
-    read_metrics,
-    reset_peak_memory,
-)
+from .metrics import METRICS_NAME, StepMemory, mean_metrics, read_metrics
+from .progress import RunView
 from .resume import check_run_settings
 
 log = logging.getLogger("thoughtfold")
@@ -58,18 +57,37 @@ log = logging.getLogger("thoughtfold")
 CHECKPOINTS_DIR = "checkpoints"
 
 
+TRAINER_ARGUMENTS = """
+
+    Arguments, as TRL's trainers take them:
+
+    - `model`: a `Policy`, trained as it is (its cache and adapter settings win over `args`'), a
+      model id or path loaded with `args`' cache and adapter settings, or None for `args.model`.
+    - `args`: a TrainConfig / GRPOConfig / SFTConfig (default: the quickstart run).
+    - `train_dataset`: rows (a list of dicts, a `datasets.Dataset`) with a prompt (text, messages or
+      token ids; a "question" or "problem" column is found as in files) and the columns the rewards
+      read; replaces `args.data`. `eval_dataset`: rows evaluated under the cache every `eval_steps`
+      steps and at the end.
+    - `processing_class`: the tokenizer to use instead of the model's own.
+    - `callbacks`: transformers `TrainerCallback`s (instances or classes): the loop calls their
+      on_train_begin / on_step_begin / on_step_end / on_log / on_evaluate / on_save / ... hooks and
+      obeys the control they return (`should_training_stop`, `should_save`, ...).
+    - `peft_config`: a PEFT `LoraConfig`, mapped to the adapter (rank, alpha, target modules).
+    """
+
+
 class Trainer:
-    """The parts GRPO and SFT share: model, data order, optimizer and schedule, checkpoints, logs.
-    Arguments as TRL's trainers take them: `model` is a `Policy`, trained as it is (its cache and
-    adapter settings win over `args`'), or a model id / path loaded with `args`' cache and adapter
-    settings, or None for `args.model`; `args` is the TrainConfig (default: the quickstart run); a
-    given `train_dataset` (rows with a "prompt" and the reward's columns) replaces `args.data`."""
+    """The parts GRPO and SFT share: model, data order, optimizer and schedule, checkpoints, logs,
+    evaluation and callbacks, with the surface of TRL's trainers (`args`, `state`, `train`,
+    `evaluate`, `save_model`, `add_callback`)."""
 
     kind = "train"
     plot_key = "loss"
 
     def __init__(self, model: Policy | str | None = None, args: TrainConfig | None = None,
-                 train_dataset: Sequence[dict] | None = None):
+                 train_dataset: Iterable[dict] | None = None, eval_dataset: Iterable[dict] | None = None,
+                 processing_class: Any = None, callbacks: Iterable[Any] | None = None,
+                 peft_config: Any = None):
         if model is not None and not isinstance(model, (Policy, str)):
             raise ConfigError("model must be a thoughtfold Policy, a model id or path, or None "
                               f"(args.model), got {type(model).__name__}")
@@ -79,18 +97,36 @@ class Trainer:
             args = replace(args, model=model.base_model, cache=model.cache_config,
                            adapter=model.adapter_config)
         self.config = replace(args, model=model) if isinstance(model, str) else args
-        config = self.config
-        self.output_dir = Path(config.output_dir)
+        if peft_config is not None:
+            if isinstance(model, Policy):
+                raise ConfigError("peft_config with a Policy: the Policy has its adapter already; pass a "
+                                  "model id")
+            self.config = replace(self.config, adapter=adapter_from_peft(peft_config, self.config.adapter))
+        self.callbacks = Callbacks(self, callbacks)
+        self.output_dir = Path(self.config.output_dir)
         self.dp = DataParallel()
-        random.seed(config.seed)
-        torch.manual_seed(config.seed)  # same adapter init on every process
+        random.seed(self.config.seed)
+        torch.manual_seed(self.config.seed)  # same adapter init on every process
         self.dataset = self._load_dataset(train_dataset)
+        self.config = self.config.for_dataset(len(self.dataset), self.dp.world)  # epochs, warmup ratio
+        self.eval_dataset = None if eval_dataset is None else self._rows(eval_dataset, "eval_dataset")
+        self._refusal: ConfigError | None = None  # why train() may not start here unless it resumes
         # one run per output_dir, until train() ends; taken before the model loads
         self._lock = lock_directory(self.output_dir, "training run") if self.dp.main else None
         self._check_output_dir()
         self.policy = model if isinstance(model, Policy) else self._load_policy()
-        check_rows(self.policy, self.dataset, config.data.chat_template, config.data.system_prompt,
+        if processing_class is not None:
+            self.policy.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        c = self.config
+        check_rows(self.policy, self.dataset, c.data.chat_template, c.data.system_prompt,
                    self._completion_tokens, "max_completion_length")  # every row, before step 1
+        self._setup_optimisation()
+        self.state = new_state(self, [])
+        self.callbacks.call("on_init_end")
+
+    def _setup_optimisation(self) -> None:
+        """Replay plan, trainable tensors, optimizer, schedule, the run's position (resumed if asked)."""
+        config = self.config
         self.replays = ReplayPlan.for_run(self.policy, self.dp, config)
         self.params = self.policy.trainable_parameters()
         if not self.params:
@@ -104,19 +140,51 @@ class Trainer:
         self.data_pos = 0
         self._orders: dict[int, list[int]] = {}
         self._saved_step = -1
+        self.last_completions: list[dict] = []  # the last step's completions, for log_completions
         if config.resume:
             self._resume()
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def args(self) -> TrainConfig:
+        """The run's settings (TRL's name for them)."""
+        return self.config
+
+    def add_callback(self, callback: Any) -> None:
+        self.callbacks.add(callback)
+
+    def pop_callback(self, callback: Any) -> Any:
+        return self.callbacks.pop(callback)
+
+    def remove_callback(self, callback: Any) -> None:
+        self.callbacks.pop(callback)
+
     # ---- setup
 
-    def _load_dataset(self, dataset: Sequence[dict] | None) -> list[dict]:
+    def _load_dataset(self, dataset: Iterable[dict] | None) -> list[dict]:
         d = self.config.data
-        rows = list(dataset) if dataset is not None else load_dataset_by_name(
-            d.dataset, d.split, d.limit, d.prompt_field, d.answer_field)
+        if dataset is not None:
+            return self._rows(dataset, "train_dataset")
+        rows = load_dataset_by_name(d.dataset, d.split, d.limit, d.prompt_field, d.answer_field)
         if not rows:
             raise DataError(f"dataset {d.dataset!r} has no examples")
         return rows
+
+    def _rows(self, dataset: Iterable[dict], name: str) -> list[dict]:
+        """A given dataset's rows, each a dict with its prompt under "prompt"."""
+        if isinstance(dataset, (str, bytes, dict)):
+            raise DataError(f"{name} must be rows (a list of dicts or a datasets.Dataset), got "
+                            f"{type(dataset).__name__}; a dataset name goes in data.dataset")
+        rows = [self._row(row, f"{name} row {i}") for i, row in enumerate(dataset)]
+        if not rows:
+            raise DataError(f"{name} has no rows")
+        return rows
+
+    def _row(self, row: Any, where: str) -> dict:
+        """One given row as a dict with its prompt under "prompt" (tasks.example.with_prompt_column)."""
+        if not isinstance(row, Mapping):
+            raise DataError(f"{where}: a row must be a mapping with a 'prompt' (got {type(row).__name__})")
+        return with_prompt_column(dict(row), self.config.data.prompt_field, where)
 
     def _load_policy(self) -> Policy:
         c = self.config
@@ -160,9 +228,12 @@ class Trainer:
             return
         if not list_checkpoints(checkpoints) and not read_metrics(self.output_dir / METRICS_NAME):
             return
-        if not c.overwrite_output_dir:
-            raise ConfigError(f"{self.output_dir} already holds a run: set resume=true to continue "
-                              "that run, overwrite_output_dir=true to start over, or pick another output_dir")
+        if not c.overwrite_output_dir:  # raised by train() unless it resumes
+            self._refusal = ConfigError(
+                f"{self.output_dir} already holds a run: set resume=true (or call "
+                "train(resume_from_checkpoint=True)) to continue that run, overwrite_output_dir=true to "
+                "start over, or pick another output_dir")
+            return
         self.dp.barrier()  # every process has looked before the main one deletes
         if self.dp.main:
             log.info("overwrite_output_dir: removing the old checkpoints in %s", checkpoints)
@@ -239,12 +310,18 @@ class Trainer:
             self._state_diagnostics = state_metrics(self.policy.encoder, self.policy.folder.last)
         limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        self.callbacks.call("on_pre_optimizer_step")
         self.optimizer.step()
+        self.callbacks.call("on_optimizer_step")
         self.scheduler.step()
         return float(norm)
 
     def train_step(self, examples: list[dict]) -> dict[str, float]:
         """One step on this process's `examples`; returns the step's metrics (the trainers' own)."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of the eval_dataset under the cache, named eval_* as TRL names them."""
         raise NotImplementedError
 
     # ---- checkpoints
@@ -285,17 +362,38 @@ class Trainer:
 
     # ---- the loop
 
-    def train(self) -> dict[str, Path | None]:
+    def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> dict[str, Path | None]:
         """Run to `max_steps`, checkpointing every `save_steps` steps and at the end, logging every
-        `logging_steps` steps (and at each checkpoint and the last step); returns the paths of the
-        adapter, the metrics log and the plot. Releases the output directory's lock."""
+        `logging_steps` steps (and at each checkpoint, evaluation and the last step); returns the
+        paths of the adapter, the metrics log and the plot. `resume_from_checkpoint`: True continues
+        from the last intact checkpoint in output_dir (as `resume=true`), a path from that
+        checkpoint. Releases the output directory's lock."""
         try:
+            if resume_from_checkpoint:
+                self._resume_from(resume_from_checkpoint)
+            elif self._refusal is not None:
+                raise self._refusal
             return self._train()
         except RewardError as e:  # one line on the command line; the traceback in the run's errors.log
             raise keep_traceback(e, self.output_dir) from None
         finally:
             if self._lock is not None:
                 self._lock.close()
+
+    def _resume_from(self, checkpoint: bool | str | os.PathLike) -> None:
+        """train(resume_from_checkpoint=...): the checks of resume=true first (the run in output_dir,
+        and the run a given checkpoint belongs to, must have been started with these settings), then
+        the newest intact checkpoint (True) or the one given."""
+        runs = [self.output_dir]
+        if checkpoint is not True and Path(checkpoint).resolve().parent.name == CHECKPOINTS_DIR:
+            runs.append(Path(checkpoint).resolve().parent.parent)
+        for run in runs:
+            check_run_settings(self.config, run)
+        if checkpoint is True:
+            self._resume()
+        else:
+            self._restore(Path(checkpoint))
+            log.info("resumed from %s (step %d)", checkpoint, self.step)
 
     def _calibrate_heads(self) -> None:
         """headkv's head weights, unless the policy has them (from a checkpoint, an adapter, or a call of
@@ -312,40 +410,67 @@ class Trainer:
         policy.calibrate_heads(prompts, c.max_completion_length)
 
     def _train(self) -> dict[str, Path | None]:
-        c = self.config
         self._calibrate_heads()
-        logger = None
         if self.dp.main:
-            atomic_write_text(self.output_dir / RUN_CONFIG_NAME, config_to_yaml(c))
-            logger = MetricsLogger(self.output_dir, c.report_to, self.step,
-                                   asdict(c))
-        bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and self.dp.main),
-                   desc=self.kind, unit="step", dynamic_ncols=True)
+            atomic_write_text(self.output_dir / RUN_CONFIG_NAME, config_to_yaml(self.config))
+        self.state = new_state(self, read_metrics(self.output_dir / METRICS_NAME))
+        view = RunView(self)
+        self.callbacks.call("on_train_begin")
+        self.callbacks.call("on_epoch_begin")
         unlogged: list[dict[str, float]] = []  # the steps since the last log line
         try:
-            while self.step < c.max_steps:
-                unlogged.append(self._timed_step())
-                bar.update(1)
-                checkpoint = bool(c.save_steps) and self.step % c.save_steps == 0
-                # a checkpoint always logs: a resumed run then logs the same lines as an uninterrupted one
-                if checkpoint or self.step % c.logging_steps == 0 or self.step == c.max_steps:
-                    metrics, unlogged = mean_metrics(unlogged), []
-                    if logger is not None:
-                        logger.log(metrics)
-                    bar.set_postfix(self._postfix(metrics), refresh=False)
-                if checkpoint:
-                    self.save_checkpoint()
+            while self.step < self.config.max_steps and not self.callbacks.control.should_training_stop:
+                unlogged.append(self._callback_step(view))
+                unlogged = self._log_save_evaluate(unlogged, view)
         finally:
-            bar.close()
-            if logger is not None:
-                logger.close()
+            view.close()
         if self._saved_step != self.step:
             self.save_checkpoint()
-        return self._finish()
+        paths = self._finish()
+        self.callbacks.call("on_train_end")
+        view.finish(self.kind, self.state.log_history)
+        return paths
+
+    def _callback_step(self, view: RunView) -> dict[str, float]:
+        """One step between the on_step_begin and on_step_end callbacks; the bar shows its numbers."""
+        self.callbacks.call("on_step_begin")
+        epoch = self.data_pos // len(self.dataset)
+        record = self._timed_step()
+        view.stepped(record)
+        self.state.global_step, self.state.epoch = self.step, record["epoch"]
+        if self.data_pos // len(self.dataset) > epoch:
+            self.callbacks.call("on_epoch_end")
+            self.callbacks.call("on_epoch_begin")
+        self.callbacks.call("on_step_end")
+        return record
+
+    def _log_save_evaluate(self, unlogged: list[dict[str, float]], view: RunView) -> list[dict[str, float]]:
+        """Evaluate, log and checkpoint as the settings and the callbacks' control ask; returns the
+        steps not logged yet."""
+        c, control = self.config, self.callbacks.control
+        checkpoint = (bool(c.save_steps) and self.step % c.save_steps == 0) or control.should_save
+        last = self.step == c.max_steps or control.should_training_stop
+        periodic = bool(c.eval_steps) and self.step % c.eval_steps == 0
+        evaluate = self.eval_dataset is not None and (periodic or last or control.should_evaluate)
+        # a checkpoint always logs: a resumed run then logs the same lines as an uninterrupted one
+        if checkpoint or evaluate or last or control.should_log or self.step % c.logging_steps == 0:
+            metrics, unlogged = mean_metrics(unlogged), []
+            if evaluate:
+                evaluation = self.evaluate()
+                self.callbacks.call("on_evaluate", metrics=evaluation)
+                metrics.update(evaluation)
+            self.state.log_history.append(metrics)
+            view.log(metrics, self.last_completions)
+            self.callbacks.call("on_log", logs=metrics)
+        if checkpoint:
+            self.save_checkpoint()
+            self.callbacks.call("on_save")
+        control.should_log = control.should_save = control.should_evaluate = False
+        return unlogged
 
     def _timed_step(self) -> dict[str, float]:
-        device = self.policy.device
-        reset_peak_memory(device)  # the step's own peak
+        memory = StepMemory(self.policy.device)
+        memory.start()  # the step's own peak
         lr = self.scheduler.get_last_lr()[0]
         start = time.perf_counter()
         metrics = self.train_step(self.local_examples())
@@ -353,18 +478,27 @@ class Trainer:
         metrics.update(self.diagnostics.metrics())
         metrics.update(self._state_diagnostics)
         return {"step": self.step, "epoch": self.data_pos / len(self.dataset), "learning_rate": lr, **metrics,
-                "peak_memory_gb": peak_memory_gb(device), "step_seconds": time.perf_counter() - start}
+                **memory.metrics(), "step_seconds": time.perf_counter() - start}
 
-    def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
-        return {"loss": f"{metrics.get('loss', 0.0):.4f}"}
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """Write the adapter (as `Policy.save_adapter`) to `output_dir`, by default where train() puts
+        it (args.output_dir/adapter); returns the directory."""
+        target = Path(output_dir) if output_dir is not None else self.output_dir / ADAPTER_DIR
+        if self.dp.main:
+            self.policy.save_adapter(target)
+        self.dp.barrier()
+        return target
 
     def _finish(self) -> dict[str, Path | None]:
         adapter = self.output_dir / ADAPTER_DIR
         metrics_path = self.output_dir / METRICS_NAME
         plot_path = self.output_dir / f"{self.plot_key}.png"
+        self.save_model(adapter)
         if self.dp.main:
-            self.policy.save_adapter(adapter)
             plot_path = plot_curves({self.kind: read_metrics(metrics_path)}, self.plot_key, plot_path,
                                     self.output_dir.name)
         self.dp.barrier()
         return {"adapter": adapter, "metrics": metrics_path, "plot": plot_path}
+
+
+Trainer.__doc__ += TRAINER_ARGUMENTS  # help() shows what the constructor takes

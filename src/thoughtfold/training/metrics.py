@@ -1,12 +1,12 @@
 """The training metrics log: one JSON line per logged step in `metrics.jsonl` (the file `thoughtfold
 report` reads back), mirrored to TensorBoard / W&B when asked, plus the peak-memory probe each step
-records."""
+records (`peak_memory_gb`: the CUDA allocator's peak, or on CPU the resident set's high-water mark
+within the step)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import resource
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,7 +62,9 @@ class MetricsLogger:
 
 
 LAST_VALUE = ("step", "epoch", "learning_rate")  # where a run is: the last step's value, not a mean
-MAX_VALUE = ("peak_memory_gb",)
+PEAK_MEMORY = "peak_memory_gb"  # the step's own peak memory in GiB (StepMemory)
+PEAK_RSS_RESET = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak RSS
+MAX_VALUE = (PEAK_MEMORY,)
 
 
 def mean_metrics(records: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -97,26 +99,37 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-PEAK_RSS_RESET = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak RSS
+class StepMemory:
+    """The peak memory of one training step, logged as `peak_memory_gb`: on CUDA the allocator's peak
+    (weights included), on CPU the process's resident-set high-water mark, reset at the start of the
+    step (Linux lets a process reset it; elsewhere, and where that is not allowed, nothing is
+    reported rather than the process's lifetime peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reset = False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            PEAK_RSS_RESET.write_text("5")
+            self._reset = True
+        except OSError:
+            self._reset = False
+
+    def metrics(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            return {PEAK_MEMORY: torch.cuda.max_memory_allocated(self.device) / 2**30}
+        peak = _status_kib("VmHWM") if self._reset else None
+        return {} if peak is None else {PEAK_MEMORY: peak / 2**20}
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: the accelerator's allocator statistics, or on Linux the process's peak RSS
-    (elsewhere the CPU peak stays the process's since it started)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
-        PEAK_RSS_RESET.write_text("5")
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory since the last reset, or the process's peak RSS on CPU (since the last
-    reset where Linux allows one)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+def _status_kib(field: str) -> int | None:
+    """A memory field of /proc/self/status in KiB (None where there is no such file)."""
     try:
-        status = Path("/proc/self/status").read_text()
-        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 2**20
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None

@@ -9,12 +9,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..config import RUN_CONFIG_NAME, TrainConfig, load_run_config
+from ..config import TrainConfig
+from ..config_files import RUN_CONFIG_NAME, load_run_config
 from ..errors import ConfigError
 
 RESUMABLE = frozenset({
     "max_steps", "save_steps", "logging_steps", "save_total_limit", "output_dir", "overwrite_output_dir",
     "resume", "progress", "report_to", "device", "compile_decode", "fsdp", "reward_timeout",
+    "eval_steps", "log_completions", "num_completions_to_print",
 })
 """Settings a resume may change: none of them changes what a step computes."""
 
