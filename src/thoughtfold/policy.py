@@ -27,8 +27,9 @@ from .engine.replay import DistributionFn, LossFn, replay
 from .engine.rollout import RawRollout, RolloutOptions, Streamer, right_pad, rollout
 from .errors import ConfigError
 from .messages import is_conversation
-from .models import check_prompt_ids, check_rope, encode_prompt, head_dim, load_model, max_positions
+from .models import check_rope, head_dim, load_model, max_positions
 from .persist import adapter_settings, load_adapter_weights, save_adapter
+from .prompts import check_prompt_ids, encode_prompt
 
 Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or messages (TRL's conversational form)
 

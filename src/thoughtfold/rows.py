@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import DataError
-from .models import check_prompt_ids, encode_prompt
+from .prompts import check_prompt_ids, encode_prompt
 
 if TYPE_CHECKING:
     from .policy import Policy
