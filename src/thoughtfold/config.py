@@ -268,7 +268,7 @@ class TrainConfig:
     sft_targets: str = "dataset"
     sft_loss: str = "nll"
     distill_tokens: str = "after_eviction"
-    distill_top_k: int | None = 64
+    distill_top_k: int | None = 256
     backprop: str = "state"
     generation_batch_size: int | None = None
     replay_batch_size: int | None = None
