@@ -19,11 +19,14 @@
 #            once would not fit LoRA's full-cache replay on the card (estimated ~6 MB of activations per
 #            token over 36 layers plus ~2.7 MB of float32 logits per completion token: over 200 GB at
 #            3072). (~5 min, estimated: ~23,000 decode steps of 8 sequences at ~10 ms, plus the replays)
+#   rollout  continuous vs static batching at 32 slots, PTE compiled + CUDA graph, on the long-tailed
+#            completion-length mixes under a 2048-token budget: useful tokens/s, decode steps, slot
+#            occupancy, peak memory, and a check that both decode the same tokens (~6 min, estimated)
 # A device session has 15 minutes and 10 per call: run `tests encoder` and then `long` back to back
 # (the machine stays warm for 30 s), `train` in a session of its own (or after `tests`); `decode` was
 # measured on 2026-11-26 (benchmarks/RESULTS.md).
 # Usage, from the repository root:
-#   OUT=runs/gpu bash benchmarks/gpu/run.sh [tests] [encoder] [long] [decode] [profile] [train]
+#   OUT=runs/gpu bash benchmarks/gpu/run.sh [tests] [encoder] [long] [decode] [profile] [train] [rollout]
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
@@ -45,6 +48,7 @@ for step in $STEPS; do
     long) timeout 420 $BENCH decode --batch-size 32 --lengths 1024,32768 --methods bounded-compiled --output "$OUT/long" ;;
     train) timeout 570 $BENCH grpo --batch-size 8 --lengths 3072,6144 --rank 32 --global-tokens 32 --backprop state \
              --replay-batch 1 --output "$OUT/train" ;;
-    *) echo "unknown step $step (tests, encoder, long, decode, profile, train)"; exit 2 ;;
+    rollout) timeout 420 $BENCH rollout --slots 32 --lengths 2048 --compile --output "$OUT/rollout" ;;
+    *) echo "unknown step $step (tests, encoder, long, decode, profile, train, rollout)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log"
 done

@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", "--batch", dest="batch", type=number(int, "batch-size"), default=4,
                    help="sequences per batch [default: %(default)s]")
     p.add_argument("--compile", action="store_true",
-                   help="encoder: decode through torch.compile (compile_decode=True), as on a GPU run")
+                   help="encoder, rollout: decode through torch.compile (compile_decode=True), as on a GPU")
     for flag, kind, default, metavar, text in FLAGS:
         shown = "" if default is None else " [default: %(default)s]"
         p.add_argument(flag, type=kind, default=default, metavar=metavar, help=(text or "").strip() + shown)

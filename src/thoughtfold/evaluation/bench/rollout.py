@@ -61,7 +61,7 @@ def rollout_benchmark(config: BenchConfig) -> Table:
     useful token) and peak memory."""
     model = random_model(config.shape, config.device, getattr(torch, config.dtype_name))
     policy = Policy(model, None, cache=CacheConfig(window=config.window),
-                    adapter=replace(config.adapter, mode="pte"))
+                    adapter=replace(config.adapter, mode="pte"), compile_decode=config.compile_decode)
     budget = config.lengths_for("rollout")[-1]
     table = Table(TITLE, ["slots", "mix, batching", "useful tokens/s", "decode steps", "slot occupancy",
                           "peak MiB"], [None, None, "{:,.0f}", "{:,}", "{:.1%}", "{:,.1f}"],
