@@ -57,10 +57,10 @@ def test_every_linear_gets_its_own_state_modulated_update(tiny_dirs, family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_residual_pte_is_lora_c_plus_the_state_contribution(tiny_dirs, family):
-    """`residual` (the default): W x + (alpha/r) B (I + S) A x. With a zero state it is exactly the
+    """`residual`: W x + (alpha/r) B (I + S) A x. With a zero state it is exactly the
     static LoRA with the same A and B (LoRA_c is its special case); otherwise it adds B S A x to it."""
     lora = adapted_policy(tiny_dirs, family, "lora")
-    pte = adapted_policy(tiny_dirs, family, "pte")
+    pte = adapted_policy(tiny_dirs, family, "pte", residual=True)
     torch.manual_seed(2)
     with torch.no_grad():
         for a, b in zip(lora.wrappers, pte.wrappers, strict=True):

@@ -198,10 +198,8 @@ def test_mode_none_has_nothing_to_train(tmp_path, tiny_dirs):
                          ids=["pte-bounded", "pte-bounded-state-backprop", "lora-bounded", "lora-full"])
 def test_grpo_raises_a_learnable_reward(tmp_path, tiny_dirs, mode, window, backprop):
     # 12 steps of 8 rollouts are few: whether the margin below is reached depends on the sampled
-    # completions (one seed in a handful reaches it in all four modes; this is one, at lr 2e-2: the
-    # residual PTE update moves faster than the paper's, and 3e-2 overshoots it)
-    config = _config(tmp_path, tiny_dirs["llama"], mode=mode, window=window, backprop=backprop, seed=5,
-                     learning_rate=2e-2)
+    # completions (one seed in a handful reaches it in all four modes; this is one)
+    config = _config(tmp_path, tiny_dirs["llama"], mode=mode, window=window, backprop=backprop, seed=5)
     result = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset()).train()
     records = read_metrics(result["metrics"])
     assert [r["step"] for r in records] == list(range(1, 13))
@@ -546,7 +544,7 @@ def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dirs):
 def test_sft_lowers_the_loss_on_a_fixed_trace(tmp_path, tiny_dirs):
     trace = [{"prompt": "2+2=?", "answer": "4", "solution": "two plus two is 4. \\boxed{4}"}]
     config = _config(tmp_path, tiny_dirs["qwen3"], max_steps=8, max_completion_length=24, prompts_per_step=1,
-                     rewards=[], learning_rate=1e-2)  # SFT needs no rewards
+                     rewards=[])  # SFT needs none
     result = SFTTrainer(args=config, train_dataset=trace).train()
     losses = [r["loss"] for r in read_metrics(result["metrics"])]
     assert losses[-1] < 0.75 * losses[0] and losses[-1] < min(losses[:-1]), losses

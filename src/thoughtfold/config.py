@@ -123,10 +123,10 @@ class AdapterConfig:
     """Low-rank adapter on the target linears. `none`: the base model; `lora`: static LoRA (S = I);
     `pte`: the state S_l built by the thought encoder from evicted tokens modulates the update.
 
-    `residual` (pte only) chooses the update: B (I + S_l) A (the default), which is LoRA_c's B A plus
-    the state's contribution (so PTE starts as a static LoRA and learns the static part as fast), or
-    the paper's B S_l A (`residual=False`), which has no static path and learned more slowly in our
-    measurements (docs/real_model.md)."""
+    `residual` (pte only) chooses the update: the paper's B S_l A (the default), or B (I + S_l) A,
+    LoRA_c's B A plus the state's contribution (PTE starts as a static LoRA). The residual form learned
+    faster at small budgets but diverged at the replication's full budget under its tightest window,
+    where the paper's form reached full-cache accuracy (docs/real_model.md)."""
 
     mode: str = "none"
     rank: int = 32
@@ -136,7 +136,7 @@ class AdapterConfig:
     state_update: str = "exact"
     global_only: bool = False
     encoder_dim: int | None = None
-    residual: bool = True
+    residual: bool = False
 
     def __post_init__(self) -> None:
         check_field_types(self)

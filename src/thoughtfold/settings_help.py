@@ -25,7 +25,7 @@ SETTINGS_HELP: dict[str, str] = {
     "adapter.state_update": "pte: exact (online softmax over all evicted tokens), paper (RMSNorm per block)",
     "adapter.global_only": "pte ablation: freeze the state at its global-token value",
     "adapter.encoder_dim": "pte: width of the encoder's query/key space (null: the rank)",
-    "adapter.residual": "pte: B (I + S) A, a static LoRA path plus the state's (false: the paper's B S A)",
+    "adapter.residual": "pte: B (I + S) A, LoRA_c's path plus the state's (default false: the paper's B S A)",
     "data.dataset": "arith[:preset], recall[:steps=N], a bundled set (gsm8k, math, ...), a Hub id or a file",
     "data.split": "dataset split (null: the set's training split)",
     "data.limit": "first N rows only (null: all)",
