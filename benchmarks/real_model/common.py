@@ -7,7 +7,6 @@ import json
 import multiprocessing
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +89,22 @@ def train_arm(config: TrainConfig, log: Log, label: str) -> Policy:
 
 def run_arms(fn: Callable[..., Any], arms: list[str], workers: int, *args: Any) -> dict[str, Any]:
     """`fn(arm, *args)` for every arm, in `workers` processes with one torch thread each (on a
-    2-core machine two single-threaded processes beat one with two threads)."""
+    2-core machine two single-threaded processes beat one with two threads). An arm that fails
+    stops the others at once (its error is named), rather than when the longest arm is done."""
     if workers <= 1:
         return {arm: fn(arm, *args) for arm in arms}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        futures = {arm: pool.submit(fn, arm, *args) for arm in arms}
-        return {arm: f.result() for arm, f in futures.items()}
+    with multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (1,)) as pool:
+        pending = {arm: pool.apply_async(fn, (arm, *args)) for arm in arms}
+        while not all(r.ready() for r in pending.values()):
+            for arm, r in pending.items():
+                if r.ready() and not r.successful():
+                    pool.terminate()
+                    try:
+                        r.get()
+                    except Exception as e:
+                        raise SystemExit(f"error: arm {arm} failed: {type(e).__name__}: {e}") from e
+            time.sleep(1.0)
+        return {arm: r.get() for arm, r in pending.items()}
 
 
 def row(method: str, metric: str, value: float, n: int, interval: tuple[float, float] | None = None,
