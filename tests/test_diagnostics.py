@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from thoughtfold.config import AdapterConfig
-from thoughtfold.engine.encoder import ThoughtEncoder
-from thoughtfold.training.diagnostics import ParameterDiagnostics, state_metrics
+from thoughtfold.engine.encoder import EncoderState, ThoughtEncoder
+from thoughtfold.training.diagnostics import ParameterDiagnostics, join_states, state_metrics
 
 
 def test_gradient_norms_are_averaged_over_updates_and_changes_measured_from_init():
@@ -58,3 +58,18 @@ def test_paper_state_update_reports_only_the_rms():
     encoder = ThoughtEncoder(2, 8, AdapterConfig(mode="pte", rank=4, global_tokens=2, state_update="paper"))
     out = state_metrics(encoder, encoder.initial_state(1))
     assert sorted(out) == ["diag/state_rms/l00", "diag/state_rms/l01"]
+
+
+def test_joined_micro_batch_states_give_the_whole_batch_metrics():
+    torch.manual_seed(1)
+    encoder = ThoughtEncoder(2, 8, AdapterConfig(mode="pte", rank=4, global_tokens=3)).double()
+    keys, values = torch.randn(2, 2, 5, 4, 8, dtype=torch.float64)
+    state = encoder.absorb(encoder.initial_state(5), keys, values)
+
+    def rows(a: int, b: int) -> EncoderState:
+        return EncoderState(state.max[:, a:b], state.norm[:, a:b], state.num[:, a:b])
+
+    whole, joined = state_metrics(encoder, state), state_metrics(encoder, join_states([rows(0, 2), rows(2, 5)]))
+    assert sorted(joined) == sorted(whole) and len(whole) == 4
+    assert all(joined[k] == pytest.approx(whole[k], rel=1e-12) for k in whole)
+    assert state_metrics(encoder, rows(2, 5)) != whole  # the last micro-batch alone is another number

@@ -644,6 +644,21 @@ def test_metrics_hold_the_diagnostics_per_parameter_group_and_layer(tmp_path, ti
         assert 0 < records[-1][f"diag/global_share/{layer}"] <= 1
 
 
+def test_state_diagnostics_cover_every_replay_micro_batch(tmp_path, tiny_dirs):
+    """Two rows per replay give the state metrics of replaying the whole batch of eight at once, not
+    those of the last two rows."""
+    records = []
+    for size in (None, 2):
+        config = _config(tmp_path, tiny_dirs["qwen3"], max_steps=1, replay_batch_size=size,
+                         output_dir=str(tmp_path / f"run-{size}"))
+        trainer = GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset())
+        records.append(read_metrics(trainer.train()["metrics"])[0])
+    keys = [k for k in records[0] if k.startswith(("diag/state_rms/", "diag/global_share/"))]
+    assert len(keys) == 4
+    for key in keys:
+        assert records[1][key] == pytest.approx(records[0][key], rel=1e-5)
+
+
 def test_sft_needs_the_trace_column(tmp_path, tiny_dirs):
     with pytest.raises(DataError, match="'solution'"):
         SFTTrainer(args=_config(tmp_path, tiny_dirs["llama"]), train_dataset=_dataset())

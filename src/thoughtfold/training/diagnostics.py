@@ -10,6 +10,7 @@ no part).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -52,6 +53,13 @@ class ParameterDiagnostics:
         return out
 
 
+def join_states(states: Sequence[EncoderState]) -> EncoderState:
+    """The states of a step's replay micro-batches as one batch, so that the state metrics cover
+    every sequence of the step rather than the last micro-batch."""
+    fields = zip(*((s.max, s.norm, s.num) for s in states), strict=True)
+    return EncoderState(*(None if parts[0] is None else torch.cat(parts, dim=1) for parts in fields))
+
+
 @torch.no_grad()
 def state_metrics(encoder: ThoughtEncoder, state: EncoderState) -> dict[str, float]:
     """Per layer l: `diag/state_rms/l<l>`, the RMS of S over the batch, and (exact state update with
@@ -71,4 +79,4 @@ def state_metrics(encoder: ThoughtEncoder, state: EncoderState) -> dict[str, flo
     return out
 
 
-__all__ = ["ParameterDiagnostics", "state_metrics"]
+__all__ = ["ParameterDiagnostics", "join_states", "state_metrics"]

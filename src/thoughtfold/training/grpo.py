@@ -330,6 +330,7 @@ class GRPOTrainer(Trainer):
 
         self.replays.replay(batch.prompt_ids, batch.completions, batch.logs, batch.width, loss_fn=loss_fn,
                             temperature=c.temperature)
+        self.record_replayed_state()
         return loss, stats
 
 

@@ -24,6 +24,7 @@ import torch
 
 from ..config import TrainConfig
 from ..config_files import RUN_CONFIG_NAME, config_to_yaml
+from ..engine.encoder import EncoderState
 from ..errors import ConfigError, DataError, RewardError
 from ..persist import atomic_write_text, lock_directory
 from ..policy import Policy
@@ -35,7 +36,7 @@ from ..tasks.rewards import keep_traceback
 from ..trl_names import adapter_from_peft
 from .callbacks import Callbacks, new_state
 from .checkpoint import ADAPTER_DIR
-from .diagnostics import ParameterDiagnostics, state_metrics
+from .diagnostics import ParameterDiagnostics, join_states, state_metrics
 from .distributed import DataParallel, ReplayPlan
 from .metrics import METRICS_NAME, StepMemory, mean_metrics, read_metrics
 from .progress import RunView
@@ -119,6 +120,7 @@ class Trainer(RunDirectory):
             raise ConfigError("adapter mode 'none' has nothing to train: set adapter.mode to lora or pte")
         self.diagnostics = ParameterDiagnostics(self.policy.parameter_groups())
         self._state_diagnostics: dict[str, float] = {}
+        self._replayed_states: list[EncoderState] = []  # each replay micro-batch's final state, this update
         self.optimizer = torch.optim.AdamW(self._optimizer_groups(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = self._make_scheduler()
@@ -231,13 +233,20 @@ class Trainer(RunDirectory):
 
     # ---- optimisation
 
+    def record_replayed_state(self) -> None:
+        """Keep the final state of the replay micro-batch that just ran (PTE), for the state
+        diagnostics of the coming update."""
+        if self.policy.encoder is not None and self.policy.folder.last is not None:
+            self._replayed_states.append(self.policy.folder.last)
+
     def optimizer_step(self) -> float:
         """Clip, step, tick the schedule; returns the pre-clip gradient norm."""
         self.dp.sum_gradients(self.params)
         self.diagnostics.record_gradients()
-        if self.policy.encoder is not None and self.policy.folder.last is not None:
-            # the state the replay just folded, read with the encoder that folded it (before the update)
-            self._state_diagnostics = state_metrics(self.policy.encoder, self.policy.folder.last)
+        if self._replayed_states:
+            # the states the replay just folded, read with the encoder that folded them (before the update)
+            self._state_diagnostics = state_metrics(self.policy.encoder, join_states(self._replayed_states))
+            self._replayed_states = []
         limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
         self.callbacks.call("on_pre_optimizer_step")

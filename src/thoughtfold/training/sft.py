@@ -150,6 +150,7 @@ class SFTTrainer(Trainer):
 
         self.replays.replay(prompt_ids, completions, logs, weights.shape[1], loss_fn=loss_fn,
                             loss_input="tokens" if targets is None else "distribution")
+        self.record_replayed_state()
         return loss
 
     def _full_cache_traces(self, prompt_ids: list[list[int]]) -> list[list[int]]:
