@@ -69,7 +69,8 @@ def test_joined_micro_batch_states_give_the_whole_batch_metrics():
     def rows(a: int, b: int) -> EncoderState:
         return EncoderState(state.max[:, a:b], state.norm[:, a:b], state.num[:, a:b])
 
-    whole, joined = state_metrics(encoder, state), state_metrics(encoder, join_states([rows(0, 2), rows(2, 5)]))
+    whole = state_metrics(encoder, state)
+    joined = state_metrics(encoder, join_states([rows(0, 2), rows(2, 5)]))
     assert sorted(joined) == sorted(whole) and len(whole) == 4
     assert all(joined[k] == pytest.approx(whole[k], rel=1e-12) for k in whole)
     assert state_metrics(encoder, rows(2, 5)) != whole  # the last micro-batch alone is another number
