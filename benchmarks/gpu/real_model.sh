@@ -15,6 +15,8 @@
 #   call 1: carry [gpu-stage/model-1.part], command: true
 #   call 2 (at once, while the machine is warm): carry [gpu-stage/model-2.part, gpu-stage/site,
 #           gpu-stage/manifest.json], command: OUT=$OUT bash benchmarks/gpu/real_model.sh
+# Extra arguments go to benchmarks/real_model/run.py and override the sizes (e.g. `--set workers=1
+# --set train.max_steps=2 --set data.validation=2 --set data.test=2` runs the path on a CPU).
 # Back under $OUT: results.json (rows as in benchmarks/real_model/results.json), log.txt, the figure,
 # every arm's metrics.jsonl in metrics.tgz (learning curves and diagnostics), the output, env.txt.
 set -euo pipefail
@@ -44,9 +46,9 @@ EOF
 } 2>&1 | tee "$OUT/env.txt"
 
 case ${EXPERIMENT:=gsm8k-distill} in
-  gsm8k-distill) SIZE=(--set workers=4 --set train.max_steps="${STEPS:-200}" --set train.prompts_per_step=16
-                       --set train.save_steps=25 --set data.validation=64 --set data.test="${TEST:-300}") ;;
-  recall-words) SIZE=(--set workers=6 --set eval.samples="${SAMPLES:-1000}") ;;
+  gsm8k-distill) SIZE=(--set workers=4 --set train.max_steps=200 --set train.prompts_per_step=16
+                       --set train.save_steps=25 --set data.validation=64 --set data.test=300) ;;
+  recall-words) SIZE=(--set workers=6 --set eval.samples=1000) ;;
   *) echo "error: EXPERIMENT must be gsm8k-distill or recall-words, got $EXPERIMENT"; exit 2 ;;
 esac
 set +e
