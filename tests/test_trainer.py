@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from conftest import assert_close_to_scale
 from thoughtfold import GRPOTrainer, SFTTrainer
 from thoughtfold.config import AdapterConfig, CacheConfig, DataConfig, TrainConfig
-from thoughtfold.errors import ConfigError, DataError
+from thoughtfold.errors import ConfigError, DataError, PromptTooLongError
 from thoughtfold.evaluation.fidelity import token_fidelity
 from thoughtfold.policy import Policy, concat_rollouts
 from thoughtfold.training.checkpoint import list_checkpoints
@@ -135,6 +135,17 @@ def test_reward_columns_are_checked_before_the_model_loads(tmp_path):
         GRPOTrainer(reward_funcs=[needs_label], args=config, train_dataset=rows)
     with pytest.raises(DataError, match=r"train_dataset row 0: no prompt field \(looked for prompt, problem"):
         GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=[{"text": "1+1?"}])
+
+
+def test_eval_dataset_rows_are_checked_before_step_one(tmp_path, tiny_dirs):
+    """A bad evaluation row fails when the trainer is built, named, not at the first evaluation."""
+    config = _config(tmp_path, tiny_dirs["llama"], eval_steps=5)
+    bad = [{"prompt": "2+2?", "answer": "4"}, {"prompt": [1, 2, 99999999], "answer": ""}]
+    with pytest.raises(DataError, match=r"eval_dataset row 1: .*token id 99999999"):
+        GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset(), eval_dataset=bad)
+    long = [{"prompt": "x" * 600, "answer": ""}]
+    with pytest.raises(PromptTooLongError, match=r"eval_dataset row 0: the prompt has 619 tokens"):
+        GRPOTrainer(reward_funcs=low_bytes, args=config, train_dataset=_dataset(), eval_dataset=long)
 
 
 def test_conversational_rows_train_and_rewards_get_conversational_completions(tmp_path, tiny_dirs):

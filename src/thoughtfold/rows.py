@@ -19,18 +19,19 @@ CompletionTokens = Callable[[dict, str], int]
 """(row, where) -> how many completion tokens the row needs (checking the row's own target)."""
 
 
-def row_location(row: object, index: int) -> str:
-    """Where a row was read ("data.jsonl line 7"), or its index when it was built in memory."""
-    return getattr(row, "where", None) or f"dataset row {index}"
+def row_location(row: object, index: int, name: str = "dataset") -> str:
+    """Where a row was read ("data.jsonl line 7"), or its index in `name` when it was built in memory."""
+    return getattr(row, "where", None) or f"{name} row {index}"
 
 
 def check_rows(policy: Policy, rows: Sequence[dict], chat_template: bool, system_prompt: str | None,
-               completion_tokens: CompletionTokens, budget: str) -> None:
+               completion_tokens: CompletionTokens, budget: str, name: str = "dataset") -> None:
     """A one-line DataError / PromptTooLongError naming the first row that cannot be run: a prompt
     that is not text or token ids, does not encode, is empty, holds ids outside the vocabulary, or
-    with the tokens its completion needs (the setting `budget`) exceeds the model's positions."""
+    with the tokens its completion needs (the setting `budget`) exceeds the model's positions. `name`
+    says which rows they are where they were not read from a file."""
     for i, row in enumerate(rows):
-        where = row_location(row, i)
+        where = row_location(row, i, name)
         if not isinstance(row, dict) or "prompt" not in row:
             raise DataError(f"{where}: a row must be a mapping with a 'prompt' (got {type(row).__name__})")
         try:

@@ -105,8 +105,10 @@ class Trainer(RunDirectory):
         if processing_class is not None:
             self.policy.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         c = self.config
-        check_rows(self.policy, self.dataset, c.data.chat_template, c.data.system_prompt,
-                   self._completion_tokens, "max_completion_length")  # every row, before step 1
+        for rows, name in ((self.dataset, "dataset"), (self.eval_dataset, "eval_dataset")):
+            if rows is not None:  # every row, before step 1 (and before the first evaluation)
+                check_rows(self.policy, rows, c.data.chat_template, c.data.system_prompt,
+                           self._completion_tokens, "max_completion_length", name)
         self._setup_optimisation()
         self.state = new_state(self, [])
         self.callbacks.call("on_init_end")
