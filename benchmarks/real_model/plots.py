@@ -25,9 +25,16 @@ def _guards(experiment: dict) -> dict[str, float]:
             "item_entropy_bits": math.log2(len(items)) - c["max_entropy_gap_bits"]}
 
 
-def _differences(ax, experiment: dict) -> None:
+def _difference_rows(experiment: dict) -> list[dict]:
+    """The paired differences (with intervals) that the experiment's criterion reads."""
+    if experiment["name"] not in DIFFERENCES:
+        return []
+    metric = DIFFERENCES[experiment["name"]][0]
+    return [r for r in experiment["rows"] if "-" in r["method"] and r["metric"] == metric and "lo" in r]
+
+
+def _differences(ax, experiment: dict, mine: list[dict]) -> None:
     metric, key, sign = DIFFERENCES[experiment["name"]]
-    mine = [r for r in experiment["rows"] if "-" in r["method"] and r["metric"] == metric and "lo" in r]
     names = [r["method"].replace("-", " - ") for r in mine]
     ax.barh(names, [r["value"] for r in mine], color="#DD8452")
     for name, r in zip(names, mine, strict=True):
@@ -46,11 +53,10 @@ def plot_experiment(experiment: dict, path: Path) -> Path:
     rows = [r for r in experiment["rows"] if "-" not in r["method"] or "@" in r["method"]]
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     curves = experiment.get("curves") or {}
-    differences = experiment["name"] in DIFFERENCES and any(
-        "-" in r["method"] and "lo" in r for r in experiment["rows"])
+    differences = _difference_rows(experiment)
     guards = _guards(experiment)
     plt = pyplot()
-    panels = len(metrics) + differences + bool(curves)
+    panels = len(metrics) + bool(differences) + bool(curves)
     fig, axes = plt.subplots(1, panels, figsize=(3.4 * panels, 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=False):
         mine = [r for r in rows if r["metric"] == metric]
@@ -70,7 +76,7 @@ def plot_experiment(experiment: dict, path: Path) -> Path:
         ax.tick_params(labelsize=7)
         ax.tick_params(axis="x", labelrotation=35)
     if differences:
-        _differences(axes[0][len(metrics)], experiment)
+        _differences(axes[0][len(metrics)], experiment, differences)
     if curves:
         ax = axes[0][-1]
         for arm, points in curves.items():
